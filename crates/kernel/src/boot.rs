@@ -1,0 +1,307 @@
+//! Booting a kernel: connection file, process, sockets, and the handshake
+//! that proves both the shell and the iopub channel work.
+
+use crate::{Kernel, KernelError, Sender};
+use jupyter_protocol::connection_info::Transport;
+use jupyter_protocol::{ConnectionInfo, JupyterMessageContent, KernelInfoRequest};
+use jupyter_zmq_client::{
+    create_client_iopub_connection, create_client_shell_connection_with_identity,
+    peer_identity_for_session, JupyterMessage,
+};
+use rand::Rng;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, Instant};
+
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How to start a kernel.
+#[derive(Debug, Clone)]
+pub struct KernelSpec {
+    /// The runtime's Python interpreter.
+    pub python: PathBuf,
+    /// The kernel's complete environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// How long a boot may take before it is abandoned.
+    pub boot_timeout: Duration,
+}
+
+/// The directories of one kernel.
+#[derive(Debug, Clone)]
+pub struct KernelDirs {
+    /// Holds everything below; removed at teardown.
+    pub root: PathBuf,
+    /// The kernel's cwd: uploaded files land here.
+    pub work: PathBuf,
+    /// `$HOME` of the kernel (IPython profile, caches).
+    pub home: PathBuf,
+    /// Private (0700): connection file, ipc sockets, pid file, log.
+    pub run: PathBuf,
+}
+
+impl KernelDirs {
+    /// The standard layout under `root`.
+    pub fn under(root: PathBuf) -> Self {
+        KernelDirs {
+            work: root.join("work"),
+            home: root.join("home"),
+            run: root.join("run"),
+            root,
+        }
+    }
+
+    /// Create the directories (private to the server's user).
+    pub fn create(&self) -> Result<(), KernelError> {
+        use std::os::unix::fs::DirBuilderExt;
+        for dir in [&self.root, &self.work, &self.home, &self.run] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| KernelError::Prepare {
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The same directories with a fresh, empty `run` directory, for a
+    /// restarted kernel (stale sockets of the dead one must not be mistaken
+    /// for the new one's).
+    pub fn with_new_run(&self) -> Self {
+        let n: u32 = rand::rng().random();
+        KernelDirs {
+            run: self.root.join(format!("run-{n:08x}")),
+            ..self.clone()
+        }
+    }
+
+    /// The kernel process's own log (startup messages, crashes).
+    pub fn log(&self) -> PathBuf {
+        self.run.join("kernel.log")
+    }
+
+    /// The pid file used for crash recovery.
+    pub fn pid_file(&self) -> PathBuf {
+        self.run.join("pid")
+    }
+}
+
+impl Kernel {
+    /// Start a kernel in `dirs` (created if needed) and wait until it answers
+    /// on both its shell and iopub channels.
+    pub async fn start(spec: &KernelSpec, dirs: KernelDirs) -> Result<Kernel, KernelError> {
+        dirs.create()?;
+        let info = connection_info(&dirs.run)?;
+        let conn_file = dirs.run.join("kernel.json");
+        let json = serde_json::to_vec(&info).map_err(|e| KernelError::Prepare {
+            path: conn_file.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        write_private(&conn_file, &json).map_err(|source| KernelError::Prepare {
+            path: conn_file.clone(),
+            source,
+        })?;
+
+        let policy = kiln_sandbox::Policy {
+            program: spec.python.clone(),
+            args: vec![
+                "-m".into(),
+                "ipykernel_launcher".into(),
+                "-f".into(),
+                conn_file.clone().into_os_string(),
+                // History in memory: no sqlite file per session, no locking.
+                "--HistoryManager.hist_file=:memory:".into(),
+            ],
+            env: spec.env.clone(),
+            cwd: dirs.work.clone(),
+            log: dirs.log(),
+            pid_file: dirs.pid_file(),
+        };
+        let sandbox = kiln_sandbox::spawn(&policy)?;
+        let deadline = Instant::now() + spec.boot_timeout;
+        match connect(sandbox, dirs, &info, deadline).await {
+            Ok(k) => Ok(k),
+            Err((sandbox, e)) => {
+                sandbox.kill_and_wait().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+type Failed = (kiln_sandbox::Sandbox, KernelError);
+
+async fn connect(
+    sandbox: kiln_sandbox::Sandbox,
+    dirs: KernelDirs,
+    info: &ConnectionInfo,
+    deadline: Instant,
+) -> Result<Kernel, Failed> {
+    // 1. Wait for the kernel to bind its five sockets (connecting to an ipc
+    //    path that does not exist yet fails instead of retrying).
+    let sockets: Vec<PathBuf> = [
+        info.shell_port,
+        info.iopub_port,
+        info.stdin_port,
+        info.control_port,
+        info.hb_port,
+    ]
+    .iter()
+    .map(|p| PathBuf::from(format!("{}-{}", info.ip, p)))
+    .collect();
+    loop {
+        if let Some(exit) = sandbox.exit() {
+            let log = tail(&dirs.log());
+            return Err((sandbox, KernelError::DiedDuringBoot { exit, log }));
+        }
+        if sockets.iter().all(|s| s.exists()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err((sandbox, KernelError::BootTimeout(budget(deadline))));
+        }
+        sleep(Duration::from_millis(5)).await;
+    }
+
+    // 2. Connect shell (with a stable identity) and iopub. Interrupts are
+    //    signals, so no control channel is needed.
+    let session = uuid::Uuid::new_v4().to_string();
+    let sockets = async {
+        let identity = peer_identity_for_session(&session)?;
+        let shell = create_client_shell_connection_with_identity(info, &session, identity).await?;
+        let iopub = create_client_iopub_connection(info, "", &session).await?;
+        Ok::<_, jupyter_zmq_client::RuntimeError>((shell, iopub))
+    };
+    let (shell, mut iopub) = match sockets.await {
+        Ok(s) => s,
+        Err(e) => return Err((sandbox, e.into())),
+    };
+    let (shell_send, mut shell_recv) = shell.split();
+
+    // 3. Readers: own tasks forward each channel into a queue, so that the
+    //    executor can select over them without cancelling a ZeroMQ read.
+    let (iopub_tx, iopub_rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        while let Ok(msg) = iopub.read().await {
+            if iopub_tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (shell_tx, shell_rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Ok(msg) = shell_recv.read().await {
+            if shell_tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut kernel = Kernel {
+        sandbox,
+        dirs,
+        shell: Sender(shell_send),
+        shell_replies: shell_rx,
+        iopub: iopub_rx,
+    };
+
+    // 4. Handshake: repeat kernel_info_request until one is answered on
+    //    shell *and* its busy/idle status arrives on iopub. Only then are
+    //    outputs of the first cell sure not to be lost to a late iopub
+    //    subscription (ZeroMQ's slow-joiner problem).
+    match handshake(&mut kernel, deadline).await {
+        Ok(()) => Ok(kernel),
+        Err(e) => {
+            let Kernel { sandbox, .. } = kernel;
+            Err((sandbox, e))
+        }
+    }
+}
+
+async fn handshake(kernel: &mut Kernel, deadline: Instant) -> Result<(), KernelError> {
+    let mut replied = false;
+    loop {
+        if let Some(exit) = kernel.sandbox.exit() {
+            let log = tail(&kernel.dirs.log());
+            return Err(KernelError::DiedDuringBoot { exit, log });
+        }
+        if Instant::now() > deadline {
+            return Err(KernelError::BootTimeout(budget(deadline)));
+        }
+        let req: JupyterMessage = KernelInfoRequest {}.into();
+        let id = req.header.msg_id.clone();
+        kernel.send_shell(req).await?;
+        let round = Instant::now() + Duration::from_millis(250);
+        loop {
+            tokio::select! {
+                Some(msg) = kernel.shell_replies.recv() => {
+                    if matches!(msg.content, JupyterMessageContent::KernelInfoReply(_)) {
+                        replied = true;
+                    }
+                }
+                Some(msg) = kernel.iopub.recv() => {
+                    let ours = msg.parent_header.as_ref().is_some_and(|h| h.msg_id == id);
+                    if replied && ours && matches!(msg.content, JupyterMessageContent::Status(_)) {
+                        // Drain the rest of this request's messages later;
+                        // the executor ignores other parents.
+                        return Ok(());
+                    }
+                }
+                _ = tokio::time::sleep_until(round) => break,
+            }
+        }
+    }
+}
+
+fn budget(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// A connection over ipc files `run/k-1` .. `run/k-5` with a fresh key.
+fn connection_info(run: &Path) -> Result<ConnectionInfo, KernelError> {
+    let prefix = run.join("k");
+    let longest = format!("{}-5", prefix.display());
+    if longest.len() > MAX_SOCKET_PATH {
+        return Err(KernelError::SocketPathTooLong {
+            path: PathBuf::from(longest),
+        });
+    }
+    let key: [u8; 32] = rand::rng().random();
+    Ok(ConnectionInfo {
+        ip: prefix.to_string_lossy().into_owned(),
+        transport: Transport::IPC,
+        shell_port: 1,
+        iopub_port: 2,
+        stdin_port: 3,
+        control_port: 4,
+        hb_port: 5,
+        key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        signature_scheme: "hmac-sha256".to_string(),
+        kernel_name: Some("python3".to_string()),
+    })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// The last lines of a kernel log, for error messages.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(15);
+    lines[start..].join("\n")
+}

@@ -1,0 +1,194 @@
+//! Turning iopub messages into the outputs a notebook would show.
+//!
+//! Consecutive chunks of the same stream are merged (a notebook shows one
+//! block for a loop of `print`s), `clear_output` clears what came before
+//! (with `wait=True`, at the next output), tracebacks become plain text
+//! without ANSI colours, and the total size is capped: past the limit the
+//! rest of the execution's output is dropped and one marker says so, so an
+//! endless `print` loop cannot grow the server's memory.
+
+use jupyter_protocol::{JupyterMessageContent, Stdio};
+use kiln_protocol::Output;
+use serde_json::{Map, Value};
+
+/// Collects one execution's outputs.
+#[derive(Debug)]
+pub(crate) struct Collector {
+    outputs: Vec<Output>,
+    bytes: usize,
+    limit: usize,
+    truncated: bool,
+    clear_pending: bool,
+    pub(crate) saw_error: bool,
+}
+
+impl Collector {
+    pub(crate) fn new(limit: usize) -> Self {
+        Collector {
+            outputs: Vec::new(),
+            bytes: 0,
+            limit,
+            truncated: false,
+            clear_pending: false,
+            saw_error: false,
+        }
+    }
+
+    /// Take in one iopub message already known to belong to this execution.
+    pub(crate) fn accept(&mut self, content: &JupyterMessageContent) {
+        let out = match content {
+            JupyterMessageContent::StreamContent(s) => match s.name {
+                Stdio::Stdout => Output::Stdout(s.text.clone()),
+                Stdio::Stderr => Output::Stderr(s.text.clone()),
+            },
+            JupyterMessageContent::DisplayData(d) => Output::DisplayData(bundle(&d.data)),
+            JupyterMessageContent::ExecuteResult(r) => Output::ExecuteResult(bundle(&r.data)),
+            JupyterMessageContent::ErrorOutput(e) => {
+                self.saw_error = true;
+                Output::Error(traceback_text(&e.ename, &e.evalue, &e.traceback))
+            }
+            JupyterMessageContent::ClearOutput(c) => {
+                if c.wait {
+                    self.clear_pending = true;
+                } else {
+                    self.clear();
+                }
+                return;
+            }
+            _ => return,
+        };
+        self.push(out);
+    }
+
+    /// Add an output of kiln's own (time limit, kernel death).
+    pub(crate) fn push(&mut self, out: Output) {
+        if self.clear_pending {
+            self.clear();
+        }
+        if matches!(out, Output::Error(_)) {
+            self.saw_error = true;
+        }
+        let size = out.size_hint();
+        if self.bytes + size > self.limit {
+            // Errors of kiln's own always get through; user output stops.
+            if !self.truncated {
+                self.truncated = true;
+                self.outputs.push(Output::Stderr(format!(
+                    "\n[kiln] output limit of {} bytes reached: the rest of this execution's output was discarded\n",
+                    self.limit
+                )));
+            }
+            if !matches!(out, Output::Error(_)) {
+                return;
+            }
+        }
+        self.bytes += size;
+        match (self.outputs.last_mut(), out) {
+            (Some(Output::Stdout(prev)), Output::Stdout(s)) if !self.truncated => prev.push_str(&s),
+            (Some(Output::Stderr(prev)), Output::Stderr(s)) if !self.truncated => prev.push_str(&s),
+            (_, out) => self.outputs.push(out),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.outputs.clear();
+        self.bytes = 0;
+        self.clear_pending = false;
+        self.saw_error = false;
+    }
+
+    pub(crate) fn finish(self) -> Vec<Output> {
+        self.outputs
+    }
+}
+
+fn bundle(media: &jupyter_protocol::Media) -> Map<String, Value> {
+    match serde_json::to_value(media) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}
+
+fn traceback_text(ename: &str, evalue: &str, traceback: &[String]) -> String {
+    if traceback.is_empty() {
+        return format!("{ename}: {evalue}");
+    }
+    strip_ansi(&traceback.join("\n"))
+}
+
+/// Remove ANSI escape sequences (IPython colours its tracebacks).
+pub fn strip_ansi(s: &str) -> String {
+    String::from_utf8_lossy(&strip_ansi_escapes::strip(s)).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jupyter_protocol::{ClearOutput, ErrorOutput, StreamContent};
+
+    fn stdout(t: &str) -> JupyterMessageContent {
+        JupyterMessageContent::StreamContent(StreamContent::stdout(t))
+    }
+
+    #[test]
+    fn consecutive_chunks_of_a_stream_merge() {
+        let mut c = Collector::new(1 << 20);
+        c.accept(&stdout("a\n"));
+        c.accept(&stdout("b\n"));
+        c.push(Output::Stderr("w\n".into()));
+        c.accept(&stdout("c\n"));
+        assert_eq!(
+            c.finish(),
+            vec![
+                Output::Stdout("a\nb\n".into()),
+                Output::Stderr("w\n".into()),
+                Output::Stdout("c\n".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn tracebacks_lose_their_colours() {
+        let mut c = Collector::new(1 << 20);
+        c.accept(&JupyterMessageContent::ErrorOutput(ErrorOutput {
+            ename: "ZeroDivisionError".into(),
+            evalue: "division by zero".into(),
+            traceback: vec![
+                "\u{1b}[0;31m---------\u{1b}[0m".into(),
+                "\u{1b}[0;31mZeroDivisionError\u{1b}[0m: division by zero".into(),
+            ],
+        }));
+        assert!(c.saw_error);
+        assert_eq!(
+            c.finish(),
+            vec![Output::Error(
+                "---------\nZeroDivisionError: division by zero".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn clear_output_with_wait_clears_at_the_next_output() {
+        let mut c = Collector::new(1 << 20);
+        c.accept(&stdout("frame 1\n"));
+        c.accept(&JupyterMessageContent::ClearOutput(ClearOutput {
+            wait: true,
+        }));
+        c.accept(&stdout("frame 2\n"));
+        assert_eq!(c.finish(), vec![Output::Stdout("frame 2\n".into())]);
+    }
+
+    #[test]
+    fn output_past_the_limit_is_dropped_with_one_marker() {
+        let mut c = Collector::new(10);
+        for _ in 0..100 {
+            c.accept(&stdout("123456"));
+        }
+        c.push(Output::Error("TimeoutError".into()));
+        let outs = c.finish();
+        assert_eq!(outs[0], Output::Stdout("123456".into()));
+        assert!(matches!(&outs[1], Output::Stderr(m) if m.contains("output limit")));
+        assert_eq!(outs[2], Output::Error("TimeoutError".into()));
+        assert_eq!(outs.len(), 3);
+    }
+}

@@ -1,0 +1,60 @@
+//! `kiln`: a self-hosted code interpreter speaking the Together Code
+//! Interpreter API.
+//!
+//! This binary is thin: it parses the command line and configuration, then
+//! hands over to the library crates (`kiln-server` for HTTP,
+//! `kiln-sessions` for kernels, `kiln-runtime` for the Python environment).
+#![forbid(unsafe_code)]
+
+mod config;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+/// A self-hosted code interpreter: runs untrusted Python in stateful Jupyter
+/// sessions behind the Together Code Interpreter API.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP service (provisions the runtime on first start).
+    Serve(Box<config::ServeArgs>),
+    /// Manage the Python runtime sessions run in.
+    #[command(subcommand)]
+    Runtime(RuntimeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RuntimeCommand {
+    /// Build (or verify) the runtime ahead of time.
+    Build(config::RuntimeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = config::Settings::resolve(*args)?;
+            serve::init_logging(&settings.log_format);
+            rt.block_on(serve::serve(settings))
+        }
+        Command::Runtime(RuntimeCommand::Build(args)) => {
+            serve::init_logging("text");
+            let cfg = args.runtime_config()?;
+            let mut progress = kiln_runtime::Progress::auto();
+            let runtime = rt.block_on(async move {
+                tokio::task::spawn_blocking(move || kiln_runtime::ensure(&cfg, &mut progress)).await
+            })??;
+            println!("runtime ready: {}", runtime.root.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `kiln serve`: open the store, settle the API keys, bind, provision the
+//! runtime in the background, and serve until SIGTERM/SIGINT.
+
+use crate::config::Settings;
+use anyhow::Context;
+use kiln_server::{app, hash_key, normalize_path, AppState, KeyRing};
+use kiln_sessions::{Manager, Readiness};
+use kiln_store::{SqliteStore, Store};
+use rand::distr::{Alphanumeric, SampleString};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use tower::ServiceExt as _;
+
+/// Logs go to stderr; stdout carries only the ready line and the first-start
+/// key banner, so scripts can read them.
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn serve(s: Settings) -> anyhow::Result<()> {
+    create_private_dir(&s.data_dir)?;
+    create_private_dir(&s.sessions.sessions_dir)?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&s.data_dir.join("kiln.db")).context("could not open kiln's database")?,
+    );
+    let keys = settle_keys(&s, store.as_ref()).await?;
+
+    let manager = Manager::new(s.sessions.clone(), store.clone());
+    manager
+        .recover()
+        .await
+        .context("could not clean up after a previous run")?;
+
+    let listener = tokio::net::TcpListener::bind(s.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "could not listen on {}; is another kiln running? (--listen)",
+                s.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+
+    // Provision in the background so /healthz can say "starting" meanwhile.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
+    {
+        let manager = manager.clone();
+        let runtime_cfg = s.runtime.clone();
+        tokio::spawn(async move {
+            let built = tokio::task::spawn_blocking(move || {
+                let mut progress = kiln_runtime::Progress::auto();
+                kiln_runtime::ensure(&runtime_cfg, &mut progress)
+            })
+            .await;
+            let result = match built {
+                Ok(Ok(runtime)) => {
+                    let root = runtime.root.clone();
+                    manager
+                        .start(runtime)
+                        .await
+                        .map(|()| root)
+                        .map_err(anyhow::Error::from)
+                }
+                Ok(Err(e)) => {
+                    Err(anyhow::Error::from(e).context("could not provision the Python runtime"))
+                }
+                Err(e) => Err(anyhow::Error::from(e)),
+            };
+            match result {
+                Ok(root) => {
+                    println!("kiln ready on http://{addr} (runtime {})", root.display());
+                    let _ = std::io::stdout().flush();
+                }
+                Err(e) => {
+                    manager.set_readiness(Readiness::Failed(format!("{e:#}")));
+                    let _ = fatal_tx.send(e).await;
+                }
+            }
+        });
+    }
+
+    let state = AppState {
+        manager: manager.clone(),
+        keys: Arc::new(keys),
+        max_body_bytes: s.max_body_bytes,
+    };
+    let service = app(state).map_request(normalize_path);
+    let fatal = Arc::new(std::sync::Mutex::new(None::<anyhow::Error>));
+    let shutdown = {
+        let fatal = fatal.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => tracing::info!("shutting down"),
+                // Only a provisioning failure stops the server; the sender
+                // is dropped (None) after a success, which must not.
+                Some(e) = fatal_rx.recv() => {
+                    *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            }
+        }
+    };
+    axum::serve(listener, tower::make::Shared::new(service))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("the HTTP server failed")?;
+    manager.shutdown().await;
+    let fatal = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Decide which keys are accepted: the configured ones, or else those in the
+/// store; with neither, generate one, save it (0600) and show it once.
+async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<KeyRing> {
+    let mut ring = Vec::new();
+    if !s.api_keys.is_empty() {
+        for k in &s.api_keys {
+            let rec = store.add_key(hash_key(k), "configured").await?;
+            ring.push((rec.id, rec.hash));
+        }
+        return Ok(KeyRing::new(ring));
+    }
+    let stored = store.keys().await?;
+    if !stored.is_empty() {
+        tracing::info!(
+            keys = stored.len(),
+            "using the API keys in {}",
+            s.data_dir.display()
+        );
+        return Ok(KeyRing::new(
+            stored.into_iter().map(|r| (r.id, r.hash)).collect(),
+        ));
+    }
+    let key = format!("kiln_{}", Alphanumeric.sample_string(&mut rand::rng(), 40));
+    let path = s.data_dir.join("api-key");
+    write_secret(&path, &key)
+        .with_context(|| format!("could not save the API key to {}", path.display()))?;
+    let rec = store.add_key(hash_key(&key), "generated").await?;
+    let url = format!("http://{}", s.listen);
+    println!(
+        "Created an API key (saved in {path}, mode 0600; only its hash is in the database):\n\n    {key}\n\n\
+         Try it:\n\n    curl -X POST {url}/tci/execute \\\n      -H \"Authorization: Bearer {key}\" \\\n      \
+         -H \"Content-Type: application/json\" \\\n      -d '{{\"language\": \"python\", \"code\": \"print(42)\"}}'\n",
+        path = path.display()
+    );
+    Ok(KeyRing::new(vec![(rec.id, rec.hash)]))
+}
+
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{secret}")?;
+    f.sync_all()
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("could not create {}", dir.display()))
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

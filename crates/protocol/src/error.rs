@@ -1,0 +1,243 @@
+//! The error envelope and its stable codes.
+//!
+//! A failed request answers with a non-200 status and
+//! `{"data": null, "errors": [{"code", "message"}], "error": {...}}`. The
+//! `errors` list is what the TCI clients read; the `error` object is the
+//! general API error shape the 1.x Python client parses for its exception
+//! message (without it, it raises "Unexpected error response None").
+//!
+//! Codes are part of the API: agents branch on them (`session_expired` means
+//! "start a new session"), RL trainers use them to tell an infrastructure
+//! failure from a wrong answer. Add codes; never rename one.
+
+use serde::{Deserialize, Serialize};
+
+/// Every reason kiln refuses or fails a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not valid JSON, or a field has the wrong type.
+    InvalidRequest,
+    /// `language` names a language this server does not run.
+    UnsupportedLanguage,
+    /// A `files` entry is unsafe or undecodable; nothing was written.
+    InvalidFile,
+    /// The body is larger than the server accepts.
+    PayloadTooLarge,
+    /// No API key, or one this server does not know.
+    Unauthorized,
+    /// No such session for this key (never existed, or another key's).
+    SessionNotFound,
+    /// The caller's own session has ended (TTL or teardown): start a new one.
+    SessionExpired,
+    /// This key already has as many live sessions as it may.
+    TooManySessions,
+    /// The server has no room for another session right now.
+    NoCapacity,
+    /// kiln could not start a kernel for the session (an infrastructure
+    /// failure, never the user's code).
+    KernelUnavailable,
+    /// The server is still provisioning its runtime; retry shortly.
+    NotReady,
+    /// No such route.
+    NotFound,
+    /// The route exists but not for this HTTP method.
+    MethodNotAllowed,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A bug or an unexpected failure inside kiln.
+    InternalError,
+}
+
+impl ErrorCode {
+    /// The HTTP status this code is served with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest | ErrorCode::UnsupportedLanguage | ErrorCode::InvalidFile => {
+                400
+            }
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::SessionNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::SessionExpired => 410,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::TooManySessions => 429,
+            ErrorCode::InternalError => 500,
+            ErrorCode::NoCapacity
+            | ErrorCode::KernelUnavailable
+            | ErrorCode::NotReady
+            | ErrorCode::ShuttingDown => 503,
+        }
+    }
+
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnsupportedLanguage => "unsupported_language",
+            ErrorCode::InvalidFile => "invalid_file",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::SessionNotFound => "session_not_found",
+            ErrorCode::SessionExpired => "session_expired",
+            ErrorCode::TooManySessions => "too_many_sessions",
+            ErrorCode::NoCapacity => "no_capacity",
+            ErrorCode::KernelUnavailable => "kernel_unavailable",
+            ErrorCode::NotReady => "not_ready",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::InternalError => "internal_error",
+        }
+    }
+
+    /// The `error.type` of the general API error shape.
+    fn error_type(self) -> &'static str {
+        match self.http_status() {
+            401 => "authentication_error",
+            404 | 410 => "invalid_request_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error as the API reports it: a code, a message a person can act on,
+/// and optionally the request field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    /// The request field at fault (`session_id`, `files[2].name`, ...).
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    /// An error without a field.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// Name the request field at fault.
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    /// The JSON body for this error.
+    pub fn envelope(&self) -> ErrorEnvelope {
+        ErrorEnvelope {
+            data: None,
+            errors: vec![ErrorItem {
+                code: self.code,
+                message: self.message.clone(),
+            }],
+            error: OpenAiStyleError {
+                message: self.message.clone(),
+                r#type: self.code.error_type().to_string(),
+                code: self.code,
+                param: self.param.clone(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// One entry of `errors`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorItem {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// The message.
+    pub message: String,
+}
+
+/// The general API error object (`error`), read by the 1.x Python client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpenAiStyleError {
+    /// The message.
+    pub message: String,
+    /// `invalid_request_error`, `authentication_error`, `server_error`, ...
+    pub r#type: String,
+    /// The stable code, same as in `errors`.
+    pub code: ErrorCode,
+    /// The request field at fault.
+    pub param: Option<String>,
+}
+
+/// The whole body of a failed request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorEnvelope {
+    /// Always `null`.
+    pub data: Option<()>,
+    /// One entry per problem.
+    pub errors: Vec<ErrorItem>,
+    /// The same problem in the general API error shape.
+    pub error: OpenAiStyleError,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn envelope_carries_both_error_shapes() {
+        let e = ApiError::new(ErrorCode::SessionNotFound, "session ses_x does not exist")
+            .with_param("session_id");
+        assert_eq!(
+            serde_json::to_value(e.envelope()).unwrap_or_default(),
+            json!({
+                "data": null,
+                "errors": [{"code": "session_not_found", "message": "session ses_x does not exist"}],
+                "error": {"message": "session ses_x does not exist", "type": "invalid_request_error",
+                          "code": "session_not_found", "param": "session_id"}
+            })
+        );
+    }
+
+    #[test]
+    fn no_error_is_served_with_status_200() {
+        for code in [
+            ErrorCode::InvalidRequest,
+            ErrorCode::UnsupportedLanguage,
+            ErrorCode::InvalidFile,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::Unauthorized,
+            ErrorCode::SessionNotFound,
+            ErrorCode::SessionExpired,
+            ErrorCode::TooManySessions,
+            ErrorCode::NoCapacity,
+            ErrorCode::KernelUnavailable,
+            ErrorCode::NotReady,
+            ErrorCode::NotFound,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::ShuttingDown,
+            ErrorCode::InternalError,
+        ] {
+            assert!(code.http_status() >= 400, "{code}");
+            let wire = serde_json::to_value(code).unwrap_or_default();
+            assert_eq!(wire, json!(code.as_str()));
+        }
+    }
+}

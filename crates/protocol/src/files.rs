@@ -1,0 +1,259 @@
+//! Uploaded files: their wire shape and the pure checks that make a name safe.
+//!
+//! A name is relative to the session's working directory and may contain
+//! sub-folders (`data/raw.csv`). Everything that could leave that directory
+//! or confuse the filesystem is refused here, before any byte is written:
+//! absolute names, `..`, NUL bytes, over-long names, and two entries of one
+//! request that would overwrite each other. What this cannot see (a folder or
+//! a symlink already in the working directory) is checked where the files
+//! are written, without following links.
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::{alphabet, Engine as _};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Longest accepted path component, as on Linux filesystems.
+const MAX_COMPONENT: usize = 255;
+/// Longest accepted relative name.
+const MAX_NAME: usize = 4096;
+
+/// Base64 as clients produce it: standard alphabet, padding optional.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// One entry of `files` in an execute request.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct FileUpload {
+    /// Path relative to the working directory.
+    pub name: String,
+    /// `string` (UTF-8 text) or `base64`; absent means `string`.
+    #[serde(default = "default_encoding")]
+    pub encoding: String,
+    /// The content in that encoding.
+    pub content: String,
+}
+
+fn default_encoding() -> String {
+    "string".to_string()
+}
+
+/// A file that passed every check: its path split into safe components, and
+/// its decoded bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidFile {
+    /// Path components; none is empty, `.`, `..`, or contains `/` or NUL.
+    pub components: Vec<String>,
+    /// Decoded content.
+    pub bytes: Vec<u8>,
+}
+
+impl ValidFile {
+    /// The relative path, `/`-joined.
+    pub fn display_name(&self) -> String {
+        self.components.join("/")
+    }
+}
+
+/// Why a `files` entry was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    /// The name is empty or names the working directory itself.
+    #[error("files[{index}].name is empty: give a path relative to the working directory, e.g. \"data/input.csv\"")]
+    EmptyName { index: usize },
+    /// The name contains a NUL byte.
+    #[error("files[{index}].name contains a NUL byte")]
+    NulByte { index: usize },
+    /// The name is absolute.
+    #[error("files[{index}].name {name:?} is absolute: names are relative to the session's working directory")]
+    Absolute { index: usize, name: String },
+    /// The name contains a `..` component.
+    #[error("files[{index}].name {name:?} contains \"..\": files must stay inside the working directory")]
+    ParentDir { index: usize, name: String },
+    /// The name or one of its components is too long.
+    #[error(
+        "files[{index}].name is too long (at most {MAX_NAME} bytes, {MAX_COMPONENT} per component)"
+    )]
+    TooLong { index: usize },
+    /// `encoding` is neither `string` nor `base64`.
+    #[error("files[{index}].encoding {encoding:?} is not supported: use \"string\" or \"base64\"")]
+    BadEncoding { index: usize, encoding: String },
+    /// `content` is not valid base64.
+    #[error("files[{index}].content is not valid base64 ({reason})")]
+    BadBase64 { index: usize, reason: String },
+    /// Two entries of the request would overwrite each other, or one would
+    /// need to be both a file and a folder.
+    #[error("files[{index}].name {name:?} conflicts with another file of the same request")]
+    Conflict { index: usize, name: String },
+}
+
+impl FileError {
+    /// The index of the offending entry in `files`.
+    pub fn index(&self) -> usize {
+        match self {
+            FileError::EmptyName { index }
+            | FileError::NulByte { index }
+            | FileError::Absolute { index, .. }
+            | FileError::ParentDir { index, .. }
+            | FileError::TooLong { index }
+            | FileError::BadEncoding { index, .. }
+            | FileError::BadBase64 { index, .. }
+            | FileError::Conflict { index, .. } => *index,
+        }
+    }
+}
+
+/// Check every entry and decode its content; all or nothing.
+pub fn decode_files(files: &[FileUpload]) -> Result<Vec<ValidFile>, FileError> {
+    let mut out: Vec<ValidFile> = Vec::with_capacity(files.len());
+    let mut files_seen = BTreeSet::new();
+    let mut dirs_seen = BTreeSet::new();
+    for (index, f) in files.iter().enumerate() {
+        let components = split_name(index, &f.name)?;
+        let bytes = match f.encoding.as_str() {
+            "string" | "utf-8" | "utf8" | "text" => f.content.as_bytes().to_vec(),
+            "base64" => {
+                let compact: String = f
+                    .content
+                    .chars()
+                    .filter(|c| !c.is_ascii_whitespace())
+                    .collect();
+                BASE64
+                    .decode(compact.as_bytes())
+                    .map_err(|e| FileError::BadBase64 {
+                        index,
+                        reason: e.to_string(),
+                    })?
+            }
+            other => {
+                return Err(FileError::BadEncoding {
+                    index,
+                    encoding: other.to_string(),
+                })
+            }
+        };
+        let joined = components.join("/");
+        // A file may not also be a folder of another entry, nor be listed twice.
+        let conflict = || FileError::Conflict {
+            index,
+            name: f.name.clone(),
+        };
+        if files_seen.contains(&joined) || dirs_seen.contains(&joined) {
+            return Err(conflict());
+        }
+        for end in 1..components.len() {
+            let prefix = components[..end].join("/");
+            if files_seen.contains(&prefix) {
+                return Err(conflict());
+            }
+            dirs_seen.insert(prefix);
+        }
+        files_seen.insert(joined);
+        out.push(ValidFile { components, bytes });
+    }
+    Ok(out)
+}
+
+/// Split a name into components, refusing anything that could escape.
+fn split_name(index: usize, name: &str) -> Result<Vec<String>, FileError> {
+    if name.contains('\0') {
+        return Err(FileError::NulByte { index });
+    }
+    if name.starts_with('/') || name.starts_with('\\') {
+        return Err(FileError::Absolute {
+            index,
+            name: name.to_string(),
+        });
+    }
+    if name.len() > MAX_NAME {
+        return Err(FileError::TooLong { index });
+    }
+    let mut components = Vec::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => continue,
+            ".." => {
+                return Err(FileError::ParentDir {
+                    index,
+                    name: name.to_string(),
+                })
+            }
+            p if p.len() > MAX_COMPONENT => return Err(FileError::TooLong { index }),
+            p => components.push(p.to_string()),
+        }
+    }
+    if components.is_empty() {
+        return Err(FileError::EmptyName { index });
+    }
+    Ok(components)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(name: &str, encoding: &str, content: &str) -> FileUpload {
+        FileUpload {
+            name: name.into(),
+            encoding: encoding.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn sub_folders_and_both_encodings_are_accepted() {
+        let files = decode_files(&[
+            up("myscript.py", "string", "print(1)"),
+            up("data//./raw.csv", "base64", "YSxiCjEsMgo="),
+            up("data/nopad.bin", "base64", "YQ"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(files[0].bytes, b"print(1)");
+        assert_eq!(files[1].components, vec!["data", "raw.csv"]);
+        assert_eq!(files[1].bytes, b"a,b\n1,2\n");
+        assert_eq!(files[2].bytes, b"a");
+    }
+
+    #[test]
+    fn names_that_could_escape_are_refused() {
+        for (name, want) in [
+            ("/etc/passwd", "absolute"),
+            ("../x", "\"..\""),
+            ("a/../../x", "\"..\""),
+            ("a\0b", "NUL"),
+            ("", "empty"),
+            ("./", "empty"),
+        ] {
+            let err = decode_files(&[up(name, "string", "x")]).err();
+            let msg = err.map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains(want), "{name:?}: {msg}");
+        }
+        let long = "a".repeat(300);
+        assert!(matches!(
+            decode_files(&[up(&long, "string", "")]),
+            Err(FileError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_base64_and_unknown_encodings_are_refused_with_their_index() {
+        let err = decode_files(&[up("ok", "string", ""), up("b", "base64", "!!!")]).err();
+        assert_eq!(err.as_ref().map(FileError::index), Some(1));
+        let err = decode_files(&[up("c", "hex", "00")]).err();
+        assert!(matches!(err, Some(FileError::BadEncoding { .. })));
+    }
+
+    #[test]
+    fn entries_that_overwrite_each_other_conflict() {
+        for pair in [["a", "a"], ["a", "a/b"], ["a/b", "a"]] {
+            let err = decode_files(&[up(pair[0], "string", ""), up(pair[1], "string", "")]).err();
+            assert!(
+                matches!(err, Some(FileError::Conflict { index: 1, .. })),
+                "{pair:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Wire types of the Together Code Interpreter (TCI) API, as kiln serves it.
+//!
+//! Everything a client sends or receives is defined here and nowhere else: the
+//! execute request and its uploaded files, the outputs a kernel produced, the
+//! session listing, and the error envelope with its stable codes. The shapes
+//! come from the published clients (PyPI `together` 1.x and 2.x, npm
+//! `together-ai`), see `API.md` in the project's shared documents; a field
+//! renamed here breaks real users, so the tests pin the JSON.
+//!
+//! This crate knows nothing of HTTP servers, kernels or storage: the lower
+//! layers use [`Output`] as their unit of result, the server maps
+//! [`ErrorCode`] to status codes.
+#![forbid(unsafe_code)]
+
+mod error;
+mod files;
+mod time;
+
+pub use error::{ApiError, ErrorCode, ErrorEnvelope, ErrorItem, OpenAiStyleError};
+pub use files::{decode_files, FileError, FileUpload, ValidFile};
+pub use time::rfc3339;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The languages this server offers. `language` defaults to the first one.
+pub const LANGUAGES: &[&str] = &["python"];
+
+/// Body of `POST /tci/execute`.
+///
+/// Unknown fields are ignored (clients add fields over time); `null` is
+/// treated like an absent optional field, because the clients send both.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ExecuteRequest {
+    /// The code to run, as one notebook cell.
+    pub code: String,
+    /// Only `"python"` today; absent means python.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Reuse this live session instead of starting a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Files written into the session's working directory before the code runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<FileUpload>>,
+    /// Per-request time limit in seconds (kiln extension; capped by the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+}
+
+/// One thing the kernel showed, in the order it showed it.
+///
+/// Serialises as `{"type": "stdout", "data": "..."}`; rich outputs carry a
+/// MIME bundle (`{"text/plain": ..., "image/png": "<base64>"}`) exactly as
+/// Jupyter produced it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum Output {
+    /// Text the code wrote to standard output.
+    Stdout(String),
+    /// Text the code wrote to standard error.
+    Stderr(String),
+    /// A traceback (plain text, no ANSI colours) or a message of kiln's
+    /// about the execution (time limit hit, kernel died).
+    Error(String),
+    /// A rich display (`display(...)`, a matplotlib figure).
+    DisplayData(Map<String, Value>),
+    /// The value of the cell's last expression.
+    ExecuteResult(Map<String, Value>),
+}
+
+impl Output {
+    /// Bytes this output adds to a response, for output limits.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            Output::Stdout(s) | Output::Stderr(s) | Output::Error(s) => s.len(),
+            Output::DisplayData(m) | Output::ExecuteResult(m) => m
+                .iter()
+                .map(|(k, v)| k.len() + v.as_str().map_or_else(|| v.to_string().len(), str::len))
+                .sum(),
+        }
+    }
+}
+
+/// How an execution ended, as `data.status`.
+///
+/// The 1.x client types this as a plain string, the 2.x and npm clients as a
+/// string with a default, so any value parses; these are the ones kiln uses.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecuteStatus {
+    /// The cell ran to its end (it may still have printed to stderr).
+    Success,
+    /// The cell raised, hit its time limit, or its kernel died: see the
+    /// `error` output.
+    Error,
+}
+
+/// `data` of a successful execute response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecuteData {
+    /// The session that ran the code; pass it back to reuse the session.
+    pub session_id: String,
+    /// How the execution ended.
+    pub status: ExecuteStatus,
+    /// What the kernel produced, in order.
+    pub outputs: Vec<Output>,
+}
+
+/// One entry of `GET /tci/sessions`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionInfo {
+    /// `ses_...`
+    pub id: String,
+    /// When the session started (RFC 3339, UTC, `Z`).
+    #[serde(with = "rfc3339")]
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// How many execute requests the session has run.
+    pub execute_count: u64,
+    /// When the last execute request started, if any.
+    #[serde(with = "rfc3339::option")]
+    pub last_execute_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the session will be torn down.
+    #[serde(with = "rfc3339")]
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `data` of `GET /tci/sessions`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionList {
+    /// The caller's live sessions, oldest first.
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// The success envelope: `{"data": ..., "errors": null}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope<T> {
+    /// The payload.
+    pub data: T,
+    /// Always `null` on success; present because clients read it.
+    pub errors: Option<Vec<ErrorItem>>,
+}
+
+impl<T> Envelope<T> {
+    /// Wrap a payload.
+    pub fn ok(data: T) -> Self {
+        Envelope { data, errors: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn outputs_serialise_as_type_and_data() {
+        let mut bundle = Map::new();
+        bundle.insert("text/plain".into(), json!("42"));
+        let outs = vec![
+            Output::Stdout("hi\n".into()),
+            Output::ExecuteResult(bundle),
+            Output::Error("Traceback".into()),
+        ];
+        assert_eq!(
+            serde_json::to_value(&outs).unwrap_or_default(),
+            json!([
+                {"type": "stdout", "data": "hi\n"},
+                {"type": "execute_result", "data": {"text/plain": "42"}},
+                {"type": "error", "data": "Traceback"},
+            ])
+        );
+    }
+
+    #[test]
+    fn request_accepts_nulls_and_unknown_fields() {
+        let req: ExecuteRequest = serde_json::from_value(json!({
+            "code": "1", "language": "python", "session_id": null, "files": null, "extra": 1
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(req.session_id, None);
+        assert_eq!(req.files, None);
+    }
+
+    #[test]
+    fn session_timestamps_are_rfc3339_utc_with_z() {
+        let t = chrono::DateTime::parse_from_rfc3339("2025-03-12T10:34:22.125248Z")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_timezone(&chrono::Utc);
+        let info = SessionInfo {
+            id: "ses_x".into(),
+            started_at: t,
+            execute_count: 2,
+            last_execute_at: None,
+            expires_at: t,
+        };
+        let v = serde_json::to_value(&info).unwrap_or_default();
+        assert_eq!(v["started_at"], json!("2025-03-12T10:34:22.125248Z"));
+        assert_eq!(v["last_execute_at"], Value::Null);
+    }
+}

@@ -1,0 +1,172 @@
+//! The Python environment that sessions run in, provisioned by kiln itself.
+//!
+//! A runtime is a virtual environment built from a lock file shipped in this
+//! crate (`locks/<profile>.txt`: the full dependency closure, pinned, so two
+//! machines build the same thing). It lives in a cache directory keyed by the
+//! lock's content and the base interpreter, so it survives data-dir changes
+//! and restarts, and a changed lock builds a new one beside the old.
+//!
+//! A runtime is either complete or not used: the marker file
+//! `kiln-runtime.json` is written last, after the imports were verified, and
+//! a directory without it is removed and rebuilt. Builds take an exclusive
+//! `flock` on a lock file beside the directory, so two kiln processes never
+//! build the same runtime at once (the second waits, then finds it done).
+#![forbid(unsafe_code)]
+
+mod build;
+mod progress;
+
+pub use build::ensure;
+pub use progress::Progress;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Which set of packages a runtime carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Profile {
+    /// The kernel, inline plotting, numpy and pandas.
+    Minimal,
+}
+
+impl Profile {
+    /// The profile's name, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Minimal => "minimal",
+        }
+    }
+
+    /// The lock file's content.
+    pub fn lock(self) -> &'static str {
+        match self {
+            Profile::Minimal => include_str!("../locks/minimal.txt"),
+        }
+    }
+
+    /// Modules imported to verify a build.
+    fn smoke_imports(self) -> &'static [&'static str] {
+        match self {
+            Profile::Minimal => &[
+                "ipykernel",
+                "matplotlib_inline",
+                "matplotlib.pyplot",
+                "numpy",
+                "pandas",
+            ],
+        }
+    }
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "minimal" => Ok(Profile::Minimal),
+            other => Err(format!(
+                "unknown runtime profile {other:?}; available: minimal"
+            )),
+        }
+    }
+}
+
+/// Where and from what to build a runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// The package set.
+    pub profile: Profile,
+    /// The base interpreter; `python3` on `PATH` when absent.
+    pub python: Option<PathBuf>,
+    /// Root of kiln's cache (runtimes go in `runtimes/` below it).
+    pub cache_dir: PathBuf,
+}
+
+/// Why a runtime could not be provisioned.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// No usable base Python.
+    #[error(
+        "no usable Python found ({tried}): {reason}. Install Python 3.10+ or pass --python PATH"
+    )]
+    NoPython { tried: String, reason: String },
+    /// A filesystem step failed.
+    #[error("could not {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A build command failed.
+    #[error("{step} failed ({status}); its last output:\n{output}")]
+    Step {
+        step: &'static str,
+        status: String,
+        output: String,
+    },
+}
+
+/// A complete runtime, ready for kernels.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// The virtual environment's root.
+    pub root: PathBuf,
+    /// Its profile.
+    pub profile: Profile,
+}
+
+impl Runtime {
+    /// The interpreter kernels run with.
+    pub fn python(&self) -> PathBuf {
+        self.root.join("bin").join("python")
+    }
+
+    /// Matplotlib's config and font cache, built once at provisioning.
+    fn mpl_config(&self) -> PathBuf {
+        mpl_config_dir(&self.root)
+    }
+
+    /// The fixed environment a kernel starts with. Nothing of the server's
+    /// own environment is passed on except pip's index and trust settings,
+    /// so that `!pip install` behaves as pip does on this host.
+    pub fn kernel_env(&self, home: &Path) -> Vec<(OsString, OsString)> {
+        let bin = self.root.join("bin");
+        let mut env: Vec<(OsString, OsString)> = vec![
+            (
+                "PATH".into(),
+                format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()).into(),
+            ),
+            ("VIRTUAL_ENV".into(), self.root.clone().into()),
+            ("HOME".into(), home.into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("PYTHONUNBUFFERED".into(), "1".into()),
+            (
+                "MPLBACKEND".into(),
+                "module://matplotlib_inline.backend_inline".into(),
+            ),
+            ("MPLCONFIGDIR".into(), self.mpl_config().into()),
+            ("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into()),
+        ];
+        for name in PIP_PASSTHROUGH {
+            if let Some(v) = std::env::var_os(name) {
+                env.push(((*name).into(), v));
+            }
+        }
+        env
+    }
+}
+
+/// pip settings a session inherits from the host, so installs reach the
+/// same index with the same trust store.
+const PIP_PASSTHROUGH: &[&str] = &[
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "PIP_TRUSTED_HOST",
+    "PIP_CERT",
+    "PIP_FIND_LINKS",
+    "PIP_DEFAULT_TIMEOUT",
+    "SSL_CERT_FILE",
+];
+
+fn mpl_config_dir(root: &Path) -> PathBuf {
+    root.join("share").join("kiln").join("matplotlib")
+}

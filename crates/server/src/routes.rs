@@ -1,0 +1,167 @@
+//! Routes and handlers.
+
+use crate::auth::{require_key, KeyId};
+use crate::error::AppError;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use kiln_protocol::{
+    decode_files, ApiError, Envelope, ErrorCode, ExecuteData, ExecuteRequest, SessionList,
+    LANGUAGES,
+};
+use kiln_sessions::{Exec, Readiness};
+use std::time::Duration;
+
+pub(crate) fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/tci/execute", post(execute))
+        .route("/v1/tci/execute", post(execute))
+        .route("/tci/sessions", get(list_sessions))
+        .route("/v1/tci/sessions", get(list_sessions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are read (and limited) by the handler itself, so that an
+        // oversized body gets the API's JSON error, not a plain-text one.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn execute(
+    State(state): State<AppState>,
+    Extension(KeyId(key)): Extension<KeyId>,
+    body: Body,
+) -> Result<Json<Envelope<ExecuteData>>, AppError> {
+    let bytes = axum::body::to_bytes(body, state.max_body_bytes).await.map_err(|_| {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the request body is larger than this server's limit of {} bytes; send fewer or smaller files",
+                state.max_body_bytes
+            ),
+        )
+    })?;
+    let req = parse(&bytes)?;
+    let language = req.language.as_deref().unwrap_or("python");
+    if !LANGUAGES.contains(&language) {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedLanguage,
+            format!(
+                "language {language:?} is not supported; this server runs: {}",
+                LANGUAGES.join(", ")
+            ),
+        )
+        .with_param("language")
+        .into());
+    }
+    let files = decode_files(req.files.as_deref().unwrap_or_default()).map_err(|e| {
+        ApiError::new(ErrorCode::InvalidFile, format!("{e}; nothing was written"))
+            .with_param(format!("files[{}]", e.index()))
+    })?;
+    let timeout = match req.timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "timeout must be a positive number of seconds",
+            )
+            .with_param("timeout")
+            .into())
+        }
+    };
+    let session_id = req.session_id.filter(|s| !s.is_empty());
+    let data = state
+        .manager
+        .execute(
+            &key,
+            Exec {
+                session_id,
+                code: req.code,
+                files,
+                timeout,
+            },
+        )
+        .await?;
+    Ok(Json(Envelope::ok(data)))
+}
+
+/// Parse the execute body, turning serde's messages into actionable ones.
+fn parse(bytes: &[u8]) -> Result<ExecuteRequest, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "the request body is empty: send a JSON object such as {\"language\": \"python\", \"code\": \"print(1)\"}",
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        let text = e.to_string();
+        let param = text
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+            .map(str::to_string);
+        let msg = if e.is_syntax() || e.is_eof() {
+            format!("the request body is not valid JSON ({text})")
+        } else {
+            format!("the request body does not match the execute request ({text}); required: \"code\" (string); optional: \"language\", \"session_id\", \"files\"")
+        };
+        let err = ApiError::new(ErrorCode::InvalidRequest, msg);
+        match param {
+            Some(p) => err.with_param(p),
+            None => err,
+        }
+    })
+}
+
+async fn list_sessions(
+    State(state): State<AppState>,
+    Extension(KeyId(key)): Extension<KeyId>,
+) -> Result<Json<Envelope<SessionList>>, AppError> {
+    let sessions = state.manager.list(&key).await?;
+    Ok(Json(Envelope::ok(SessionList { sessions })))
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let (status, body) = match state.manager.readiness() {
+        Readiness::Ready => (StatusCode::OK, serde_json::json!({"status": "ok"})),
+        Readiness::Starting => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "starting", "message": "provisioning the runtime or booting the first kernel"}),
+        ),
+        Readiness::Failed(m) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "failed", "message": m}),
+        ),
+        Readiness::Stopping => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "stopping"}),
+        ),
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn not_found() -> AppError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        "no such endpoint; kiln serves POST /tci/execute and GET /tci/sessions (also under /v1)",
+    )
+    .into()
+}
+
+async fn method_not_allowed() -> AppError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this endpoint does not accept that HTTP method",
+    )
+    .into()
+}

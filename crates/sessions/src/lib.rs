@@ -1,0 +1,87 @@
+//! Session lifecycle: creation, a queue per session, expiry, the warm pool.
+//!
+//! A session is a kernel owned by one worker task. Requests for it are sent
+//! to the worker's queue in arrival order and run one at a time, so two
+//! requests to one session never interleave, while different sessions run
+//! in parallel. The worker writes uploaded files, runs the cell, counts it in
+//! the store, restarts the kernel if it died, and tears everything down when
+//! the session expires or the server stops.
+//!
+//! New sessions take a ready kernel from the [`pool`] when one is there, so
+//! a create costs a queue pop instead of a kernel boot.
+#![forbid(unsafe_code)]
+
+mod files;
+mod manager;
+mod pool;
+mod worker;
+
+pub use files::{write_files, FileWriteError};
+pub use manager::{Exec, Manager, Readiness};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How sessions behave; every field is a server setting.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where session directories live (`<data-dir>/sessions`).
+    pub sessions_dir: PathBuf,
+    /// Lifetime of a session from its start.
+    pub ttl: Duration,
+    /// Time limit of an execution when the request names none.
+    pub exec_timeout: Duration,
+    /// Largest time limit a request may ask for.
+    pub max_exec_timeout: Duration,
+    /// How long an interrupted cell has before its kernel is killed.
+    pub interrupt_grace: Duration,
+    /// Bytes of output kept per execution.
+    pub max_output_bytes: usize,
+    /// Ready kernels kept waiting for new sessions.
+    pub pool_size: usize,
+    /// Live sessions on this server.
+    pub max_sessions: usize,
+    /// Live sessions per API key.
+    pub max_sessions_per_key: usize,
+    /// How long a kernel may take to boot.
+    pub boot_timeout: Duration,
+}
+
+/// Why a session request failed. None of these is an error of the user's
+/// code: those are outputs of a successful execution.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Unknown id, or another key's session.
+    #[error("session {0} does not exist or belongs to another API key")]
+    NotFound(String),
+    /// The caller's session has ended.
+    #[error("session {0} has expired or was ended; start a new session by omitting session_id")]
+    Expired(String),
+    /// The key is at its session limit.
+    #[error("this API key already has {0} live sessions, the most it may have; reuse one or wait for one to expire")]
+    TooManySessions(usize),
+    /// The server is at its session limit.
+    #[error("the server is running its maximum of {0} sessions; retry shortly")]
+    NoCapacity(usize),
+    /// A kernel could not be started.
+    #[error("could not start a Python kernel for the session: {0}")]
+    KernelUnavailable(String),
+    /// The runtime is still being provisioned.
+    #[error("kiln is still preparing its Python runtime; retry in a few seconds")]
+    NotReady,
+    /// Provisioning failed; the server cannot run sessions.
+    #[error("kiln cannot run sessions: {0}")]
+    Broken(String),
+    /// The server is stopping.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// An upload could not be written.
+    #[error(transparent)]
+    Files(#[from] FileWriteError),
+    /// A requested time limit is out of range.
+    #[error("timeout must be a positive number of seconds, at most {max}")]
+    BadTimeout { max: u64 },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] kiln_store::StoreError),
+}

@@ -1,0 +1,312 @@
+//! The embedded SQLite store.
+//!
+//! One connection behind a mutex: every statement is a point query or a
+//! one-row update on an indexed table, microseconds long, so a pool would add
+//! nothing but contention. WAL mode keeps readers of the file (backups,
+//! `sqlite3` by an operator) from blocking the server.
+
+use crate::{KeyRecord, Result, SessionRecord, Store, StoreError};
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+/// Schema migrations, applied in order; `user_version` counts them.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE api_keys (
+    id          TEXT PRIMARY KEY,
+    hash        BLOB NOT NULL UNIQUE,
+    label       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE sessions (
+    id               TEXT PRIMARY KEY,
+    key_id           TEXT NOT NULL,
+    started_at       INTEGER NOT NULL,
+    expires_at       INTEGER NOT NULL,
+    execute_count    INTEGER NOT NULL DEFAULT 0,
+    last_execute_at  INTEGER,
+    ended_at         INTEGER
+);
+CREATE INDEX sessions_by_key ON sessions (key_id, ended_at);
+"];
+
+/// SQLite-backed [`Store`].
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Open (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let open = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open)?;
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            conn.execute_batch(sql).map_err(open)?;
+            conn.pragma_update(None, "user_version", i + 1)
+                .map_err(open)?;
+        }
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (statements are atomic), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn q(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Query { what, source }
+}
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    Ok(SessionRecord {
+        id: r.get(0)?,
+        key_id: r.get(1)?,
+        started_at: from_micros(r.get(2)?),
+        expires_at: from_micros(r.get(3)?),
+        execute_count: r.get::<_, i64>(4)?.try_into().unwrap_or(0),
+        last_execute_at: r.get::<_, Option<i64>>(5)?.map(from_micros),
+        ended_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
+    })
+}
+
+const SESSION_COLS: &str =
+    "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at";
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn keys(&self) -> Result<Vec<KeyRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, hash, label, created_at FROM api_keys ORDER BY created_at")
+            .map_err(q("list keys"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let hash: Vec<u8> = r.get(1)?;
+                Ok(KeyRecord {
+                    id: r.get(0)?,
+                    hash: hash.try_into().unwrap_or([0; 32]),
+                    label: r.get(2)?,
+                    created_at: from_micros(r.get(3)?),
+                })
+            })
+            .map_err(q("list keys"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(q("list keys"))
+    }
+
+    async fn add_key(&self, hash: [u8; 32], label: &str) -> Result<KeyRecord> {
+        let conn = self.conn();
+        let existing = conn
+            .query_row(
+                "SELECT id, label, created_at FROM api_keys WHERE hash = ?1",
+                params![hash.as_slice()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(q("find key"))?;
+        if let Some((id, label, created)) = existing {
+            return Ok(KeyRecord {
+                id,
+                hash,
+                label,
+                created_at: from_micros(created),
+            });
+        }
+        // The id is derived from the hash: stable, and reveals nothing
+        // usable (a prefix of a SHA-256 of a high-entropy secret).
+        let id = format!(
+            "key_{}",
+            hash.iter()
+                .take(8)
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let now = Utc::now();
+        conn.execute(
+            "INSERT INTO api_keys (id, hash, label, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, hash.as_slice(), label, micros(now)],
+        )
+        .map_err(q("add key"))?;
+        Ok(KeyRecord {
+            id,
+            hash,
+            label: label.to_string(),
+            created_at: now,
+        })
+    }
+
+    async fn insert_session(&self, s: &SessionRecord) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO sessions (id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    s.id,
+                    s.key_id,
+                    micros(s.started_at),
+                    micros(s.expires_at),
+                    i64::try_from(s.execute_count).unwrap_or(i64::MAX),
+                    s.last_execute_at.map(micros),
+                    s.ended_at.map(micros)
+                ],
+            )
+            .map_err(q("insert session"))?;
+        Ok(())
+    }
+
+    async fn record_execute(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE sessions SET execute_count = execute_count + 1, last_execute_at = ?2 WHERE id = ?1",
+                params![id, micros(at)],
+            )
+            .map_err(q("record execute"))?;
+        Ok(())
+    }
+
+    async fn end_session(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
+                params![id, micros(at)],
+            )
+            .map_err(q("end session"))?;
+        Ok(())
+    }
+
+    async fn session(&self, id: &str) -> Result<Option<SessionRecord>> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"),
+                params![id],
+                session_row,
+            )
+            .optional()
+            .map_err(q("get session"))
+    }
+
+    async fn live_sessions(&self, key_id: &str, now: DateTime<Utc>) -> Result<Vec<SessionRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {SESSION_COLS} FROM sessions
+                 WHERE key_id = ?1 AND ended_at IS NULL AND expires_at > ?2
+                 ORDER BY started_at"
+            ))
+            .map_err(q("list sessions"))?;
+        let rows = stmt
+            .query_map(params![key_id, micros(now)], session_row)
+            .map_err(q("list sessions"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(q("list sessions"))
+    }
+
+    async fn end_all_open(&self, at: DateTime<Utc>) -> Result<u64> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE sessions SET ended_at = ?1 WHERE ended_at IS NULL",
+                params![micros(at)],
+            )
+            .map_err(q("end open sessions"))?;
+        Ok(n as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = SqliteStore::open(&dir.path().join("kiln.db")).unwrap_or_else(|e| panic!("{e}"));
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn adding_the_same_key_twice_keeps_one_record() {
+        let (_d, s) = store();
+        let a = s
+            .add_key([7; 32], "flag")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = s
+            .add_key([7; 32], "other")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.id, b.id);
+        assert_eq!(s.keys().await.map(|k| k.len()).unwrap_or(0), 1);
+    }
+
+    #[tokio::test]
+    async fn sessions_are_listed_per_key_until_they_end_or_expire() {
+        let (_d, s) = store();
+        let now = Utc::now();
+        let mk = |id: &str, key: &str, ttl: i64| SessionRecord {
+            id: id.into(),
+            key_id: key.into(),
+            started_at: now,
+            expires_at: now + Duration::seconds(ttl),
+            execute_count: 0,
+            last_execute_at: None,
+            ended_at: None,
+        };
+        for r in [
+            mk("a", "k1", 60),
+            mk("b", "k1", 60),
+            mk("c", "k2", 60),
+            mk("d", "k1", -1),
+        ] {
+            s.insert_session(&r).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        s.record_execute("a", now)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.record_execute("a", now)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.end_session("b", now)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let live = s.live_sessions("k1", now).await.unwrap_or_default();
+        assert_eq!(
+            live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            vec!["a"]
+        );
+        assert_eq!(live[0].execute_count, 2);
+        assert_eq!(s.end_all_open(now).await.unwrap_or(0), 2);
+    }
+}
