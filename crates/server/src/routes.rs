@@ -42,15 +42,7 @@ async fn execute(
     Extension(KeyId(key)): Extension<KeyId>,
     body: Body,
 ) -> Result<Json<Envelope<ExecuteData>>, AppError> {
-    let bytes = axum::body::to_bytes(body, state.max_body_bytes).await.map_err(|_| {
-        ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!(
-                "the request body is larger than this server's limit of {} bytes; send fewer or smaller files",
-                state.max_body_bytes
-            ),
-        )
-    })?;
+    let bytes = read_body(body, state.max_body_bytes).await?;
     let req = parse(&bytes)?;
     let language = req.language.as_deref().unwrap_or("python");
     if !LANGUAGES.contains(&language) {
@@ -94,6 +86,41 @@ async fn execute(
         )
         .await?;
     Ok(Json(Envelope::ok(data)))
+}
+
+/// Read at most `limit` bytes of body. Past the limit the rest is read and
+/// discarded (up to a bound) before answering 413: a server that answers
+/// while the client is still sending makes most HTTP clients report a reset
+/// connection instead of the error.
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    const DRAIN_MAX: usize = 1 << 30;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read"));
+        };
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= limit {
+                buf.extend_from_slice(&data);
+            } else if seen > DRAIN_MAX {
+                break;
+            }
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the request body ({seen} bytes or more) is larger than this server's limit of {limit} bytes; \
+                 send fewer or smaller files"
+            ),
+        ));
+    }
+    Ok(buf.freeze())
 }
 
 /// Parse the execute body, turning serde's messages into actionable ones.

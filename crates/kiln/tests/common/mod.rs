@@ -1,0 +1,221 @@
+//! A real `kiln serve` process for the integration tests.
+//!
+//! Each [`Server`] runs the built binary on a free loopback port (`:0`; the
+//! port is read back from the ready line), with its own temporary data dir
+//! and the shared runtime cache, and is stopped with SIGTERM when dropped.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "test-key-one";
+pub const OTHER_KEY: &str = "test-key-two";
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub url: String,
+    pub data: tempfile::TempDir,
+    pub stdout_lines: Vec<String>,
+    pub http: reqwest::Client,
+}
+
+/// Options beyond the defaults every test server gets.
+pub fn start(extra: &[&str]) -> Server {
+    start_in(tempfile::tempdir().expect("tempdir"), extra, true)
+}
+
+pub fn start_in(data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(extra)
+        .env_remove("KILN_API_KEY")
+        .env_remove("KILN_CONFIG")
+        .env("KILN_LOG", "info,zeromq=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if !extra.contains(&"--pool-size") {
+        cmd.args(["--pool-size", "1"]);
+    }
+    if with_keys {
+        cmd.args(["--api-key", KEY, "--api-key", OTHER_KEY]);
+    }
+    let mut child = cmd.spawn().expect("spawn kiln");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The first run of the suite may build the runtime (~1 min).
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut lines = Vec::new();
+    let url = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("kiln ready on ") {
+                    let url = rest.split_whitespace().next().unwrap().to_string();
+                    lines.push(line);
+                    break url;
+                }
+                lines.push(line);
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("kiln did not become ready: {status:?}; stdout so far: {lines:?}");
+            }
+        }
+    };
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+    Server { child: Some(child), url, data, stdout_lines: lines, http }
+}
+
+impl Server {
+    pub async fn post(&self, path: &str, key: Option<&str>, body: Value) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{}", self.url, path)).json(&body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
+        (status, v)
+    }
+
+    pub async fn raw(&self, method: reqwest::Method, path: &str, key: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.url, path)).body(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
+        (status, v)
+    }
+
+    /// Execute with the main key; panics unless the request itself succeeded.
+    pub async fn exec(&self, code: &str, session: Option<&str>) -> Value {
+        let mut body = json!({"language": "python", "code": code});
+        if let Some(s) = session {
+            body["session_id"] = json!(s);
+        }
+        let (status, v) = self.post("/tci/execute", Some(KEY), body).await;
+        assert_eq!(status, 200, "{v}");
+        v["data"].clone()
+    }
+
+    pub async fn sessions(&self, key: &str) -> Vec<Value> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/tci/sessions", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("list");
+        assert_eq!(resp.status().as_u16(), 200);
+        let v: Value = resp.json().await.expect("json");
+        v["data"]["sessions"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.data.path().join("sessions")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("kiln did not stop within 60s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Text of all outputs of one type, concatenated.
+pub fn text_of(data: &Value, kind: &str) -> String {
+    data["outputs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|o| o["type"] == kind)
+        .map(|o| o["data"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+pub fn types_of(data: &Value) -> Vec<String> {
+    data["outputs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| o["type"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Pids of kernel processes whose command line mentions `dir`.
+pub fn kernels_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("ipykernel_launcher") && cmd.contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Poll `f` until it holds or `secs` pass.
+pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f()
+}
