@@ -124,24 +124,16 @@ impl Kernel {
         };
         let sandbox = kiln_sandbox::spawn(&policy)?;
         let deadline = Instant::now() + spec.boot_timeout;
-        match connect(sandbox, dirs, &info, deadline).await {
-            Ok(k) => Ok(k),
-            Err((sandbox, e)) => {
-                sandbox.kill_and_wait().await;
-                Err(e)
-            }
-        }
+        connect(sandbox, dirs, &info, deadline).await
     }
 }
-
-type Failed = (kiln_sandbox::Sandbox, KernelError);
 
 async fn connect(
     sandbox: kiln_sandbox::Sandbox,
     dirs: KernelDirs,
     info: &ConnectionInfo,
     deadline: Instant,
-) -> Result<Kernel, Failed> {
+) -> Result<Kernel, KernelError> {
     // 1. Wait for the kernel to bind its five sockets (connecting to an ipc
     //    path that does not exist yet fails instead of retrying).
     let sockets: Vec<PathBuf> = [
@@ -157,13 +149,15 @@ async fn connect(
     loop {
         if let Some(exit) = sandbox.exit() {
             let log = tail(&dirs.log());
-            return Err((sandbox, KernelError::DiedDuringBoot { exit, log }));
+            sandbox.kill_and_wait().await;
+            return Err(KernelError::DiedDuringBoot { exit, log });
         }
         if sockets.iter().all(|s| s.exists()) {
             break;
         }
         if Instant::now() > deadline {
-            return Err((sandbox, KernelError::BootTimeout(budget(deadline))));
+            sandbox.kill_and_wait().await;
+            return Err(KernelError::BootTimeout);
         }
         sleep(Duration::from_millis(5)).await;
     }
@@ -179,14 +173,17 @@ async fn connect(
     };
     let (shell, mut iopub) = match sockets.await {
         Ok(s) => s,
-        Err(e) => return Err((sandbox, e.into())),
+        Err(e) => {
+            sandbox.kill_and_wait().await;
+            return Err(e.into());
+        }
     };
     let (shell_send, mut shell_recv) = shell.split();
 
     // 3. Readers: own tasks forward each channel into a queue, so that the
     //    executor can select over them without cancelling a ZeroMQ read.
     let (iopub_tx, iopub_rx) = mpsc::channel(1024);
-    tokio::spawn(async move {
+    let iopub_reader = tokio::spawn(async move {
         while let Ok(msg) = iopub.read().await {
             if iopub_tx.send(msg).await.is_err() {
                 break;
@@ -194,7 +191,7 @@ async fn connect(
         }
     });
     let (shell_tx, shell_rx) = mpsc::channel(64);
-    tokio::spawn(async move {
+    let shell_reader = tokio::spawn(async move {
         while let Ok(msg) = shell_recv.read().await {
             if shell_tx.send(msg).await.is_err() {
                 break;
@@ -208,6 +205,7 @@ async fn connect(
         shell: Sender(shell_send),
         shell_replies: shell_rx,
         iopub: iopub_rx,
+        readers: vec![iopub_reader.abort_handle(), shell_reader.abort_handle()],
     };
 
     // 4. Handshake: repeat kernel_info_request until one is answered on
@@ -217,8 +215,8 @@ async fn connect(
     match handshake(&mut kernel, deadline).await {
         Ok(()) => Ok(kernel),
         Err(e) => {
-            let Kernel { sandbox, .. } = kernel;
-            Err((sandbox, e))
+            kernel.kill().await;
+            Err(e)
         }
     }
 }
@@ -231,7 +229,7 @@ async fn handshake(kernel: &mut Kernel, deadline: Instant) -> Result<(), KernelE
             return Err(KernelError::DiedDuringBoot { exit, log });
         }
         if Instant::now() > deadline {
-            return Err(KernelError::BootTimeout(budget(deadline)));
+            return Err(KernelError::BootTimeout);
         }
         let req: JupyterMessage = KernelInfoRequest {}.into();
         let id = req.header.msg_id.clone();
@@ -256,10 +254,6 @@ async fn handshake(kernel: &mut Kernel, deadline: Instant) -> Result<(), KernelE
             }
         }
     }
-}
-
-fn budget(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
 }
 
 /// A connection over ipc files `run/k-1` .. `run/k-5` with a fresh key.

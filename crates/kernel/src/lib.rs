@@ -48,8 +48,8 @@ pub enum KernelError {
         log: String,
     },
     /// The kernel did not answer within the boot timeout.
-    #[error("the kernel did not become ready within {0:?}")]
-    BootTimeout(std::time::Duration),
+    #[error("the kernel did not become ready within the boot timeout")]
+    BootTimeout,
     /// ZeroMQ or message encoding failed.
     #[error("kernel messaging failed: {0}")]
     Messaging(#[from] jupyter_zmq_client::RuntimeError),
@@ -63,6 +63,17 @@ pub struct Kernel {
     shell: Sender,
     shell_replies: mpsc::Receiver<JupyterMessage>,
     iopub: mpsc::Receiver<JupyterMessage>,
+    /// The socket reader tasks. ZeroMQ sockets reconnect forever to a dead
+    /// peer, so they must be stopped explicitly, never left to notice.
+    readers: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
 }
 
 /// Newtype so the connection (which is not `Debug`) can live in a `Debug`
@@ -96,6 +107,9 @@ impl Kernel {
     /// There is no polite `shutdown_request` first: a session's state is
     /// discarded anyway, and a kill cannot be ignored by hostile code.
     pub async fn kill(&self) {
+        for r in &self.readers {
+            r.abort();
+        }
         self.sandbox.kill_and_wait().await;
     }
 

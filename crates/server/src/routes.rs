@@ -100,7 +100,10 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return Err(ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read"));
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "the request body could not be read",
+            ));
         };
         if let Ok(data) = frame.into_data() {
             seen += data.len();

@@ -42,6 +42,7 @@ pub(crate) struct Inner {
     readiness: watch::Sender<Readiness>,
     registry: Mutex<Registry>,
     pub(crate) pool: Pool,
+    background: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +87,7 @@ impl Manager {
                 readiness,
                 registry: Mutex::new(Registry::default()),
                 pool,
+                background: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -120,8 +122,13 @@ impl Manager {
                 return Err(e);
             }
         }
-        tokio::spawn(crate::pool::fill(self.inner.clone()));
-        tokio::spawn(reap(self.inner.clone()));
+        let filler = tokio::spawn(crate::pool::fill(self.inner.clone()));
+        let reaper = tokio::spawn(reap(self.inner.clone()));
+        self.inner
+            .background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([filler, reaper]);
         self.set_readiness(Readiness::Ready);
         Ok(())
     }
@@ -209,6 +216,19 @@ impl Manager {
         }
         for l in all {
             let _ = l.worker.await;
+        }
+        // The filler may be booting a kernel: let it finish and discard it,
+        // so no process outlives the server.
+        self.inner.pool.wake();
+        let background: Vec<_> = self
+            .inner
+            .background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for task in background {
+            let _ = task.await;
         }
         self.inner.pool.drain().await;
     }

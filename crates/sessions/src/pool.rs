@@ -54,6 +54,11 @@ impl Pool {
         self.ready.lock().await.push_back(k);
     }
 
+    /// Wake the filler (to notice a shutdown).
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
     pub(crate) async fn len(&self) -> usize {
         self.ready.lock().await.len()
     }

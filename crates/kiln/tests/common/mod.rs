@@ -78,8 +78,17 @@ pub fn start_in(data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Ser
             }
         }
     };
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
-    Server { child: Some(child), url, data, stdout_lines: lines, http }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    Server {
+        child: Some(child),
+        url,
+        data,
+        stdout_lines: lines,
+        http,
+    }
 }
 
 impl Server {
@@ -91,19 +100,30 @@ impl Server {
         let resp = req.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
         (status, v)
     }
 
-    pub async fn raw(&self, method: reqwest::Method, path: &str, key: Option<&str>, body: Vec<u8>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{}", self.url, path)).body(body);
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.url, path))
+            .body(body);
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
         let resp = req.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
         (status, v)
     }
 
@@ -128,7 +148,10 @@ impl Server {
             .expect("list");
         assert_eq!(resp.status().as_u16(), 200);
         let v: Value = resp.json().await.expect("json");
-        v["data"]["sessions"].as_array().cloned().unwrap_or_default()
+        v["data"]["sessions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn sessions_dir(&self) -> PathBuf {
@@ -198,8 +221,12 @@ pub fn kernels_under(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().to_string();
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains("ipykernel_launcher") && cmd.contains(&needle) {
             pids.push(pid);
