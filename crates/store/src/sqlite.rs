@@ -307,6 +307,7 @@ mod tests {
             vec!["a"]
         );
         assert_eq!(live[0].execute_count, 2);
-        assert_eq!(s.end_all_open(now).await.unwrap_or(0), 2);
+        // a, c and d (expired but never torn down); b had ended.
+        assert_eq!(s.end_all_open(now).await.unwrap_or(0), 3);
     }
 }
