@@ -27,46 +27,62 @@ pub struct KernelSpec {
     pub env: Vec<(OsString, OsString)>,
     /// How long a boot may take before it is abandoned.
     pub boot_timeout: Duration,
+    /// Run it in a sandbox (the default); `None` runs a plain process.
+    pub sandbox: Option<SandboxSpec>,
 }
+
+/// The sandbox a kernel runs in, minus what depends on its directories.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// The kiln binary (re-executed as the sandbox helper).
+    pub helper: PathBuf,
+    /// Read-only paths shown at the same place inside (the runtime and its
+    /// base interpreter).
+    pub read_only: Vec<PathBuf>,
+    /// Memory, processes, CPU.
+    pub limits: kiln_sandbox::CgroupLimits,
+    /// Size of `/tmp`, bytes.
+    pub tmp_bytes: u64,
+    /// Open files per process.
+    pub nofile: u64,
+    /// The host uid that owns the session's files (the user inside).
+    pub owner: u32,
+}
+
+/// Where the work dir appears inside a sandbox (the kernel's cwd).
+pub const INSIDE_WORK: &str = "/work";
+/// `$HOME` inside a sandbox.
+pub const INSIDE_HOME: &str = "/home/user";
+/// The socket directory inside a sandbox.
+pub const INSIDE_RUN: &str = "/run/kiln";
 
 /// The directories of one kernel.
 #[derive(Debug, Clone)]
 pub struct KernelDirs {
-    /// Holds everything below; removed at teardown.
+    /// Holds everything below; only the server sees it (pid file, log,
+    /// sandbox description). Removed at teardown.
     pub root: PathBuf,
-    /// The kernel's cwd: uploaded files land here.
+    /// The session's storage (a quota'd tmpfs when sandboxed).
+    pub data: PathBuf,
+    /// The kernel's cwd: uploaded files land here (`data/work`).
     pub work: PathBuf,
-    /// `$HOME` of the kernel (IPython profile, caches).
+    /// `$HOME` of the kernel (`data/home`).
     pub home: PathBuf,
-    /// Private (0700): connection file, ipc sockets, pid file, log.
+    /// Connection file and ipc sockets; fresh for every boot.
     pub run: PathBuf,
 }
 
 impl KernelDirs {
     /// The standard layout under `root`.
     pub fn under(root: PathBuf) -> Self {
+        let data = root.join("data");
         KernelDirs {
-            work: root.join("work"),
-            home: root.join("home"),
+            work: data.join("work"),
+            home: data.join("home"),
             run: root.join("run"),
+            data,
             root,
         }
-    }
-
-    /// Create the directories (private to the server's user).
-    pub fn create(&self) -> Result<(), KernelError> {
-        use std::os::unix::fs::DirBuilderExt;
-        for dir in [&self.root, &self.work, &self.home, &self.run] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| KernelError::Prepare {
-                    path: dir.clone(),
-                    source,
-                })?;
-        }
-        Ok(())
     }
 
     /// The same directories with a fresh, empty `run` directory, for a
@@ -82,45 +98,114 @@ impl KernelDirs {
 
     /// The kernel process's own log (startup messages, crashes).
     pub fn log(&self) -> PathBuf {
-        self.run.join("kernel.log")
+        self.root.join("kernel.log")
     }
 
     /// The pid file used for crash recovery.
     pub fn pid_file(&self) -> PathBuf {
-        self.run.join("pid")
+        self.root.join("pid")
+    }
+}
+
+fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
+    move |source| KernelError::Prepare {
+        path: path.to_path_buf(),
+        source,
     }
 }
 
 impl Kernel {
-    /// Start a kernel in `dirs` (created if needed) and wait until it answers
-    /// on both its shell and iopub channels.
+    /// Start a kernel in `dirs` and wait until it answers on both its shell
+    /// and iopub channels. `dirs.work` and `dirs.home` must exist; the run
+    /// directory is made here.
     pub async fn start(spec: &KernelSpec, dirs: KernelDirs) -> Result<Kernel, KernelError> {
-        dirs.create()?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dirs.run)
+            .map_err(prepare(&dirs.run))?;
         let info = connection_info(&dirs.run)?;
         let conn_file = dirs.run.join("kernel.json");
-        let json = serde_json::to_vec(&info).map_err(|e| KernelError::Prepare {
+        // The kernel finds its sockets where the sandbox mounts them.
+        let (kernel_info, conn_arg, cwd) = match &spec.sandbox {
+            Some(_) => {
+                let inside = ConnectionInfo {
+                    ip: format!("{INSIDE_RUN}/k"),
+                    ..info.clone()
+                };
+                (
+                    inside,
+                    PathBuf::from(INSIDE_RUN).join("kernel.json"),
+                    PathBuf::from(INSIDE_WORK),
+                )
+            }
+            None => (info.clone(), conn_file.clone(), dirs.work.clone()),
+        };
+        let json = serde_json::to_vec(&kernel_info).map_err(|e| KernelError::Prepare {
             path: conn_file.clone(),
             source: std::io::Error::other(e),
         })?;
-        write_private(&conn_file, &json).map_err(|source| KernelError::Prepare {
-            path: conn_file.clone(),
-            source,
-        })?;
-
+        write_private(&conn_file, &json).map_err(prepare(&conn_file))?;
+        if let Some(sb) = &spec.sandbox {
+            // The user inside creates its sockets here and reads the file.
+            for p in [&dirs.run, &conn_file] {
+                std::os::unix::fs::chown(p, Some(sb.owner), Some(sb.owner)).map_err(prepare(p))?;
+            }
+        }
+        let isolation = spec.sandbox.as_ref().map(|sb| {
+            let mut binds: Vec<kiln_sandbox::Bind> = sb
+                .read_only
+                .iter()
+                .map(|p| kiln_sandbox::Bind {
+                    src: p.clone(),
+                    dst: p.clone(),
+                    writable: false,
+                })
+                .collect();
+            for (src, dst) in [
+                (&dirs.work, INSIDE_WORK),
+                (&dirs.home, INSIDE_HOME),
+                (&dirs.run, INSIDE_RUN),
+            ] {
+                binds.push(kiln_sandbox::Bind {
+                    src: src.clone(),
+                    dst: dst.into(),
+                    writable: true,
+                });
+            }
+            let id = dirs
+                .root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            kiln_sandbox::Isolation {
+                helper: sb.helper.clone(),
+                id,
+                spec_file: dirs.root.join("sandbox.json"),
+                root: dirs.root.join("rootfs"),
+                binds,
+                limits: sb.limits,
+                tmp_bytes: sb.tmp_bytes,
+                nofile: sb.nofile,
+                seccomp: true,
+            }
+        });
         let policy = kiln_sandbox::Policy {
             program: spec.python.clone(),
             args: vec![
                 "-m".into(),
                 "ipykernel_launcher".into(),
                 "-f".into(),
-                conn_file.clone().into_os_string(),
+                conn_arg.into_os_string(),
                 // History in memory: no sqlite file per session, no locking.
                 "--HistoryManager.hist_file=:memory:".into(),
             ],
             env: spec.env.clone(),
-            cwd: dirs.work.clone(),
+            cwd,
             log: dirs.log(),
             pid_file: dirs.pid_file(),
+            isolation,
         };
         let sandbox = kiln_sandbox::spawn(&policy)?;
         let deadline = Instant::now() + spec.boot_timeout;

@@ -70,6 +70,29 @@ pub struct ServeArgs {
     /// Runtime profile [default: minimal]
     #[arg(long, env = "KILN_PROFILE")]
     pub profile: Option<String>,
+    /// Isolation of sessions: `namespaces` (needs root) or `none` (no
+    /// isolation at all: for trusted code and development only)
+    /// [default: namespaces]
+    #[arg(long, env = "KILN_SANDBOX")]
+    pub sandbox: Option<String>,
+    /// Memory per session, e.g. 2GiB [default: 2GiB]
+    #[arg(long, env = "KILN_MEMORY_LIMIT", value_parser = parse_bytes)]
+    #[serde(default, with = "opt_bytes")]
+    pub memory_limit: Option<u64>,
+    /// Size of a session's work dir and home, e.g. 1GiB [default: 1GiB]
+    #[arg(long, env = "KILN_DISK_LIMIT", value_parser = parse_bytes)]
+    #[serde(default, with = "opt_bytes")]
+    pub disk_limit: Option<u64>,
+    /// Size of a session's /tmp [default: 512MiB]
+    #[arg(long, env = "KILN_TMP_LIMIT", value_parser = parse_bytes)]
+    #[serde(default, with = "opt_bytes")]
+    pub tmp_limit: Option<u64>,
+    /// Processes and threads per session [default: 512]
+    #[arg(long, env = "KILN_PIDS_LIMIT")]
+    pub pids_limit: Option<u64>,
+    /// CPU cores per session [default: 1]
+    #[arg(long, env = "KILN_CPU_LIMIT")]
+    pub cpu_limit: Option<f64>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "KILN_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -164,6 +187,22 @@ impl Settings {
                 max_sessions: pick!(max_sessions, 256),
                 max_sessions_per_key: pick!(max_sessions_per_key, 64),
                 boot_timeout: Duration::from_secs(60),
+                sandbox: match pick!(sandbox, "namespaces".to_string()).as_str() {
+                    "none" => None,
+                    "namespaces" => Some(kiln_sessions::SandboxConfig {
+                        helper: std::env::current_exe()
+                            .context("cannot find the kiln binary itself")?,
+                        memory_bytes: pick!(memory_limit, 2 << 30),
+                        pids: pick!(pids_limit, 512),
+                        cpus: pick!(cpu_limit, 1.0),
+                        disk_bytes: pick!(disk_limit, 1 << 30),
+                        tmp_bytes: pick!(tmp_limit, 512 << 20),
+                        nofile: 4096,
+                    }),
+                    other => {
+                        anyhow::bail!("--sandbox must be `namespaces` or `none`, not {other:?}")
+                    }
+                },
             },
             max_body_bytes: pick!(max_body_bytes, 50 << 20),
             api_keys,
@@ -190,6 +229,60 @@ fn load_file(explicit: Option<&std::path::Path>) -> anyhow::Result<ServeArgs> {
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("could not read the config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// `1073741824`, `512MiB`, `2GiB`, `100M`, `64k`.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB, 2GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+mod opt_bytes {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Option::<Size>::deserialize(d)? {
+            None => Ok(None),
+            Some(Size::Number(n)) => Ok(Some(n)),
+            Some(Size::Text(t)) => super::parse_bytes(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(super::parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(super::parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(super::parse_bytes("1000"), Ok(1000));
+        assert!(super::parse_bytes("lots").is_err());
+        assert!(super::parse_bytes("5 parsecs").is_err());
+    }
 }
 
 mod opt_duration {

@@ -28,6 +28,18 @@ pub fn init_logging(format: &str) {
 }
 
 pub async fn serve(s: Settings) -> anyhow::Result<()> {
+    if s.sessions.sandbox.is_some() && !nix::unistd::Uid::effective().is_root() {
+        anyhow::bail!(
+            "the session sandbox needs root (user namespaces with id maps, cgroups, mounts): \
+             run kiln as root, or pass --sandbox none to run sessions without any isolation \
+             (trusted code only)"
+        );
+    }
+    if s.sessions.sandbox.is_none() {
+        tracing::warn!(
+            "--sandbox none: sessions run WITHOUT isolation; never run untrusted code like this"
+        );
+    }
     create_private_dir(&s.data_dir)?;
     create_private_dir(&s.sessions.sessions_dir)?;
     let store: Arc<dyn Store> = Arc::new(

@@ -120,14 +120,36 @@ impl Runtime {
         self.root.join("bin").join("python")
     }
 
-    /// Matplotlib's config and font cache, built once at provisioning.
-    fn mpl_config(&self) -> PathBuf {
-        mpl_config_dir(&self.root)
+    /// The base interpreter's prefix (from `pyvenv.cfg`): the venv links to
+    /// it, so a sandbox must show it too.
+    pub fn base_prefix(&self) -> Option<PathBuf> {
+        let cfg = std::fs::read_to_string(self.root.join("pyvenv.cfg")).ok()?;
+        let home = cfg.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == "home").then(|| PathBuf::from(v.trim()))
+        })?;
+        // `home` is the base interpreter's bin directory.
+        home.parent().map(Path::to_path_buf)
     }
 
-    /// The fixed environment a kernel starts with. Nothing of the server's
-    /// own environment is passed on except pip's index and trust settings,
-    /// so that `!pip install` behaves as pip does on this host.
+    /// Prepare a new session's home directory (on the host): matplotlib's
+    /// font cache, built once at provisioning, is copied in so the first plot
+    /// does not rebuild it and matplotlib finds a writable config dir.
+    pub fn seed_home(&self, home: &Path) -> std::io::Result<()> {
+        let dst = home.join(".config").join("matplotlib");
+        std::fs::create_dir_all(&dst)?;
+        for entry in std::fs::read_dir(mpl_config_dir(&self.root))?.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                std::fs::copy(entry.path(), dst.join(entry.file_name()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fixed environment a kernel starts with; `home` is its home as the
+    /// kernel sees it. Nothing of the server's own environment is passed on
+    /// except pip's index and trust settings, so that `!pip install`
+    /// behaves as pip does on this host.
     pub fn kernel_env(&self, home: &Path) -> Vec<(OsString, OsString)> {
         let bin = self.root.join("bin");
         let mut env: Vec<(OsString, OsString)> = vec![
@@ -143,7 +165,11 @@ impl Runtime {
                 "MPLBACKEND".into(),
                 "module://matplotlib_inline.backend_inline".into(),
             ),
-            ("MPLCONFIGDIR".into(), self.mpl_config().into()),
+            (
+                "MPLCONFIGDIR".into(),
+                home.join(".config").join("matplotlib").into(),
+            ),
+            ("USER".into(), "user".into()),
             ("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into()),
         ];
         for name in PIP_PASSTHROUGH {

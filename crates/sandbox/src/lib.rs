@@ -5,17 +5,34 @@
 //! a [`Policy`], [`spawn`] it, and get a [`Sandbox`] handle to signal, wait
 //! for, or kill the whole group of processes it started.
 //!
-//! What this level guarantees today: the process starts with exactly the
-//! environment the policy names (nothing of the server's leaks), in its own
-//! process group (so `!pip`, `!python` and any subprocess die with it), with
-//! stdin closed and its own output going to a log file, and it is recorded in
-//! a pid file so a server restarted after a crash can find and kill what the
-//! previous one left behind. Namespace, cgroup and seccomp isolation are
-//! layered onto [`spawn`] without changing this interface.
+//! Every process starts with exactly the environment the policy names
+//! (nothing of the server's leaks), in its own process group, with stdin
+//! closed and its own output going to a log file, and is recorded in a pid
+//! file so a server restarted after a crash can find and kill what the
+//! previous one left behind.
+//!
+//! With an [`Isolation`] (the default for sessions), the process is started
+//! through the sandbox helper ([`helper_main`], see [`init`] for its steps):
+//! own user, pid, mount, network, ipc, uts and cgroup namespaces, a minimal
+//! read-only root, cgroup limits on memory, processes and CPU, no
+//! capabilities, `no_new_privs`, landlock and a default-deny seccomp filter.
+//!
+//! This is the only crate with `unsafe` code: each block names the invariant
+//! it relies on.
 #![deny(unsafe_code)]
+#![allow(unsafe_code)]
 
+pub mod cgroup;
+pub mod init;
+pub mod jail;
 mod leftovers;
+mod rootfs;
+pub mod seccomp;
+pub mod workspace;
 
+pub use cgroup::{Cgroup, CgroupLimits};
+pub use init::main as helper_main;
+pub use jail::{Bind, Jail};
 pub use leftovers::{kill_recorded, record};
 
 use nix::sys::signal::{killpg, Signal};
@@ -39,8 +56,35 @@ pub struct Policy {
     /// Where the process's own stdout/stderr go (not the user's outputs,
     /// which travel over the Jupyter protocol).
     pub log: PathBuf,
-    /// Pid file written after the spawn, for crash recovery.
+    /// Pid file written after the spawn, for crash recovery (in a directory
+    /// the sandboxed code cannot reach, or it could aim the recovery at
+    /// another process).
     pub pid_file: PathBuf,
+    /// Isolate the process; `None` runs it as a plain process group.
+    pub isolation: Option<Isolation>,
+}
+
+/// How to isolate a process.
+#[derive(Debug, Clone)]
+pub struct Isolation {
+    /// The kiln binary, re-executed as the sandbox helper.
+    pub helper: PathBuf,
+    /// Names the cgroup (`kiln/<id>`).
+    pub id: String,
+    /// Where the helper's instructions are written (server-only directory).
+    pub spec_file: PathBuf,
+    /// An empty directory the new root is assembled on.
+    pub root: PathBuf,
+    /// Extra paths shown inside (runtime, work dir, sockets, ...).
+    pub binds: Vec<Bind>,
+    /// Memory, processes, CPU.
+    pub limits: CgroupLimits,
+    /// Size of `/tmp`, bytes.
+    pub tmp_bytes: u64,
+    /// Open files per process.
+    pub nofile: u64,
+    /// Install the seccomp filter.
+    pub seccomp: bool,
 }
 
 /// Errors of sandbox set-up, one per step.
@@ -61,6 +105,15 @@ pub enum SandboxError {
     /// The pid file could not be written.
     #[error("could not record the process in {path}: {source}")]
     PidFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The session's cgroup could not be created.
+    #[error("could not create the session's cgroup (is kiln running as root?): {0}")]
+    Cgroup(std::io::Error),
+    /// The helper's instructions could not be written.
+    #[error("could not write the sandbox description {path}: {source}")]
+    Spec {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -101,6 +154,7 @@ impl std::fmt::Display for Exit {
 pub struct Sandbox {
     pid: Pid,
     exit: watch::Receiver<Option<Exit>>,
+    cgroup: Option<Cgroup>,
 }
 
 /// Start the process described by `policy`.
@@ -117,11 +171,59 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
         path: policy.log.clone(),
         source,
     })?;
-    let mut cmd = tokio::process::Command::new(&policy.program);
-    cmd.args(&policy.args)
-        .env_clear()
-        .envs(policy.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&policy.cwd)
+    let (mut cmd, cgroup) = match &policy.isolation {
+        None => {
+            let mut cmd = tokio::process::Command::new(&policy.program);
+            cmd.args(&policy.args)
+                .envs(policy.env.iter().map(|(k, v)| (k, v)))
+                .current_dir(&policy.cwd);
+            (cmd, None)
+        }
+        Some(iso) => {
+            let cgroup = Cgroup::create(&iso.id, &iso.limits).map_err(SandboxError::Cgroup)?;
+            let jail = Jail {
+                cgroup: Some(cgroup.clone()),
+                root: iso.root.clone(),
+                binds: iso.binds.clone(),
+                tmp_bytes: iso.tmp_bytes,
+                nofile: iso.nofile,
+                seccomp: iso.seccomp,
+                cwd: policy.cwd.clone(),
+                program: policy.program.clone(),
+                args: policy
+                    .args
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+                env: policy
+                    .env
+                    .iter()
+                    .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
+                    .collect(),
+            };
+            let json = serde_json::to_vec(&jail).unwrap_or_default();
+            if let Err(source) = std::fs::write(&iso.spec_file, json) {
+                cgroup.remove();
+                return Err(SandboxError::Spec {
+                    path: iso.spec_file.clone(),
+                    source,
+                });
+            }
+            if let Err(source) = std::fs::create_dir_all(&iso.root) {
+                cgroup.remove();
+                return Err(SandboxError::Spec {
+                    path: iso.root.clone(),
+                    source,
+                });
+            }
+            let mut cmd = tokio::process::Command::new(&iso.helper);
+            cmd.arg("__sandbox-init")
+                .arg(&iso.spec_file)
+                .current_dir("/");
+            (cmd, Some(cgroup))
+        }
+    };
+    cmd.env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
@@ -146,7 +248,11 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
         };
         let _ = tx.send(Some(exit));
     });
-    let sandbox = Sandbox { pid, exit: rx };
+    let sandbox = Sandbox {
+        pid,
+        exit: rx,
+        cgroup,
+    };
     if let Err(source) = record(&policy.pid_file, raw) {
         sandbox.kill();
         return Err(SandboxError::PidFile {
@@ -173,14 +279,30 @@ impl Sandbox {
         *self.exit.borrow()
     }
 
-    /// Deliver SIGINT to every process of the sandbox (a Jupyter interrupt).
+    /// Deliver SIGINT to the program and everything it started (a Jupyter
+    /// interrupt). Isolated: to the helper, which forwards it to init, which
+    /// forwards it to the program's process group.
     pub fn interrupt(&self) {
-        self.signal(Signal::SIGINT);
+        if self.cgroup.is_some() {
+            if self.pid.as_raw() > 0 {
+                let _ = nix::sys::signal::kill(self.pid, Signal::SIGINT);
+            }
+        } else {
+            self.signal(Signal::SIGINT);
+        }
     }
 
     /// Kill every process of the sandbox now.
     pub fn kill(&self) {
         self.signal(Signal::SIGKILL);
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
+    }
+
+    /// Whether the sandbox's memory limit was hit.
+    pub fn hit_memory_limit(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(Cgroup::hit_memory_limit)
     }
 
     fn signal(&self, sig: Signal) {
@@ -198,9 +320,11 @@ impl Sandbox {
         self.kill();
         let mut rx = self.exit.clone();
         let _ = rx.wait_for(Option::is_some).await;
-        // Processes that left the group on purpose (setsid) would survive
-        // this; the namespace backend closes that gap by killing the pid
-        // namespace's init.
+        // Processes that left the group (setsid) die with the pid
+        // namespace's init, or are killed through the cgroup.
         self.kill();
+        if let Some(cg) = self.cgroup.clone() {
+            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+        }
     }
 }

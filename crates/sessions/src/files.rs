@@ -39,8 +39,14 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
 
-/// Write `files` under `work`: all checked first, then written.
-pub fn write_files(work: &Path, files: &[ValidFile]) -> Result<(), FileWriteError> {
+/// Write `files` under `work`: all checked first, then written. New files
+/// and folders are given to `owner` (the sandbox user's host uid), so the
+/// session can change and delete what was uploaded.
+pub fn write_files(
+    work: &Path,
+    files: &[ValidFile],
+    owner: Option<u32>,
+) -> Result<(), FileWriteError> {
     if files.is_empty() {
         return Ok(());
     }
@@ -144,7 +150,11 @@ pub fn write_files(work: &Path, files: &[ValidFile]) -> Result<(), FileWriteErro
             RESOLVE,
         )
         .map_err(io(index, &name))?;
-        let written = write_all(&fd, &f.bytes);
+        let mut written = write_all(&fd, &f.bytes);
+        if let (Ok(()), Some(uid)) = (&written, owner) {
+            written = std::os::unix::fs::fchown(&fd, Some(uid), Some(uid))
+                .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO));
+        }
         drop(fd);
         if let Err(e) =
             written.and_then(|()| rustix::fs::renameat(&dir, tmp.as_str(), &dir, last.as_str()))
@@ -188,13 +198,14 @@ mod tests {
     #[test]
     fn files_land_in_sub_folders_created_on_the_way() {
         let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        write_files(d.path(), &files(&["a.txt", "x/y/z.csv"])).unwrap_or_else(|e| panic!("{e}"));
+        write_files(d.path(), &files(&["a.txt", "x/y/z.csv"]), None)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             std::fs::read_to_string(d.path().join("x/y/z.csv")).unwrap_or_default(),
             "<x/y/z.csv>"
         );
         // Overwriting a file is fine.
-        write_files(d.path(), &files(&["a.txt"])).unwrap_or_else(|e| panic!("{e}"));
+        write_files(d.path(), &files(&["a.txt"]), None).unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[test]
@@ -204,7 +215,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap_or(());
         std::os::unix::fs::symlink(outside.path().join("f"), d.path().join("flink")).unwrap_or(());
         for name in ["link/evil.txt", "flink"] {
-            let err = write_files(d.path(), &files(&["ok.txt", name])).err();
+            let err = write_files(d.path(), &files(&["ok.txt", name]), None).err();
             assert!(
                 matches!(err, Some(FileWriteError::Collision { index: 1, .. })),
                 "{name}: {err:?}"
@@ -228,7 +239,7 @@ mod tests {
         std::fs::create_dir(d.path().join("dir")).unwrap_or(());
         std::fs::write(d.path().join("file"), "x").unwrap_or(());
         for name in ["dir", "file/sub.txt"] {
-            let err = write_files(d.path(), &files(&[name])).err();
+            let err = write_files(d.path(), &files(&[name]), None).err();
             assert!(
                 matches!(err, Some(FileWriteError::Collision { .. })),
                 "{name}: {err:?}"

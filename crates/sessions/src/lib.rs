@@ -45,6 +45,27 @@ pub struct Config {
     pub max_sessions_per_key: usize,
     /// How long a kernel may take to boot.
     pub boot_timeout: Duration,
+    /// Sandbox every kernel (`None`: plain processes, for development only).
+    pub sandbox: Option<SandboxConfig>,
+}
+
+/// Limits of each session's sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The kiln binary, re-executed as the sandbox helper.
+    pub helper: PathBuf,
+    /// Memory per session (processes, page cache, `/tmp`), bytes.
+    pub memory_bytes: u64,
+    /// Processes and threads per session.
+    pub pids: u64,
+    /// CPU per session, in cores.
+    pub cpus: f64,
+    /// Size of the work dir + home (a tmpfs), bytes.
+    pub disk_bytes: u64,
+    /// Size of `/tmp`, bytes.
+    pub tmp_bytes: u64,
+    /// Open files per process.
+    pub nofile: u64,
 }
 
 /// Why a session request failed. None of these is an error of the user's

@@ -2,9 +2,9 @@
 
 use crate::pool::Pool;
 use crate::worker::{self, Job};
-use crate::{Config, SessionError};
+use crate::{Config, SandboxConfig, SessionError};
 use chrono::{DateTime, Utc};
-use kiln_kernel::{ExecLimits, Kernel, KernelDirs, KernelSpec};
+use kiln_kernel::{ExecLimits, Kernel, KernelDirs, KernelSpec, SandboxSpec, INSIDE_HOME};
 use kiln_protocol::{ExecuteData, SessionInfo, ValidFile};
 use kiln_runtime::Runtime;
 use kiln_store::{SessionRecord, Store};
@@ -309,7 +309,7 @@ impl Manager {
         };
         if let Err(e) = self.inner.store.insert_session(&record).await {
             kernel.kill().await;
-            remove_dir(kernel.dirs().root.clone()).await;
+            destroy_dir(kernel.dirs().root.clone()).await;
             return Err(e.into());
         }
         let (jobs, queue) = mpsc::unbounded_channel();
@@ -344,26 +344,77 @@ impl Inner {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Boot a kernel in a new session directory.
+    /// Boot a kernel in a new session directory: its storage (a quota'd
+    /// tmpfs when sandboxed) with a work dir and a seeded home.
     pub(crate) async fn boot_new(&self) -> Result<Kernel, SessionError> {
+        let runtime = self.runtime.get().ok_or(SessionError::NotReady)?.clone();
         let name = format!("k_{}", Alphanumeric.sample_string(&mut rand::rng(), 16));
-        self.boot_in(KernelDirs::under(self.cfg.sessions_dir.join(name)))
-            .await
+        let dirs = KernelDirs::under(self.cfg.sessions_dir.join(name));
+        let sandbox = self.cfg.sandbox.clone();
+        let prepared = {
+            let dirs = dirs.clone();
+            tokio::task::spawn_blocking(move || prepare_dirs(&dirs, sandbox.as_ref(), &runtime))
+                .await
+        };
+        match prepared {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                destroy_dir(dirs.root.clone()).await;
+                return Err(SessionError::KernelUnavailable(format!(
+                    "preparing {}: {e}",
+                    dirs.root.display()
+                )));
+            }
+            Err(e) => return Err(SessionError::KernelUnavailable(e.to_string())),
+        }
+        let booted = self.boot_in(dirs.clone()).await;
+        if booted.is_err() {
+            destroy_dir(dirs.root).await;
+        }
+        booted
     }
 
-    /// Boot a kernel in `dirs`; on failure the directory is removed unless
-    /// it holds a session's files.
+    /// Boot a kernel in prepared `dirs`.
     pub(crate) async fn boot_in(&self, dirs: KernelDirs) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?;
+        let (home, sandbox) = match &self.cfg.sandbox {
+            None => (dirs.home.clone(), None),
+            Some(sb) => {
+                let mut read_only = vec![runtime.root.clone()];
+                read_only.extend(runtime.base_prefix());
+                let spec = SandboxSpec {
+                    helper: sb.helper.clone(),
+                    read_only,
+                    limits: kiln_sandbox::CgroupLimits {
+                        memory_bytes: sb.memory_bytes,
+                        pids: sb.pids,
+                        cpus: sb.cpus,
+                    },
+                    tmp_bytes: sb.tmp_bytes,
+                    nofile: sb.nofile,
+                    owner: kiln_sandbox::jail::host_user_id(),
+                };
+                (std::path::PathBuf::from(INSIDE_HOME), Some(spec))
+            }
+        };
         let spec = KernelSpec {
             python: runtime.python(),
-            env: runtime.kernel_env(&dirs.home),
+            env: runtime.kernel_env(&home),
             boot_timeout: self.cfg.boot_timeout,
+            sandbox,
         };
         Kernel::start(&spec, dirs).await.map_err(|e| {
             tracing::error!(error = %e, "kernel boot failed");
             SessionError::KernelUnavailable(e.to_string())
         })
+    }
+
+    /// The host uid that must own files written for sessions.
+    pub(crate) fn file_owner(&self) -> Option<u32> {
+        self.cfg
+            .sandbox
+            .as_ref()
+            .map(|_| kiln_sandbox::jail::host_user_id())
     }
 
     /// Forget a session whose worker ended on its own.
@@ -398,10 +449,16 @@ async fn reap(inner: Arc<Inner>) {
     }
 }
 
-pub(crate) async fn remove_dir(dir: std::path::PathBuf) {
-    let result = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
-        _ => Ok(()),
+/// Remove a kernel's directory, unmounting its workspace first.
+pub(crate) async fn destroy_dir(dir: std::path::PathBuf) {
+    let result = tokio::task::spawn_blocking(move || {
+        if let Err(e) = kiln_sandbox::workspace::unmount_workspace(&dir.join("data")) {
+            return Err((dir, e));
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
+            _ => Ok(()),
+        }
     })
     .await;
     if let Ok(Err((dir, e))) = result {
@@ -409,22 +466,62 @@ pub(crate) async fn remove_dir(dir: std::path::PathBuf) {
     }
 }
 
-/// Kill recorded kernels under `dir` and remove every session directory.
+/// Kill recorded kernels under `dir`, remove leftover cgroups and
+/// workspaces, and remove every session directory.
 fn remove_leftovers(dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
+    let entries: Vec<_> = entries.flatten().collect();
+    for entry in &entries {
+        let _ = kiln_sandbox::kill_recorded(&entry.path().join("pid"));
+    }
+    kiln_sandbox::cgroup::remove_all();
+    kiln_sandbox::workspace::unmount_all_under(dir);
     let mut n = 0;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if let Ok(runs) = std::fs::read_dir(&path) {
-            for run in runs.flatten() {
-                let _ = kiln_sandbox::kill_recorded(&run.path().join("pid"));
-            }
-        }
-        if std::fs::remove_dir_all(&path).is_ok() {
+    for entry in entries {
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
             n += 1;
         }
     }
     n
+}
+
+/// Create a kernel's directories: root (server only), storage, work, home.
+fn prepare_dirs(
+    dirs: &KernelDirs,
+    sandbox: Option<&SandboxConfig>,
+    runtime: &Runtime,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dirs.root)?;
+    std::fs::create_dir_all(&dirs.data)?;
+    if let Some(sb) = sandbox {
+        kiln_sandbox::workspace::mount_workspace(
+            &dirs.data,
+            sb.disk_bytes,
+            kiln_sandbox::jail::host_user_id(),
+        )?;
+    }
+    std::fs::create_dir_all(&dirs.work)?;
+    std::fs::create_dir_all(&dirs.home)?;
+    runtime.seed_home(&dirs.home)?;
+    if sandbox.is_some() {
+        let owner = kiln_sandbox::jail::host_user_id();
+        chown_tree(&dirs.data, owner)?;
+    }
+    Ok(())
+}
+
+fn chown_tree(dir: &std::path::Path, owner: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(owner), Some(owner))?;
+    if std::fs::symlink_metadata(dir)?.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            chown_tree(&entry?.path(), owner)?;
+        }
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@
 //! the pool at its target, booting one kernel at a time so that refilling
 //! never takes more than one core from live sessions.
 
-use crate::manager::{remove_dir, Inner, Readiness};
+use crate::manager::{destroy_dir, Inner, Readiness};
 use kiln_kernel::Kernel;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -38,7 +38,7 @@ impl Pool {
                 return Some(k);
             }
             k.kill().await;
-            remove_dir(k.dirs().root.clone()).await;
+            destroy_dir(k.dirs().root.clone()).await;
         }
         self.wake.notify_one();
         None
@@ -48,7 +48,7 @@ impl Pool {
     pub(crate) async fn put(&self, k: Kernel) {
         if self.target == 0 {
             k.kill().await;
-            remove_dir(k.dirs().root.clone()).await;
+            destroy_dir(k.dirs().root.clone()).await;
             return;
         }
         self.ready.lock().await.push_back(k);
@@ -68,7 +68,7 @@ impl Pool {
         let all: Vec<Kernel> = self.ready.lock().await.drain(..).collect();
         for k in all {
             k.kill().await;
-            remove_dir(k.dirs().root.clone()).await;
+            destroy_dir(k.dirs().root.clone()).await;
         }
         self.wake.notify_one();
     }
@@ -92,7 +92,7 @@ pub(crate) async fn fill(inner: Arc<Inner>) {
                 backoff = Duration::from_millis(500);
                 if inner.readiness() == Readiness::Stopping {
                     k.kill().await;
-                    remove_dir(k.dirs().root.clone()).await;
+                    destroy_dir(k.dirs().root.clone()).await;
                     return;
                 }
                 pool.put(k).await;

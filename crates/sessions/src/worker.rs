@@ -6,7 +6,7 @@
 //! interrupt, the worker boots a fresh one in the same working directory and
 //! says so in the response. Teardown happens here and only here.
 
-use crate::manager::{remove_dir, Inner};
+use crate::manager::{destroy_dir, Inner};
 use crate::{write_files, SessionError};
 use chrono::Utc;
 use kiln_kernel::{End, ExecLimits, Kernel};
@@ -46,7 +46,8 @@ pub(crate) async fn run(
             continue;
         }
         let work = kernel.dirs().work.clone();
-        let written = tokio::task::spawn_blocking(move || write_files(&work, &files)).await;
+        let owner = inner.file_owner();
+        let written = tokio::task::spawn_blocking(move || write_files(&work, &files, owner)).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -102,6 +103,10 @@ pub(crate) async fn run(
                  interrupted, so its kernel was killed"
             )),
             End::Cancelled { recovered: false } => Some("the request was abandoned and the cell did not stop when interrupted, so its kernel was killed".to_string()),
+            End::Died(_) if kernel.sandbox().hit_memory_limit() => Some(format!(
+                "MemoryError: the session ran out of memory (its limit is {} MiB), so its kernel was killed",
+                inner.cfg.sandbox.as_ref().map_or(0, |s| s.memory_bytes >> 20)
+            )),
             End::Died(exit) => Some(format!(
                 "KernelDied: the Python kernel running this session exited ({}) while running this code \
                  (for example os._exit(), a crash in native code, or running out of memory)",
@@ -117,7 +122,7 @@ pub(crate) async fn run(
             match inner.boot_in(kernel.dirs().with_new_run()).await {
                 Ok(k) => {
                     kernel = k;
-                    remove_dir(old_run).await;
+                    destroy_dir(old_run).await;
                     outputs.push(Output::Error(format!(
                         "{reason}. A new kernel was started for the session: variables and imports were \
                          lost, files in the working directory are kept."
@@ -150,7 +155,7 @@ async fn teardown(inner: &Inner, id: &str, kernel: Kernel, mut jobs: mpsc::Unbou
         let _ = job.reply.send(Err(SessionError::Expired(id.to_string())));
     }
     kernel.kill().await;
-    remove_dir(kernel.dirs().root.clone()).await;
+    destroy_dir(kernel.dirs().root.clone()).await;
     if let Err(e) = inner.store.end_session(id, Utc::now()).await {
         tracing::warn!(session = %id, error = %e, "could not mark the session ended");
     }

@@ -1,0 +1,326 @@
+//! The sandbox helper: builds a session's sandbox, then becomes its PID 1.
+//!
+//! The server never forks itself to set up namespaces (a multi-threaded
+//! process must not do complex work between fork and exec). It starts its own
+//! binary as `kiln __sandbox-init <jail.json>`, a fresh single-threaded
+//! process that runs the steps below, as runc, bubblewrap and codex's
+//! linux-sandbox do:
+//!
+//! 1. join the session's cgroup(s);
+//! 2. unshare mount, pid, network, ipc, uts and cgroup namespaces, still as
+//!    root of the host: these namespaces are owned by the host's user
+//!    namespace, so nothing inside can ever mount, unmount or reconfigure
+//!    the network, whatever capabilities it gains in its own user namespace;
+//! 3. fork the namespace's PID 1 ("init") and wait for it, forwarding
+//!    SIGINT/SIGTERM (this outer process stays in the host pid namespace);
+//! 4. init builds the minimal root filesystem (see [`crate::rootfs`]),
+//!    pivots into it, brings up loopback, sets rlimits;
+//! 5. init enters a new user namespace; a mapper it forked beforehand (still
+//!    root of the host) maps root inside to `UID_BASE` and the session user
+//!    to `UID_BASE + 1000` on the host;
+//! 6. init forks the program: new session, unprivileged user, no
+//!    capabilities, `no_new_privs`, landlock, seccomp, `execve`;
+//! 7. init reaps every orphan, forwards interrupts to the program's process
+//!    group, and exits with the program's status, which kills everything
+//!    left in the pid namespace.
+//!
+//! Every step that fails exits with a distinct code and a message on
+//! stderr (the kernel's log), which the server reports.
+
+use crate::jail::{Jail, UID_BASE, USER_ID};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
+use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+
+/// One exit code per step, so a failed boot says where it failed.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    ReadPolicy = 101,
+    JoinCgroup = 102,
+    ForkMapper = 103,
+    Unshare = 104,
+    MapIds = 105,
+    ForkInit = 106,
+    Rootfs = 107,
+    Limits = 108,
+    ForkProgram = 109,
+    DropPrivileges = 110,
+    Landlock = 111,
+    Seccomp = 112,
+    Exec = 113,
+}
+
+fn fail(step: Step, what: impl std::fmt::Display) -> ! {
+    let _ = writeln!(
+        std::io::stderr(),
+        "kiln sandbox: step {step:?} failed: {what}"
+    );
+    std::process::exit(step as i32)
+}
+
+/// Run the helper with the jail description at `path`. Never returns.
+pub fn main(path: &std::path::Path) -> ! {
+    let jail: Jail = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(j) => j,
+        Err(e) => fail(Step::ReadPolicy, e),
+    };
+
+    // 1. Join the cgroup: everything forked from here on is accounted and limited.
+    if let Some(cg) = &jail.cgroup {
+        if let Err(e) = cg.join(std::process::id()) {
+            fail(Step::JoinCgroup, e);
+        }
+    }
+
+    // 2. New namespaces, owned by the host's user namespace.
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
+    if let Err(e) = unshare(flags) {
+        fail(Step::Unshare, e);
+    }
+
+    // 3. Signals are handled synchronously (sigwait) by the outer process
+    //    and init; the program gets the default mask back before exec.
+    let mut handled = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+    ] {
+        handled.add(s);
+    }
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled), None) {
+        fail(Step::ForkInit, e);
+    }
+    // SAFETY: this process is single-threaded (it was just exec'd and has
+    // started no threads), so the child may run arbitrary code after fork.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => init(&jail, &handled),
+        Ok(ForkResult::Parent { child }) => supervise(child, &handled, Forward::ToPid),
+        Err(e) => fail(Step::ForkInit, e),
+    }
+}
+
+/// The mapper: wait until the parent has unshared, then write its maps.
+fn map_ids(target: Pid, ready: OwnedFd) -> ! {
+    // Only the read end is ours.
+    let mut buf = [0u8; 1];
+    let _ = nix::unistd::read(&ready, &mut buf);
+    let maps = format!("0 {UID_BASE} 1\n{USER_ID} {} 1\n", UID_BASE + USER_ID);
+    let proc = format!("/proc/{target}");
+    // setgroups must be denied before a gid_map is written; it also keeps
+    // the session from dropping supplementary groups to dodge deny-ACLs.
+    let result = std::fs::write(format!("{proc}/setgroups"), "deny")
+        .and_then(|()| std::fs::write(format!("{proc}/uid_map"), &maps))
+        .and_then(|()| std::fs::write(format!("{proc}/gid_map"), &maps));
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "kiln sandbox: writing id maps failed: {e}"
+            );
+            std::process::exit(1)
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Forward {
+    /// Forward to one process (the outer helper forwarding to init).
+    ToPid,
+    /// Forward to a process group (init forwarding to the program).
+    ToGroup,
+}
+
+/// Wait for `child` while forwarding interrupts; exit with its status.
+fn supervise(child: Pid, handled: &SigSet, forward: Forward) -> ! {
+    let target = match forward {
+        Forward::ToPid => child,
+        Forward::ToGroup => Pid::from_raw(-child.as_raw()),
+    };
+    loop {
+        let sig = handled.wait().unwrap_or(Signal::SIGCHLD);
+        match sig {
+            Signal::SIGINT => {
+                let _ = kill(target, Signal::SIGINT);
+            }
+            Signal::SIGTERM | Signal::SIGHUP => {
+                let _ = kill(target, Signal::SIGKILL);
+            }
+            _ => {}
+        }
+        // Reap everything that ended (init adopts every orphan of the
+        // namespace); leave when the main child did.
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
+                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => {
+                    std::process::exit(128 + s as i32)
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+/// PID 1 of the session's pid namespace.
+fn init(jail: &Jail, handled: &SigSet) -> ! {
+    // If the outer helper dies (the server killed it), so does init, and
+    // with init the whole pid namespace.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        fail(Step::ForkInit, e);
+    }
+    let _ = nix::unistd::setsid();
+    // Its own host name, not the host's (the uts namespace is new).
+    if let Err(e) = nix::unistd::sethostname("kiln") {
+        fail(Step::Rootfs, format!("hostname: {e}"));
+    }
+
+    // 4. The filesystem, the network, the limits.
+    if let Err(e) = crate::rootfs::build(jail) {
+        fail(Step::Rootfs, e);
+    }
+    if let Err(e) = crate::rootfs::loopback_up() {
+        fail(Step::Rootfs, format!("loopback: {e}"));
+    }
+    use nix::sys::resource::{setrlimit, Resource};
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, jail.nofile, jail.nofile)
+        .and_then(|()| setrlimit(Resource::RLIMIT_CORE, 0, 0))
+    {
+        fail(Step::Limits, e);
+    }
+
+    // 5. The user namespace. The mapper must stay in the host's user
+    //    namespace, where it holds CAP_SETUID: only such a process may map
+    //    ids other than its own.
+    let (ready_r, ready_w) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => fail(Step::ForkMapper, e),
+    };
+    let me = nix::unistd::getpid();
+    // SAFETY: init is single-threaded (forked from a single-threaded process).
+    let mapper = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            drop(ready_w);
+            map_ids(me, ready_r)
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => fail(Step::ForkMapper, e),
+    };
+    drop(ready_r);
+    if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
+        fail(Step::Unshare, format!("user namespace: {e}"));
+    }
+    if let Err(e) = nix::unistd::write(&ready_w, b"1") {
+        fail(Step::MapIds, e);
+    }
+    drop(ready_w);
+    loop {
+        match waitpid(mapper, None) {
+            Ok(WaitStatus::Exited(_, 0)) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => fail(Step::MapIds, format!("mapper ended with {other:?}")),
+        }
+    }
+    // Become root of the new namespace (host uid UID_BASE): from here on
+    // init holds no identity of the host's, and the program's switch to the
+    // session user clears every capability.
+    if let Err(e) = nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        .and_then(|()| nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)))
+    {
+        fail(Step::MapIds, e);
+    }
+
+    // 6. The program.
+    // SAFETY: init is single-threaded.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => program(jail),
+        Ok(ForkResult::Parent { child }) => supervise(child, handled, Forward::ToGroup),
+        Err(e) => fail(Step::ForkProgram, e),
+    }
+}
+
+fn program(jail: &Jail) -> ! {
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
+        fail(Step::ForkProgram, e);
+    }
+    // Its own process group, so init can interrupt it and all its children.
+    let _ = nix::unistd::setsid();
+    if let Err(e) = nix::unistd::chdir(&jail.cwd) {
+        fail(
+            Step::ForkProgram,
+            format!("chdir {}: {e}", jail.cwd.display()),
+        );
+    }
+    if let Err(e) = drop_privileges() {
+        fail(Step::DropPrivileges, e);
+    }
+    if let Err(e) = crate::rootfs::landlock(jail) {
+        fail(Step::Landlock, e);
+    }
+    if jail.seccomp {
+        let filters = match crate::seccomp::filters() {
+            Ok(f) => f,
+            Err(e) => fail(Step::Seccomp, e),
+        };
+        for f in &filters {
+            if let Err(e) = seccompiler::apply_filter(f) {
+                fail(Step::Seccomp, e);
+            }
+        }
+    }
+    let cstr = |s: &str| CString::new(s).unwrap_or_default();
+    let prog = CString::new(jail.program.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    let mut argv = vec![prog.clone()];
+    argv.extend(jail.args.iter().map(|a| cstr(a)));
+    let envp: Vec<CString> = jail.env.iter().map(|e| cstr(e)).collect();
+    let err = nix::unistd::execve(&prog, &argv, &envp).err();
+    fail(Step::Exec, format!("{}: {err:?}", jail.program.display()))
+}
+
+/// Become the unprivileged session user with no capabilities at all, and
+/// forbid gaining any through exec (setuid binaries, file capabilities).
+fn drop_privileges() -> Result<(), String> {
+    // Empty the bounding set first (needs CAP_SETPCAP, still held).
+    for cap in 0..=63 {
+        // SAFETY: PR_CAPBSET_DROP takes a capability number and touches no
+        // memory; numbers the kernel does not know fail with EINVAL, which
+        // is ignored.
+        unsafe {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+    }
+    let uid = Uid::from_raw(USER_ID);
+    let gid = Gid::from_raw(USER_ID);
+    // Changing all uids from 0 to non-zero clears the permitted, effective
+    // and ambient capability sets (no PR_SET_KEEPCAPS).
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+    // Verify rather than trust: the kernel reports what is left.
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    for field in ["CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(str::trim);
+        if value.is_some_and(|v| v.trim_start_matches('0') != "") {
+            return Err(format!("{field} {value:?} after dropping privileges"));
+        }
+    }
+    Ok(())
+}
