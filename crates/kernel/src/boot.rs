@@ -5,8 +5,8 @@ use crate::{Kernel, KernelError, Sender};
 use jupyter_protocol::connection_info::Transport;
 use jupyter_protocol::{ConnectionInfo, JupyterMessageContent, KernelInfoRequest};
 use jupyter_zmq_client::{
-    create_client_iopub_connection, create_client_shell_connection_with_identity,
-    peer_identity_for_session, JupyterMessage,
+    create_client_iopub_connection, create_client_shell_connection_with_identity, peer_identity_for_session,
+    JupyterMessage,
 };
 use rand::Rng;
 use std::ffi::OsString;
@@ -76,13 +76,7 @@ impl KernelDirs {
     /// The standard layout under `root`.
     pub fn under(root: PathBuf) -> Self {
         let data = root.join("data");
-        KernelDirs {
-            work: data.join("work"),
-            home: data.join("home"),
-            run: root.join("run"),
-            data,
-            root,
-        }
+        KernelDirs { work: data.join("work"), home: data.join("home"), run: root.join("run"), data, root }
     }
 
     /// The same directories with a fresh, empty `run` directory, for a
@@ -90,10 +84,7 @@ impl KernelDirs {
     /// for the new one's).
     pub fn with_new_run(&self) -> Self {
         let n: u32 = rand::rng().random();
-        KernelDirs {
-            run: self.root.join(format!("run-{n:08x}")),
-            ..self.clone()
-        }
+        KernelDirs { run: self.root.join(format!("run-{n:08x}")), ..self.clone() }
     }
 
     /// The kernel process's own log (startup messages, crashes).
@@ -108,10 +99,7 @@ impl KernelDirs {
 }
 
 fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
-    move |source| KernelError::Prepare {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| KernelError::Prepare { path: path.to_path_buf(), source }
 }
 
 impl Kernel {
@@ -120,32 +108,19 @@ impl Kernel {
     /// directory is made here.
     pub async fn start(spec: &KernelSpec, dirs: KernelDirs) -> Result<Kernel, KernelError> {
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dirs.run)
-            .map_err(prepare(&dirs.run))?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dirs.run).map_err(prepare(&dirs.run))?;
         let info = connection_info(&dirs.run)?;
         let conn_file = dirs.run.join("kernel.json");
         // The kernel finds its sockets where the sandbox mounts them.
         let (kernel_info, conn_arg, cwd) = match &spec.sandbox {
             Some(_) => {
-                let inside = ConnectionInfo {
-                    ip: format!("{INSIDE_RUN}/k"),
-                    ..info.clone()
-                };
-                (
-                    inside,
-                    PathBuf::from(INSIDE_RUN).join("kernel.json"),
-                    PathBuf::from(INSIDE_WORK),
-                )
+                let inside = ConnectionInfo { ip: format!("{INSIDE_RUN}/k"), ..info.clone() };
+                (inside, PathBuf::from(INSIDE_RUN).join("kernel.json"), PathBuf::from(INSIDE_WORK))
             }
             None => (info.clone(), conn_file.clone(), dirs.work.clone()),
         };
-        let json = serde_json::to_vec(&kernel_info).map_err(|e| KernelError::Prepare {
-            path: conn_file.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        let json = serde_json::to_vec(&kernel_info)
+            .map_err(|e| KernelError::Prepare { path: conn_file.clone(), source: std::io::Error::other(e) })?;
         write_private(&conn_file, &json).map_err(prepare(&conn_file))?;
         if let Some(sb) = &spec.sandbox {
             // The user inside creates its sockets here and reads the file.
@@ -157,28 +132,15 @@ impl Kernel {
             let mut binds: Vec<kiln_sandbox::Bind> = sb
                 .read_only
                 .iter()
-                .map(|p| kiln_sandbox::Bind {
-                    src: p.clone(),
-                    dst: p.clone(),
-                    writable: false,
-                })
+                .map(|p| kiln_sandbox::Bind { src: p.clone(), dst: p.clone(), writable: false })
                 .collect();
-            for (src, dst) in [
-                (&dirs.work, INSIDE_WORK),
-                (&dirs.home, INSIDE_HOME),
-                (&dirs.run, INSIDE_RUN),
-            ] {
-                binds.push(kiln_sandbox::Bind {
-                    src: src.clone(),
-                    dst: dst.into(),
-                    writable: true,
-                });
+            for (src, dst) in [(&dirs.work, INSIDE_WORK), (&dirs.home, INSIDE_HOME), (&dirs.run, INSIDE_RUN)] {
+                binds.push(kiln_sandbox::Bind { src: src.clone(), dst: dst.into(), writable: true });
             }
-            let id = dirs
-                .root
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            // kiln/<server instance>/<kernel dir name>: unique per server.
+            let instance = dirs.root.parent().map(kiln_sandbox::cgroup::instance_name).unwrap_or_default();
+            let name = dirs.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let id = format!("{instance}/{name}");
             kiln_sandbox::Isolation {
                 helper: sb.helper.clone(),
                 id,
@@ -221,16 +183,10 @@ async fn connect(
 ) -> Result<Kernel, KernelError> {
     // 1. Wait for the kernel to bind its five sockets (connecting to an ipc
     //    path that does not exist yet fails instead of retrying).
-    let sockets: Vec<PathBuf> = [
-        info.shell_port,
-        info.iopub_port,
-        info.stdin_port,
-        info.control_port,
-        info.hb_port,
-    ]
-    .iter()
-    .map(|p| PathBuf::from(format!("{}-{}", info.ip, p)))
-    .collect();
+    let sockets: Vec<PathBuf> = [info.shell_port, info.iopub_port, info.stdin_port, info.control_port, info.hb_port]
+        .iter()
+        .map(|p| PathBuf::from(format!("{}-{}", info.ip, p)))
+        .collect();
     loop {
         if let Some(exit) = sandbox.exit() {
             let log = tail(&dirs.log());
@@ -346,9 +302,7 @@ fn connection_info(run: &Path) -> Result<ConnectionInfo, KernelError> {
     let prefix = run.join("k");
     let longest = format!("{}-5", prefix.display());
     if longest.len() > MAX_SOCKET_PATH {
-        return Err(KernelError::SocketPathTooLong {
-            path: PathBuf::from(longest),
-        });
+        return Err(KernelError::SocketPathTooLong { path: PathBuf::from(longest) });
     }
     let key: [u8; 32] = rand::rng().random();
     Ok(ConnectionInfo {
@@ -368,12 +322,7 @@ fn connection_info(run: &Path) -> Result<ConnectionInfo, KernelError> {
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(bytes)
 }
 

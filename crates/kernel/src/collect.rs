@@ -24,14 +24,7 @@ pub(crate) struct Collector {
 
 impl Collector {
     pub(crate) fn new(limit: usize) -> Self {
-        Collector {
-            outputs: Vec::new(),
-            bytes: 0,
-            limit,
-            truncated: false,
-            clear_pending: false,
-            saw_error: false,
-        }
+        Collector { outputs: Vec::new(), bytes: 0, limit, truncated: false, clear_pending: false, saw_error: false }
     }
 
     /// Take in one iopub message already known to belong to this execution.
@@ -139,11 +132,7 @@ mod tests {
         c.accept(&stdout("c\n"));
         assert_eq!(
             c.finish(),
-            vec![
-                Output::Stdout("a\nb\n".into()),
-                Output::Stderr("w\n".into()),
-                Output::Stdout("c\n".into())
-            ]
+            vec![Output::Stdout("a\nb\n".into()), Output::Stderr("w\n".into()), Output::Stdout("c\n".into())]
         );
     }
 
@@ -159,21 +148,14 @@ mod tests {
             ],
         }));
         assert!(c.saw_error);
-        assert_eq!(
-            c.finish(),
-            vec![Output::Error(
-                "---------\nZeroDivisionError: division by zero".into()
-            )]
-        );
+        assert_eq!(c.finish(), vec![Output::Error("---------\nZeroDivisionError: division by zero".into())]);
     }
 
     #[test]
     fn clear_output_with_wait_clears_at_the_next_output() {
         let mut c = Collector::new(1 << 20);
         c.accept(&stdout("frame 1\n"));
-        c.accept(&JupyterMessageContent::ClearOutput(ClearOutput {
-            wait: true,
-        }));
+        c.accept(&JupyterMessageContent::ClearOutput(ClearOutput { wait: true }));
         c.accept(&stdout("frame 2\n"));
         assert_eq!(c.finish(), vec![Output::Stdout("frame 2\n".into())]);
     }

@@ -63,12 +63,7 @@ enum Why {
 impl Kernel {
     /// Run `code` as one cell. `cancelled` resolves when the requester no
     /// longer wants the answer (its connection closed).
-    pub async fn execute(
-        &mut self,
-        code: &str,
-        limits: &ExecLimits,
-        cancelled: impl Future<Output = ()>,
-    ) -> Execution {
+    pub async fn execute(&mut self, code: &str, limits: &ExecLimits, cancelled: impl Future<Output = ()>) -> Execution {
         let mut out = Collector::new(limits.max_output_bytes);
         let request: JupyterMessage = ExecuteRequest {
             code: code.to_string(),
@@ -135,11 +130,7 @@ impl Kernel {
             }
         };
         let raised = out.saw_error;
-        Execution {
-            outputs: out.finish(),
-            raised,
-            end,
-        }
+        Execution { outputs: out.finish(), raised, end }
     }
 
     /// The kernel is gone: keep what already arrived, report how it ended.
@@ -152,10 +143,6 @@ impl Kernel {
         self.kill().await;
         let exit = self.sandbox.exit();
         let raised = out.saw_error;
-        Execution {
-            outputs: out.finish(),
-            raised,
-            end: End::Died(exit),
-        }
+        Execution { outputs: out.finish(), raised, end: End::Died(exit) }
     }
 }

@@ -29,24 +29,16 @@ use tokio::sync::mpsc;
 pub enum KernelError {
     /// A directory or the connection file could not be written.
     #[error("could not prepare the kernel directory {path}: {source}")]
-    Prepare {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Prepare { path: std::path::PathBuf, source: std::io::Error },
     /// The socket path would exceed the Unix socket limit.
-    #[error(
-        "the kernel socket path {path} is too long for a Unix socket; use a shorter data directory"
-    )]
+    #[error("the kernel socket path {path} is too long for a Unix socket; use a shorter data directory")]
     SocketPathTooLong { path: std::path::PathBuf },
     /// The process could not be started.
     #[error(transparent)]
     Sandbox(#[from] kiln_sandbox::SandboxError),
     /// The kernel exited while booting; `log` is the end of its output.
     #[error("the kernel exited while starting ({exit}): {log}")]
-    DiedDuringBoot {
-        exit: kiln_sandbox::Exit,
-        log: String,
-    },
+    DiedDuringBoot { exit: kiln_sandbox::Exit, log: String },
     /// The kernel did not answer within the boot timeout.
     #[error("the kernel did not become ready within the boot timeout")]
     BootTimeout,

@@ -29,12 +29,7 @@ pub struct ServeArgs {
     pub cache_dir: Option<PathBuf>,
     /// An accepted API key (repeatable; comma-separated in KILN_API_KEY).
     /// Without any, kiln generates one on first start.
-    #[arg(
-        long = "api-key",
-        env = "KILN_API_KEY",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
+    #[arg(long = "api-key", env = "KILN_API_KEY", value_delimiter = ',', hide_env_values = true)]
     #[serde(default)]
     pub api_keys: Vec<String>,
     /// Lifetime of a session from its start, e.g. 60m, 90s [default: 60m]
@@ -145,22 +140,15 @@ impl Settings {
         }
         let data_dir = match cli.data_dir.or(file.data_dir) {
             Some(d) => d,
-            None => dirs::data_dir()
-                .context("no user data directory; pass --data-dir")?
-                .join("kiln"),
+            None => dirs::data_dir().context("no user data directory; pass --data-dir")?.join("kiln"),
         };
         let cache_dir = match cli.cache_dir.or(file.cache_dir) {
             Some(d) => d,
             None => default_cache_dir()?,
         };
-        let profile: kiln_runtime::Profile = pick!(profile, "minimal".to_string())
-            .parse()
-            .map_err(anyhow::Error::msg)?;
-        let mut api_keys = if cli.api_keys.is_empty() {
-            file.api_keys
-        } else {
-            cli.api_keys
-        };
+        let profile: kiln_runtime::Profile =
+            pick!(profile, "minimal".to_string()).parse().map_err(anyhow::Error::msg)?;
+        let mut api_keys = if cli.api_keys.is_empty() { file.api_keys } else { cli.api_keys };
         api_keys.retain(|k| !k.trim().is_empty());
         let log_format = pick!(log_format, "text".to_string());
         anyhow::ensure!(
@@ -171,11 +159,7 @@ impl Settings {
         let max_exec_timeout = pick!(max_exec_timeout, Duration::from_secs(3600));
         Ok(Settings {
             listen: pick!(listen, SocketAddr::from(([127, 0, 0, 1], 8787))),
-            runtime: kiln_runtime::RuntimeConfig {
-                profile,
-                python: cli.python.or(file.python),
-                cache_dir,
-            },
+            runtime: kiln_runtime::RuntimeConfig { profile, python: cli.python.or(file.python), cache_dir },
             sessions: kiln_sessions::Config {
                 sessions_dir: data_dir.join("sessions"),
                 ttl: pick!(session_ttl, Duration::from_secs(3600)),
@@ -190,8 +174,7 @@ impl Settings {
                 sandbox: match pick!(sandbox, "namespaces".to_string()).as_str() {
                     "none" => None,
                     "namespaces" => Some(kiln_sessions::SandboxConfig {
-                        helper: std::env::current_exe()
-                            .context("cannot find the kiln binary itself")?,
+                        helper: std::env::current_exe().context("cannot find the kiln binary itself")?,
                         memory_bytes: pick!(memory_limit, 2 << 30),
                         pids: pick!(pids_limit, 512),
                         cpus: pick!(cpu_limit, 1.0),
@@ -213,9 +196,7 @@ impl Settings {
 }
 
 fn default_cache_dir() -> anyhow::Result<PathBuf> {
-    Ok(dirs::cache_dir()
-        .context("no user cache directory; pass --cache-dir")?
-        .join("kiln"))
+    Ok(dirs::cache_dir().context("no user cache directory; pass --cache-dir")?.join("kiln"))
 }
 
 fn load_file(explicit: Option<&std::path::Path>) -> anyhow::Result<ServeArgs> {
@@ -226,21 +207,17 @@ fn load_file(explicit: Option<&std::path::Path>) -> anyhow::Result<ServeArgs> {
             _ => return Ok(ServeArgs::default()),
         },
     };
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("could not read the config file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("could not read the config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
 /// `1073741824`, `512MiB`, `2GiB`, `100M`, `64k`.
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB, 2GiB)"))?;
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 512MiB, 2GiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -266,9 +243,7 @@ mod opt_bytes {
         match Option::<Size>::deserialize(d)? {
             None => Ok(None),
             Some(Size::Number(n)) => Ok(Some(n)),
-            Some(Size::Text(t)) => super::parse_bytes(&t)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
+            Some(Size::Text(t)) => super::parse_bytes(&t).map(Some).map_err(serde::de::Error::custom),
         }
     }
 }

@@ -17,9 +17,7 @@ use tower::ServiceExt as _;
 pub fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zeromq=error"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -36,31 +34,20 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
         );
     }
     if s.sessions.sandbox.is_none() {
-        tracing::warn!(
-            "--sandbox none: sessions run WITHOUT isolation; never run untrusted code like this"
-        );
+        tracing::warn!("--sandbox none: sessions run WITHOUT isolation; never run untrusted code like this");
     }
     create_private_dir(&s.data_dir)?;
     create_private_dir(&s.sessions.sessions_dir)?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&s.data_dir.join("kiln.db")).context("could not open kiln's database")?,
-    );
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&s.data_dir.join("kiln.db")).context("could not open kiln's database")?);
     let keys = settle_keys(&s, store.as_ref()).await?;
 
     let manager = Manager::new(s.sessions.clone(), store.clone());
-    manager
-        .recover()
-        .await
-        .context("could not clean up after a previous run")?;
+    manager.recover().await.context("could not clean up after a previous run")?;
 
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await
-        .with_context(|| {
-            format!(
-                "could not listen on {}; is another kiln running? (--listen)",
-                s.listen
-            )
-        })?;
+        .with_context(|| format!("could not listen on {}; is another kiln running? (--listen)", s.listen))?;
     let addr = listener.local_addr()?;
 
     // Provision in the background so /healthz can say "starting" meanwhile.
@@ -77,15 +64,9 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
             let result = match built {
                 Ok(Ok(runtime)) => {
                     let root = runtime.root.clone();
-                    manager
-                        .start(runtime)
-                        .await
-                        .map(|()| root)
-                        .map_err(anyhow::Error::from)
+                    manager.start(runtime).await.map(|()| root).map_err(anyhow::Error::from)
                 }
-                Ok(Err(e)) => {
-                    Err(anyhow::Error::from(e).context("could not provision the Python runtime"))
-                }
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("could not provision the Python runtime")),
                 Err(e) => Err(anyhow::Error::from(e)),
             };
             match result {
@@ -101,11 +82,7 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
         });
     }
 
-    let state = AppState {
-        manager: manager.clone(),
-        keys: Arc::new(keys),
-        max_body_bytes: s.max_body_bytes,
-    };
+    let state = AppState { manager: manager.clone(), keys: Arc::new(keys), max_body_bytes: s.max_body_bytes };
     let service = app(state).map_request(normalize_path);
     let fatal = Arc::new(std::sync::Mutex::new(None::<anyhow::Error>));
     let shutdown = {
@@ -146,19 +123,12 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<KeyRing>
     }
     let stored = store.keys().await?;
     if !stored.is_empty() {
-        tracing::info!(
-            keys = stored.len(),
-            "using the API keys in {}",
-            s.data_dir.display()
-        );
-        return Ok(KeyRing::new(
-            stored.into_iter().map(|r| (r.id, r.hash)).collect(),
-        ));
+        tracing::info!(keys = stored.len(), "using the API keys in {}", s.data_dir.display());
+        return Ok(KeyRing::new(stored.into_iter().map(|r| (r.id, r.hash)).collect()));
     }
     let key = format!("kiln_{}", Alphanumeric.sample_string(&mut rand::rng(), 40));
     let path = s.data_dir.join("api-key");
-    write_secret(&path, &key)
-        .with_context(|| format!("could not save the API key to {}", path.display()))?;
+    write_secret(&path, &key).with_context(|| format!("could not save the API key to {}", path.display()))?;
     let rec = store.add_key(hash_key(&key), "generated").await?;
     let url = format!("http://{}", s.listen);
     println!(
@@ -172,11 +142,7 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<KeyRing>
 
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     writeln!(f, "{secret}")?;
     f.sync_all()
 }

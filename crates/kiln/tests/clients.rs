@@ -23,14 +23,9 @@ fn clients_dir() -> PathBuf {
     DIR.get_or_init(|| {
         let cache = std::env::var_os("KILN_TEST_CACHE")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln-test")
-            });
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln-test"));
         let dir = cache.join("clients");
-        let st = Command::new(repo().join("scripts/setup-clients"))
-            .arg(&dir)
-            .status()
-            .unwrap();
+        let st = Command::new(repo().join("scripts/setup-clients")).arg(&dir).status().unwrap();
         assert!(st.success(), "scripts/setup-clients failed");
         dir
     })
@@ -49,49 +44,38 @@ fn run_client(program: PathBuf, script: &str, url: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
     let last = stdout.lines().last().unwrap_or_default();
-    assert!(
-        last.ends_with(" 0 failed") && !last.starts_with("0 passed"),
-        "{script}: {last}"
-    );
+    assert!(last.ends_with(" 0 failed") && !last.starts_with("0 passed"), "{script}: {last}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_together_1_x_python_client_runs_every_documented_example() {
     let dir = clients_dir();
     let s = start(&[]);
-    tokio::task::spawn_blocking(move || {
-        run_client(dir.join("py1/bin/python"), "seeds_together_v1.py", &s.url)
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || run_client(dir.join("py1/bin/python"), "seeds_together_v1.py", &s.url))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_together_2_x_python_client_runs_every_documented_example() {
     let dir = clients_dir();
     let s = start(&[]);
-    tokio::task::spawn_blocking(move || {
-        run_client(dir.join("py2/bin/python"), "seeds_together_v2.py", &s.url)
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || run_client(dir.join("py2/bin/python"), "seeds_together_v2.py", &s.url))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_together_ai_npm_client_runs_every_documented_example() {
     clients_dir();
     let s = start(&[]);
-    tokio::task::spawn_blocking(move || {
-        run_client(PathBuf::from("node"), "seeds_together_ai.mjs", &s.url)
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || run_client(PathBuf::from("node"), "seeds_together_ai.mjs", &s.url))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_documented_curl_commands_work() {
     let s = start(&[]);
-    tokio::task::spawn_blocking(move || run_client(PathBuf::from("bash"), "seeds_curl.sh", &s.url))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || run_client(PathBuf::from("bash"), "seeds_curl.sh", &s.url)).await.unwrap();
 }

@@ -4,77 +4,46 @@
 
 mod common;
 
-use common::{eventually, kernels_under, start, start_in, KEY};
+use common::{eventually, running, sandboxed_pids, sandboxes, start, start_in, KEY};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_expires_after_its_ttl_and_leaves_nothing_behind() {
     let s = start(&["--session-ttl", "4s"]);
-    let id = s.exec("x = 1", None).await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = s.exec("x = 1", None).await["session_id"].as_str().unwrap().to_string();
     assert_eq!(s.sessions(KEY).await.len(), 1);
     let dirs_with_session = std::fs::read_dir(s.sessions_dir()).unwrap().count();
     assert!(dirs_with_session >= 2, "pooled kernel + session");
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-    let (st, v) = s
-        .post(
-            "/tci/execute",
-            Some(KEY),
-            json!({"code": "print(x)", "session_id": id}),
-        )
-        .await;
+    let (st, v) = s.post("/tci/execute", Some(KEY), json!({"code": "print(x)", "session_id": id})).await;
     assert_eq!(st, 410, "{v}");
     assert_eq!(v["errors"][0]["code"], "session_expired");
     assert!(s.sessions(KEY).await.is_empty());
     // Only the pooled kernel's directory remains, and only its process.
     let dir = s.sessions_dir();
     assert!(eventually(10, || std::fs::read_dir(&dir).unwrap().count() == 1).await);
-    assert!(
-        eventually(10, || kernels_under(&dir).len() == 1).await,
-        "{:?}",
-        kernels_under(&dir)
-    );
+    assert!(eventually(10, || sandboxes(&dir).len() == 1).await, "{:?}", sandboxes(&dir));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn many_sessions_come_and_go_without_leaking_processes_or_files() {
     let mut s = start(&["--session-ttl", "3s", "--pool-size", "2"]);
     for i in 0..12 {
-        let d = s
-            .exec(
-                &format!("import subprocess\np = subprocess.Popen(['sleep', '300'])\nprint({i})"),
-                None,
-            )
-            .await;
+        let d = s.exec(&format!("import subprocess\np = subprocess.Popen(['sleep', '300'])\nprint({i})"), None).await;
         assert_eq!(d["status"], "success");
     }
     let dir = s.sessions_dir();
-    // Kernels' children (the sleeps) must die with their session too.
-    let sleepers = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
-                cwd.starts_with(&dir)
-            })
-            .count()
-    };
-    assert!(sleepers() >= 12);
+    // The kernels' children (the sleeps) must die with their session too.
+    assert!(running(&sandboxed_pids(&dir), "sleep") >= 12);
     assert!(eventually(30, || s.sessions_dir().read_dir().unwrap().count() == 2).await);
-    assert!(
-        eventually(10, || sleepers() == 2).await,
-        "{} processes left",
-        sleepers()
-    );
+    assert!(eventually(10, || sandboxes(&dir).len() == 2).await, "{:?}", sandboxes(&dir));
+    assert_eq!(running(&sandboxed_pids(&dir), "sleep"), 0);
     // A clean shutdown takes the pool with it.
     let status = s.stop();
     assert!(status.success(), "{status:?}");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
-    assert!(kernels_under(&dir).is_empty());
+    assert!(sandboxes(&dir).is_empty(), "{:?}", sandboxes(&dir));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -83,28 +52,14 @@ async fn the_first_start_creates_a_private_key_and_prints_it_once() {
     let path = data.path().to_path_buf();
     let s = start_in(data, &[], false);
     let key_file = path.join("api-key");
-    let key = std::fs::read_to_string(&key_file)
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = std::fs::read_to_string(&key_file).unwrap().trim().to_string();
     assert!(key.starts_with("kiln_") && key.len() >= 40);
-    assert_eq!(
-        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
-    assert!(
-        s.stdout_lines.iter().any(|l| l.contains(&key)),
-        "printed with an example"
-    );
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(s.stdout_lines.iter().any(|l| l.contains(&key)), "printed with an example");
     assert!(s.stdout_lines.iter().any(|l| l.contains("curl")));
     let db = std::fs::read(path.join("kiln.db")).unwrap();
-    assert!(
-        !db.windows(key.len()).any(|w| w == key.as_bytes()),
-        "only the hash may be stored"
-    );
-    let (st, v) = s
-        .post("/tci/execute", Some(&key), json!({"code": "print(1)"}))
-        .await;
+    assert!(!db.windows(key.len()).any(|w| w == key.as_bytes()), "only the hash may be stored");
+    let (st, v) = s.post("/tci/execute", Some(&key), json!({"code": "print(1)"})).await;
     assert_eq!(st, 200, "{v}");
 }
 
@@ -113,35 +68,21 @@ async fn a_restart_after_a_crash_kills_orphan_kernels_and_ends_their_sessions() 
     let data = tempfile::tempdir().unwrap();
     let path = data.path().to_path_buf();
     let mut s = start_in(data, &[], true);
-    let id = s.exec("x = 1", None).await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = s.exec("x = 1", None).await["session_id"].as_str().unwrap().to_string();
     let sessions = path.join("sessions");
-    let orphans = kernels_under(&sessions);
+    let orphans = sandboxed_pids(&sessions);
     assert!(!orphans.is_empty());
     s.crash();
-    assert!(
-        !kernels_under(&sessions).is_empty(),
-        "kernels outlive a SIGKILLed server"
-    );
+    assert!(!sandboxed_pids(&sessions).is_empty(), "sandboxes outlive a SIGKILLed server");
     let data = s_take_data(s);
     let s2 = start_in(data, &[], true);
     for pid in &orphans {
         assert!(
-            eventually(10, || !std::path::Path::new(&format!("/proc/{pid}"))
-                .exists())
-            .await,
+            eventually(10, || !std::path::Path::new(&format!("/proc/{pid}")).exists()).await,
             "orphan {pid} survived"
         );
     }
-    let (st, v) = s2
-        .post(
-            "/tci/execute",
-            Some(KEY),
-            json!({"code": "print(x)", "session_id": id}),
-        )
-        .await;
+    let (st, v) = s2.post("/tci/execute", Some(KEY), json!({"code": "print(x)", "session_id": id})).await;
     assert_eq!(st, 410, "{v}");
     assert!(s2.sessions(KEY).await.is_empty());
 }
@@ -155,56 +96,30 @@ fn s_take_data(mut s: common::Server) -> tempfile::TempDir {
 fn a_runtime_that_cannot_be_built_stops_the_server_with_a_clear_message() {
     let data = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--api-key",
-            "k",
-            "--python",
-            "/nonexistent/python3",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--api-key", "k", "--python", "/nonexistent/python3"])
         .arg("--data-dir")
         .arg(data.path())
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("no usable Python") && err.contains("/nonexistent/python3"),
-        "{err}"
-    );
+    assert!(err.contains("no usable Python") && err.contains("/nonexistent/python3"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn settings_come_from_a_config_file_with_flags_taking_precedence() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("kiln.toml");
-    std::fs::write(
-        &cfg,
-        "session_ttl = \"7m\"\nmax_sessions_per_key = 1\napi_keys = [\"from-file\"]\n",
-    )
-    .unwrap();
-    let s = start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--max-sessions-per-key",
-        "3",
-    ]);
+    std::fs::write(&cfg, "session_ttl = \"7m\"\nmax_sessions_per_key = 1\napi_keys = [\"from-file\"]\n").unwrap();
+    let s = start(&["--config", cfg.to_str().unwrap(), "--max-sessions-per-key", "3"]);
     // --api-key flags (the test keys) win over the file's keys.
-    let (st, _) = s
-        .post("/tci/execute", Some("from-file"), json!({"code": "1"}))
-        .await;
+    let (st, _) = s.post("/tci/execute", Some("from-file"), json!({"code": "1"})).await;
     assert_eq!(st, 401);
     for _ in 0..3 {
         s.exec("1", None).await;
     }
     let list = s.sessions(KEY).await;
-    assert_eq!(
-        list.len(),
-        3,
-        "the flag's limit of 3 applies, not the file's 1"
-    );
+    assert_eq!(list.len(), 3, "the flag's limit of 3 applies, not the file's 1");
     let t = |f: &str| chrono::DateTime::parse_from_rfc3339(list[0][f].as_str().unwrap()).unwrap();
     assert_eq!((t("expires_at") - t("started_at")).num_minutes(), 7);
 }

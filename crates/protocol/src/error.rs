@@ -53,9 +53,7 @@ impl ErrorCode {
     /// The HTTP status this code is served with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::UnsupportedLanguage | ErrorCode::InvalidFile => {
-                400
-            }
+            ErrorCode::InvalidRequest | ErrorCode::UnsupportedLanguage | ErrorCode::InvalidFile => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::SessionNotFound | ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
@@ -63,10 +61,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::TooManySessions => 429,
             ErrorCode::InternalError => 500,
-            ErrorCode::NoCapacity
-            | ErrorCode::KernelUnavailable
-            | ErrorCode::NotReady
-            | ErrorCode::ShuttingDown => 503,
+            ErrorCode::NoCapacity | ErrorCode::KernelUnavailable | ErrorCode::NotReady | ErrorCode::ShuttingDown => 503,
         }
     }
 
@@ -124,11 +119,7 @@ pub struct ApiError {
 impl ApiError {
     /// An error without a field.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            code,
-            message: message.into(),
-            param: None,
-        }
+        ApiError { code, message: message.into(), param: None }
     }
 
     /// Name the request field at fault.
@@ -141,10 +132,7 @@ impl ApiError {
     pub fn envelope(&self) -> ErrorEnvelope {
         ErrorEnvelope {
             data: None,
-            errors: vec![ErrorItem {
-                code: self.code,
-                message: self.message.clone(),
-            }],
+            errors: vec![ErrorItem { code: self.code, message: self.message.clone() }],
             error: OpenAiStyleError {
                 message: self.message.clone(),
                 r#type: self.code.error_type().to_string(),
@@ -203,8 +191,7 @@ mod tests {
 
     #[test]
     fn envelope_carries_both_error_shapes() {
-        let e = ApiError::new(ErrorCode::SessionNotFound, "session ses_x does not exist")
-            .with_param("session_id");
+        let e = ApiError::new(ErrorCode::SessionNotFound, "session ses_x does not exist").with_param("session_id");
         assert_eq!(
             serde_json::to_value(e.envelope()).unwrap_or_default(),
             json!({

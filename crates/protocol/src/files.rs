@@ -74,9 +74,7 @@ pub enum FileError {
     #[error("files[{index}].name {name:?} contains \"..\": files must stay inside the working directory")]
     ParentDir { index: usize, name: String },
     /// The name or one of its components is too long.
-    #[error(
-        "files[{index}].name is too long (at most {MAX_NAME} bytes, {MAX_COMPONENT} per component)"
-    )]
+    #[error("files[{index}].name is too long (at most {MAX_NAME} bytes, {MAX_COMPONENT} per component)")]
     TooLong { index: usize },
     /// `encoding` is neither `string` nor `base64`.
     #[error("files[{index}].encoding {encoding:?} is not supported: use \"string\" or \"base64\"")]
@@ -116,31 +114,14 @@ pub fn decode_files(files: &[FileUpload]) -> Result<Vec<ValidFile>, FileError> {
         let bytes = match f.encoding.as_str() {
             "string" | "utf-8" | "utf8" | "text" => f.content.as_bytes().to_vec(),
             "base64" => {
-                let compact: String = f
-                    .content
-                    .chars()
-                    .filter(|c| !c.is_ascii_whitespace())
-                    .collect();
-                BASE64
-                    .decode(compact.as_bytes())
-                    .map_err(|e| FileError::BadBase64 {
-                        index,
-                        reason: e.to_string(),
-                    })?
+                let compact: String = f.content.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+                BASE64.decode(compact.as_bytes()).map_err(|e| FileError::BadBase64 { index, reason: e.to_string() })?
             }
-            other => {
-                return Err(FileError::BadEncoding {
-                    index,
-                    encoding: other.to_string(),
-                })
-            }
+            other => return Err(FileError::BadEncoding { index, encoding: other.to_string() }),
         };
         let joined = components.join("/");
         // A file may not also be a folder of another entry, nor be listed twice.
-        let conflict = || FileError::Conflict {
-            index,
-            name: f.name.clone(),
-        };
+        let conflict = || FileError::Conflict { index, name: f.name.clone() };
         if files_seen.contains(&joined) || dirs_seen.contains(&joined) {
             return Err(conflict());
         }
@@ -163,10 +144,7 @@ fn split_name(index: usize, name: &str) -> Result<Vec<String>, FileError> {
         return Err(FileError::NulByte { index });
     }
     if name.starts_with('/') || name.starts_with('\\') {
-        return Err(FileError::Absolute {
-            index,
-            name: name.to_string(),
-        });
+        return Err(FileError::Absolute { index, name: name.to_string() });
     }
     if name.len() > MAX_NAME {
         return Err(FileError::TooLong { index });
@@ -175,12 +153,7 @@ fn split_name(index: usize, name: &str) -> Result<Vec<String>, FileError> {
     for part in name.split('/') {
         match part {
             "" | "." => continue,
-            ".." => {
-                return Err(FileError::ParentDir {
-                    index,
-                    name: name.to_string(),
-                })
-            }
+            ".." => return Err(FileError::ParentDir { index, name: name.to_string() }),
             p if p.len() > MAX_COMPONENT => return Err(FileError::TooLong { index }),
             p => components.push(p.to_string()),
         }
@@ -196,11 +169,7 @@ mod tests {
     use super::*;
 
     fn up(name: &str, encoding: &str, content: &str) -> FileUpload {
-        FileUpload {
-            name: name.into(),
-            encoding: encoding.into(),
-            content: content.into(),
-        }
+        FileUpload { name: name.into(), encoding: encoding.into(), content: content.into() }
     }
 
     #[test]
@@ -232,10 +201,7 @@ mod tests {
             assert!(msg.contains(want), "{name:?}: {msg}");
         }
         let long = "a".repeat(300);
-        assert!(matches!(
-            decode_files(&[up(&long, "string", "")]),
-            Err(FileError::TooLong { .. })
-        ));
+        assert!(matches!(decode_files(&[up(&long, "string", "")]), Err(FileError::TooLong { .. })));
     }
 
     #[test]
@@ -250,10 +216,7 @@ mod tests {
     fn entries_that_overwrite_each_other_conflict() {
         for pair in [["a", "a"], ["a", "a/b"], ["a/b", "a"]] {
             let err = decode_files(&[up(pair[0], "string", ""), up(pair[1], "string", "")]).err();
-            assert!(
-                matches!(err, Some(FileError::Conflict { index: 1, .. })),
-                "{pair:?}"
-            );
+            assert!(matches!(err, Some(FileError::Conflict { index: 1, .. })), "{pair:?}");
         }
     }
 }

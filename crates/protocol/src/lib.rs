@@ -74,10 +74,9 @@ impl Output {
     pub fn size_hint(&self) -> usize {
         match self {
             Output::Stdout(s) | Output::Stderr(s) | Output::Error(s) => s.len(),
-            Output::DisplayData(m) | Output::ExecuteResult(m) => m
-                .iter()
-                .map(|(k, v)| k.len() + v.as_str().map_or_else(|| v.to_string().len(), str::len))
-                .sum(),
+            Output::DisplayData(m) | Output::ExecuteResult(m) => {
+                m.iter().map(|(k, v)| k.len() + v.as_str().map_or_else(|| v.to_string().len(), str::len)).sum()
+            }
         }
     }
 }
@@ -157,11 +156,8 @@ mod tests {
     fn outputs_serialise_as_type_and_data() {
         let mut bundle = Map::new();
         bundle.insert("text/plain".into(), json!("42"));
-        let outs = vec![
-            Output::Stdout("hi\n".into()),
-            Output::ExecuteResult(bundle),
-            Output::Error("Traceback".into()),
-        ];
+        let outs =
+            vec![Output::Stdout("hi\n".into()), Output::ExecuteResult(bundle), Output::Error("Traceback".into())];
         assert_eq!(
             serde_json::to_value(&outs).unwrap_or_default(),
             json!([
@@ -187,13 +183,8 @@ mod tests {
         let t = chrono::DateTime::parse_from_rfc3339("2025-03-12T10:34:22.125248Z")
             .unwrap_or_else(|e| panic!("{e}"))
             .with_timezone(&chrono::Utc);
-        let info = SessionInfo {
-            id: "ses_x".into(),
-            started_at: t,
-            execute_count: 2,
-            last_execute_at: None,
-            expires_at: t,
-        };
+        let info =
+            SessionInfo { id: "ses_x".into(), started_at: t, execute_count: 2, last_execute_at: None, expires_at: t };
         let v = serde_json::to_value(&info).unwrap_or_default();
         assert_eq!(v["started_at"], json!("2025-03-12T10:34:22.125248Z"));
         assert_eq!(v["last_execute_at"], Value::Null);

@@ -20,19 +20,11 @@ pub fn ensure(cfg: &RuntimeConfig, progress: &mut Progress) -> Result<Runtime, R
     h.update(lock.as_bytes());
     h.update(python.as_os_str().as_encoded_bytes());
     h.update(version.as_bytes());
-    let key: String = h
-        .finalize()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key: String = h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect();
     let runtimes = cfg.cache_dir.join("runtimes");
     std::fs::create_dir_all(&runtimes).map_err(io("create", &runtimes))?;
     let root = runtimes.join(format!("{}-py{}-{key}", cfg.profile.name(), version));
-    let runtime = Runtime {
-        root: root.clone(),
-        profile: cfg.profile,
-    };
+    let runtime = Runtime { root: root.clone(), profile: cfg.profile };
 
     if is_complete(&root) {
         return Ok(runtime);
@@ -47,12 +39,10 @@ pub fn ensure(cfg: &RuntimeConfig, progress: &mut Progress) -> Result<Runtime, R
         .open(&lock_path)
         .map_err(io("open", &lock_path))?;
     progress.note("waiting for another build of this runtime to finish");
-    rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
-        RuntimeError::Io {
-            what: "lock",
-            path: lock_path.clone(),
-            source: e.into(),
-        }
+    rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| RuntimeError::Io {
+        what: "lock",
+        path: lock_path.clone(),
+        source: e.into(),
     })?;
     if is_complete(&root) {
         return Ok(runtime);
@@ -80,18 +70,11 @@ fn build(profile: Profile, base: &Path, root: &Path, p: &mut Progress) -> Result
     }
 
     p.stage(1, STAGES, "creating the virtual environment", 0);
-    run(
-        "python -m venv",
-        Command::new(base).arg("-m").arg("venv").arg(root),
-    )?;
+    run("python -m venv", Command::new(base).arg("-m").arg("venv").arg(root))?;
 
     let lock_path = root.join("kiln-lock.txt");
     std::fs::write(&lock_path, profile.lock()).map_err(io("write", &lock_path))?;
-    let total = profile
-        .lock()
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .count();
+    let total = profile.lock().lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).count();
     p.stage(2, STAGES, "downloading packages", total as u64);
     pip_install(root, &lock_path, p)?;
 
@@ -110,10 +93,7 @@ fn build(profile: Profile, base: &Path, root: &Path, p: &mut Progress) -> Result
     let imports = format!("import {}", profile.smoke_imports().join(", "));
     run(
         "the import check",
-        Command::new(root.join("bin/python"))
-            .args(["-c", &imports])
-            .env("MPLCONFIGDIR", &mpl)
-            .env("MPLBACKEND", "agg"),
+        Command::new(root.join("bin/python")).args(["-c", &imports]).env("MPLCONFIGDIR", &mpl).env("MPLBACKEND", "agg"),
     )?;
 
     // Last: the marker, written atomically.
@@ -126,29 +106,19 @@ fn build(profile: Profile, base: &Path, root: &Path, p: &mut Progress) -> Result
             .unwrap_or(0),
     });
     let mut tmp = tempfile::NamedTempFile::new_in(root).map_err(io("write the marker in", root))?;
-    tmp.write_all(marker.to_string().as_bytes())
-        .map_err(io("write the marker in", root))?;
-    tmp.persist(root.join(MARKER))
-        .map_err(|e| RuntimeError::Io {
-            what: "write",
-            path: root.join(MARKER),
-            source: e.error,
-        })?;
+    tmp.write_all(marker.to_string().as_bytes()).map_err(io("write the marker in", root))?;
+    tmp.persist(root.join(MARKER)).map_err(|e| RuntimeError::Io {
+        what: "write",
+        path: root.join(MARKER),
+        source: e.error,
+    })?;
     Ok(())
 }
 
 /// `pip install --no-deps -r lock`, turning its output into progress.
 fn pip_install(root: &Path, lock: &Path, p: &mut Progress) -> Result<(), RuntimeError> {
     let mut child = Command::new(root.join("bin/python"))
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--no-input",
-            "--progress-bar",
-            "off",
-        ])
+        .args(["-m", "pip", "install", "--no-deps", "--no-input", "--progress-bar", "off"])
         .args(["--disable-pip-version-check", "-r"])
         .arg(lock)
         .stdout(Stdio::piped())
@@ -168,10 +138,7 @@ fn pip_install(root: &Path, lock: &Path, p: &mut Progress) -> Result<(), Runtime
         let mut installing = false;
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             let t = line.trim();
-            if let Some(pkg) = t
-                .strip_prefix("Collecting ")
-                .or_else(|| t.strip_prefix("Processing "))
-            {
+            if let Some(pkg) = t.strip_prefix("Collecting ").or_else(|| t.strip_prefix("Processing ")) {
                 p.step(pkg);
             } else if let Some(d) = t.strip_prefix("Downloading ") {
                 p.note(d);
@@ -197,9 +164,7 @@ fn pip_install(root: &Path, lock: &Path, p: &mut Progress) -> Result<(), Runtime
 
 /// The base interpreter and its `major.minor` version.
 fn base_python(explicit: Option<&Path>) -> Result<(PathBuf, String), RuntimeError> {
-    let candidate = explicit
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("python3"));
+    let candidate = explicit.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("python3"));
     let tried = candidate.display().to_string();
     let out = Command::new(&candidate)
         .args([
@@ -208,10 +173,7 @@ fn base_python(explicit: Option<&Path>) -> Result<(PathBuf, String), RuntimeErro
              import venv, ensurepip",
         ])
         .output()
-        .map_err(|e| RuntimeError::NoPython {
-            tried: tried.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| RuntimeError::NoPython { tried: tried.clone(), reason: e.to_string() })?;
     if !out.status.success() {
         return Err(RuntimeError::NoPython {
             tried,
@@ -225,16 +187,9 @@ fn base_python(explicit: Option<&Path>) -> Result<(PathBuf, String), RuntimeErro
     let mut lines = text.lines();
     let exe = lines.next().unwrap_or_default().trim().to_string();
     let version = lines.next().unwrap_or_default().trim().to_string();
-    let minor: u32 = version
-        .split('.')
-        .nth(1)
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
+    let minor: u32 = version.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0);
     if !version.starts_with("3.") || minor < 10 {
-        return Err(RuntimeError::NoPython {
-            tried,
-            reason: format!("version {version} is below 3.10"),
-        });
+        return Err(RuntimeError::NoPython { tried, reason: format!("version {version} is below 3.10") });
     }
     Ok((PathBuf::from(exe), version))
 }
@@ -250,11 +205,7 @@ fn run(step: &'static str, cmd: &mut Command) -> Result<(), RuntimeError> {
     }
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
-    Err(RuntimeError::Step {
-        step,
-        status: out.status.to_string(),
-        output: last_lines(&text, 25),
-    })
+    Err(RuntimeError::Step { step, status: out.status.to_string(), output: last_lines(&text, 25) })
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError {

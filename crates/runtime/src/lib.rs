@@ -47,13 +47,7 @@ impl Profile {
     /// Modules imported to verify a build.
     fn smoke_imports(self) -> &'static [&'static str] {
         match self {
-            Profile::Minimal => &[
-                "ipykernel",
-                "matplotlib_inline",
-                "matplotlib.pyplot",
-                "numpy",
-                "pandas",
-            ],
+            Profile::Minimal => &["ipykernel", "matplotlib_inline", "matplotlib.pyplot", "numpy", "pandas"],
         }
     }
 }
@@ -63,9 +57,7 @@ impl std::str::FromStr for Profile {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "minimal" => Ok(Profile::Minimal),
-            other => Err(format!(
-                "unknown runtime profile {other:?}; available: minimal"
-            )),
+            other => Err(format!("unknown runtime profile {other:?}; available: minimal")),
         }
     }
 }
@@ -85,24 +77,14 @@ pub struct RuntimeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// No usable base Python.
-    #[error(
-        "no usable Python found ({tried}): {reason}. Install Python 3.10+ or pass --python PATH"
-    )]
+    #[error("no usable Python found ({tried}): {reason}. Install Python 3.10+ or pass --python PATH")]
     NoPython { tried: String, reason: String },
     /// A filesystem step failed.
     #[error("could not {what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
     /// A build command failed.
     #[error("{step} failed ({status}); its last output:\n{output}")]
-    Step {
-        step: &'static str,
-        status: String,
-        output: String,
-    },
+    Step { step: &'static str, status: String, output: String },
 }
 
 /// A complete runtime, ready for kernels.
@@ -153,22 +135,13 @@ impl Runtime {
     pub fn kernel_env(&self, home: &Path) -> Vec<(OsString, OsString)> {
         let bin = self.root.join("bin");
         let mut env: Vec<(OsString, OsString)> = vec![
-            (
-                "PATH".into(),
-                format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()).into(),
-            ),
+            ("PATH".into(), format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()).into()),
             ("VIRTUAL_ENV".into(), self.root.clone().into()),
             ("HOME".into(), home.into()),
             ("LANG".into(), "C.UTF-8".into()),
             ("PYTHONUNBUFFERED".into(), "1".into()),
-            (
-                "MPLBACKEND".into(),
-                "module://matplotlib_inline.backend_inline".into(),
-            ),
-            (
-                "MPLCONFIGDIR".into(),
-                home.join(".config").join("matplotlib").into(),
-            ),
+            ("MPLBACKEND".into(), "module://matplotlib_inline.backend_inline".into()),
+            ("MPLCONFIGDIR".into(), home.join(".config").join("matplotlib").into()),
             ("USER".into(), "user".into()),
             ("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into()),
         ];

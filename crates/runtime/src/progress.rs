@@ -28,11 +28,7 @@ impl Progress {
         match self {
             Progress::Bar(old) => {
                 old.finish_and_clear();
-                let bar = if len == 0 {
-                    ProgressBar::new_spinner()
-                } else {
-                    ProgressBar::new(len)
-                };
+                let bar = if len == 0 { ProgressBar::new_spinner() } else { ProgressBar::new(len) };
                 let template = if len == 0 {
                     format!("[{n}/{of}] {{spinner}} {what} {{msg}} ({{elapsed}})")
                 } else {

@@ -5,8 +5,10 @@
 //! as separate hierarchies under `/sys/fs/cgroup/<controller>`), most current
 //! distributions have the unified v2 hierarchy. [`Cgroup`] hides the
 //! difference behind create / join / kill / remove. Every session lives in
-//! `kiln/<id>` below each controller, so leftovers of a crashed server are
-//! found and removed by listing `kiln/`.
+//! `kiln/<instance>/<id>` below each controller, where the instance names
+//! one server's data directory ([`instance_name`]): leftovers of a crashed
+//! server are found by listing its instance, and two servers on one host
+//! never touch each other's sessions.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,13 @@ pub struct Cgroup {
     pub unified: bool,
 }
 
+/// A stable name for the server that owns `sessions_dir`.
+pub fn instance_name(sessions_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(sessions_dir.as_os_str().as_encoded_bytes());
+    h.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
 /// Which hierarchy this host offers.
 fn unified() -> bool {
     Path::new(ROOT).join("cgroup.controllers").is_file()
@@ -44,39 +53,27 @@ impl Cgroup {
         let period: u64 = 100_000;
         let quota = ((limits.cpus * period as f64) as u64).max(1000);
         if unified() {
-            let parent = Path::new(ROOT).join("kiln");
-            std::fs::create_dir_all(&parent)?;
-            // Controllers must be enabled for the children of `kiln/`.
-            let _ = std::fs::write(
-                Path::new(ROOT).join("cgroup.subtree_control"),
-                "+memory +pids +cpu",
-            );
-            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +pids +cpu");
-            let dir = parent.join(id);
+            let dir = Path::new(ROOT).join("kiln").join(id);
             std::fs::create_dir_all(&dir)?;
+            // Controllers must be enabled on every level above the session.
+            let mut level = Path::new(ROOT).to_path_buf();
+            let rel = Path::new("kiln").join(id);
+            for part in rel.parent().into_iter().flat_map(|p| p.components()) {
+                let _ = std::fs::write(level.join("cgroup.subtree_control"), "+memory +pids +cpu");
+                level.push(part);
+            }
+            let _ = std::fs::write(level.join("cgroup.subtree_control"), "+memory +pids +cpu");
             std::fs::write(dir.join("memory.max"), limits.memory_bytes.to_string())?;
             let _ = std::fs::write(dir.join("memory.swap.max"), "0");
             std::fs::write(dir.join("pids.max"), limits.pids.to_string())?;
             std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?;
-            return Ok(Cgroup {
-                dirs: vec![dir],
-                unified: true,
-            });
+            return Ok(Cgroup { dirs: vec![dir], unified: true });
         }
         let mut dirs = Vec::new();
         for (controller, files) in [
-            (
-                "memory",
-                vec![("memory.limit_in_bytes", limits.memory_bytes.to_string())],
-            ),
+            ("memory", vec![("memory.limit_in_bytes", limits.memory_bytes.to_string())]),
             ("pids", vec![("pids.max", limits.pids.to_string())]),
-            (
-                "cpu",
-                vec![
-                    ("cpu.cfs_period_us", period.to_string()),
-                    ("cpu.cfs_quota_us", quota.to_string()),
-                ],
-            ),
+            ("cpu", vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())]),
         ] {
             let dir = Path::new(ROOT).join(controller).join("kiln").join(id);
             std::fs::create_dir_all(&dir)?;
@@ -86,17 +83,11 @@ impl Cgroup {
             dirs.push(dir);
         }
         // Without swap limits the memory limit could be dodged by swapping.
-        let memsw = Path::new(ROOT)
-            .join("memory/kiln")
-            .join(id)
-            .join("memory.memsw.limit_in_bytes");
+        let memsw = Path::new(ROOT).join("memory/kiln").join(id).join("memory.memsw.limit_in_bytes");
         if memsw.exists() {
             let _ = std::fs::write(memsw, limits.memory_bytes.to_string());
         }
-        Ok(Cgroup {
-            dirs,
-            unified: false,
-        })
+        Ok(Cgroup { dirs, unified: false })
     }
 
     /// Move process `pid` into the cgroup(s).
@@ -134,10 +125,7 @@ impl Cgroup {
                 return;
             }
             for pid in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
@@ -146,14 +134,9 @@ impl Cgroup {
     /// Whether the OOM killer acted in this cgroup (the memory limit was
     /// hit and reclaim could not make room).
     pub fn hit_memory_limit(&self) -> bool {
-        let killed = |text: String| {
-            text.lines()
-                .any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim() != "0"))
-        };
+        let killed = |text: String| text.lines().any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim() != "0"));
         self.dirs.iter().any(|d| {
-            ["memory.oom_control", "memory.events"]
-                .iter()
-                .any(|f| std::fs::read_to_string(d.join(f)).is_ok_and(killed))
+            ["memory.oom_control", "memory.events"].iter().any(|f| std::fs::read_to_string(d.join(f)).is_ok_and(killed))
         })
     }
 
@@ -184,16 +167,13 @@ impl Cgroup {
     }
 }
 
-/// Remove every session cgroup under `kiln/` (leftovers of a crash).
-pub fn remove_all() -> usize {
+/// Remove every session cgroup of `instance` (leftovers of a crash).
+pub fn remove_all(instance: &str) -> usize {
     let mut n = 0;
     let parents: Vec<(PathBuf, bool)> = if unified() {
-        vec![(Path::new(ROOT).join("kiln"), true)]
+        vec![(Path::new(ROOT).join("kiln").join(instance), true)]
     } else {
-        ["memory", "pids", "cpu"]
-            .iter()
-            .map(|c| (Path::new(ROOT).join(c).join("kiln"), false))
-            .collect()
+        ["memory", "pids", "cpu"].iter().map(|c| (Path::new(ROOT).join(c).join("kiln").join(instance), false)).collect()
     };
     for (parent, unified) in parents {
         let Ok(entries) = std::fs::read_dir(&parent) else {
@@ -201,11 +181,7 @@ pub fn remove_all() -> usize {
         };
         for e in entries.flatten() {
             if e.path().is_dir() {
-                Cgroup {
-                    dirs: vec![e.path()],
-                    unified,
-                }
-                .remove();
+                Cgroup { dirs: vec![e.path()], unified }.remove();
                 n += 1;
             }
         }

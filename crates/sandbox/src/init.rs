@@ -55,10 +55,7 @@ enum Step {
 }
 
 fn fail(step: Step, what: impl std::fmt::Display) -> ! {
-    let _ = writeln!(
-        std::io::stderr(),
-        "kiln sandbox: step {step:?} failed: {what}"
-    );
+    let _ = writeln!(std::io::stderr(), "kiln sandbox: step {step:?} failed: {what}");
     std::process::exit(step as i32)
 }
 
@@ -93,12 +90,7 @@ pub fn main(path: &std::path::Path) -> ! {
     // 3. Signals are handled synchronously (sigwait) by the outer process
     //    and init; the program gets the default mask back before exec.
     let mut handled = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-    ] {
+    for s in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         handled.add(s);
     }
     if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled), None) {
@@ -128,10 +120,7 @@ fn map_ids(target: Pid, ready: OwnedFd) -> ! {
     match result {
         Ok(()) => std::process::exit(0),
         Err(e) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "kiln sandbox: writing id maps failed: {e}"
-            );
+            let _ = writeln!(std::io::stderr(), "kiln sandbox: writing id maps failed: {e}");
             std::process::exit(1)
         }
     }
@@ -167,9 +156,7 @@ fn supervise(child: Pid, handled: &SigSet, forward: Forward) -> ! {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
-                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => {
-                    std::process::exit(128 + s as i32)
-                }
+                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => std::process::exit(128 + s as i32),
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
             }
@@ -261,10 +248,7 @@ fn program(jail: &Jail) -> ! {
     // Its own process group, so init can interrupt it and all its children.
     let _ = nix::unistd::setsid();
     if let Err(e) = nix::unistd::chdir(&jail.cwd) {
-        fail(
-            Step::ForkProgram,
-            format!("chdir {}: {e}", jail.cwd.display()),
-        );
+        fail(Step::ForkProgram, format!("chdir {}: {e}", jail.cwd.display()));
     }
     if let Err(e) = drop_privileges() {
         fail(Step::DropPrivileges, e);
@@ -314,11 +298,8 @@ fn drop_privileges() -> Result<(), String> {
     // Verify rather than trust: the kernel reports what is left.
     let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
     for field in ["CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
-        let value = status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .map(str::trim);
-        if value.is_some_and(|v| v.trim_start_matches('0') != "") {
+        let value = status.lines().find_map(|l| l.strip_prefix(field)).map(str::trim);
+        if value.is_some_and(|v| !v.trim_start_matches('0').is_empty()) {
             return Err(format!("{field} {value:?} after dropping privileges"));
         }
     }

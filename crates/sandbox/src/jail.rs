@@ -56,9 +56,7 @@ pub struct Jail {
 }
 
 /// System directories shown read-only at the same path, when they exist.
-pub const SYSTEM_DIRS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
-];
+pub const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"];
 
 /// Host `/etc` entries shown read-only: the dynamic linker's cache, the
 /// trust store, time zone, pip's configuration. Nothing about users, hosts,
@@ -87,13 +85,7 @@ pub const ETC_FILES: &[(&str, &str)] = &[
     ),
     ("group", "root:x:0:\nuser:x:1000:\nnogroup:x:65534:\n"),
     ("hostname", "kiln\n"),
-    (
-        "hosts",
-        "127.0.0.1 localhost kiln\n::1 localhost ip6-localhost ip6-loopback\n",
-    ),
+    ("hosts", "127.0.0.1 localhost kiln\n::1 localhost ip6-localhost ip6-loopback\n"),
     ("resolv.conf", ""),
-    (
-        "nsswitch.conf",
-        "passwd: files\ngroup: files\nhosts: files dns\nservices: files\nprotocols: files\n",
-    ),
+    ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\nservices: files\nprotocols: files\n"),
 ];

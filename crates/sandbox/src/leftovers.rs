@@ -48,14 +48,8 @@ fn start_time(pid: u32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may contain spaces and parentheses; the
     // fields after the last ')' are plain numbers.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| io::Error::other("malformed /proc stat"))?;
-    rest.split_whitespace()
-        .nth(19)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other("malformed /proc stat"))
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| io::Error::other("malformed /proc stat"))?;
+    rest.split_whitespace().nth(19).and_then(|s| s.parse().ok()).ok_or_else(|| io::Error::other("malformed /proc stat"))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 //!
 //! This is the only crate with `unsafe` code: each block names the invariant
 //! it relies on.
-#![deny(unsafe_code)]
+// The workspace denies unsafe code; this crate is the one exception.
 #![allow(unsafe_code)]
 
 pub mod cgroup;
@@ -92,31 +92,19 @@ pub struct Isolation {
 pub enum SandboxError {
     /// The log file could not be created.
     #[error("could not create the process log {path}: {source}")]
-    Log {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Log { path: PathBuf, source: std::io::Error },
     /// The program could not be started.
     #[error("could not start {program}: {source}")]
-    Spawn {
-        program: PathBuf,
-        source: std::io::Error,
-    },
+    Spawn { program: PathBuf, source: std::io::Error },
     /// The pid file could not be written.
     #[error("could not record the process in {path}: {source}")]
-    PidFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    PidFile { path: PathBuf, source: std::io::Error },
     /// The session's cgroup could not be created.
     #[error("could not create the session's cgroup (is kiln running as root?): {0}")]
     Cgroup(std::io::Error),
     /// The helper's instructions could not be written.
     #[error("could not write the sandbox description {path}: {source}")]
-    Spec {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Spec { path: PathBuf, source: std::io::Error },
 }
 
 /// How a contained process ended.
@@ -131,10 +119,7 @@ pub struct Exit {
 impl From<ExitStatus> for Exit {
     fn from(s: ExitStatus) -> Self {
         use std::os::unix::process::ExitStatusExt;
-        Exit {
-            code: s.code(),
-            signal: s.signal(),
-        }
+        Exit { code: s.code(), signal: s.signal() }
     }
 }
 
@@ -163,20 +148,12 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
         .create(true)
         .append(true)
         .open(&policy.log)
-        .map_err(|source| SandboxError::Log {
-            path: policy.log.clone(),
-            source,
-        })?;
-    let log2 = log.try_clone().map_err(|source| SandboxError::Log {
-        path: policy.log.clone(),
-        source,
-    })?;
+        .map_err(|source| SandboxError::Log { path: policy.log.clone(), source })?;
+    let log2 = log.try_clone().map_err(|source| SandboxError::Log { path: policy.log.clone(), source })?;
     let (mut cmd, cgroup) = match &policy.isolation {
         None => {
             let mut cmd = tokio::process::Command::new(&policy.program);
-            cmd.args(&policy.args)
-                .envs(policy.env.iter().map(|(k, v)| (k, v)))
-                .current_dir(&policy.cwd);
+            cmd.args(&policy.args).envs(policy.env.iter().map(|(k, v)| (k, v))).current_dir(&policy.cwd);
             (cmd, None)
         }
         Some(iso) => {
@@ -190,11 +167,7 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
                 seccomp: iso.seccomp,
                 cwd: policy.cwd.clone(),
                 program: policy.program.clone(),
-                args: policy
-                    .args
-                    .iter()
-                    .map(|a| a.to_string_lossy().into_owned())
-                    .collect(),
+                args: policy.args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
                 env: policy
                     .env
                     .iter()
@@ -204,22 +177,14 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
             let json = serde_json::to_vec(&jail).unwrap_or_default();
             if let Err(source) = std::fs::write(&iso.spec_file, json) {
                 cgroup.remove();
-                return Err(SandboxError::Spec {
-                    path: iso.spec_file.clone(),
-                    source,
-                });
+                return Err(SandboxError::Spec { path: iso.spec_file.clone(), source });
             }
             if let Err(source) = std::fs::create_dir_all(&iso.root) {
                 cgroup.remove();
-                return Err(SandboxError::Spec {
-                    path: iso.root.clone(),
-                    source,
-                });
+                return Err(SandboxError::Spec { path: iso.root.clone(), source });
             }
             let mut cmd = tokio::process::Command::new(&iso.helper);
-            cmd.arg("__sandbox-init")
-                .arg(&iso.spec_file)
-                .current_dir("/");
+            cmd.arg("__sandbox-init").arg(&iso.spec_file).current_dir("/");
             (cmd, Some(cgroup))
         }
     };
@@ -231,34 +196,21 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
         // subprocess it started (`!pip`, `!python`, multiprocessing).
         .process_group(0)
         .kill_on_drop(false);
-    let mut child = cmd.spawn().map_err(|source| SandboxError::Spawn {
-        program: policy.program.clone(),
-        source,
-    })?;
+    let mut child = cmd.spawn().map_err(|source| SandboxError::Spawn { program: policy.program.clone(), source })?;
     let raw = child.id().unwrap_or(0);
     let pid = Pid::from_raw(i32::try_from(raw).unwrap_or(0));
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let exit = match child.wait().await {
             Ok(status) => Exit::from(status),
-            Err(_) => Exit {
-                code: None,
-                signal: None,
-            },
+            Err(_) => Exit { code: None, signal: None },
         };
         let _ = tx.send(Some(exit));
     });
-    let sandbox = Sandbox {
-        pid,
-        exit: rx,
-        cgroup,
-    };
+    let sandbox = Sandbox { pid, exit: rx, cgroup };
     if let Err(source) = record(&policy.pid_file, raw) {
         sandbox.kill();
-        return Err(SandboxError::PidFile {
-            path: policy.pid_file.clone(),
-            source,
-        });
+        return Err(SandboxError::PidFile { path: policy.pid_file.clone(), source });
     }
     Ok(sandbox)
 }

@@ -26,17 +26,10 @@ fn ctx<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> 
 pub fn build(jail: &Jail) -> R {
     let none: Option<&str> = None;
     // Nothing we mount may propagate back to the host.
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
-        .map_err(ctx("make / private"))?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(ctx("make / private"))?;
     let root = &jail.root;
-    mount(
-        Some("tmpfs"),
-        root,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("size=16m,mode=0755"),
-    )
-    .map_err(ctx("tmpfs root"))?;
+    mount(Some("tmpfs"), root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("size=16m,mode=0755"))
+        .map_err(ctx("tmpfs root"))?;
 
     for dir in SYSTEM_DIRS {
         let host = Path::new(dir);
@@ -46,14 +39,7 @@ pub fn build(jail: &Jail) -> R {
                 let target = std::fs::read_link(host).map_err(ctx(dir))?;
                 std::os::unix::fs::symlink(target, inside(root, host)).map_err(ctx(dir))?;
             }
-            Ok(_) => bind(
-                root,
-                &Bind {
-                    src: host.into(),
-                    dst: host.into(),
-                    writable: false,
-                },
-            )?,
+            Ok(_) => bind(root, &Bind { src: host.into(), dst: host.into(), writable: false })?,
             Err(_) => {}
         }
     }
@@ -70,14 +56,7 @@ pub fn build(jail: &Jail) -> R {
     for name in ETC_BINDS {
         let host = Path::new("/etc").join(name);
         if host.exists() {
-            bind(
-                root,
-                &Bind {
-                    src: host.clone(),
-                    dst: host,
-                    writable: false,
-                },
-            )?;
+            bind(root, &Bind { src: host.clone(), dst: host, writable: false })?;
         }
     }
 
@@ -85,14 +64,8 @@ pub fn build(jail: &Jail) -> R {
     // namespace cannot mknod).
     let dev = root.join("dev");
     std::fs::create_dir_all(&dev).map_err(ctx("mkdir /dev"))?;
-    mount(
-        Some("tmpfs"),
-        &dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("size=64k,mode=0755"),
-    )
-    .map_err(ctx("tmpfs /dev"))?;
+    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("size=64k,mode=0755"))
+        .map_err(ctx("tmpfs /dev"))?;
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
         let host = Path::new("/dev").join(node);
         std::fs::write(dev.join(node), b"").map_err(ctx(node))?;
@@ -122,38 +95,20 @@ pub fn build(jail: &Jail) -> R {
     let shm = dev.join("shm");
     let tmp_opts = format!("size={},mode=1777", jail.tmp_bytes);
     std::fs::create_dir_all(&shm).map_err(ctx("mkdir /dev/shm"))?;
-    mount(
-        Some("tmpfs"),
-        &shm,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(tmp_opts.as_str()),
-    )
-    .map_err(ctx("tmpfs /dev/shm"))?;
+    mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(tmp_opts.as_str()))
+        .map_err(ctx("tmpfs /dev/shm"))?;
 
     // /tmp: private, size-limited.
     let tmp = root.join("tmp");
     std::fs::create_dir_all(&tmp).map_err(ctx("mkdir /tmp"))?;
-    mount(
-        Some("tmpfs"),
-        &tmp,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(tmp_opts.as_str()),
-    )
-    .map_err(ctx("tmpfs /tmp"))?;
+    mount(Some("tmpfs"), &tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(tmp_opts.as_str()))
+        .map_err(ctx("tmpfs /tmp"))?;
 
     // /proc of this pid namespace.
     let proc = root.join("proc");
     std::fs::create_dir_all(&proc).map_err(ctx("mkdir /proc"))?;
-    mount(
-        Some("proc"),
-        &proc,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        none,
-    )
-    .map_err(ctx("mount /proc"))?;
+    mount(Some("proc"), &proc, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, none)
+        .map_err(ctx("mount /proc"))?;
 
     // Swap roots; the old root is detached, so no host path stays reachable.
     nix::unistd::chdir(root).map_err(ctx("chdir new root"))?;
@@ -161,14 +116,8 @@ pub fn build(jail: &Jail) -> R {
     umount2(".", MntFlags::MNT_DETACH).map_err(ctx("detach old root"))?;
     nix::unistd::chdir("/").map_err(ctx("chdir /"))?;
     // The root tmpfs itself becomes read-only now that it is complete.
-    mount(
-        none,
-        "/",
-        none,
-        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        none,
-    )
-    .map_err(ctx("remount / read-only"))?;
+    mount(none, "/", none, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, none)
+        .map_err(ctx("remount / read-only"))?;
     Ok(())
 }
 
@@ -192,14 +141,8 @@ fn bind(root: &Path, b: &Bind) -> R {
         }
         std::fs::write(&dst, b"").map_err(ctx(dst.display()))?;
     }
-    mount(
-        Some(src),
-        &dst,
-        none,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        none,
-    )
-    .map_err(ctx(format!("bind {}", b.src.display())))?;
+    mount(Some(src), &dst, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+        .map_err(ctx(format!("bind {}", b.src.display())))?;
     let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
     if !b.writable {
         flags |= MsFlags::MS_RDONLY;
@@ -227,20 +170,13 @@ fn bind(root: &Path, b: &Bind) -> R {
 /// interface: nothing outside is reachable.
 pub fn loopback_up() -> R {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let sock = socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(ctx("socket"))?;
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(ctx("socket"))?;
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
         *dst = *src as libc::c_char;
     }
-    req.ifr_ifru.ifru_flags =
-        (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
+    req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads an ifreq, which lives for the whole call;
     // the descriptor is a valid socket we own.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
@@ -254,28 +190,12 @@ pub fn loopback_up() -> R {
 /// namespace: writes only to the session's writable places.
 pub fn landlock(jail: &Jail) -> R {
     use landlock::{
-        path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr,
-        RulesetCreatedAttr, ABI,
+        path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
     };
     let abi = ABI::V3;
-    let mut writable: Vec<PathBuf> = jail
-        .binds
-        .iter()
-        .filter(|b| b.writable)
-        .map(|b| b.dst.clone())
-        .collect();
-    writable.extend(
-        [
-            "/tmp",
-            "/dev/shm",
-            "/dev/pts",
-            "/dev/null",
-            "/dev/zero",
-            "/dev/full",
-            "/dev/tty",
-        ]
-        .map(PathBuf::from),
-    );
+    let mut writable: Vec<PathBuf> = jail.binds.iter().filter(|b| b.writable).map(|b| b.dst.clone()).collect();
+    writable
+        .extend(["/tmp", "/dev/shm", "/dev/pts", "/dev/null", "/dev/zero", "/dev/full", "/dev/tty"].map(PathBuf::from));
     let status = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))

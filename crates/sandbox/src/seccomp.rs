@@ -18,8 +18,7 @@
 //! so the policy is unit-tested here and applied by the sandbox init.
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
 };
 use std::collections::BTreeMap;
 
@@ -103,10 +102,7 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_futimesat, "timestamps"),
     (libc::SYS_flock, "advisory locks (pip, sqlite)"),
     (libc::SYS_fcntl, "descriptor flags and locks"),
-    (
-        libc::SYS_ioctl,
-        "terminal and socket queries (FIONREAD, TCGETS)",
-    ),
+    (libc::SYS_ioctl, "terminal and socket queries (FIONREAD, TCGETS)"),
     (libc::SYS_dup, "duplicating descriptors"),
     (libc::SYS_dup2, "duplicating descriptors"),
     (libc::SYS_dup3, "duplicating descriptors"),
@@ -118,10 +114,7 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_tee, "copying between descriptors"),
     (libc::SYS_fadvise64, "access pattern hints"),
     (libc::SYS_readahead, "access pattern hints"),
-    (
-        libc::SYS_getxattr,
-        "extended attributes (read; pip, shutil.copystat)",
-    ),
+    (libc::SYS_getxattr, "extended attributes (read; pip, shutil.copystat)"),
     (libc::SYS_lgetxattr, "extended attributes"),
     (libc::SYS_fgetxattr, "extended attributes"),
     (libc::SYS_listxattr, "extended attributes"),
@@ -133,10 +126,7 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_inotify_init1, "file watching (tornado, watchdog)"),
     (libc::SYS_inotify_add_watch, "file watching"),
     (libc::SYS_inotify_rm_watch, "file watching"),
-    (
-        libc::SYS_memfd_create,
-        "anonymous files (numba, shared memory)",
-    ),
+    (libc::SYS_memfd_create, "anonymous files (numba, shared memory)"),
     // Memory.
     (libc::SYS_brk, "heap"),
     (libc::SYS_mmap, "memory mapping"),
@@ -146,20 +136,14 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_madvise, "memory hints (allocators)"),
     (libc::SYS_msync, "flushing mappings"),
     (libc::SYS_mincore, "residency queries"),
-    (
-        libc::SYS_mlock,
-        "pinning memory (bounded by RLIMIT_MEMLOCK)",
-    ),
+    (libc::SYS_mlock, "pinning memory (bounded by RLIMIT_MEMLOCK)"),
     (libc::SYS_munlock, "pinning memory"),
     (libc::SYS_membarrier, "memory barriers (runtimes)"),
     (libc::SYS_get_mempolicy, "NUMA queries (OpenBLAS)"),
     (libc::SYS_set_mempolicy, "NUMA policy (OpenBLAS)"),
     (libc::SYS_mbind, "NUMA policy"),
     // Processes and threads.
-    (
-        libc::SYS_clone,
-        "threads and processes, only without namespace flags (see the rule)",
-    ),
+    (libc::SYS_clone, "threads and processes, only without namespace flags (see the rule)"),
     (libc::SYS_fork, "processes"),
     (libc::SYS_vfork, "processes (posix_spawn)"),
     (libc::SYS_execve, "running programs (!cmd, subprocess)"),
@@ -168,10 +152,7 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_exit_group, "process exit"),
     (libc::SYS_wait4, "reaping children"),
     (libc::SYS_waitid, "reaping children"),
-    (
-        libc::SYS_kill,
-        "signals (within the session's pid namespace)",
-    ),
+    (libc::SYS_kill, "signals (within the session's pid namespace)"),
     (libc::SYS_tgkill, "signals to threads"),
     (libc::SYS_tkill, "signals to threads"),
     (libc::SYS_getpid, "process identity"),
@@ -195,36 +176,18 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_get_robust_list, "thread start-up (libc)"),
     (libc::SYS_rseq, "restartable sequences (libc)"),
     (libc::SYS_arch_prctl, "thread-local storage"),
-    (
-        libc::SYS_prctl,
-        "thread names, no_new_privs queries (privileged options need capabilities, which are gone)",
-    ),
-    (
-        libc::SYS_seccomp,
-        "adding filters, which can only narrow this policy (and installs filter 2)",
-    ),
+    (libc::SYS_prctl, "thread names, no_new_privs queries (privileged options need capabilities, which are gone)"),
+    (libc::SYS_seccomp, "adding filters, which can only narrow this policy (and installs filter 2)"),
     (libc::SYS_futex, "locks"),
     (libc::SYS_futex_waitv, "locks"),
     (libc::SYS_sched_yield, "scheduling"),
-    (
-        libc::SYS_sched_getaffinity,
-        "CPU count (os.cpu_count, OpenBLAS)",
-    ),
+    (libc::SYS_sched_getaffinity, "CPU count (os.cpu_count, OpenBLAS)"),
     (libc::SYS_sched_setaffinity, "thread pinning (OpenMP)"),
     (libc::SYS_sched_getparam, "scheduling queries"),
-    (
-        libc::SYS_sched_setparam,
-        "thread scheduling (ZeroMQ; raising priority needs a capability)",
-    ),
-    (
-        libc::SYS_sched_setscheduler,
-        "thread scheduling (ZeroMQ aborts without it)",
-    ),
+    (libc::SYS_sched_setparam, "thread scheduling (ZeroMQ; raising priority needs a capability)"),
+    (libc::SYS_sched_setscheduler, "thread scheduling (ZeroMQ aborts without it)"),
     (libc::SYS_sched_getattr, "scheduling queries"),
-    (
-        libc::SYS_sched_setattr,
-        "thread scheduling (real-time classes need a capability)",
-    ),
+    (libc::SYS_sched_setattr, "thread scheduling (real-time classes need a capability)"),
     (libc::SYS_sched_getscheduler, "scheduling queries"),
     (libc::SYS_sched_get_priority_max, "scheduling queries"),
     (libc::SYS_sched_get_priority_min, "scheduling queries"),
@@ -232,10 +195,7 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_setpriority, "lowering priority (nice)"),
     (libc::SYS_getrlimit, "resource limits (read)"),
     (libc::SYS_setrlimit, "lowering resource limits"),
-    (
-        libc::SYS_prlimit64,
-        "resource limits (raising above the hard limit needs a capability)",
-    ),
+    (libc::SYS_prlimit64, "resource limits (raising above the hard limit needs a capability)"),
     (libc::SYS_getrusage, "resource usage"),
     (libc::SYS_times, "process times"),
     // Signals.
@@ -285,10 +245,7 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_eventfd2, "event notification (ZeroMQ)"),
     // Sockets: the kernel's ipc:// sockets, and whatever the network
     // namespace allows (nothing but loopback by default).
-    (
-        libc::SYS_socket,
-        "sockets (the network namespace decides what is reachable)",
-    ),
+    (libc::SYS_socket, "sockets (the network namespace decides what is reachable)"),
     (libc::SYS_socketpair, "socket pairs (multiprocessing)"),
     (libc::SYS_bind, "binding (ZeroMQ ipc sockets)"),
     (libc::SYS_listen, "listening"),
@@ -336,10 +293,7 @@ pub const ALLOWED: &[(i64, &str)] = &[
 /// [`ALLOWED`]).
 pub const DENIED: &[(i64, &str)] = &[
     (libc::SYS_mount, "mounting could hide or expose filesystems"),
-    (
-        libc::SYS_umount2,
-        "unmounting could expose what the sandbox covers",
-    ),
+    (libc::SYS_umount2, "unmounting could expose what the sandbox covers"),
     (libc::SYS_pivot_root, "changing the root"),
     (libc::SYS_chroot, "changing the root"),
     (libc::SYS_open_tree, "new mount API"),
@@ -348,24 +302,12 @@ pub const DENIED: &[(i64, &str)] = &[
     (libc::SYS_fsmount, "new mount API"),
     (libc::SYS_fspick, "new mount API"),
     (libc::SYS_mount_setattr, "new mount API"),
-    (
-        libc::SYS_unshare,
-        "new namespaces widen the kernel attack surface",
-    ),
+    (libc::SYS_unshare, "new namespaces widen the kernel attack surface"),
     (libc::SYS_setns, "entering other namespaces"),
-    (
-        libc::SYS_clone3,
-        "flags cannot be inspected (ENOSYS: libc falls back to clone)",
-    ),
+    (libc::SYS_clone3, "flags cannot be inspected (ENOSYS: libc falls back to clone)"),
     (libc::SYS_ptrace, "tracing other processes"),
-    (
-        libc::SYS_process_vm_readv,
-        "reading other processes' memory",
-    ),
-    (
-        libc::SYS_process_vm_writev,
-        "writing other processes' memory",
-    ),
+    (libc::SYS_process_vm_readv, "reading other processes' memory"),
+    (libc::SYS_process_vm_writev, "writing other processes' memory"),
     (libc::SYS_kcmp, "comparing other processes' resources"),
     (libc::SYS_pidfd_getfd, "stealing descriptors"),
     (libc::SYS_kexec_load, "loading a new kernel"),
@@ -374,16 +316,10 @@ pub const DENIED: &[(i64, &str)] = &[
     (libc::SYS_finit_module, "loading kernel modules"),
     (libc::SYS_delete_module, "unloading kernel modules"),
     (libc::SYS_bpf, "eBPF programs"),
-    (
-        libc::SYS_perf_event_open,
-        "performance counters leak host information",
-    ),
+    (libc::SYS_perf_event_open, "performance counters leak host information"),
     (libc::SYS_keyctl, "the kernel keyring is not namespaced"),
     (libc::SYS_add_key, "the kernel keyring is not namespaced"),
-    (
-        libc::SYS_request_key,
-        "the kernel keyring is not namespaced",
-    ),
+    (libc::SYS_request_key, "the kernel keyring is not namespaced"),
     (libc::SYS_settimeofday, "setting the clock"),
     (libc::SYS_clock_settime, "setting the clock"),
     (libc::SYS_clock_adjtime, "adjusting the clock"),
@@ -395,26 +331,11 @@ pub const DENIED: &[(i64, &str)] = &[
     (libc::SYS_quotactl, "quotas"),
     (libc::SYS_syslog, "the kernel log"),
     (libc::SYS_userfaultfd, "a common exploitation primitive"),
-    (
-        libc::SYS_io_uring_setup,
-        "a large, often exploited kernel surface",
-    ),
-    (
-        libc::SYS_io_uring_enter,
-        "a large, often exploited kernel surface",
-    ),
-    (
-        libc::SYS_io_uring_register,
-        "a large, often exploited kernel surface",
-    ),
-    (
-        libc::SYS_personality,
-        "can disable address space randomisation",
-    ),
-    (
-        libc::SYS_setuid,
-        "identity changes (no capabilities remain anyway)",
-    ),
+    (libc::SYS_io_uring_setup, "a large, often exploited kernel surface"),
+    (libc::SYS_io_uring_enter, "a large, often exploited kernel surface"),
+    (libc::SYS_io_uring_register, "a large, often exploited kernel surface"),
+    (libc::SYS_personality, "can disable address space randomisation"),
+    (libc::SYS_setuid, "identity changes (no capabilities remain anyway)"),
     (libc::SYS_setgid, "identity changes"),
     (libc::SYS_setreuid, "identity changes"),
     (libc::SYS_setregid, "identity changes"),
@@ -424,14 +345,8 @@ pub const DENIED: &[(i64, &str)] = &[
     (libc::SYS_capset, "capability changes"),
     (libc::SYS_sethostname, "the host name is fixed"),
     (libc::SYS_setdomainname, "the domain name is fixed"),
-    (
-        libc::SYS_name_to_handle_at,
-        "file handles bypass path checks",
-    ),
-    (
-        libc::SYS_open_by_handle_at,
-        "file handles bypass path checks",
-    ),
+    (libc::SYS_name_to_handle_at, "file handles bypass path checks"),
+    (libc::SYS_open_by_handle_at, "file handles bypass path checks"),
     (libc::SYS_lookup_dcookie, "kernel internals"),
     (libc::SYS_vhangup, "terminals"),
 ];
@@ -449,31 +364,13 @@ pub fn filters() -> Result<Vec<BpfProgram>, PolicyError> {
         rules.insert(*nr, vec![]);
     }
     // clone: allowed only when (flags & NAMESPACE_FLAGS) == 0.
-    let no_namespaces = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(NAMESPACE_FLAGS),
-        0,
-    )?;
-    rules.insert(
-        libc::SYS_clone,
-        vec![SeccompRule::new(vec![no_namespaces])?],
-    );
-    let allowlist = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-        arch,
-    )?;
+    let no_namespaces = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(NAMESPACE_FLAGS), 0)?;
+    rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![no_namespaces])?]);
+    let allowlist = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)?;
 
     let mut clone3 = BTreeMap::new();
     clone3.insert(libc::SYS_clone3, vec![]);
-    let no_clone3 = SeccompFilter::new(
-        clone3,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )?;
+    let no_clone3 = SeccompFilter::new(clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)?;
 
     Ok(vec![allowlist.try_into()?, no_clone3.try_into()?])
 }
@@ -487,10 +384,7 @@ mod tests {
     fn no_syscall_is_both_allowed_and_denied() {
         let allowed: BTreeSet<i64> = ALLOWED.iter().map(|(n, _)| *n).collect();
         for (nr, why) in DENIED {
-            assert!(
-                !allowed.contains(nr),
-                "syscall {nr} is denied ({why}) but also allowed"
-            );
+            assert!(!allowed.contains(nr), "syscall {nr} is denied ({why}) but also allowed");
         }
     }
 
@@ -526,9 +420,6 @@ mod tests {
     fn the_policy_compiles_to_two_programs() {
         let progs = filters().unwrap_or_default();
         assert_eq!(progs.len(), 2);
-        assert!(
-            progs[0].len() > ALLOWED.len(),
-            "one check per allowed syscall at least"
-        );
+        assert!(progs[0].len() > ALLOWED.len(), "one check per allowed syscall at least");
     }
 }

@@ -16,14 +16,8 @@ use std::path::Path;
 pub fn mount_workspace(dir: &Path, bytes: u64, uid: u32) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let opts = format!("size={bytes},mode=0755,uid={uid},gid={uid}");
-    mount(
-        Some("tmpfs"),
-        dir,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(opts.as_str()),
-    )
-    .map_err(io::Error::from)
+    mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
+        .map_err(io::Error::from)
 }
 
 /// Unmount the workspace at `dir` (lazily: a process still holding a file
@@ -49,8 +43,5 @@ pub fn unmount_all_under(dir: &Path) -> usize {
         .collect();
     // Deepest first.
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    points
-        .iter()
-        .filter(|p| unmount_workspace(Path::new(p)).is_ok())
-        .count()
+    points.iter().filter(|p| unmount_workspace(Path::new(p)).is_ok()).count()
 }

@@ -33,9 +33,7 @@ pub struct KeyRing {
 impl KeyRing {
     /// A ring of these keys.
     pub fn new(keys: Vec<(String, [u8; 32])>) -> Self {
-        KeyRing {
-            keys: RwLock::new(keys),
-        }
+        KeyRing { keys: RwLock::new(keys) }
     }
 
     /// The id of the key `presented`, if it is accepted.
@@ -58,24 +56,18 @@ pub(crate) async fn require_key(
     mut req: Request,
     next: Next,
 ) -> Result<Response, AppError> {
-    let header = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
+    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim);
     let token = match header {
         None => {
-            return Err(unauthorized(
-                "missing Authorization header: send `Authorization: Bearer <your kiln API key>`",
-            ))
+            return Err(unauthorized("missing Authorization header: send `Authorization: Bearer <your kiln API key>`"))
         }
         Some(h) => match h.split_once(' ') {
-            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => {
-                t.trim()
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => t.trim(),
+            _ => {
+                return Err(unauthorized(
+                    "malformed Authorization header: use `Authorization: Bearer <your kiln API key>`",
+                ))
             }
-            _ => return Err(unauthorized(
-                "malformed Authorization header: use `Authorization: Bearer <your kiln API key>`",
-            )),
         },
     };
     match state.keys.authenticate(token) {
@@ -97,10 +89,7 @@ mod tests {
 
     #[test]
     fn only_a_known_key_authenticates_and_yields_its_id() {
-        let ring = KeyRing::new(vec![
-            ("key_a".into(), hash_key("secret-a")),
-            ("key_b".into(), hash_key("secret-b")),
-        ]);
+        let ring = KeyRing::new(vec![("key_a".into(), hash_key("secret-a")), ("key_b".into(), hash_key("secret-b"))]);
         assert_eq!(ring.authenticate("secret-b").as_deref(), Some("key_b"));
         assert_eq!(ring.authenticate("secret-c"), None);
         assert_eq!(ring.authenticate(""), None);

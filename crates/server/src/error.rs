@@ -31,9 +31,7 @@ impl AppError {
                     SessionError::NotFound(_) => {
                         ApiError::new(ErrorCode::SessionNotFound, msg).with_param("session_id")
                     }
-                    SessionError::Expired(_) => {
-                        ApiError::new(ErrorCode::SessionExpired, msg).with_param("session_id")
-                    }
+                    SessionError::Expired(_) => ApiError::new(ErrorCode::SessionExpired, msg).with_param("session_id"),
                     SessionError::TooManySessions(_) => ApiError::new(ErrorCode::TooManySessions, msg),
                     SessionError::NoCapacity(_) => ApiError::new(ErrorCode::NoCapacity, msg),
                     SessionError::KernelUnavailable(_) | SessionError::Broken(_) => ApiError::new(
@@ -65,8 +63,7 @@ impl AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let api = self.to_api();
-        let status = StatusCode::from_u16(api.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(api.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::error!(code = %api.code, error = %self, "request failed");
         } else {

@@ -9,10 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use kiln_protocol::{
-    decode_files, ApiError, Envelope, ErrorCode, ExecuteData, ExecuteRequest, SessionList,
-    LANGUAGES,
-};
+use kiln_protocol::{decode_files, ApiError, Envelope, ErrorCode, ExecuteData, ExecuteRequest, SessionList, LANGUAGES};
 use kiln_sessions::{Exec, Readiness};
 use std::time::Duration;
 
@@ -22,10 +19,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/tci/execute", post(execute))
         .route("/tci/sessions", get(list_sessions))
         .route("/v1/tci/sessions", get(list_sessions))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_key,
-        ));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
@@ -48,10 +42,7 @@ async fn execute(
     if !LANGUAGES.contains(&language) {
         return Err(ApiError::new(
             ErrorCode::UnsupportedLanguage,
-            format!(
-                "language {language:?} is not supported; this server runs: {}",
-                LANGUAGES.join(", ")
-            ),
+            format!("language {language:?} is not supported; this server runs: {}", LANGUAGES.join(", ")),
         )
         .with_param("language")
         .into());
@@ -64,27 +55,13 @@ async fn execute(
         None => None,
         Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
         Some(_) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                "timeout must be a positive number of seconds",
-            )
-            .with_param("timeout")
-            .into())
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "timeout must be a positive number of seconds")
+                .with_param("timeout")
+                .into())
         }
     };
     let session_id = req.session_id.filter(|s| !s.is_empty());
-    let data = state
-        .manager
-        .execute(
-            &key,
-            Exec {
-                session_id,
-                code: req.code,
-                files,
-                timeout,
-            },
-        )
-        .await?;
+    let data = state.manager.execute(&key, Exec { session_id, code: req.code, files, timeout }).await?;
     Ok(Json(Envelope::ok(data)))
 }
 
@@ -100,10 +77,7 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                "the request body could not be read",
-            ));
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read"));
         };
         if let Ok(data) = frame.into_data() {
             seen += data.len();
@@ -168,14 +142,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"status": "starting", "message": "provisioning the runtime or booting the first kernel"}),
         ),
-        Readiness::Failed(m) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "failed", "message": m}),
-        ),
-        Readiness::Stopping => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "stopping"}),
-        ),
+        Readiness::Failed(m) => {
+            (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "failed", "message": m}))
+        }
+        Readiness::Stopping => (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "stopping"})),
     };
     (status, Json(body)).into_response()
 }
@@ -189,9 +159,5 @@ async fn not_found() -> AppError {
 }
 
 async fn method_not_allowed() -> AppError {
-    ApiError::new(
-        ErrorCode::MethodNotAllowed,
-        "this endpoint does not accept that HTTP method",
-    )
-    .into()
+    ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method").into()
 }

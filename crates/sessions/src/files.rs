@@ -21,63 +21,34 @@ use std::path::Path;
 pub enum FileWriteError {
     /// The name collides with what is already in the working directory.
     #[error("files[{index}]: {name:?} {reason}; nothing was written")]
-    Collision {
-        index: usize,
-        name: String,
-        reason: &'static str,
-    },
+    Collision { index: usize, name: String, reason: &'static str },
     /// The filesystem refused the write.
     #[error("files[{index}]: could not write {name:?}: {source}")]
-    Io {
-        index: usize,
-        name: String,
-        source: std::io::Error,
-    },
+    Io { index: usize, name: String, source: std::io::Error },
 }
 
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 /// Write `files` under `work`: all checked first, then written. New files
 /// and folders are given to `owner` (the sandbox user's host uid), so the
 /// session can change and delete what was uploaded.
-pub fn write_files(
-    work: &Path,
-    files: &[ValidFile],
-    owner: Option<u32>,
-) -> Result<(), FileWriteError> {
+pub fn write_files(work: &Path, files: &[ValidFile], owner: Option<u32>) -> Result<(), FileWriteError> {
     if files.is_empty() {
         return Ok(());
     }
     let io = |index: usize, name: &str| {
         let name = name.to_string();
-        move |e: Errno| FileWriteError::Io {
-            index,
-            name,
-            source: e.into(),
-        }
+        move |e: Errno| FileWriteError::Io { index, name, source: e.into() }
     };
-    let root = rustix::fs::open(
-        work,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(io(0, "."))?;
+    let root = rustix::fs::open(work, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(io(0, "."))?;
 
     // Pass 1: nothing on the way may be a link or a file, the target may
     // not be a folder or a link.
     for (index, f) in files.iter().enumerate() {
         let name = f.display_name();
-        let collision = |reason| FileWriteError::Collision {
-            index,
-            name: name.clone(),
-            reason,
-        };
-        let (last, parents) = f
-            .components
-            .split_last()
-            .ok_or_else(|| collision("is empty"))?;
+        let collision = |reason| FileWriteError::Collision { index, name: name.clone(), reason };
+        let (last, parents) = f.components.split_last().ok_or_else(|| collision("is empty"))?;
         let mut prefix = String::new();
         for c in parents {
             if !prefix.is_empty() {
@@ -89,9 +60,7 @@ pub fn write_files(
                 Err(Errno::NOENT) => break, // created in pass 2
                 Err(Errno::NOTDIR) => return Err(collision("needs a folder where a file exists")),
                 Err(Errno::LOOP | Errno::XDEV) => {
-                    return Err(collision(
-                        "goes through a symbolic link, which uploads never follow",
-                    ))
+                    return Err(collision("goes through a symbolic link, which uploads never follow"))
                 }
                 Err(e) => return Err(io(index, &name)(e)),
             }
@@ -111,9 +80,7 @@ pub fn write_files(
             Err(Errno::NOENT) => {}
             Err(Errno::NOTDIR) => return Err(collision("needs a folder where a file exists")),
             Err(Errno::LOOP | Errno::XDEV) => {
-                return Err(collision(
-                    "goes through a symbolic link, which uploads never follow",
-                ))
+                return Err(collision("goes through a symbolic link, which uploads never follow"))
             }
             Err(e) => return Err(io(index, &name)(e)),
         }
@@ -135,8 +102,7 @@ pub fn write_files(
                     rustix::fs::mkdirat(&dir, c.as_str(), Mode::from_raw_mode(0o755))
                         .or_else(|e| if e == Errno::EXIST { Ok(()) } else { Err(e) })
                         .map_err(io(index, &name))?;
-                    open_beneath(&dir, c, OFlags::PATH | OFlags::DIRECTORY)
-                        .map_err(io(index, &name))?
+                    open_beneath(&dir, c, OFlags::PATH | OFlags::DIRECTORY).map_err(io(index, &name))?
                 }
                 Err(e) => return Err(io(index, &name)(e)),
             };
@@ -156,9 +122,7 @@ pub fn write_files(
                 .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO));
         }
         drop(fd);
-        if let Err(e) =
-            written.and_then(|()| rustix::fs::renameat(&dir, tmp.as_str(), &dir, last.as_str()))
-        {
+        if let Err(e) = written.and_then(|()| rustix::fs::renameat(&dir, tmp.as_str(), &dir, last.as_str())) {
             let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), rustix::fs::AtFlags::empty());
             return Err(err(e));
         }
@@ -186,11 +150,7 @@ mod tests {
     fn files(names: &[&str]) -> Vec<ValidFile> {
         let ups: Vec<FileUpload> = names
             .iter()
-            .map(|n| FileUpload {
-                name: (*n).into(),
-                encoding: "string".into(),
-                content: format!("<{n}>"),
-            })
+            .map(|n| FileUpload { name: (*n).into(), encoding: "string".into(), content: format!("<{n}>") })
             .collect();
         decode_files(&ups).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -198,12 +158,8 @@ mod tests {
     #[test]
     fn files_land_in_sub_folders_created_on_the_way() {
         let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        write_files(d.path(), &files(&["a.txt", "x/y/z.csv"]), None)
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            std::fs::read_to_string(d.path().join("x/y/z.csv")).unwrap_or_default(),
-            "<x/y/z.csv>"
-        );
+        write_files(d.path(), &files(&["a.txt", "x/y/z.csv"]), None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(std::fs::read_to_string(d.path().join("x/y/z.csv")).unwrap_or_default(), "<x/y/z.csv>");
         // Overwriting a file is fine.
         write_files(d.path(), &files(&["a.txt"]), None).unwrap_or_else(|e| panic!("{e}"));
     }
@@ -216,21 +172,10 @@ mod tests {
         std::os::unix::fs::symlink(outside.path().join("f"), d.path().join("flink")).unwrap_or(());
         for name in ["link/evil.txt", "flink"] {
             let err = write_files(d.path(), &files(&["ok.txt", name]), None).err();
-            assert!(
-                matches!(err, Some(FileWriteError::Collision { index: 1, .. })),
-                "{name}: {err:?}"
-            );
+            assert!(matches!(err, Some(FileWriteError::Collision { index: 1, .. })), "{name}: {err:?}");
         }
-        assert!(
-            !d.path().join("ok.txt").exists(),
-            "first file must not be written either"
-        );
-        assert_eq!(
-            std::fs::read_dir(outside.path())
-                .map(|r| r.count())
-                .unwrap_or(1),
-            0
-        );
+        assert!(!d.path().join("ok.txt").exists(), "first file must not be written either");
+        assert_eq!(std::fs::read_dir(outside.path()).map(|r| r.count()).unwrap_or(1), 0);
     }
 
     #[test]
@@ -240,10 +185,7 @@ mod tests {
         std::fs::write(d.path().join("file"), "x").unwrap_or(());
         for name in ["dir", "file/sub.txt"] {
             let err = write_files(d.path(), &files(&[name]), None).err();
-            assert!(
-                matches!(err, Some(FileWriteError::Collision { .. })),
-                "{name}: {err:?}"
-            );
+            assert!(matches!(err, Some(FileWriteError::Collision { .. })), "{name}: {err:?}");
         }
     }
 }

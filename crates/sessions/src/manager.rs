@@ -96,16 +96,10 @@ impl Manager {
     /// remove its session directories, end its sessions in the store.
     pub async fn recover(&self) -> Result<(), SessionError> {
         let dir = self.inner.cfg.sessions_dir.clone();
-        let removed = tokio::task::spawn_blocking(move || remove_leftovers(&dir))
-            .await
-            .unwrap_or(0);
+        let removed = tokio::task::spawn_blocking(move || remove_leftovers(&dir)).await.unwrap_or(0);
         let ended = self.inner.store.end_all_open(Utc::now()).await?;
         if removed > 0 || ended > 0 {
-            tracing::info!(
-                removed_dirs = removed,
-                ended_sessions = ended,
-                "cleaned up after a previous run"
-            );
+            tracing::info!(removed_dirs = removed, ended_sessions = ended, "cleaned up after a previous run");
         }
         Ok(())
     }
@@ -124,11 +118,7 @@ impl Manager {
         }
         let filler = tokio::spawn(crate::pool::fill(self.inner.clone()));
         let reaper = tokio::spawn(reap(self.inner.clone()));
-        self.inner
-            .background
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend([filler, reaper]);
+        self.inner.background.lock().unwrap_or_else(|p| p.into_inner()).extend([filler, reaper]);
         self.set_readiness(Readiness::Ready);
         Ok(())
     }
@@ -154,24 +144,14 @@ impl Manager {
         let cfg = &self.inner.cfg;
         let max = cfg.max_exec_timeout;
         let timeout = match req.timeout {
-            Some(t) if t.is_zero() || t > max => {
-                return Err(SessionError::BadTimeout { max: max.as_secs() })
-            }
+            Some(t) if t.is_zero() || t > max => return Err(SessionError::BadTimeout { max: max.as_secs() }),
             Some(t) => t,
             None => cfg.exec_timeout.min(max),
         };
-        let limits = ExecLimits {
-            timeout,
-            interrupt_grace: cfg.interrupt_grace,
-            max_output_bytes: cfg.max_output_bytes,
-        };
+        let limits =
+            ExecLimits { timeout, interrupt_grace: cfg.interrupt_grace, max_output_bytes: cfg.max_output_bytes };
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            code: req.code,
-            files: req.files,
-            limits,
-            reply,
-        };
+        let job = Job { code: req.code, files: req.files, limits, reply };
         let id = match req.session_id {
             Some(id) => {
                 self.enqueue(key_id, &id, job).await?;
@@ -179,8 +159,7 @@ impl Manager {
             }
             None => {
                 let (id, jobs) = self.create(key_id).await?;
-                jobs.send(job)
-                    .map_err(|_| SessionError::Expired(id.clone()))?;
+                jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
                 id
             }
         };
@@ -220,13 +199,7 @@ impl Manager {
         // The filler may be booting a kernel: let it finish and discard it,
         // so no process outlives the server.
         self.inner.pool.wake();
-        let background: Vec<_> = self
-            .inner
-            .background
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
+        let background: Vec<_> = self.inner.background.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
         for task in background {
             let _ = task.await;
         }
@@ -237,14 +210,9 @@ impl Manager {
         {
             let reg = self.inner.registry();
             match reg.live.get(id) {
-                Some(l) if l.key_id != key_id => {
-                    return Err(SessionError::NotFound(id.to_string()))
-                }
+                Some(l) if l.key_id != key_id => return Err(SessionError::NotFound(id.to_string())),
                 Some(l) if l.expires_at > Utc::now() => {
-                    return l
-                        .jobs
-                        .send(job)
-                        .map_err(|_| SessionError::Expired(id.to_string()));
+                    return l.jobs.send(job).map_err(|_| SessionError::Expired(id.to_string()));
                 }
                 Some(_) => return Err(SessionError::Expired(id.to_string())),
                 None => {}
@@ -257,10 +225,7 @@ impl Manager {
         }
     }
 
-    async fn create(
-        &self,
-        key_id: &str,
-    ) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
+    async fn create(&self, key_id: &str) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
         let cfg = &self.inner.cfg;
         {
             let mut reg = self.inner.registry();
@@ -296,8 +261,7 @@ impl Manager {
         };
         let id = format!("ses_{}", Alphanumeric.sample_string(&mut rand::rng(), 24));
         let now = Utc::now();
-        let ttl =
-            chrono::Duration::from_std(self.inner.cfg.ttl).unwrap_or(chrono::Duration::hours(1));
+        let ttl = chrono::Duration::from_std(self.inner.cfg.ttl).unwrap_or(chrono::Duration::hours(1));
         let record = SessionRecord {
             id: id.clone(),
             key_id: key_id.to_string(),
@@ -314,24 +278,9 @@ impl Manager {
         }
         let (jobs, queue) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
-        let worker = tokio::spawn(worker::run(
-            self.inner.clone(),
-            id.clone(),
-            kernel,
-            queue,
-            stopped,
-        ));
+        let worker = tokio::spawn(worker::run(self.inner.clone(), id.clone(), kernel, queue, stopped));
         tracing::info!(session = %id, key = %key_id, "session started");
-        Ok((
-            id,
-            Live {
-                key_id: key_id.to_string(),
-                expires_at: record.expires_at,
-                jobs,
-                stop,
-                worker,
-            },
-        ))
+        Ok((id, Live { key_id: key_id.to_string(), expires_at: record.expires_at, jobs, stop, worker }))
     }
 }
 
@@ -353,17 +302,13 @@ impl Inner {
         let sandbox = self.cfg.sandbox.clone();
         let prepared = {
             let dirs = dirs.clone();
-            tokio::task::spawn_blocking(move || prepare_dirs(&dirs, sandbox.as_ref(), &runtime))
-                .await
+            tokio::task::spawn_blocking(move || prepare_dirs(&dirs, sandbox.as_ref(), &runtime)).await
         };
         match prepared {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 destroy_dir(dirs.root.clone()).await;
-                return Err(SessionError::KernelUnavailable(format!(
-                    "preparing {}: {e}",
-                    dirs.root.display()
-                )));
+                return Err(SessionError::KernelUnavailable(format!("preparing {}: {e}", dirs.root.display())));
             }
             Err(e) => return Err(SessionError::KernelUnavailable(e.to_string())),
         }
@@ -385,11 +330,7 @@ impl Inner {
                 let spec = SandboxSpec {
                     helper: sb.helper.clone(),
                     read_only,
-                    limits: kiln_sandbox::CgroupLimits {
-                        memory_bytes: sb.memory_bytes,
-                        pids: sb.pids,
-                        cpus: sb.cpus,
-                    },
+                    limits: kiln_sandbox::CgroupLimits { memory_bytes: sb.memory_bytes, pids: sb.pids, cpus: sb.cpus },
                     tmp_bytes: sb.tmp_bytes,
                     nofile: sb.nofile,
                     owner: kiln_sandbox::jail::host_user_id(),
@@ -411,10 +352,7 @@ impl Inner {
 
     /// The host uid that must own files written for sessions.
     pub(crate) fn file_owner(&self) -> Option<u32> {
-        self.cfg
-            .sandbox
-            .as_ref()
-            .map(|_| kiln_sandbox::jail::host_user_id())
+        self.cfg.sandbox.as_ref().map(|_| kiln_sandbox::jail::host_user_id())
     }
 
     /// Forget a session whose worker ended on its own.
@@ -435,12 +373,8 @@ async fn reap(inner: Arc<Inner>) {
         let now = Utc::now();
         let expired: Vec<Live> = {
             let mut reg = inner.registry();
-            let ids: Vec<String> = reg
-                .live
-                .iter()
-                .filter(|(_, l)| l.expires_at <= now)
-                .map(|(id, _)| id.clone())
-                .collect();
+            let ids: Vec<String> =
+                reg.live.iter().filter(|(_, l)| l.expires_at <= now).map(|(id, _)| id.clone()).collect();
             ids.iter().filter_map(|id| reg.live.remove(id)).collect()
         };
         for l in expired {
@@ -476,7 +410,7 @@ fn remove_leftovers(dir: &std::path::Path) -> usize {
     for entry in &entries {
         let _ = kiln_sandbox::kill_recorded(&entry.path().join("pid"));
     }
-    kiln_sandbox::cgroup::remove_all();
+    kiln_sandbox::cgroup::remove_all(&kiln_sandbox::cgroup::instance_name(dir));
     kiln_sandbox::workspace::unmount_all_under(dir);
     let mut n = 0;
     for entry in entries {
@@ -488,23 +422,12 @@ fn remove_leftovers(dir: &std::path::Path) -> usize {
 }
 
 /// Create a kernel's directories: root (server only), storage, work, home.
-fn prepare_dirs(
-    dirs: &KernelDirs,
-    sandbox: Option<&SandboxConfig>,
-    runtime: &Runtime,
-) -> std::io::Result<()> {
+fn prepare_dirs(dirs: &KernelDirs, sandbox: Option<&SandboxConfig>, runtime: &Runtime) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dirs.root)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dirs.root)?;
     std::fs::create_dir_all(&dirs.data)?;
     if let Some(sb) = sandbox {
-        kiln_sandbox::workspace::mount_workspace(
-            &dirs.data,
-            sb.disk_bytes,
-            kiln_sandbox::jail::host_user_id(),
-        )?;
+        kiln_sandbox::workspace::mount_workspace(&dirs.data, sb.disk_bytes, kiln_sandbox::jail::host_user_id())?;
     }
     std::fs::create_dir_all(&dirs.work)?;
     std::fs::create_dir_all(&dirs.home)?;

@@ -22,11 +22,7 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub(crate) fn new(target: usize) -> Self {
-        Pool {
-            ready: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
-            target,
-        }
+        Pool { ready: Mutex::new(VecDeque::new()), wake: Notify::new(), target }
     }
 
     /// A ready kernel, if the pool has a live one.

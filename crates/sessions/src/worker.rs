@@ -36,12 +36,7 @@ pub(crate) async fn run(
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
             job = jobs.recv() => match job { Some(j) => j, None => break },
         };
-        let Job {
-            code,
-            files,
-            limits,
-            mut reply,
-        } = job;
+        let Job { code, files, limits, mut reply } = job;
         if reply.is_closed() {
             continue;
         }
@@ -56,9 +51,7 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 tracing::error!(session = %id, error = %e, "file writer panicked");
-                let _ = reply.send(Err(SessionError::KernelUnavailable(
-                    "internal error writing files".into(),
-                )));
+                let _ = reply.send(Err(SessionError::KernelUnavailable("internal error writing files".into())));
                 continue;
             }
         }
@@ -82,11 +75,7 @@ pub(crate) async fn run(
             break;
         }
         let mut outputs = exec.outputs;
-        let mut status = if exec.raised {
-            ExecuteStatus::Error
-        } else {
-            ExecuteStatus::Success
-        };
+        let mut status = if exec.raised { ExecuteStatus::Error } else { ExecuteStatus::Success };
         let secs = limits.timeout.as_secs_f64();
         let restart_reason = match exec.end {
             End::Completed | End::Cancelled { recovered: true } => None,
@@ -102,7 +91,10 @@ pub(crate) async fn run(
                 "TimeoutError: the execution exceeded its time limit of {secs}s and did not stop when \
                  interrupted, so its kernel was killed"
             )),
-            End::Cancelled { recovered: false } => Some("the request was abandoned and the cell did not stop when interrupted, so its kernel was killed".to_string()),
+            End::Cancelled { recovered: false } => Some(
+                "the request was abandoned and the cell did not stop when interrupted, so its kernel was killed"
+                    .to_string(),
+            ),
             End::Died(_) if kernel.sandbox().hit_memory_limit() => Some(format!(
                 "MemoryError: the session ran out of memory (its limit is {} MiB), so its kernel was killed",
                 inner.cfg.sandbox.as_ref().map_or(0, |s| s.memory_bytes >> 20)
@@ -136,11 +128,7 @@ pub(crate) async fn run(
                 }
             }
         }
-        let _ = reply.send(Ok(ExecuteData {
-            session_id: id.clone(),
-            status,
-            outputs,
-        }));
+        let _ = reply.send(Ok(ExecuteData { session_id: id.clone(), status, outputs }));
         if ended {
             break;
         }

@@ -19,16 +19,10 @@ use chrono::{DateTime, Utc};
 pub enum StoreError {
     /// The database could not be opened or migrated.
     #[error("could not open the store at {path}: {source}")]
-    Open {
-        path: std::path::PathBuf,
-        source: rusqlite::Error,
-    },
+    Open { path: std::path::PathBuf, source: rusqlite::Error },
     /// A query failed.
     #[error("store query failed ({what}): {source}")]
-    Query {
-        what: &'static str,
-        source: rusqlite::Error,
-    },
+    Query { what: &'static str, source: rusqlite::Error },
 }
 
 /// Result of store operations.

@@ -40,28 +40,17 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Open (creating and migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let open = |source| StoreError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
+        let open = |source| StoreError::Open { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(open)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(open)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open)?;
-        let version: usize = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(open)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open)?;
+        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(open)?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             conn.execute_batch(sql).map_err(open)?;
-            conn.pragma_update(None, "user_version", i + 1)
-                .map_err(open)?;
+            conn.pragma_update(None, "user_version", i + 1).map_err(open)?;
         }
-        Ok(SqliteStore {
-            conn: Mutex::new(conn),
-        })
+        Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -95,8 +84,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     })
 }
 
-const SESSION_COLS: &str =
-    "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at";
+const SESSION_COLS: &str = "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at";
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
@@ -116,55 +104,30 @@ impl Store for SqliteStore {
                 })
             })
             .map_err(q("list keys"))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(q("list keys"))
+        rows.collect::<rusqlite::Result<_>>().map_err(q("list keys"))
     }
 
     async fn add_key(&self, hash: [u8; 32], label: &str) -> Result<KeyRecord> {
         let conn = self.conn();
         let existing = conn
-            .query_row(
-                "SELECT id, label, created_at FROM api_keys WHERE hash = ?1",
-                params![hash.as_slice()],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                },
-            )
+            .query_row("SELECT id, label, created_at FROM api_keys WHERE hash = ?1", params![hash.as_slice()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            })
             .optional()
             .map_err(q("find key"))?;
         if let Some((id, label, created)) = existing {
-            return Ok(KeyRecord {
-                id,
-                hash,
-                label,
-                created_at: from_micros(created),
-            });
+            return Ok(KeyRecord { id, hash, label, created_at: from_micros(created) });
         }
         // The id is derived from the hash: stable, and reveals nothing
         // usable (a prefix of a SHA-256 of a high-entropy secret).
-        let id = format!(
-            "key_{}",
-            hash.iter()
-                .take(8)
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let id = format!("key_{}", hash.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>());
         let now = Utc::now();
         conn.execute(
             "INSERT INTO api_keys (id, hash, label, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![id, hash.as_slice(), label, micros(now)],
         )
         .map_err(q("add key"))?;
-        Ok(KeyRecord {
-            id,
-            hash,
-            label: label.to_string(),
-            created_at: now,
-        })
+        Ok(KeyRecord { id, hash, label: label.to_string(), created_at: now })
     }
 
     async fn insert_session(&self, s: &SessionRecord) -> Result<()> {
@@ -198,21 +161,14 @@ impl Store for SqliteStore {
 
     async fn end_session(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
         self.conn()
-            .execute(
-                "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
-                params![id, micros(at)],
-            )
+            .execute("UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL", params![id, micros(at)])
             .map_err(q("end session"))?;
         Ok(())
     }
 
     async fn session(&self, id: &str) -> Result<Option<SessionRecord>> {
         self.conn()
-            .query_row(
-                &format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"),
-                params![id],
-                session_row,
-            )
+            .query_row(&format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"), params![id], session_row)
             .optional()
             .map_err(q("get session"))
     }
@@ -226,20 +182,14 @@ impl Store for SqliteStore {
                  ORDER BY started_at"
             ))
             .map_err(q("list sessions"))?;
-        let rows = stmt
-            .query_map(params![key_id, micros(now)], session_row)
-            .map_err(q("list sessions"))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(q("list sessions"))
+        let rows = stmt.query_map(params![key_id, micros(now)], session_row).map_err(q("list sessions"))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(q("list sessions"))
     }
 
     async fn end_all_open(&self, at: DateTime<Utc>) -> Result<u64> {
         let n = self
             .conn()
-            .execute(
-                "UPDATE sessions SET ended_at = ?1 WHERE ended_at IS NULL",
-                params![micros(at)],
-            )
+            .execute("UPDATE sessions SET ended_at = ?1 WHERE ended_at IS NULL", params![micros(at)])
             .map_err(q("end open sessions"))?;
         Ok(n as u64)
     }
@@ -259,14 +209,8 @@ mod tests {
     #[tokio::test]
     async fn adding_the_same_key_twice_keeps_one_record() {
         let (_d, s) = store();
-        let a = s
-            .add_key([7; 32], "flag")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let b = s
-            .add_key([7; 32], "other")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let a = s.add_key([7; 32], "flag").await.unwrap_or_else(|e| panic!("{e}"));
+        let b = s.add_key([7; 32], "other").await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.id, b.id);
         assert_eq!(s.keys().await.map(|k| k.len()).unwrap_or(0), 1);
     }
@@ -284,28 +228,14 @@ mod tests {
             last_execute_at: None,
             ended_at: None,
         };
-        for r in [
-            mk("a", "k1", 60),
-            mk("b", "k1", 60),
-            mk("c", "k2", 60),
-            mk("d", "k1", -1),
-        ] {
+        for r in [mk("a", "k1", 60), mk("b", "k1", 60), mk("c", "k2", 60), mk("d", "k1", -1)] {
             s.insert_session(&r).await.unwrap_or_else(|e| panic!("{e}"));
         }
-        s.record_execute("a", now)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        s.record_execute("a", now)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        s.end_session("b", now)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        s.record_execute("a", now).await.unwrap_or_else(|e| panic!("{e}"));
+        s.record_execute("a", now).await.unwrap_or_else(|e| panic!("{e}"));
+        s.end_session("b", now).await.unwrap_or_else(|e| panic!("{e}"));
         let live = s.live_sessions("k1", now).await.unwrap_or_default();
-        assert_eq!(
-            live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            vec!["a"]
-        );
+        assert_eq!(live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(live[0].execute_count, 2);
         // a, c and d (expired but never torn down); b had ended.
         assert_eq!(s.end_all_open(now).await.unwrap_or(0), 3);

@@ -78,17 +78,8 @@ pub fn start_in(data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Ser
             }
         }
     };
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap();
-    Server {
-        child: Some(child),
-        url,
-        data,
-        stdout_lines: lines,
-        http,
-    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+    Server { child: Some(child), url, data, stdout_lines: lines, http }
 }
 
 impl Server {
@@ -100,30 +91,19 @@ impl Server {
         let resp = req.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        let v = serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
         (status, v)
     }
 
-    pub async fn raw(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        key: Option<&str>,
-        body: Vec<u8>,
-    ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{}", self.url, path))
-            .body(body);
+    pub async fn raw(&self, method: reqwest::Method, path: &str, key: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.url, path)).body(body);
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
         let resp = req.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        let v = serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
         (status, v)
     }
 
@@ -139,19 +119,10 @@ impl Server {
     }
 
     pub async fn sessions(&self, key: &str) -> Vec<Value> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/tci/sessions", self.url))
-            .bearer_auth(key)
-            .send()
-            .await
-            .expect("list");
+        let resp = self.http.get(format!("{}/v1/tci/sessions", self.url)).bearer_auth(key).send().await.expect("list");
         assert_eq!(resp.status().as_u16(), 200);
         let v: Value = resp.json().await.expect("json");
-        v["data"]["sessions"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        v["data"]["sessions"].as_array().cloned().unwrap_or_default()
     }
 
     pub fn sessions_dir(&self) -> PathBuf {
@@ -216,23 +187,29 @@ pub fn types_of(data: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Pids of kernel processes whose command line mentions `dir`.
-pub fn kernels_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().to_string();
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("ipykernel_launcher") && cmd.contains(&needle) {
-            pids.push(pid);
+/// The live sandboxes of the server whose sessions live in `dir`: one entry
+/// per session cgroup, with the pids in it.
+pub fn sandboxes(dir: &Path) -> Vec<Vec<i32>> {
+    let instance = kiln_sandbox::cgroup::instance_name(dir);
+    let mut out = Vec::new();
+    for base in ["/sys/fs/cgroup/pids/kiln", "/sys/fs/cgroup/kiln"] {
+        let Ok(entries) = std::fs::read_dir(Path::new(base).join(&instance)) else { continue };
+        for e in entries.flatten().filter(|e| e.path().is_dir()) {
+            let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            out.push(procs.lines().filter_map(|l| l.trim().parse().ok()).collect());
         }
     }
-    pids
+    out
+}
+
+/// All pids in the server's sandboxes.
+pub fn sandboxed_pids(dir: &Path) -> Vec<i32> {
+    sandboxes(dir).into_iter().flatten().collect()
+}
+
+/// Pids among `pids` running the program `comm`.
+pub fn running(pids: &[i32], comm: &str) -> usize {
+    pids.iter().filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)).count()
 }
 
 /// Poll `f` until it holds or `secs` pass.
