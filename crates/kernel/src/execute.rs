@@ -40,7 +40,12 @@ pub enum End {
         recovered: bool,
     },
     /// The kernel process ended during the cell.
-    Died(Option<Exit>),
+    Died {
+        /// How it ended, if known.
+        exit: Option<Exit>,
+        /// Whether its sandbox's memory limit was hit (the OOM killer acted).
+        out_of_memory: bool,
+    },
 }
 
 /// The result of one cell.
@@ -135,6 +140,8 @@ impl Kernel {
 
     /// The kernel is gone: keep what already arrived, report how it ended.
     async fn died(&mut self, mut out: Collector, id: &str) -> Execution {
+        // Before the kill: tearing the sandbox down removes the evidence.
+        let out_of_memory = self.sandbox.hit_memory_limit();
         while let Ok(msg) = self.iopub.try_recv() {
             if msg.parent_header.as_ref().is_some_and(|h| h.msg_id == id) {
                 out.accept(&msg.content);
@@ -143,6 +150,6 @@ impl Kernel {
         self.kill().await;
         let exit = self.sandbox.exit();
         let raised = out.saw_error;
-        Execution { outputs: out.finish(), raised, end: End::Died(exit) }
+        Execution { outputs: out.finish(), raised, end: End::Died { exit, out_of_memory } }
     }
 }

@@ -44,6 +44,8 @@ async fn many_sessions_come_and_go_without_leaking_processes_or_files() {
     assert!(status.success(), "{status:?}");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     assert!(sandboxes(&dir).is_empty(), "{:?}", sandboxes(&dir));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(dir.to_str().unwrap()), "a workspace is still mounted");
 }
 
 #[tokio::test(flavor = "multi_thread")]

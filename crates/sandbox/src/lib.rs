@@ -125,10 +125,12 @@ impl From<ExitStatus> for Exit {
 
 impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.code, self.signal) {
-            (Some(c), _) => write!(f, "exit code {c}"),
+        // The sandbox helper reports a program killed by signal N as 128+N.
+        let signal = self.signal.or(self.code.filter(|c| (129..=159).contains(c)).map(|c| c - 128));
+        match (self.code, signal) {
             (_, Some(9)) => write!(f, "killed (SIGKILL, e.g. out of memory)"),
             (_, Some(s)) => write!(f, "killed by signal {s}"),
+            (Some(c), _) => write!(f, "exit code {c}"),
             _ => write!(f, "unknown exit"),
         }
     }

@@ -95,11 +95,11 @@ pub(crate) async fn run(
                 "the request was abandoned and the cell did not stop when interrupted, so its kernel was killed"
                     .to_string(),
             ),
-            End::Died(_) if kernel.sandbox().hit_memory_limit() => Some(format!(
+            End::Died { out_of_memory: true, .. } => Some(format!(
                 "MemoryError: the session ran out of memory (its limit is {} MiB), so its kernel was killed",
                 inner.cfg.sandbox.as_ref().map_or(0, |s| s.memory_bytes >> 20)
             )),
-            End::Died(exit) => Some(format!(
+            End::Died { exit, .. } => Some(format!(
                 "KernelDied: the Python kernel running this session exited ({}) while running this code \
                  (for example os._exit(), a crash in native code, or running out of memory)",
                 exit.map_or_else(|| "unknown reason".to_string(), |e| e.to_string())
