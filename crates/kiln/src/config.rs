@@ -85,7 +85,8 @@ pub struct ServeArgs {
     /// Processes and threads per session [default: 512]
     #[arg(long, env = "KILN_PIDS_LIMIT")]
     pub pids_limit: Option<u64>,
-    /// CPU cores per session [default: 1]
+    /// CPU cores per session (a CFS quota; sessions also get equal CPU
+    /// shares, so a busy session cannot starve the others) [default: all]
     #[arg(long, env = "KILN_CPU_LIMIT")]
     pub cpu_limit: Option<f64>,
     /// Log format: text or json [default: text]
@@ -177,7 +178,7 @@ impl Settings {
                         helper: std::env::current_exe().context("cannot find the kiln binary itself")?,
                         memory_bytes: pick!(memory_limit, 2 << 30),
                         pids: pick!(pids_limit, 512),
-                        cpus: pick!(cpu_limit, 1.0),
+                        cpus: pick!(cpu_limit, std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)),
                         disk_bytes: pick!(disk_limit, 1 << 30),
                         tmp_bytes: pick!(tmp_limit, 512 << 20),
                         nofile: 4096,

@@ -125,3 +125,11 @@ async fn settings_come_from_a_config_file_with_flags_taking_precedence() {
     let t = |f: &str| chrono::DateTime::parse_from_rfc3339(list[0][f].as_str().unwrap()).unwrap();
     assert_eq!((t("expires_at") - t("started_at")).num_minutes(), 7);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_sandbox_sessions_still_work_for_trusted_development() {
+    let s = start(&["--sandbox", "none"]);
+    let d = s.exec("import os\nprint(os.getuid() == 0, os.getcwd().endswith('/data/work'))", None).await;
+    assert_eq!(common::text_of(&d, "stdout"), "True True\n");
+    assert!(sandboxes(&s.sessions_dir()).is_empty(), "no cgroups without a sandbox");
+}
