@@ -177,3 +177,24 @@ async fn a_key_over_its_session_limit_gets_429() {
     let (st, _) = s.post("/tci/execute", Some(OTHER_KEY), json!({"code": "1"})).await;
     assert_eq!(st, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_at_its_session_limit_answers_503_and_recovers() {
+    let s = start(&["--max-sessions", "2", "--session-ttl", "3s"]);
+    s.exec("1", None).await;
+    s.exec("1", None).await;
+    let (st, v) = s.post("/tci/execute", Some(OTHER_KEY), json!({"code": "1"})).await;
+    assert_error(st, &v, 503, "no_capacity");
+    // Once the sessions expire there is room again.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let (st, v) = s.post("/tci/execute", Some(OTHER_KEY), json!({"code": "1"})).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_answers_without_a_key_once_sessions_can_be_served() {
+    let s = start(&[]);
+    let (st, v) = s.raw(Method::GET, "/healthz", None, vec![]).await;
+    assert_eq!(st, 200);
+    assert_eq!(v, json!({"status": "ok"}));
+}

@@ -217,3 +217,25 @@ async fn endless_output_is_truncated_at_the_limit() {
     assert!(text_of(&v["data"], "stderr").contains("output limit of 100000 bytes"), "{v:.300}");
     assert!(text_of(&v["data"], "error").contains("time limit"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn time_limits_hold_for_many_sessions_at_once() {
+    let s = std::sync::Arc::new(start(&["--pool-size", "2"]));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let code = if i % 2 == 0 { "import time\ntime.sleep(60)" } else { "while True: pass" };
+            s.post("/tci/execute", Some(KEY), json!({"code": code, "timeout": 2})).await
+        }));
+    }
+    for t in tasks {
+        let (st, v) = t.await.unwrap();
+        assert_eq!(st, 200, "{v}");
+        assert!(text_of(&v["data"], "error").contains("time limit of 2s"), "{v}");
+    }
+    // Six cells of 2 s each, cold boots included, end well before any of
+    // them could have run to completion (60 s / forever).
+    assert!(t0.elapsed() < Duration::from_secs(45), "{:?}", t0.elapsed());
+}

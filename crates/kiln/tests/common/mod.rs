@@ -84,15 +84,7 @@ pub fn start_in(data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Ser
 
 impl Server {
     pub async fn post(&self, path: &str, key: Option<&str>, body: Value) -> (u16, Value) {
-        let mut req = self.http.post(format!("{}{}", self.url, path)).json(&body);
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"));
-        (status, v)
+        self.raw(reqwest::Method::POST, path, key, serde_json::to_vec(&body).unwrap()).await
     }
 
     pub async fn raw(&self, method: reqwest::Method, path: &str, key: Option<&str>, body: Vec<u8>) -> (u16, Value) {
