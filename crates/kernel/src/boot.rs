@@ -47,6 +47,11 @@ pub struct SandboxSpec {
     pub nofile: u64,
     /// The host uid that owns the session's files (the user inside).
     pub owner: u32,
+    /// A shared directory (the runtime) to show copy-on-write, its writes
+    /// kept in the session's storage (`data/.layer`).
+    pub overlay: Option<PathBuf>,
+    /// The egress proxy's socket, when the network policy allows egress.
+    pub egress_socket: Option<PathBuf>,
 }
 
 /// Where the work dir appears inside a sandbox (the kernel's cwd).
@@ -85,6 +90,16 @@ impl KernelDirs {
     pub fn with_new_run(&self) -> Self {
         let n: u32 = rand::rng().random();
         KernelDirs { run: self.root.join(format!("run-{n:08x}")), ..self.clone() }
+    }
+
+    /// The session's private writes to the shared runtime (overlay upper).
+    pub fn layer_upper(&self) -> PathBuf {
+        self.data.join(".layer").join("upper")
+    }
+
+    /// overlayfs's scratch directory for [`Self::layer_upper`].
+    pub fn layer_work(&self) -> PathBuf {
+        self.data.join(".layer").join("work")
     }
 
     /// The kernel process's own log (startup messages, crashes).
@@ -147,6 +162,12 @@ impl Kernel {
                 spec_file: dirs.root.join("sandbox.json"),
                 root: dirs.root.join("rootfs"),
                 binds,
+                overlay: sb.overlay.as_ref().map(|lower| kiln_sandbox::Overlay {
+                    lower: lower.clone(),
+                    upper: dirs.layer_upper(),
+                    work: dirs.layer_work(),
+                }),
+                egress_socket: sb.egress_socket.clone(),
                 limits: sb.limits,
                 tmp_bytes: sb.tmp_bytes,
                 nofile: sb.nofile,

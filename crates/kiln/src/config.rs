@@ -89,6 +89,12 @@ pub struct ServeArgs {
     /// shares, so a busy session cannot starve the others) [default: all]
     #[arg(long, env = "KILN_CPU_LIMIT")]
     pub cpu_limit: Option<f64>,
+    /// What sessions may reach: `none`, `pypi` (only the package index
+    /// this machine's pip uses, through kiln's proxy) or `full` (public
+    /// HTTP(S) through kiln's proxy; never this host or private networks)
+    /// [default: pypi]
+    #[arg(long, env = "KILN_NETWORK")]
+    pub network: Option<String>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "KILN_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -157,6 +163,7 @@ impl Settings {
             "--log-format must be `text` or `json`, not {log_format:?}"
         );
         let exec_timeout = pick!(exec_timeout, Duration::from_secs(600));
+        let network: kiln_sessions::Network = pick!(network, "pypi".to_string()).parse().map_err(anyhow::Error::msg)?;
         let max_exec_timeout = pick!(max_exec_timeout, Duration::from_secs(3600));
         Ok(Settings {
             listen: pick!(listen, SocketAddr::from(([127, 0, 0, 1], 8787))),
@@ -182,6 +189,8 @@ impl Settings {
                         disk_bytes: pick!(disk_limit, 1 << 30),
                         tmp_bytes: pick!(tmp_limit, 512 << 20),
                         nofile: 4096,
+                        network,
+                        egress_socket: (network != kiln_sessions::Network::None).then(|| data_dir.join("egress.sock")),
                     }),
                     other => {
                         anyhow::bail!("--sandbox must be `namespaces` or `none`, not {other:?}")

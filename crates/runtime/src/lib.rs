@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 pub enum Profile {
     /// The kernel, inline plotting, numpy and pandas.
     Minimal,
+    /// Everything the TCI documentation lists as pre-installed.
+    Full,
 }
 
 impl Profile {
@@ -34,6 +36,7 @@ impl Profile {
     pub fn name(self) -> &'static str {
         match self {
             Profile::Minimal => "minimal",
+            Profile::Full => "full",
         }
     }
 
@@ -41,6 +44,7 @@ impl Profile {
     pub fn lock(self) -> &'static str {
         match self {
             Profile::Minimal => include_str!("../locks/minimal.txt"),
+            Profile::Full => include_str!("../locks/full.txt"),
         }
     }
 
@@ -48,6 +52,7 @@ impl Profile {
     fn smoke_imports(self) -> &'static [&'static str] {
         match self {
             Profile::Minimal => &["ipykernel", "matplotlib_inline", "matplotlib.pyplot", "numpy", "pandas"],
+            Profile::Full => FULL_IMPORTS,
         }
     }
 }
@@ -57,10 +62,47 @@ impl std::str::FromStr for Profile {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "minimal" => Ok(Profile::Minimal),
-            other => Err(format!("unknown runtime profile {other:?}; available: minimal")),
+            "full" => Ok(Profile::Full),
+            other => Err(format!("unknown runtime profile {other:?}; available: full, minimal")),
         }
     }
 }
+
+/// The import names of the 30 documented packages (plus the kernel's own).
+pub const FULL_IMPORTS: &[&str] = &[
+    "ipykernel",
+    "matplotlib_inline",
+    "aiohttp",
+    "bs4",
+    "bokeh",
+    "gensim",
+    "imageio",
+    "joblib",
+    "librosa",
+    "matplotlib.pyplot",
+    "nltk",
+    "numpy",
+    "cv2",
+    "openpyxl",
+    "pandas",
+    "plotly",
+    "pytest",
+    "docx",
+    "pytz",
+    "requests",
+    "skimage",
+    "sklearn",
+    "scipy",
+    "seaborn",
+    "soundfile",
+    "spacy",
+    "textblob",
+    "tornado",
+    "urllib3",
+    "xarray",
+    "xlrd",
+    "sympy",
+];
 
 /// Where and from what to build a runtime.
 #[derive(Debug, Clone)]
@@ -114,6 +156,24 @@ impl Runtime {
         home.parent().map(Path::to_path_buf)
     }
 
+    /// The hosts of the package index this machine's pip is configured to
+    /// use (its index-url and extra-index-urls from configuration files and
+    /// the environment; pip's default index and file host when none is set).
+    pub fn index_hosts(&self) -> Result<Vec<String>, RuntimeError> {
+        let out = std::process::Command::new(self.python())
+            .args(["-c", INDEX_HOSTS_PY])
+            .output()
+            .map_err(|e| RuntimeError::Step { step: "reading pip's configuration", status: "could not start".into(), output: e.to_string() })?;
+        if !out.status.success() {
+            return Err(RuntimeError::Step {
+                step: "reading pip's configuration",
+                status: out.status.to_string(),
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|h| !h.is_empty()).collect())
+    }
+
     /// Prepare a new session's home directory (on the host): matplotlib's
     /// font cache, built once at provisioning, is copied in so the first plot
     /// does not rebuild it and matplotlib finds a writable config dir.
@@ -161,10 +221,28 @@ const PIP_PASSTHROUGH: &[&str] = &[
     "PIP_EXTRA_INDEX_URL",
     "PIP_TRUSTED_HOST",
     "PIP_CERT",
-    "PIP_FIND_LINKS",
     "PIP_DEFAULT_TIMEOUT",
     "SSL_CERT_FILE",
 ];
+
+/// Prints the index hosts pip would use, one per line.
+const INDEX_HOSTS_PY: &str = r#"
+import os
+from urllib.parse import urlparse
+from pip._internal.configuration import Configuration
+from pip._internal.models.index import PyPI
+conf = Configuration(isolated=False)
+conf.load()
+urls = []
+for key, value in conf.items():
+    if key.endswith(("index-url", "extra-index-url")):
+        urls += value.split()
+urls += os.environ.get("PIP_INDEX_URL", "").split() + os.environ.get("PIP_EXTRA_INDEX_URL", "").split()
+hosts = {urlparse(u).hostname for u in urls}
+if not any(k.endswith(".index-url") for k, _ in conf.items()) and not os.environ.get("PIP_INDEX_URL"):
+    hosts |= {urlparse(PyPI.url).hostname, PyPI.file_storage_domain}
+print(chr(10).join(sorted(h for h in hosts if h)))
+"#;
 
 fn mpl_config_dir(root: &Path) -> PathBuf {
     root.join("share").join("kiln").join("matplotlib")

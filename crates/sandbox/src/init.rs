@@ -232,6 +232,22 @@ fn init(jail: &Jail, handled: &SigSet) -> ! {
         fail(Step::MapIds, e);
     }
 
+    // The egress forwarder, as the session user under the same filter.
+    if jail.egress_socket.is_some() {
+        // SAFETY: init is single-threaded.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
+                    fail(Step::ForkProgram, e);
+                }
+                confine(jail);
+                crate::egress::forward(std::path::Path::new(crate::jail::EGRESS_SOCKET))
+            }
+            Ok(ForkResult::Parent { .. }) => {}
+            Err(e) => fail(Step::ForkProgram, e),
+        }
+    }
+
     // 6. The program.
     // SAFETY: init is single-threaded.
     match unsafe { fork() } {
@@ -250,6 +266,19 @@ fn program(jail: &Jail) -> ! {
     if let Err(e) = nix::unistd::chdir(&jail.cwd) {
         fail(Step::ForkProgram, format!("chdir {}: {e}", jail.cwd.display()));
     }
+    confine(jail);
+    let cstr = |s: &str| CString::new(s).unwrap_or_default();
+    let prog = CString::new(jail.program.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    let mut argv = vec![prog.clone()];
+    argv.extend(jail.args.iter().map(|a| cstr(a)));
+    let envp: Vec<CString> = jail.env.iter().map(|e| cstr(e)).collect();
+    let err = nix::unistd::execve(&prog, &argv, &envp).err();
+    fail(Step::Exec, format!("{}: {err:?}", jail.program.display()))
+}
+
+/// The last steps before running untrusted code: the session user, no
+/// privileges, landlock, seccomp.
+fn confine(jail: &Jail) {
     if let Err(e) = drop_privileges() {
         fail(Step::DropPrivileges, e);
     }
@@ -267,13 +296,6 @@ fn program(jail: &Jail) -> ! {
             }
         }
     }
-    let cstr = |s: &str| CString::new(s).unwrap_or_default();
-    let prog = CString::new(jail.program.as_os_str().as_encoded_bytes()).unwrap_or_default();
-    let mut argv = vec![prog.clone()];
-    argv.extend(jail.args.iter().map(|a| cstr(a)));
-    let envp: Vec<CString> = jail.env.iter().map(|e| cstr(e)).collect();
-    let err = nix::unistd::execve(&prog, &argv, &envp).err();
-    fail(Step::Exec, format!("{}: {err:?}", jail.program.display()))
 }
 
 /// Become the unprivileged session user with no capabilities at all, and

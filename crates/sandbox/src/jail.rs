@@ -39,6 +39,13 @@ pub struct Jail {
     pub root: PathBuf,
     /// Host paths to show inside, beyond the standard system directories.
     pub binds: Vec<Bind>,
+    /// A host directory shown through an overlay: reads come from it, writes
+    /// go to the session's own upper layer (`!pip install` into the shared
+    /// runtime, privately).
+    pub overlay: Option<Overlay>,
+    /// The host end of the egress proxy (a Unix socket), if the session's
+    /// network policy allows any egress.
+    pub egress_socket: Option<PathBuf>,
     /// Size of the private `/tmp` (and `/dev/shm`), bytes.
     pub tmp_bytes: u64,
     /// Open files per process.
@@ -54,6 +61,20 @@ pub struct Jail {
     /// `NAME=value` pairs.
     pub env: Vec<String>,
 }
+
+/// A copy-on-write view of a shared directory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Overlay {
+    /// The shared, never modified directory (host path; also the path inside).
+    pub lower: PathBuf,
+    /// The session's writes (host path, on the session's workspace).
+    pub upper: PathBuf,
+    /// overlayfs's scratch directory (same filesystem as `upper`).
+    pub work: PathBuf,
+}
+
+/// Where the egress socket appears inside.
+pub const EGRESS_SOCKET: &str = "/run/kiln-egress.sock";
 
 /// System directories shown read-only at the same path, when they exist.
 pub const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"];

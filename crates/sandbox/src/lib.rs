@@ -23,6 +23,7 @@
 #![allow(unsafe_code)]
 
 pub mod cgroup;
+pub mod egress;
 pub mod init;
 pub mod jail;
 mod leftovers;
@@ -32,7 +33,7 @@ pub mod workspace;
 
 pub use cgroup::{Cgroup, CgroupLimits};
 pub use init::main as helper_main;
-pub use jail::{Bind, Jail};
+pub use jail::{Bind, Jail, Overlay};
 pub use leftovers::{kill_recorded, record};
 
 use nix::sys::signal::{killpg, Signal};
@@ -75,6 +76,10 @@ pub struct Isolation {
     pub spec_file: PathBuf,
     /// An empty directory the new root is assembled on.
     pub root: PathBuf,
+    /// A shared directory shown copy-on-write (the runtime).
+    pub overlay: Option<jail::Overlay>,
+    /// The egress proxy's socket, when the network policy allows egress.
+    pub egress_socket: Option<PathBuf>,
     /// Extra paths shown inside (runtime, work dir, sockets, ...).
     pub binds: Vec<Bind>,
     /// Memory, processes, CPU.
@@ -164,6 +169,8 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
                 cgroup: Some(cgroup.clone()),
                 root: iso.root.clone(),
                 binds: iso.binds.clone(),
+                overlay: iso.overlay.clone(),
+                egress_socket: iso.egress_socket.clone(),
                 tmp_bytes: iso.tmp_bytes,
                 nofile: iso.nofile,
                 seccomp: iso.seccomp,

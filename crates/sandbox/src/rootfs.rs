@@ -46,6 +46,16 @@ pub fn build(jail: &Jail) -> R {
     for b in &jail.binds {
         bind(root, b)?;
     }
+    if let Some(o) = &jail.overlay {
+        let dst = inside(root, &o.lower);
+        std::fs::create_dir_all(&dst).map_err(ctx(dst.display()))?;
+        let opts = format!("lowerdir={},upperdir={},workdir={}", o.lower.display(), o.upper.display(), o.work.display());
+        mount(Some("overlay"), &dst, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
+            .map_err(ctx(format!("overlay on {}", o.lower.display())))?;
+    }
+    if let Some(sock) = &jail.egress_socket {
+        bind(root, &Bind { src: sock.clone(), dst: crate::jail::EGRESS_SOCKET.into(), writable: true })?;
+    }
 
     // /etc: identity files written fresh, a few host entries read-only.
     let etc = root.join("etc");
@@ -194,6 +204,8 @@ pub fn landlock(jail: &Jail) -> R {
     };
     let abi = ABI::V3;
     let mut writable: Vec<PathBuf> = jail.binds.iter().filter(|b| b.writable).map(|b| b.dst.clone()).collect();
+    // The overlaid runtime takes writes into the session's own layer.
+    writable.extend(jail.overlay.iter().map(|o| o.lower.clone()));
     writable
         .extend(["/tmp", "/dev/shm", "/dev/pts", "/dev/null", "/dev/zero", "/dev/full", "/dev/tty"].map(PathBuf::from));
     let status = Ruleset::default()

@@ -49,6 +49,30 @@ pub struct Config {
     pub sandbox: Option<SandboxConfig>,
 }
 
+/// Network policy of sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// No network at all.
+    None,
+    /// Only the package index this machine's pip uses (HTTPS via kiln's proxy).
+    Pypi,
+    /// Public addresses over HTTP(S) via kiln's proxy; never this host or
+    /// private networks.
+    Full,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Network::None),
+            "pypi" => Ok(Network::Pypi),
+            "full" => Ok(Network::Full),
+            other => Err(format!("unknown network policy {other:?}: use none, pypi or full")),
+        }
+    }
+}
+
 /// Limits of each session's sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -66,6 +90,10 @@ pub struct SandboxConfig {
     pub tmp_bytes: u64,
     /// Open files per process.
     pub nofile: u64,
+    /// What sessions may reach on the network.
+    pub network: Network,
+    /// The egress proxy's socket (when `network` allows egress).
+    pub egress_socket: Option<PathBuf>,
 }
 
 /// Why a session request failed. None of these is an error of the user's

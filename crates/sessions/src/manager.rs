@@ -2,7 +2,7 @@
 
 use crate::pool::Pool;
 use crate::worker::{self, Job};
-use crate::{Config, SandboxConfig, SessionError};
+use crate::{Config, Network, SandboxConfig, SessionError};
 use chrono::{DateTime, Utc};
 use kiln_kernel::{ExecLimits, Kernel, KernelDirs, KernelSpec, SandboxSpec, INSIDE_HOME};
 use kiln_protocol::{ExecuteData, SessionInfo, ValidFile};
@@ -43,6 +43,7 @@ pub(crate) struct Inner {
     registry: Mutex<Registry>,
     pub(crate) pool: Pool,
     background: Mutex<Vec<JoinHandle<()>>>,
+    egress: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +89,7 @@ impl Manager {
                 registry: Mutex::new(Registry::default()),
                 pool,
                 background: Mutex::new(Vec::new()),
+                egress: Mutex::new(None),
             }),
         }
     }
@@ -108,6 +110,17 @@ impl Manager {
     /// sessions can really be served), then keep the pool filled and expire
     /// sessions in the background.
     pub async fn start(&self, runtime: Runtime) -> Result<(), SessionError> {
+        if let Some(sb) = &self.inner.cfg.sandbox {
+            self.start_egress(sb, &runtime).await?;
+            // The session user must own the shared runtime for its
+            // copy-on-write layer to accept writes (the runtime itself is
+            // never written: it is read-only or overlaid in every sandbox).
+            let (root, owner) = (runtime.root.clone(), kiln_sandbox::jail::host_user_id());
+            tokio::task::spawn_blocking(move || own_runtime(&root, owner))
+                .await
+                .map_err(|e| SessionError::Broken(e.to_string()))?
+                .map_err(|e| SessionError::Broken(format!("could not prepare the runtime for sandboxes: {e}")))?;
+        }
         let _ = self.inner.runtime.set(runtime);
         match self.inner.boot_new().await {
             Ok(k) => self.inner.pool.put(k).await,
@@ -120,6 +133,31 @@ impl Manager {
         let reaper = tokio::spawn(reap(self.inner.clone()));
         self.inner.background.lock().unwrap_or_else(|p| p.into_inner()).extend([filler, reaper]);
         self.set_readiness(Readiness::Ready);
+        Ok(())
+    }
+
+    /// Serve the egress proxy for the configured network policy.
+    async fn start_egress(&self, sb: &SandboxConfig, runtime: &Runtime) -> Result<(), SessionError> {
+        let (Some(socket), policy) = (sb.egress_socket.clone(), sb.network) else { return Ok(()) };
+        let policy = match policy {
+            Network::None => return Ok(()),
+            Network::Full => kiln_sandbox::egress::Policy::Full,
+            Network::Pypi => {
+                let rt = runtime.clone();
+                let hosts = tokio::task::spawn_blocking(move || rt.index_hosts())
+                    .await
+                    .map_err(|e| SessionError::Broken(e.to_string()))?
+                    .map_err(|e| SessionError::Broken(format!("could not read pip's index configuration: {e}")))?;
+                kiln_sandbox::egress::Policy::Hosts(hosts)
+            }
+        };
+        tracing::info!(policy = %policy.describe(), "session network policy");
+        let task = tokio::spawn(async move {
+            if let Err(e) = kiln_sandbox::egress::serve(&socket, policy).await {
+                tracing::error!(error = %e, "the egress proxy stopped");
+            }
+        });
+        *self.inner.egress.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(())
     }
 
@@ -204,6 +242,9 @@ impl Manager {
             let _ = task.await;
         }
         self.inner.pool.drain().await;
+        if let Some(egress) = self.inner.egress.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            egress.abort();
+        }
     }
 
     async fn enqueue(&self, key_id: &str, id: &str, job: Job) -> Result<(), SessionError> {
@@ -325,8 +366,9 @@ impl Inner {
         let (home, sandbox) = match &self.cfg.sandbox {
             None => (dirs.home.clone(), None),
             Some(sb) => {
-                let mut read_only = vec![runtime.root.clone()];
-                read_only.extend(runtime.base_prefix());
+                // The runtime is shown copy-on-write (pip installs land in
+                // the session's layer); its base interpreter read-only.
+                let read_only: Vec<std::path::PathBuf> = runtime.base_prefix().into_iter().collect();
                 let spec = SandboxSpec {
                     helper: sb.helper.clone(),
                     read_only,
@@ -334,13 +376,36 @@ impl Inner {
                     tmp_bytes: sb.tmp_bytes,
                     nofile: sb.nofile,
                     owner: kiln_sandbox::jail::host_user_id(),
+                    overlay: Some(runtime.root.clone()),
+                    egress_socket: sb.egress_socket.clone(),
                 };
                 (std::path::PathBuf::from(INSIDE_HOME), Some(spec))
             }
         };
+        let mut env = runtime.kernel_env(&home);
+        match self.cfg.sandbox.as_ref().map(|s| s.network) {
+            Some(Network::None) => {
+                // Fail fast and say why, instead of retrying for a minute.
+                env.push(("PIP_RETRIES".into(), "0".into()));
+                env.push(("PIP_TIMEOUT".into(), "5".into()));
+                env.push(("KILN_NETWORK".into(), "none".into()));
+            }
+            Some(policy) => {
+                let proxy = format!("http://127.0.0.1:{}", kiln_sandbox::egress::PROXY_PORT);
+                for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+                    env.push((var.into(), proxy.clone().into()));
+                }
+                for var in ["NO_PROXY", "no_proxy"] {
+                    env.push((var.into(), "localhost,127.0.0.1,::1".into()));
+                }
+                let name = if policy == Network::Full { "full" } else { "pypi" };
+                env.push(("KILN_NETWORK".into(), name.into()));
+            }
+            None => {}
+        }
         let spec = KernelSpec {
             python: runtime.python(),
-            env: runtime.kernel_env(&home),
+            env,
             boot_timeout: self.cfg.boot_timeout,
             sandbox,
         };
@@ -431,6 +496,10 @@ fn prepare_dirs(dirs: &KernelDirs, sandbox: Option<&SandboxConfig>, runtime: &Ru
     }
     std::fs::create_dir_all(&dirs.work)?;
     std::fs::create_dir_all(&dirs.home)?;
+    if sandbox.is_some() {
+        std::fs::create_dir_all(dirs.layer_upper())?;
+        std::fs::create_dir_all(dirs.layer_work())?;
+    }
     runtime.seed_home(&dirs.home)?;
     if sandbox.is_some() {
         let owner = kiln_sandbox::jail::host_user_id();
@@ -447,4 +516,22 @@ fn chown_tree(dir: &std::path::Path, owner: u32) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Give the runtime tree to `owner` unless it already has it.
+fn own_runtime(root: &std::path::Path, owner: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let marker = root.join("kiln-runtime.json");
+    if std::fs::symlink_metadata(&marker)?.uid() == owner {
+        return Ok(());
+    }
+    // The marker last: a crash in between makes the next start redo it.
+    for entry in std::fs::read_dir(root)? {
+        let path = entry?.path();
+        if path != marker {
+            chown_tree(&path, owner)?;
+        }
+    }
+    std::os::unix::fs::lchown(root, Some(owner), Some(owner))?;
+    std::os::unix::fs::lchown(&marker, Some(owner), Some(owner))
 }
