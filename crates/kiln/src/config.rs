@@ -62,7 +62,8 @@ pub struct ServeArgs {
     /// Base Python the runtime is built from [default: python3 on PATH]
     #[arg(long, env = "KILN_PYTHON")]
     pub python: Option<PathBuf>,
-    /// Runtime profile [default: minimal]
+    /// Runtime profile: `full` (the 30 documented packages) or `minimal`
+    /// (kernel, matplotlib, numpy, pandas) [default: full]
     #[arg(long, env = "KILN_PROFILE")]
     pub profile: Option<String>,
     /// Isolation of sessions: `namespaces` (needs root) or `none` (no
@@ -103,8 +104,8 @@ pub struct ServeArgs {
 /// Options of `kiln runtime build`.
 #[derive(Debug, Args)]
 pub struct RuntimeArgs {
-    /// Runtime profile
-    #[arg(long, env = "KILN_PROFILE", default_value = "minimal")]
+    /// Runtime profile: full or minimal
+    #[arg(long, env = "KILN_PROFILE", default_value = "full")]
     profile: String,
     /// Base Python [default: python3 on PATH]
     #[arg(long, env = "KILN_PYTHON")]
@@ -153,8 +154,7 @@ impl Settings {
             Some(d) => d,
             None => default_cache_dir()?,
         };
-        let profile: kiln_runtime::Profile =
-            pick!(profile, "minimal".to_string()).parse().map_err(anyhow::Error::msg)?;
+        let profile: kiln_runtime::Profile = pick!(profile, "full".to_string()).parse().map_err(anyhow::Error::msg)?;
         let mut api_keys = if cli.api_keys.is_empty() { file.api_keys } else { cli.api_keys };
         api_keys.retain(|k| !k.trim().is_empty());
         let log_format = pick!(log_format, "text".to_string());

@@ -23,7 +23,7 @@ fn an_interrupted_build_is_never_used_and_the_next_one_completes() {
     let cache = tempfile::tempdir().unwrap();
     // Start a build and kill it in the middle.
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["runtime", "build", "--cache-dir"])
+        .args(["runtime", "build", "--profile", "minimal", "--cache-dir"])
         .arg(cache.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

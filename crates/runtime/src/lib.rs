@@ -160,10 +160,13 @@ impl Runtime {
     /// use (its index-url and extra-index-urls from configuration files and
     /// the environment; pip's default index and file host when none is set).
     pub fn index_hosts(&self) -> Result<Vec<String>, RuntimeError> {
-        let out = std::process::Command::new(self.python())
-            .args(["-c", INDEX_HOSTS_PY])
-            .output()
-            .map_err(|e| RuntimeError::Step { step: "reading pip's configuration", status: "could not start".into(), output: e.to_string() })?;
+        let out = std::process::Command::new(self.python()).args(["-c", INDEX_HOSTS_PY]).output().map_err(|e| {
+            RuntimeError::Step {
+                step: "reading pip's configuration",
+                status: "could not start".into(),
+                output: e.to_string(),
+            }
+        })?;
         if !out.status.success() {
             return Err(RuntimeError::Step {
                 step: "reading pip's configuration",
@@ -216,14 +219,8 @@ impl Runtime {
 
 /// pip settings a session inherits from the host, so installs reach the
 /// same index with the same trust store.
-const PIP_PASSTHROUGH: &[&str] = &[
-    "PIP_INDEX_URL",
-    "PIP_EXTRA_INDEX_URL",
-    "PIP_TRUSTED_HOST",
-    "PIP_CERT",
-    "PIP_DEFAULT_TIMEOUT",
-    "SSL_CERT_FILE",
-];
+const PIP_PASSTHROUGH: &[&str] =
+    &["PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_CERT", "PIP_DEFAULT_TIMEOUT", "SSL_CERT_FILE"];
 
 /// Prints the index hosts pip would use, one per line.
 const INDEX_HOSTS_PY: &str = r#"

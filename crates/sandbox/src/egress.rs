@@ -74,7 +74,8 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link local
-                || v6 == Ipv6Addr::from([0x64, 0xff9b, 0, 0, 0, 0, 0xa9fe, 0xa9fe])) // NAT64 metadata
+                || v6 == Ipv6Addr::from([0x64, 0xff9b, 0, 0, 0, 0, 0xa9fe, 0xa9fe]))
+            // NAT64 metadata
         }
     }
 }
@@ -124,7 +125,9 @@ async fn tunnel(mut conn: tokio::net::UnixStream, policy: &Policy) -> std::io::R
     let line = String::from_utf8_lossy(&head);
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let refuse = |status: &str, why: String| format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nkiln: {why}\n");
+    let refuse = |status: &str, why: String| {
+        format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nkiln: {why}\n")
+    };
     if method != "CONNECT" {
         let msg = refuse("405 Method Not Allowed", "this proxy only tunnels HTTPS (CONNECT)".into());
         return conn.write_all(msg.as_bytes()).await;
@@ -183,7 +186,22 @@ mod tests {
 
     #[test]
     fn only_global_addresses_are_public() {
-        for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "255.255.255.255", "224.0.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"] {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
             assert!(!is_public(ip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))), "{ip}");
         }
         for ip in ["1.1.1.1", "151.101.0.223", "2606:4700::1111"] {

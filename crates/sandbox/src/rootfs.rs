@@ -49,7 +49,8 @@ pub fn build(jail: &Jail) -> R {
     if let Some(o) = &jail.overlay {
         let dst = inside(root, &o.lower);
         std::fs::create_dir_all(&dst).map_err(ctx(dst.display()))?;
-        let opts = format!("lowerdir={},upperdir={},workdir={}", o.lower.display(), o.upper.display(), o.work.display());
+        let opts =
+            format!("lowerdir={},upperdir={},workdir={}", o.lower.display(), o.upper.display(), o.work.display());
         mount(Some("overlay"), &dst, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
             .map_err(ctx(format!("overlay on {}", o.lower.display())))?;
     }

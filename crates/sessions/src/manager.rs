@@ -403,12 +403,7 @@ impl Inner {
             }
             None => {}
         }
-        let spec = KernelSpec {
-            python: runtime.python(),
-            env,
-            boot_timeout: self.cfg.boot_timeout,
-            sandbox,
-        };
+        let spec = KernelSpec { python: runtime.python(), env, boot_timeout: self.cfg.boot_timeout, sandbox };
         Kernel::start(&spec, dirs).await.map_err(|e| {
             tracing::error!(error = %e, "kernel boot failed");
             SessionError::KernelUnavailable(e.to_string())

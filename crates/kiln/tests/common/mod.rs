@@ -41,6 +41,10 @@ pub fn start_in(data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Ser
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    // Tests run on the small runtime unless they ask for another.
+    if !extra.contains(&"--profile") {
+        cmd.args(["--profile", "minimal"]);
+    }
     if !extra.contains(&"--pool-size") {
         cmd.args(["--pool-size", "1"]);
     }
