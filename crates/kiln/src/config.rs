@@ -28,7 +28,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KILN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// An accepted API key (repeatable; comma-separated in KILN_API_KEY).
-    /// Without any, kiln generates one on first start.
+    /// `KEY:none`, `KEY:pypi` or `KEY:full` gives the key's sessions their
+    /// own network policy. Without any key, kiln generates one on first start.
     #[arg(long = "api-key", env = "KILN_API_KEY", value_delimiter = ',', hide_env_values = true)]
     #[serde(default)]
     pub api_keys: Vec<String>,
@@ -190,7 +191,7 @@ impl Settings {
                         tmp_bytes: pick!(tmp_limit, 512 << 20),
                         nofile: 4096,
                         network,
-                        egress_socket: (network != kiln_sessions::Network::None).then(|| data_dir.join("egress.sock")),
+                        egress_dir: data_dir.clone(),
                     }),
                     other => {
                         anyhow::bail!("--sandbox must be `namespaces` or `none`, not {other:?}")

@@ -3,7 +3,7 @@
 
 use crate::config::Settings;
 use anyhow::Context;
-use kiln_server::{app, hash_key, normalize_path, AppState, KeyRing};
+use kiln_server::{app, hash_key, normalize_path, AppState, KeyEntry, KeyRing};
 use kiln_sessions::{Manager, Readiness};
 use kiln_store::{SqliteStore, Store};
 use rand::distr::{Alphanumeric, SampleString};
@@ -116,15 +116,18 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<KeyRing>
     let mut ring = Vec::new();
     if !s.api_keys.is_empty() {
         for k in &s.api_keys {
-            let rec = store.add_key(hash_key(k), "configured").await?;
-            ring.push((rec.id, rec.hash));
+            let (key, network) = split_policy(k);
+            let rec = store.add_key(hash_key(key), "configured").await?;
+            ring.push(KeyEntry { id: rec.id, hash: rec.hash, network });
         }
         return Ok(KeyRing::new(ring));
     }
     let stored = store.keys().await?;
     if !stored.is_empty() {
         tracing::info!(keys = stored.len(), "using the API keys in {}", s.data_dir.display());
-        return Ok(KeyRing::new(stored.into_iter().map(|r| (r.id, r.hash)).collect()));
+        return Ok(KeyRing::new(
+            stored.into_iter().map(|r| KeyEntry { id: r.id, hash: r.hash, network: None }).collect(),
+        ));
     }
     let key = format!("kiln_{}", Alphanumeric.sample_string(&mut rand::rng(), 40));
     let path = s.data_dir.join("api-key");
@@ -137,7 +140,19 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<KeyRing>
          -H \"Content-Type: application/json\" \\\n      -d '{{\"language\": \"python\", \"code\": \"print(42)\"}}'\n",
         path = path.display()
     );
-    Ok(KeyRing::new(vec![(rec.id, rec.hash)]))
+    Ok(KeyRing::new(vec![KeyEntry { id: rec.id, hash: rec.hash, network: None }]))
+}
+
+/// `KEY:none` → (`KEY`, Some(None policy)); a key without a known policy
+/// suffix is taken whole.
+fn split_policy(k: &str) -> (&str, Option<kiln_sessions::Network>) {
+    match k.rsplit_once(':') {
+        Some((key, policy)) if !key.is_empty() => match policy.parse() {
+            Ok(network) => (key, Some(network)),
+            Err(_) => (k, None),
+        },
+        _ => (k, None),
+    }
 }
 
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {

@@ -159,3 +159,18 @@ async fn without_network_pip_fails_fast_and_says_so() {
     assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{:?}", t0.elapsed());
     assert!(!s.data.path().join("egress.sock").exists(), "no proxy under the none policy");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_can_have_its_own_network_policy() {
+    let other = format!("{}:none", common::OTHER_KEY);
+    let s = common::start_in(
+        tempfile::tempdir().unwrap(),
+        &["--network", "pypi", "--api-key", KEY, "--api-key", &other],
+        false,
+    );
+    let code = "import os, socket\ns = socket.socket(); s.settimeout(3)\ntry:\n    s.connect(('127.0.0.1', 3128)); print(os.environ['KILN_NETWORK'], 'proxy')\nexcept OSError:\n    print(os.environ['KILN_NETWORK'], 'no proxy')";
+    let (_, mine) = s.post("/tci/execute", Some(KEY), json!({"code": code})).await;
+    assert_eq!(text_of(&mine["data"], "stdout"), "pypi proxy\n", "{mine}");
+    let (_, theirs) = s.post("/tci/execute", Some(common::OTHER_KEY), json!({"code": code})).await;
+    assert_eq!(text_of(&theirs["data"], "stdout"), "none no proxy\n", "{theirs}");
+}

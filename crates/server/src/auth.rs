@@ -11,39 +11,57 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use kiln_protocol::{ApiError, ErrorCode};
+use kiln_sessions::Network;
 use sha2::{Digest, Sha256};
 use std::sync::RwLock;
 use subtle::ConstantTimeEq;
 
-/// The id of the key that authenticated a request.
+/// The key that authenticated a request: its id, and its own network
+/// policy when it has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyId(pub String);
+pub struct Caller {
+    /// The key's id.
+    pub key_id: String,
+    /// Overrides the server's network policy for this key's sessions.
+    pub network: Option<Network>,
+}
 
 /// SHA-256 of a key.
 pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// The accepted keys, as `(id, hash)`.
+/// One accepted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    /// Its id.
+    pub id: String,
+    /// SHA-256 of the key.
+    pub hash: [u8; 32],
+    /// Its own network policy, if not the server's.
+    pub network: Option<Network>,
+}
+
+/// The accepted keys.
 #[derive(Debug, Default)]
 pub struct KeyRing {
-    keys: RwLock<Vec<(String, [u8; 32])>>,
+    keys: RwLock<Vec<KeyEntry>>,
 }
 
 impl KeyRing {
     /// A ring of these keys.
-    pub fn new(keys: Vec<(String, [u8; 32])>) -> Self {
+    pub fn new(keys: Vec<KeyEntry>) -> Self {
         KeyRing { keys: RwLock::new(keys) }
     }
 
-    /// The id of the key `presented`, if it is accepted.
-    pub fn authenticate(&self, presented: &str) -> Option<String> {
+    /// Who presented `presented`, if it is an accepted key.
+    pub fn authenticate(&self, presented: &str) -> Option<Caller> {
         let h = hash_key(presented);
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         let mut found = None;
-        for (id, known) in keys.iter() {
-            if bool::from(known.ct_eq(&h)) {
-                found = Some(id.clone());
+        for k in keys.iter() {
+            if bool::from(k.hash.ct_eq(&h)) {
+                found = Some(Caller { key_id: k.id.clone(), network: k.network });
             }
         }
         found
@@ -71,8 +89,8 @@ pub(crate) async fn require_key(
         },
     };
     match state.keys.authenticate(token) {
-        Some(id) => {
-            req.extensions_mut().insert(KeyId(id));
+        Some(caller) => {
+            req.extensions_mut().insert(caller);
             Ok(next.run(req).await)
         }
         None => Err(unauthorized("invalid API key: check the key kiln printed at its first start (stored in <data-dir>/api-key) or the --api-key you configured")),
@@ -89,8 +107,13 @@ mod tests {
 
     #[test]
     fn only_a_known_key_authenticates_and_yields_its_id() {
-        let ring = KeyRing::new(vec![("key_a".into(), hash_key("secret-a")), ("key_b".into(), hash_key("secret-b"))]);
-        assert_eq!(ring.authenticate("secret-b").as_deref(), Some("key_b"));
+        let entry = |id: &str, key: &str, network| KeyEntry { id: id.into(), hash: hash_key(key), network };
+        let ring =
+            KeyRing::new(vec![entry("key_a", "secret-a", None), entry("key_b", "secret-b", Some(Network::None))]);
+        assert_eq!(
+            ring.authenticate("secret-b"),
+            Some(Caller { key_id: "key_b".into(), network: Some(Network::None) })
+        );
         assert_eq!(ring.authenticate("secret-c"), None);
         assert_eq!(ring.authenticate(""), None);
     }

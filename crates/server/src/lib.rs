@@ -15,7 +15,7 @@ mod auth;
 mod error;
 mod routes;
 
-pub use auth::{hash_key, KeyRing};
+pub use auth::{hash_key, Caller, KeyEntry, KeyRing};
 pub use error::AppError;
 
 use axum::extract::Request;

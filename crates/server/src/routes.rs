@@ -1,6 +1,6 @@
 //! Routes and handlers.
 
-use crate::auth::{require_key, KeyId};
+use crate::auth::{require_key, Caller};
 use crate::error::AppError;
 use crate::AppState;
 use axum::body::Body;
@@ -33,7 +33,7 @@ pub(crate) fn router(state: AppState) -> Router {
 
 async fn execute(
     State(state): State<AppState>,
-    Extension(KeyId(key)): Extension<KeyId>,
+    Extension(caller): Extension<Caller>,
     body: Body,
 ) -> Result<Json<Envelope<ExecuteData>>, AppError> {
     let bytes = read_body(body, state.max_body_bytes).await?;
@@ -61,7 +61,8 @@ async fn execute(
         }
     };
     let session_id = req.session_id.filter(|s| !s.is_empty());
-    let data = state.manager.execute(&key, Exec { session_id, code: req.code, files, timeout }).await?;
+    let exec = Exec { session_id, code: req.code, files, timeout, network: caller.network };
+    let data = state.manager.execute(&caller.key_id, exec).await?;
     Ok(Json(Envelope::ok(data)))
 }
 
@@ -129,9 +130,9 @@ fn parse(bytes: &[u8]) -> Result<ExecuteRequest, ApiError> {
 
 async fn list_sessions(
     State(state): State<AppState>,
-    Extension(KeyId(key)): Extension<KeyId>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Envelope<SessionList>>, AppError> {
-    let sessions = state.manager.list(&key).await?;
+    let sessions = state.manager.list(&caller.key_id).await?;
     Ok(Json(Envelope::ok(SessionList { sessions })))
 }
 

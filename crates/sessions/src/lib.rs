@@ -11,6 +11,7 @@
 //! a create costs a queue pop instead of a kernel boot.
 #![forbid(unsafe_code)]
 
+mod boot;
 mod files;
 mod manager;
 mod pool;
@@ -61,6 +62,17 @@ pub enum Network {
     Full,
 }
 
+impl Network {
+    /// The egress proxy socket serving this policy, if it allows egress.
+    pub fn socket_name(self) -> Option<&'static str> {
+        match self {
+            Network::None => None,
+            Network::Pypi => Some("egress-pypi.sock"),
+            Network::Full => Some("egress-full.sock"),
+        }
+    }
+}
+
 impl std::str::FromStr for Network {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -92,8 +104,8 @@ pub struct SandboxConfig {
     pub nofile: u64,
     /// What sessions may reach on the network.
     pub network: Network,
-    /// The egress proxy's socket (when `network` allows egress).
-    pub egress_socket: Option<PathBuf>,
+    /// Where the egress proxies' sockets live (server-only directory).
+    pub egress_dir: PathBuf,
 }
 
 /// Why a session request failed. None of these is an error of the user's

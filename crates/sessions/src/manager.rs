@@ -2,9 +2,9 @@
 
 use crate::pool::Pool;
 use crate::worker::{self, Job};
-use crate::{Config, Network, SandboxConfig, SessionError};
+use crate::{Config, Network, SessionError};
 use chrono::{DateTime, Utc};
-use kiln_kernel::{ExecLimits, Kernel, KernelDirs, KernelSpec, SandboxSpec, INSIDE_HOME};
+use kiln_kernel::ExecLimits;
 use kiln_protocol::{ExecuteData, SessionInfo, ValidFile};
 use kiln_runtime::Runtime;
 use kiln_store::{SessionRecord, Store};
@@ -38,12 +38,12 @@ pub struct Manager {
 pub(crate) struct Inner {
     pub(crate) cfg: Config,
     pub(crate) store: Arc<dyn Store>,
-    runtime: OnceLock<Runtime>,
+    pub(crate) runtime: OnceLock<Runtime>,
     readiness: watch::Sender<Readiness>,
     registry: Mutex<Registry>,
     pub(crate) pool: Pool,
     background: Mutex<Vec<JoinHandle<()>>>,
-    egress: Mutex<Option<JoinHandle<()>>>,
+    pub(crate) egress: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +73,8 @@ pub struct Exec {
     pub files: Vec<ValidFile>,
     /// The request's own time limit.
     pub timeout: Option<Duration>,
+    /// The caller's network policy when it differs from the server's.
+    pub network: Option<Network>,
 }
 
 impl Manager {
@@ -89,7 +91,7 @@ impl Manager {
                 registry: Mutex::new(Registry::default()),
                 pool,
                 background: Mutex::new(Vec::new()),
-                egress: Mutex::new(None),
+                egress: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -111,18 +113,18 @@ impl Manager {
     /// sessions in the background.
     pub async fn start(&self, runtime: Runtime) -> Result<(), SessionError> {
         if let Some(sb) = &self.inner.cfg.sandbox {
-            self.start_egress(sb, &runtime).await?;
+            self.inner.start_egress(sb, &runtime).await?;
             // The session user must own the shared runtime for its
             // copy-on-write layer to accept writes (the runtime itself is
             // never written: it is read-only or overlaid in every sandbox).
             let (root, owner) = (runtime.root.clone(), kiln_sandbox::jail::host_user_id());
-            tokio::task::spawn_blocking(move || own_runtime(&root, owner))
+            tokio::task::spawn_blocking(move || crate::boot::own_runtime(&root, owner))
                 .await
                 .map_err(|e| SessionError::Broken(e.to_string()))?
                 .map_err(|e| SessionError::Broken(format!("could not prepare the runtime for sandboxes: {e}")))?;
         }
         let _ = self.inner.runtime.set(runtime);
-        match self.inner.boot_new().await {
+        match self.inner.boot_new(self.inner.default_network()).await {
             Ok(k) => self.inner.pool.put(k).await,
             Err(e) => {
                 self.set_readiness(Readiness::Failed(e.to_string()));
@@ -133,31 +135,6 @@ impl Manager {
         let reaper = tokio::spawn(reap(self.inner.clone()));
         self.inner.background.lock().unwrap_or_else(|p| p.into_inner()).extend([filler, reaper]);
         self.set_readiness(Readiness::Ready);
-        Ok(())
-    }
-
-    /// Serve the egress proxy for the configured network policy.
-    async fn start_egress(&self, sb: &SandboxConfig, runtime: &Runtime) -> Result<(), SessionError> {
-        let (Some(socket), policy) = (sb.egress_socket.clone(), sb.network) else { return Ok(()) };
-        let policy = match policy {
-            Network::None => return Ok(()),
-            Network::Full => kiln_sandbox::egress::Policy::Full,
-            Network::Pypi => {
-                let rt = runtime.clone();
-                let hosts = tokio::task::spawn_blocking(move || rt.index_hosts())
-                    .await
-                    .map_err(|e| SessionError::Broken(e.to_string()))?
-                    .map_err(|e| SessionError::Broken(format!("could not read pip's index configuration: {e}")))?;
-                kiln_sandbox::egress::Policy::Hosts(hosts)
-            }
-        };
-        tracing::info!(policy = %policy.describe(), "session network policy");
-        let task = tokio::spawn(async move {
-            if let Err(e) = kiln_sandbox::egress::serve(&socket, policy).await {
-                tracing::error!(error = %e, "the egress proxy stopped");
-            }
-        });
-        *self.inner.egress.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(())
     }
 
@@ -196,7 +173,8 @@ impl Manager {
                 id
             }
             None => {
-                let (id, jobs) = self.create(key_id).await?;
+                let network = req.network.unwrap_or(self.inner.default_network());
+                let (id, jobs) = self.create(key_id, network).await?;
                 jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
                 id
             }
@@ -242,8 +220,8 @@ impl Manager {
             let _ = task.await;
         }
         self.inner.pool.drain().await;
-        if let Some(egress) = self.inner.egress.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            egress.abort();
+        for proxy in self.inner.egress.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            proxy.abort();
         }
     }
 
@@ -266,7 +244,11 @@ impl Manager {
         }
     }
 
-    async fn create(&self, key_id: &str) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
+    async fn create(
+        &self,
+        key_id: &str,
+        network: Network,
+    ) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
         let cfg = &self.inner.cfg;
         {
             let mut reg = self.inner.registry();
@@ -281,7 +263,7 @@ impl Manager {
             }
             *reg.creating.entry(key_id.to_string()).or_default() += 1;
         }
-        let created = self.create_reserved(key_id).await;
+        let created = self.create_reserved(key_id, network).await;
         let mut reg = self.inner.registry();
         if let Some(n) = reg.creating.get_mut(key_id) {
             *n -= 1;
@@ -295,10 +277,12 @@ impl Manager {
         Ok((id, jobs))
     }
 
-    async fn create_reserved(&self, key_id: &str) -> Result<(String, Live), SessionError> {
-        let kernel = match self.inner.pool.take().await {
+    async fn create_reserved(&self, key_id: &str, network: Network) -> Result<(String, Live), SessionError> {
+        // Pooled kernels have the server's policy; another one boots its own.
+        let pooled = if network == self.inner.default_network() { self.inner.pool.take().await } else { None };
+        let kernel = match pooled {
             Some(k) => k,
-            None => self.inner.boot_new().await?,
+            None => self.inner.boot_new(network).await?,
         };
         let id = format!("ses_{}", Alphanumeric.sample_string(&mut rand::rng(), 24));
         let now = Utc::now();
@@ -319,7 +303,7 @@ impl Manager {
         }
         let (jobs, queue) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
-        let worker = tokio::spawn(worker::run(self.inner.clone(), id.clone(), kernel, queue, stopped));
+        let worker = tokio::spawn(worker::run(self.inner.clone(), id.clone(), kernel, network, queue, stopped));
         tracing::info!(session = %id, key = %key_id, "session started");
         Ok((id, Live { key_id: key_id.to_string(), expires_at: record.expires_at, jobs, stop, worker }))
     }
@@ -334,85 +318,9 @@ impl Inner {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Boot a kernel in a new session directory: its storage (a quota'd
-    /// tmpfs when sandboxed) with a work dir and a seeded home.
-    pub(crate) async fn boot_new(&self) -> Result<Kernel, SessionError> {
-        let runtime = self.runtime.get().ok_or(SessionError::NotReady)?.clone();
-        let name = format!("k_{}", Alphanumeric.sample_string(&mut rand::rng(), 16));
-        let dirs = KernelDirs::under(self.cfg.sessions_dir.join(name));
-        let sandbox = self.cfg.sandbox.clone();
-        let prepared = {
-            let dirs = dirs.clone();
-            tokio::task::spawn_blocking(move || prepare_dirs(&dirs, sandbox.as_ref(), &runtime)).await
-        };
-        match prepared {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                destroy_dir(dirs.root.clone()).await;
-                return Err(SessionError::KernelUnavailable(format!("preparing {}: {e}", dirs.root.display())));
-            }
-            Err(e) => return Err(SessionError::KernelUnavailable(e.to_string())),
-        }
-        let booted = self.boot_in(dirs.clone()).await;
-        if booted.is_err() {
-            destroy_dir(dirs.root).await;
-        }
-        booted
-    }
-
-    /// Boot a kernel in prepared `dirs`.
-    pub(crate) async fn boot_in(&self, dirs: KernelDirs) -> Result<Kernel, SessionError> {
-        let runtime = self.runtime.get().ok_or(SessionError::NotReady)?;
-        let (home, sandbox) = match &self.cfg.sandbox {
-            None => (dirs.home.clone(), None),
-            Some(sb) => {
-                // The runtime is shown copy-on-write (pip installs land in
-                // the session's layer); its base interpreter read-only.
-                let read_only: Vec<std::path::PathBuf> = runtime.base_prefix().into_iter().collect();
-                let spec = SandboxSpec {
-                    helper: sb.helper.clone(),
-                    read_only,
-                    limits: kiln_sandbox::CgroupLimits { memory_bytes: sb.memory_bytes, pids: sb.pids, cpus: sb.cpus },
-                    tmp_bytes: sb.tmp_bytes,
-                    nofile: sb.nofile,
-                    owner: kiln_sandbox::jail::host_user_id(),
-                    overlay: Some(runtime.root.clone()),
-                    egress_socket: sb.egress_socket.clone(),
-                };
-                (std::path::PathBuf::from(INSIDE_HOME), Some(spec))
-            }
-        };
-        let mut env = runtime.kernel_env(&home);
-        match self.cfg.sandbox.as_ref().map(|s| s.network) {
-            Some(Network::None) => {
-                // Fail fast and say why, instead of retrying for a minute.
-                env.push(("PIP_RETRIES".into(), "0".into()));
-                env.push(("PIP_TIMEOUT".into(), "5".into()));
-                env.push(("KILN_NETWORK".into(), "none".into()));
-            }
-            Some(policy) => {
-                let proxy = format!("http://127.0.0.1:{}", kiln_sandbox::egress::PROXY_PORT);
-                for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
-                    env.push((var.into(), proxy.clone().into()));
-                }
-                for var in ["NO_PROXY", "no_proxy"] {
-                    env.push((var.into(), "localhost,127.0.0.1,::1".into()));
-                }
-                let name = if policy == Network::Full { "full" } else { "pypi" };
-                env.push(("KILN_NETWORK".into(), name.into()));
-            }
-            None => {}
-        }
-        let spec = KernelSpec { python: runtime.python(), env, boot_timeout: self.cfg.boot_timeout, sandbox };
-        Kernel::start(&spec, dirs).await.map_err(|e| {
-            tracing::error!(error = %e, "kernel boot failed");
-            SessionError::KernelUnavailable(e.to_string())
-        })
-    }
-
-    /// The host uid that must own files written for sessions.
-    pub(crate) fn file_owner(&self) -> Option<u32> {
-        self.cfg.sandbox.as_ref().map(|_| kiln_sandbox::jail::host_user_id())
+    /// The server's network policy.
+    pub(crate) fn default_network(&self) -> Network {
+        self.cfg.sandbox.as_ref().map_or(Network::None, |s| s.network)
     }
 
     /// Forget a session whose worker ended on its own.
@@ -479,54 +387,4 @@ fn remove_leftovers(dir: &std::path::Path) -> usize {
         }
     }
     n
-}
-
-/// Create a kernel's directories: root (server only), storage, work, home.
-fn prepare_dirs(dirs: &KernelDirs, sandbox: Option<&SandboxConfig>, runtime: &Runtime) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dirs.root)?;
-    std::fs::create_dir_all(&dirs.data)?;
-    if let Some(sb) = sandbox {
-        kiln_sandbox::workspace::mount_workspace(&dirs.data, sb.disk_bytes, kiln_sandbox::jail::host_user_id())?;
-    }
-    std::fs::create_dir_all(&dirs.work)?;
-    std::fs::create_dir_all(&dirs.home)?;
-    if sandbox.is_some() {
-        std::fs::create_dir_all(dirs.layer_upper())?;
-        std::fs::create_dir_all(dirs.layer_work())?;
-    }
-    runtime.seed_home(&dirs.home)?;
-    if sandbox.is_some() {
-        let owner = kiln_sandbox::jail::host_user_id();
-        chown_tree(&dirs.data, owner)?;
-    }
-    Ok(())
-}
-
-fn chown_tree(dir: &std::path::Path, owner: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(dir, Some(owner), Some(owner))?;
-    if std::fs::symlink_metadata(dir)?.is_dir() {
-        for entry in std::fs::read_dir(dir)? {
-            chown_tree(&entry?.path(), owner)?;
-        }
-    }
-    Ok(())
-}
-
-/// Give the runtime tree to `owner` unless it already has it.
-fn own_runtime(root: &std::path::Path, owner: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let marker = root.join("kiln-runtime.json");
-    if std::fs::symlink_metadata(&marker)?.uid() == owner {
-        return Ok(());
-    }
-    // The marker last: a crash in between makes the next start redo it.
-    for entry in std::fs::read_dir(root)? {
-        let path = entry?.path();
-        if path != marker {
-            chown_tree(&path, owner)?;
-        }
-    }
-    std::os::unix::fs::lchown(root, Some(owner), Some(owner))?;
-    std::os::unix::fs::lchown(&marker, Some(owner), Some(owner))
 }

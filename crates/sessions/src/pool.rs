@@ -83,7 +83,7 @@ pub(crate) async fn fill(inner: Arc<Inner>) {
             pool.wake.notified().await;
             continue;
         }
-        match inner.boot_new().await {
+        match inner.boot_new(inner.default_network()).await {
             Ok(k) => {
                 backoff = Duration::from_millis(500);
                 if inner.readiness() == Readiness::Stopping {

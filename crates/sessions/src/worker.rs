@@ -27,6 +27,7 @@ pub(crate) async fn run(
     inner: Arc<Inner>,
     id: String,
     mut kernel: Kernel,
+    network: crate::Network,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -111,7 +112,7 @@ pub(crate) async fn run(
             tracing::info!(session = %id, %reason, "restarting kernel");
             let old_run = kernel.dirs().run.clone();
             kernel.kill().await;
-            match inner.boot_in(kernel.dirs().with_new_run()).await {
+            match inner.boot_in(kernel.dirs().with_new_run(), network).await {
                 Ok(k) => {
                     kernel = k;
                     destroy_dir(old_run).await;
