@@ -195,17 +195,25 @@ async fn nothing_outside_the_writable_places_can_be_written() {
     let out = stdout_of(
         &s,
         "import os, sys\ndef w(p):\n    try:\n        open(p, 'w').write('x'); return 'WROTE'\n    except OSError as e:\n        return e.strerror\n\
-         for p in ['/x', '/etc/x', '/usr/x', '/root/x', sys.prefix + '/x', os.path.dirname(os.__file__) + '/x', '/run/x', '/dev/x']:\n    print(p, w(p))\n\
-         for p in ['/work/ok', '/home/user/ok', '/tmp/ok', '/dev/shm/ok']:\n    print(p, w(p))",
+         for p in ['/x', '/etc/x', '/usr/x', '/root/x', os.path.dirname(os.__file__) + '/x', '/run/x', '/dev/x', '/proc/x']:\n    print(p, w(p))\n\
+         for p in ['/work/ok', '/home/user/ok', '/tmp/ok', '/dev/shm/ok', sys.prefix + '/kiln-layer-probe']:\n    print(p, w(p))\n\
+         print(sys.prefix)",
     )
     .await;
     let lines: Vec<&str> = out.lines().collect();
     for l in &lines[..8] {
         assert!(!l.ends_with("WROTE"), "{out}");
     }
-    for l in &lines[8..] {
+    for l in &lines[8..13] {
         assert!(l.ends_with("WROTE"), "{out}");
     }
+    // The write into the runtime landed in the session's own layer: the
+    // shared runtime on the host, and every other session, never see it.
+    let prefix = std::path::Path::new(lines[13]);
+    assert!(prefix.join("bin/python").exists(), "{out}");
+    assert!(!prefix.join("kiln-layer-probe").exists(), "the shared runtime was modified");
+    let d = s.exec("import os, sys\nprint(os.path.exists(sys.prefix + '/kiln-layer-probe'))", None).await;
+    assert_eq!(text_of(&d, "stdout"), "False\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
