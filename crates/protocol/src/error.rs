@@ -39,6 +39,8 @@ pub enum ErrorCode {
     KernelUnavailable,
     /// The server is still provisioning its runtime; retry shortly.
     NotReady,
+    /// No such file or directory in the session's working directory.
+    FileNotFound,
     /// No such route.
     NotFound,
     /// The route exists but not for this HTTP method.
@@ -55,7 +57,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest | ErrorCode::UnsupportedLanguage | ErrorCode::InvalidFile => 400,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::SessionNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::FileNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::SessionExpired => 410,
             ErrorCode::PayloadTooLarge => 413,
@@ -79,6 +81,7 @@ impl ErrorCode {
             ErrorCode::NoCapacity => "no_capacity",
             ErrorCode::KernelUnavailable => "kernel_unavailable",
             ErrorCode::NotReady => "not_ready",
+            ErrorCode::FileNotFound => "file_not_found",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -218,6 +221,7 @@ mod tests {
             ErrorCode::KernelUnavailable,
             ErrorCode::NotReady,
             ErrorCode::NotFound,
+            ErrorCode::FileNotFound,
             ErrorCode::MethodNotAllowed,
             ErrorCode::ShuttingDown,
             ErrorCode::InternalError,

@@ -138,6 +138,18 @@ pub fn decode_files(files: &[FileUpload]) -> Result<Vec<ValidFile>, FileError> {
     Ok(out)
 }
 
+/// A path inside a session's working directory, as the file endpoints take
+/// it: split into safe components; empty (or `.`, `/`) means the directory
+/// itself. The same rules as upload names, except that a leading `/` is
+/// read as the working directory's root.
+pub fn session_path(path: &str) -> Result<Vec<String>, FileError> {
+    let trimmed = path.trim_start_matches('/');
+    if trimmed.split('/').all(|p| p.is_empty() || p == ".") && !trimmed.contains('\0') {
+        return Ok(Vec::new());
+    }
+    split_name(0, trimmed)
+}
+
 /// Split a name into components, refusing anything that could escape.
 fn split_name(index: usize, name: &str) -> Result<Vec<String>, FileError> {
     if name.contains('\0') {
@@ -202,6 +214,15 @@ mod tests {
         }
         let long = "a".repeat(300);
         assert!(matches!(decode_files(&[up(&long, "string", "")]), Err(FileError::TooLong { .. })));
+    }
+
+    #[test]
+    fn session_paths_are_relative_to_the_working_directory() {
+        assert_eq!(session_path("").unwrap_or_default(), Vec::<String>::new());
+        assert_eq!(session_path("/").unwrap_or_default(), Vec::<String>::new());
+        assert_eq!(session_path("/data/x.csv").unwrap_or_default(), vec!["data", "x.csv"]);
+        assert!(session_path("../etc").is_err());
+        assert!(session_path("a/\0").is_err());
     }
 
     #[test]

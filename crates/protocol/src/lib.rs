@@ -17,7 +17,7 @@ mod files;
 mod time;
 
 pub use error::{ApiError, ErrorCode, ErrorEnvelope, ErrorItem, OpenAiStyleError};
-pub use files::{decode_files, FileError, FileUpload, ValidFile};
+pub use files::{decode_files, session_path, FileError, FileUpload, ValidFile};
 pub use time::rfc3339;
 
 use serde::{Deserialize, Serialize};
@@ -129,6 +129,35 @@ pub struct SessionInfo {
 pub struct SessionList {
     /// The caller's live sessions, oldest first.
     pub sessions: Vec<SessionInfo>,
+}
+
+/// One entry of a session's directory listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    /// The entry's name.
+    pub name: String,
+    /// Its path relative to the working directory.
+    pub path: String,
+    /// `file`, `directory`, `symlink` or `other`.
+    pub r#type: String,
+    /// Size in bytes (files only).
+    pub size: u64,
+}
+
+/// `data` of a directory listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileList {
+    /// The listed directory, relative to the working directory.
+    pub path: String,
+    /// Its entries, sorted by name.
+    pub entries: Vec<FileEntry>,
+}
+
+/// `data` of an upload without execution.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UploadRequest {
+    /// Files, as in an execute request.
+    pub files: Vec<FileUpload>,
 }
 
 /// The success envelope: `{"data": ..., "errors": null}`.

@@ -50,6 +50,15 @@ impl AppError {
                     SessionError::BadTimeout { .. } => {
                         ApiError::new(ErrorCode::InvalidRequest, msg).with_param("timeout")
                     }
+                    SessionError::Browse(b) => match b {
+                        kiln_sessions::BrowseError::NotFound(_) => ApiError::new(ErrorCode::FileNotFound, msg),
+                        kiln_sessions::BrowseError::TooLarge(..) => ApiError::new(ErrorCode::PayloadTooLarge, msg),
+                        kiln_sessions::BrowseError::Io(..) => ApiError::new(
+                            ErrorCode::InternalError,
+                            "kiln could not read the session's files; this is a server-side failure.",
+                        ),
+                        _ => ApiError::new(ErrorCode::InvalidFile, msg).with_param("path"),
+                    },
                     SessionError::Store(_) => ApiError::new(
                         ErrorCode::InternalError,
                         "kiln's metadata store failed; this is a server-side failure. Retry later.",

@@ -14,6 +14,7 @@
 mod auth;
 mod error;
 mod routes;
+mod sessions;
 
 pub use auth::{hash_key, Caller, KeyEntry, KeyRing};
 pub use error::AppError;

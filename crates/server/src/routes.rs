@@ -2,7 +2,7 @@
 
 use crate::auth::{require_key, Caller};
 use crate::error::AppError;
-use crate::AppState;
+use crate::{sessions, AppState};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -18,11 +18,20 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/tci/execute", post(execute))
         .route("/v1/tci/execute", post(execute))
         .route("/tci/sessions", get(list_sessions))
-        .route("/v1/tci/sessions", get(list_sessions))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
+        .route("/v1/tci/sessions", get(list_sessions));
+    // The same session routes under both prefixes.
+    let mut api = api;
+    for prefix in ["/tci", "/v1/tci"] {
+        api = api
+            .route(&format!("{prefix}/sessions/{{id}}"), get(sessions::get).delete(sessions::delete))
+            .route(&format!("{prefix}/sessions/{{id}}/files"), get(sessions::list_files).post(sessions::upload))
+            .route(&format!("{prefix}/sessions/{{id}}/files/{{*path}}"), get(sessions::download));
+    }
+    let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read (and limited) by the handler itself, so that an
@@ -70,7 +79,7 @@ async fn execute(
 /// discarded (up to a bound) before answering 413: a server that answers
 /// while the client is still sending makes most HTTP clients report a reset
 /// connection instead of the error.
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     use http_body_util::BodyExt;
     const DRAIN_MAX: usize = 1 << 30;
     let mut body = body;
@@ -151,10 +160,22 @@ async fn healthz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Ready for new sessions: serving, and below the session limit.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = state.manager.readiness() == Readiness::Ready && state.manager.has_capacity();
+    let (status, body) = if ready {
+        (StatusCode::OK, serde_json::json!({"status": "ready"}))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "not ready"}))
+    };
+    (status, Json(body)).into_response()
+}
+
 async fn not_found() -> AppError {
     ApiError::new(
         ErrorCode::NotFound,
-        "no such endpoint; kiln serves POST /tci/execute and GET /tci/sessions (also under /v1)",
+        "no such endpoint; kiln serves POST /tci/execute, GET /tci/sessions, GET/DELETE /tci/sessions/{id} and \
+         /tci/sessions/{id}/files (also under /v1)",
     )
     .into()
 }

@@ -12,11 +12,13 @@
 #![forbid(unsafe_code)]
 
 mod boot;
+mod browse;
 mod files;
 mod manager;
 mod pool;
 mod worker;
 
+pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
 pub use manager::{Exec, Manager, Readiness};
 
@@ -142,6 +144,9 @@ pub enum SessionError {
     /// A requested time limit is out of range.
     #[error("timeout must be a positive number of seconds, at most {max}")]
     BadTimeout { max: u64 },
+    /// A file endpoint could not read what was asked.
+    #[error(transparent)]
+    Browse(#[from] BrowseError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] kiln_store::StoreError),

@@ -56,6 +56,7 @@ struct Registry {
 #[derive(Debug)]
 struct Live {
     key_id: String,
+    work: std::path::PathBuf,
     expires_at: DateTime<Utc>,
     jobs: mpsc::UnboundedSender<Job>,
     stop: watch::Sender<bool>,
@@ -197,6 +198,99 @@ impl Manager {
             .collect())
     }
 
+    /// One of the caller's live sessions.
+    pub async fn get(&self, key_id: &str, id: &str) -> Result<SessionInfo, SessionError> {
+        self.work_dir(key_id, id).await?;
+        match self.inner.store.session(id).await? {
+            Some(r) => Ok(SessionInfo {
+                id: r.id,
+                started_at: r.started_at,
+                execute_count: r.execute_count,
+                last_execute_at: r.last_execute_at,
+                expires_at: r.expires_at,
+            }),
+            None => Err(SessionError::NotFound(id.to_string())),
+        }
+    }
+
+    /// End one of the caller's sessions now, and wait until its kernel,
+    /// sandbox and files are gone.
+    pub async fn end(&self, key_id: &str, id: &str) -> Result<(), SessionError> {
+        self.work_dir(key_id, id).await?;
+        let live = self.inner.registry().live.remove(id);
+        if let Some(l) = live {
+            let _ = l.stop.send(true);
+            let _ = l.worker.await;
+        }
+        Ok(())
+    }
+
+    /// List a directory of one of the caller's sessions.
+    pub async fn list_files(
+        &self,
+        key_id: &str,
+        id: &str,
+        path: Vec<String>,
+    ) -> Result<kiln_protocol::FileList, SessionError> {
+        let work = self.work_dir(key_id, id).await?;
+        let listed = tokio::task::spawn_blocking(move || crate::browse::list_dir(&work, &path)).await;
+        Ok(listed.map_err(|e| SessionError::KernelUnavailable(e.to_string()))??)
+    }
+
+    /// Read a file of one of the caller's sessions (at most `max` bytes).
+    pub async fn read_file(
+        &self,
+        key_id: &str,
+        id: &str,
+        path: Vec<String>,
+        max: u64,
+    ) -> Result<Vec<u8>, SessionError> {
+        let work = self.work_dir(key_id, id).await?;
+        let read = tokio::task::spawn_blocking(move || crate::browse::read_file(&work, &path, max)).await;
+        Ok(read.map_err(|e| SessionError::KernelUnavailable(e.to_string()))??)
+    }
+
+    /// Write files into one of the caller's sessions without running code.
+    pub async fn upload(&self, key_id: &str, id: &str, files: Vec<ValidFile>) -> Result<(), SessionError> {
+        let work = self.work_dir(key_id, id).await?;
+        let owner = self.inner.file_owner();
+        let written = tokio::task::spawn_blocking(move || crate::write_files(&work, &files, owner)).await;
+        Ok(written.map_err(|e| SessionError::KernelUnavailable(e.to_string()))??)
+    }
+
+    /// The work dir of the caller's live session `id`.
+    async fn work_dir(&self, key_id: &str, id: &str) -> Result<std::path::PathBuf, SessionError> {
+        Ok(self.lookup(key_id, id).await?.0)
+    }
+
+    /// The caller's live session `id` (its work dir and queue), or the error
+    /// that says why there is none: the caller's own ended session is
+    /// expired, anything else, another key's included, is not found.
+    async fn lookup(
+        &self,
+        key_id: &str,
+        id: &str,
+    ) -> Result<(std::path::PathBuf, mpsc::UnboundedSender<Job>), SessionError> {
+        {
+            let reg = self.inner.registry();
+            match reg.live.get(id) {
+                Some(l) if l.key_id != key_id => return Err(SessionError::NotFound(id.to_string())),
+                Some(l) if l.expires_at > Utc::now() => return Ok((l.work.clone(), l.jobs.clone())),
+                Some(_) => return Err(SessionError::Expired(id.to_string())),
+                None => {}
+            }
+        }
+        match self.inner.store.session(id).await? {
+            Some(r) if r.key_id == key_id => Err(SessionError::Expired(id.to_string())),
+            _ => Err(SessionError::NotFound(id.to_string())),
+        }
+    }
+
+    /// Whether another session could start now.
+    pub fn has_capacity(&self) -> bool {
+        self.live_count() < self.inner.cfg.max_sessions
+    }
+
     /// Number of live sessions.
     pub fn live_count(&self) -> usize {
         self.inner.registry().live.len()
@@ -226,22 +320,8 @@ impl Manager {
     }
 
     async fn enqueue(&self, key_id: &str, id: &str, job: Job) -> Result<(), SessionError> {
-        {
-            let reg = self.inner.registry();
-            match reg.live.get(id) {
-                Some(l) if l.key_id != key_id => return Err(SessionError::NotFound(id.to_string())),
-                Some(l) if l.expires_at > Utc::now() => {
-                    return l.jobs.send(job).map_err(|_| SessionError::Expired(id.to_string()));
-                }
-                Some(_) => return Err(SessionError::Expired(id.to_string())),
-                None => {}
-            }
-        }
-        // Not live: the caller's own ended session, or nothing it may know of.
-        match self.inner.store.session(id).await? {
-            Some(r) if r.key_id == key_id => Err(SessionError::Expired(id.to_string())),
-            _ => Err(SessionError::NotFound(id.to_string())),
-        }
+        let (_, jobs) = self.lookup(key_id, id).await?;
+        jobs.send(job).map_err(|_| SessionError::Expired(id.to_string()))
     }
 
     async fn create(
@@ -301,11 +381,12 @@ impl Manager {
             destroy_dir(kernel.dirs().root.clone()).await;
             return Err(e.into());
         }
+        let work = kernel.dirs().work.clone();
         let (jobs, queue) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
         let worker = tokio::spawn(worker::run(self.inner.clone(), id.clone(), kernel, network, queue, stopped));
         tracing::info!(session = %id, key = %key_id, "session started");
-        Ok((id, Live { key_id: key_id.to_string(), expires_at: record.expires_at, jobs, stop, worker }))
+        Ok((id, Live { key_id: key_id.to_string(), work, expires_at: record.expires_at, jobs, stop, worker }))
     }
 }
 

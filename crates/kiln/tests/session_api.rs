@@ -1,0 +1,119 @@
+//! Session endpoints beyond execute: get, delete, and files (list,
+//! download, upload), confined to the session's working directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{sandboxes, start, text_of, KEY, OTHER_KEY};
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_can_be_read_and_ended_by_its_own_key_only() {
+    let s = start(&[]);
+    let id = s.exec("x = 1", None).await["session_id"].as_str().unwrap().to_string();
+    let (st, v) = s.raw(Method::GET, &format!("/v1/tci/sessions/{id}"), Some(KEY), vec![]).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["data"]["id"], json!(id));
+    assert_eq!(v["data"]["execute_count"], 1);
+    for method in [Method::GET, Method::DELETE] {
+        let (st, v) = s.raw(method, &format!("/tci/sessions/{id}"), Some(OTHER_KEY), vec![]).await;
+        assert_eq!((st, v["errors"][0]["code"].clone()), (404, json!("session_not_found")), "{v}");
+    }
+    let before = sandboxes(&s.sessions_dir()).len();
+    let (st, v) = s.raw(Method::DELETE, &format!("/tci/sessions/{id}"), Some(KEY), vec![]).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["data"]["deleted"], true);
+    // Gone at once: its sandbox, its listing, its use.
+    assert_eq!(sandboxes(&s.sessions_dir()).len(), before - 1);
+    assert!(s.sessions(KEY).await.is_empty());
+    let (st, v) = s.post("/tci/execute", Some(KEY), json!({"code": "1", "session_id": id})).await;
+    assert_eq!((st, v["errors"][0]["code"].clone()), (410, json!("session_expired")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_can_be_uploaded_listed_and_downloaded_without_running_code() {
+    let s = start(&[]);
+    let id = s.exec("import os", None).await["session_id"].as_str().unwrap().to_string();
+    let upload = json!({"files": [
+        {"name": "data/a.csv", "encoding": "string", "content": "x,y\n1,2\n"},
+        {"name": "b.bin", "encoding": "base64", "content": "AAEC"}
+    ]});
+    let (st, v) = s.post(&format!("/v1/tci/sessions/{id}/files"), Some(KEY), upload).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["data"]["written"], json!(["data/a.csv", "b.bin"]));
+    // The code sees them, and owns them.
+    let d = s.exec("print(open('data/a.csv').read().strip(), os.stat('b.bin').st_uid)", Some(&id)).await;
+    assert_eq!(text_of(&d, "stdout"), "x,y\n1,2 1000\n");
+    s.exec("open('out.txt', 'w').write('made by code')", Some(&id)).await;
+
+    let (st, v) = s.raw(Method::GET, &format!("/tci/sessions/{id}/files"), Some(KEY), vec![]).await;
+    assert_eq!(st, 200, "{v}");
+    let names: Vec<_> =
+        v["data"]["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["b.bin", "data", "out.txt"]);
+    let (_, v) = s.raw(Method::GET, &format!("/tci/sessions/{id}/files?path=data"), Some(KEY), vec![]).await;
+    assert_eq!(v["data"]["entries"][0], json!({"name": "a.csv", "path": "data/a.csv", "type": "file", "size": 8}));
+
+    let resp = s.http.get(format!("{}/tci/sessions/{id}/files/out.txt", s.url)).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "made by code");
+    let resp = s.http.get(format!("{}/v1/tci/sessions/{id}/files/b.bin", s.url)).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &[0u8, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn file_endpoints_never_leave_the_working_directory() {
+    let s = start(&[]);
+    let id = s
+        .exec("import os\nos.symlink('/etc/passwd', 'link')\nos.symlink('/etc', 'dirlink')\nos.mkdir('d')", None)
+        .await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let get = |path: String| {
+        let s = &s;
+        async move { s.raw(Method::GET, &path, Some(KEY), vec![]).await }
+    };
+    for (path, status, code) in [
+        (format!("/tci/sessions/{id}/files/link"), 400, "invalid_file"),
+        (format!("/tci/sessions/{id}/files/dirlink/passwd"), 400, "invalid_file"),
+        (format!("/tci/sessions/{id}/files?path=dirlink"), 400, "invalid_file"),
+        (format!("/tci/sessions/{id}/files?path=../../.."), 400, "invalid_file"),
+        (format!("/tci/sessions/{id}/files/d"), 400, "invalid_file"),
+        (format!("/tci/sessions/{id}/files/missing.txt"), 404, "file_not_found"),
+        ("/tci/sessions/ses_nope/files".to_string(), 404, "session_not_found"),
+    ] {
+        let (st, v) = get(path.clone()).await;
+        assert_eq!((st, v["errors"][0]["code"].as_str().unwrap_or("")), (status, code), "{path}: {v}");
+    }
+    // Encoded traversal in the path segment is refused too.
+    let resp = s
+        .http
+        .get(format!("{}/tci/sessions/{id}/files/..%2F..%2Fetc%2Fpasswd", s.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // Uploading through the planted directory link is refused.
+    let (st, v) = s
+        .post(
+            &format!("/tci/sessions/{id}/files"),
+            Some(KEY),
+            json!({"files": [{"name": "dirlink/x", "encoding": "string", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!((st, v["errors"][0]["code"].clone()), (400, json!("invalid_file")), "{v}");
+    let (st, _) = s.raw(Method::GET, &format!("/tci/sessions/{id}/files"), Some(OTHER_KEY), vec![]).await;
+    assert_eq!(st, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_reports_whether_new_sessions_can_start() {
+    let s = start(&["--max-sessions", "1"]);
+    assert_eq!(s.raw(Method::GET, "/readyz", None, vec![]).await.0, 200);
+    s.exec("1", None).await;
+    let (st, v) = s.raw(Method::GET, "/readyz", None, vec![]).await;
+    assert_eq!((st, v["status"].clone()), (503, json!("not ready")));
+}

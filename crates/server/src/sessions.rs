@@ -1,0 +1,95 @@
+//! Session endpoints beyond execute: get and end one session, and its files
+//! (list, download, upload without running code).
+
+use crate::auth::Caller;
+use crate::error::AppError;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use kiln_protocol::{decode_files, session_path, ApiError, Envelope, ErrorCode, FileList, SessionInfo, UploadRequest};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Largest file the download endpoint returns.
+const MAX_DOWNLOAD: u64 = 100 << 20;
+
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Envelope<SessionInfo>>, AppError> {
+    Ok(Json(Envelope::ok(state.manager.get(&caller.key_id, &id).await?)))
+}
+
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Envelope<Value>>, AppError> {
+    state.manager.end(&caller.key_id, &id).await?;
+    Ok(Json(Envelope::ok(json!({"id": id, "deleted": true}))))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListQuery {
+    #[serde(default)]
+    path: String,
+}
+
+pub(crate) async fn list_files(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Envelope<FileList>>, AppError> {
+    let path = parse_path(&q.path)?;
+    Ok(Json(Envelope::ok(state.manager.list_files(&caller.key_id, &id, path).await?)))
+}
+
+pub(crate) async fn download(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, AppError> {
+    let components = parse_path(&path)?;
+    let name = components.last().cloned().unwrap_or_default();
+    let bytes = state.manager.read_file(&caller.key_id, &id, components, MAX_DOWNLOAD).await?;
+    let disposition = format!("attachment; filename=\"{}\"", name.replace(['"', '\\', '\r', '\n'], "_"));
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_DISPOSITION, disposition)],
+        Body::from(bytes),
+    )
+        .into_response())
+}
+
+pub(crate) async fn upload(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Envelope<Value>>, AppError> {
+    let bytes = crate::routes::read_body(body, state.max_body_bytes).await?;
+    let req: UploadRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the body must be {{\"files\": [{{\"name\", \"encoding\", \"content\"}}]}} ({e})"),
+        )
+    })?;
+    let files = decode_files(&req.files).map_err(|e| {
+        ApiError::new(ErrorCode::InvalidFile, format!("{e}; nothing was written"))
+            .with_param(format!("files[{}]", e.index()))
+    })?;
+    let names: Vec<String> = files.iter().map(kiln_protocol::ValidFile::display_name).collect();
+    state.manager.upload(&caller.key_id, &id, files).await?;
+    Ok(Json(Envelope::ok(json!({"session_id": id, "written": names}))))
+}
+
+fn parse_path(path: &str) -> Result<Vec<String>, ApiError> {
+    session_path(path).map_err(|e| {
+        let why = e.to_string().replace("files[0].name", "path");
+        ApiError::new(ErrorCode::InvalidFile, why).with_param("path")
+    })
+}
