@@ -97,6 +97,11 @@ pub struct ServeArgs {
     /// [default: pypi]
     #[arg(long, env = "KILN_NETWORK")]
     pub network: Option<String>,
+    /// On SIGTERM, how long running executions may finish before every
+    /// session is torn down [default: 30s]
+    #[arg(long, env = "KILN_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub shutdown_grace: Option<Duration>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "KILN_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -136,6 +141,7 @@ pub struct Settings {
     pub sessions: kiln_sessions::Config,
     pub max_body_bytes: usize,
     pub log_format: String,
+    pub shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -199,6 +205,7 @@ impl Settings {
                 },
             },
             max_body_bytes: pick!(max_body_bytes, 50 << 20),
+            shutdown_grace: pick!(shutdown_grace, Duration::from_secs(30)),
             api_keys,
             data_dir,
             log_format,

@@ -85,11 +85,21 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     let state = AppState { manager: manager.clone(), keys: Arc::new(keys), max_body_bytes: s.max_body_bytes };
     let service = app(state).map_request(normalize_path);
     let fatal = Arc::new(std::sync::Mutex::new(None::<anyhow::Error>));
+    let grace = s.shutdown_grace;
     let shutdown = {
         let fatal = fatal.clone();
+        let manager = manager.clone();
         async move {
             tokio::select! {
-                _ = shutdown_signal() => tracing::info!("shutting down"),
+                _ = shutdown_signal() => {
+                    tracing::info!(grace = ?grace, "shutting down: no new connections; running executions may finish");
+                    // Past the grace period, end every session: the requests
+                    // still running get `shutting_down` and the server exits.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        manager.shutdown().await;
+                    });
+                }
                 // Only a provisioning failure stops the server; the sender
                 // is dropped (None) after a success, which must not.
                 Some(e) = fatal_rx.recv() => {

@@ -133,3 +133,36 @@ async fn without_a_sandbox_sessions_still_work_for_trusted_development() {
     assert_eq!(common::text_of(&d, "stdout"), "True True\n");
     assert!(sandboxes(&s.sessions_dir()).is_empty(), "no cgroups without a sandbox");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_running_cells_finish_then_ends_the_rest() {
+    let mut s = start(&["--shutdown-grace", "3s", "--pool-size", "2"]);
+    let s_url = s.url.clone();
+    let http = s.http.clone();
+    let send = |code: &'static str| {
+        let (http, url) = (http.clone(), s_url.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{url}/tci/execute"))
+                .bearer_auth(KEY)
+                .json(&json!({"code": code}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+    let short = send("import time\ntime.sleep(1.5)\nprint('finished')");
+    let long = send("import time\ntime.sleep(120)");
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let (st, v) = short.await.unwrap();
+    assert_eq!((st, common::text_of(&v["data"], "stdout")), (200, "finished\n".to_string()), "{v}");
+    let (st, v) = long.await.unwrap();
+    assert_eq!((st, v["errors"][0]["code"].clone()), (503, json!("shutting_down")), "{v}");
+    let status = s.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert!(sandboxes(&s.sessions_dir()).is_empty());
+}

@@ -72,7 +72,7 @@ pub(crate) async fn run(
             kernel.execute(&code, &limits, cancelled).await
         };
         if *stop.borrow() {
-            let _ = reply.send(Err(SessionError::Expired(id.clone())));
+            let _ = reply.send(Err(ended(&inner, &id)));
             break;
         }
         let mut outputs = exec.outputs;
@@ -141,7 +141,7 @@ async fn teardown(inner: &Inner, id: &str, kernel: Kernel, mut jobs: mpsc::Unbou
     inner.forget(id);
     jobs.close();
     while let Ok(job) = jobs.try_recv() {
-        let _ = job.reply.send(Err(SessionError::Expired(id.to_string())));
+        let _ = job.reply.send(Err(ended(inner, id)));
     }
     kernel.kill().await;
     destroy_dir(kernel.dirs().root.clone()).await;
@@ -149,4 +149,13 @@ async fn teardown(inner: &Inner, id: &str, kernel: Kernel, mut jobs: mpsc::Unbou
         tracing::warn!(session = %id, error = %e, "could not mark the session ended");
     }
     tracing::info!(session = %id, "session ended");
+}
+
+/// Why a session ended under a request: the server stopping, or expiry.
+fn ended(inner: &Inner, id: &str) -> SessionError {
+    if inner.readiness() == crate::Readiness::Stopping {
+        SessionError::ShuttingDown
+    } else {
+        SessionError::Expired(id.to_string())
+    }
 }
