@@ -90,6 +90,10 @@ impl Collector {
         self.saw_error = false;
     }
 
+    pub(crate) fn truncated(&self) -> bool {
+        self.truncated
+    }
+
     pub(crate) fn finish(self) -> Vec<Output> {
         self.outputs
     }

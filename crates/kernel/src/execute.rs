@@ -55,6 +55,8 @@ pub struct Execution {
     pub outputs: Vec<Output>,
     /// Whether an `error` output was produced.
     pub raised: bool,
+    /// Whether output was cut at the output limit.
+    pub truncated: bool,
     /// How it ended.
     pub end: End,
 }
@@ -134,8 +136,8 @@ impl Kernel {
                 }
             }
         };
-        let raised = out.saw_error;
-        Execution { outputs: out.finish(), raised, end }
+        let (raised, truncated) = (out.saw_error, out.truncated());
+        Execution { outputs: out.finish(), raised, truncated, end }
     }
 
     /// The kernel is gone: keep what already arrived, report how it ended.
@@ -149,7 +151,7 @@ impl Kernel {
         }
         self.kill().await;
         let exit = self.sandbox.exit();
-        let raised = out.saw_error;
-        Execution { outputs: out.finish(), raised, end: End::Died { exit, out_of_memory } }
+        let (raised, truncated) = (out.saw_error, out.truncated());
+        Execution { outputs: out.finish(), raised, truncated, end: End::Died { exit, out_of_memory } }
     }
 }

@@ -117,3 +117,48 @@ async fn readyz_reports_whether_new_sessions_can_start() {
     let (st, v) = s.raw(Method::GET, "/readyz", None, vec![]).await;
     assert_eq!((st, v["status"].clone()), (503, json!("not ready")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_sessions_executions_limits_and_errors() {
+    let s = start(&[]);
+    let id = s.exec("1/0", None).await["session_id"].as_str().unwrap().to_string();
+    s.exec("print(1)", Some(&id)).await;
+    let (st, _) = s
+        .post("/tci/execute", Some(KEY), json!({"code": "import time; time.sleep(30)", "session_id": id, "timeout": 1}))
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s.post("/tci/execute", Some("wrong"), json!({"code": "1"})).await;
+    assert_eq!(st, 401);
+    let resp = s.http.get(format!("{}/metrics", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    for line in [
+        "kiln_sessions_live 1",
+        "kiln_sessions_started_total 1",
+        "kiln_executions_total{outcome=\"error\"} 1",
+        "kiln_executions_total{outcome=\"success\"} 1",
+        "kiln_executions_total{outcome=\"timeout\"} 1",
+        "kiln_limits_hit_total{limit=\"time\"} 1",
+        "kiln_request_errors_total{code=\"unauthorized\"} 1",
+        "kiln_execute_duration_seconds_count 3",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_response_carries_a_request_id() {
+    let s = start(&[]);
+    let resp = s.http.get(format!("{}/tci/sessions", s.url)).bearer_auth(KEY).send().await.unwrap();
+    let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id:?}");
+    let resp = s
+        .http
+        .get(format!("{}/tci/sessions", s.url))
+        .bearer_auth(KEY)
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers().get("x-request-id").unwrap(), "trace-me-42");
+}

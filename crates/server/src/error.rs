@@ -85,6 +85,8 @@ impl IntoResponse for AppError {
             obj.insert("message".into(), api.message.clone().into());
         }
         let mut resp = (status, Json(body)).into_response();
+        // For the metrics middleware, which counts errors by code.
+        resp.extensions_mut().insert(api.code);
         let headers = resp.headers_mut();
         match api.code {
             // Worth retrying soon: say when.

@@ -32,11 +32,21 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read (and limited) by the handler itself, so that an
         // oversized body gets the API's JSON error, not a plain-text one.
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_errors))
+        // A request id per request (kept when the client sends one), in
+        // every log line of the request and in the response.
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(tower_http::request_id::MakeRequestUuid))
         .with_state(state)
 }
 
@@ -158,6 +168,25 @@ async fn healthz(State(state): State<AppState>) -> Response {
         Readiness::Stopping => (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "stopping"})),
     };
     (status, Json(body)).into_response()
+}
+
+/// Prometheus metrics (no key: they hold counts, never ids or code).
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.manager.render_metrics().await;
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// Count every error response by its code.
+async fn count_errors(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    if let Some(code) = resp.extensions().get::<ErrorCode>() {
+        state.manager.metrics().error(code.as_str());
+    }
+    resp
 }
 
 /// Ready for new sessions: serving, and below the session limit.

@@ -15,12 +15,14 @@ mod boot;
 mod browse;
 mod files;
 mod manager;
+pub mod metrics;
 mod pool;
 mod worker;
 
 pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
 pub use manager::{Exec, Manager, Readiness};
+pub use metrics::Metrics;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -44,6 +44,7 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     background: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) egress: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) metrics: Arc<crate::Metrics>,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +94,7 @@ impl Manager {
                 pool,
                 background: Mutex::new(Vec::new()),
                 egress: Mutex::new(Vec::new()),
+                metrics: Arc::new(crate::Metrics::new()),
             }),
         }
     }
@@ -286,6 +288,19 @@ impl Manager {
         }
     }
 
+    /// The metrics, with gauges brought up to date, as Prometheus text.
+    pub async fn render_metrics(&self) -> String {
+        let m = &self.inner.metrics;
+        m.sessions_live.set(i64::try_from(self.live_count()).unwrap_or(i64::MAX));
+        m.pool_ready.set(i64::try_from(self.inner.pool.len().await).unwrap_or(i64::MAX));
+        m.render()
+    }
+
+    /// The metrics registry (the HTTP layer counts errors in it).
+    pub fn metrics(&self) -> Arc<crate::Metrics> {
+        self.inner.metrics.clone()
+    }
+
     /// Whether another session could start now.
     pub fn has_capacity(&self) -> bool {
         self.live_count() < self.inner.cfg.max_sessions
@@ -334,11 +349,13 @@ impl Manager {
             let mut reg = self.inner.registry();
             let creating: usize = reg.creating.values().sum();
             if reg.live.len() + creating >= cfg.max_sessions {
+                self.inner.metrics.limit("sessions");
                 return Err(SessionError::NoCapacity(cfg.max_sessions));
             }
             let mine = reg.live.values().filter(|l| l.key_id == key_id).count()
                 + reg.creating.get(key_id).copied().unwrap_or(0);
             if mine >= cfg.max_sessions_per_key {
+                self.inner.metrics.limit("sessions_per_key");
                 return Err(SessionError::TooManySessions(cfg.max_sessions_per_key));
             }
             *reg.creating.entry(key_id.to_string()).or_default() += 1;
@@ -385,6 +402,7 @@ impl Manager {
         let (jobs, queue) = mpsc::unbounded_channel();
         let (stop, stopped) = watch::channel(false);
         let worker = tokio::spawn(worker::run(self.inner.clone(), id.clone(), kernel, network, queue, stopped));
+        self.inner.metrics.sessions_started.inc();
         tracing::info!(session = %id, key = %key_id, "session started");
         Ok((id, Live { key_id: key_id.to_string(), work, expires_at: record.expires_at, jobs, stop, worker }))
     }

@@ -60,6 +60,7 @@ pub(crate) async fn run(
             tracing::warn!(session = %id, error = %e, "could not count an execution");
         }
 
+        let started = std::time::Instant::now();
         let exec = {
             let mut stopping = stop.clone();
             let reply = &mut reply;
@@ -75,6 +76,7 @@ pub(crate) async fn run(
             let _ = reply.send(Err(ended(&inner, &id)));
             break;
         }
+        record(&inner.metrics, &exec, started.elapsed());
         let mut outputs = exec.outputs;
         let mut status = if exec.raised { ExecuteStatus::Error } else { ExecuteStatus::Success };
         let secs = limits.timeout.as_secs_f64();
@@ -157,5 +159,31 @@ fn ended(inner: &Inner, id: &str) -> SessionError {
         SessionError::ShuttingDown
     } else {
         SessionError::Expired(id.to_string())
+    }
+}
+
+/// Count one execution in the metrics.
+fn record(m: &crate::Metrics, exec: &kiln_kernel::Execution, took: std::time::Duration) {
+    m.execute_seconds.observe(took.as_secs_f64());
+    let outcome = match exec.end {
+        End::Completed if exec.raised => "error",
+        End::Completed => "success",
+        End::TimedOut { .. } => "timeout",
+        End::Cancelled { .. } => "cancelled",
+        End::Died { .. } => "died",
+    };
+    m.outcome(outcome);
+    match exec.end {
+        End::TimedOut { .. } => m.limit("time"),
+        End::Died { out_of_memory, .. } => {
+            m.kernel_deaths.inc();
+            if out_of_memory {
+                m.limit("memory");
+            }
+        }
+        _ => {}
+    }
+    if exec.truncated {
+        m.limit("output");
     }
 }
