@@ -6,8 +6,11 @@
 //! `kiln-sessions` for kernels, `kiln-runtime` for the Python environment).
 #![forbid(unsafe_code)]
 
+mod admin;
+mod client;
 mod config;
 mod serve;
+mod table;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +30,22 @@ enum Command {
     /// Manage the Python runtime sessions run in.
     #[command(subcommand)]
     Runtime(RuntimeCommand),
+    /// Run code on a kiln server and print what it shows (exit 1 if it raised).
+    Exec(Box<client::ExecArgs>),
+    /// List or end your sessions on a kiln server.
+    #[command(subcommand)]
+    Sessions(client::SessionsCommand),
+    /// Manage API keys in the data directory (operator).
+    #[command(subcommand)]
+    Keys(admin::KeysCommand),
+    /// Usage per API key: sessions, executions, CPU, memory (operator).
+    Usage {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data: admin::DataDir,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,5 +80,12 @@ fn main() -> anyhow::Result<()> {
             println!("runtime ready: {}", runtime.root.display());
             Ok(())
         }
+        Command::Exec(args) => {
+            let code = rt.block_on(client::exec(*args))?;
+            std::process::exit(code)
+        }
+        Command::Sessions(cmd) => rt.block_on(client::sessions(cmd)),
+        Command::Keys(cmd) => rt.block_on(admin::keys(cmd)),
+        Command::Usage { json, data } => rt.block_on(admin::usage(json, data)),
     }
 }

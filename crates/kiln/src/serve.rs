@@ -5,7 +5,7 @@ use crate::config::Settings;
 use anyhow::Context;
 use kiln_server::{app, hash_key, normalize_path, AppState, KeyEntry, KeyRing};
 use kiln_sessions::{Manager, Readiness};
-use kiln_store::{SqliteStore, Store};
+use kiln_store::{KeyOptions, SqliteStore, Store};
 use rand::distr::{Alphanumeric, SampleString};
 use std::io::Write;
 use std::path::Path;
@@ -40,7 +40,22 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     create_private_dir(&s.sessions.sessions_dir)?;
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&s.data_dir.join("kiln.db")).context("could not open kiln's database")?);
-    let keys = settle_keys(&s, store.as_ref()).await?;
+    let configured = settle_keys(&s, store.as_ref()).await?;
+    let keys = Arc::new(KeyRing::new(accepted_keys(&configured, store.as_ref()).await?));
+    // Keys created or revoked with `kiln keys` apply to a running server
+    // within seconds.
+    {
+        let (keys, store) = (keys.clone(), store.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                match accepted_keys(&configured, store.as_ref()).await {
+                    Ok(k) => keys.replace(k),
+                    Err(e) => tracing::warn!(error = %e, "could not reload API keys"),
+                }
+            }
+        });
+    }
 
     let manager = Manager::new(s.sessions.clone(), store.clone());
     manager.recover().await.context("could not clean up after a previous run")?;
@@ -82,7 +97,7 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
         });
     }
 
-    let state = AppState { manager: manager.clone(), keys: Arc::new(keys), max_body_bytes: s.max_body_bytes };
+    let state = AppState { manager: manager.clone(), keys, max_body_bytes: s.max_body_bytes };
     let service = app(state).map_request(normalize_path);
     let fatal = Arc::new(std::sync::Mutex::new(None::<anyhow::Error>));
     let grace = s.shutdown_grace;
@@ -120,29 +135,24 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     }
 }
 
-/// Decide which keys are accepted: the configured ones, or else those in the
-/// store; with neither, generate one, save it (0600) and show it once.
-async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<KeyRing> {
-    let mut ring = Vec::new();
-    if !s.api_keys.is_empty() {
-        for k in &s.api_keys {
-            let (key, network) = split_policy(k);
-            let rec = store.add_key(hash_key(key), "configured").await?;
-            ring.push(KeyEntry { id: rec.id, hash: rec.hash, network });
-        }
-        return Ok(KeyRing::new(ring));
+/// Register the configured keys in the store and, on a first start with no
+/// key at all, generate one, save it (0600) and show it once. Returns the
+/// configured keys (with their policies).
+async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<Vec<KeyEntry>> {
+    let mut configured = Vec::new();
+    for k in &s.api_keys {
+        let (key, network) = split_policy(k);
+        let rec = store.add_key(hash_key(key), "configured", &KeyOptions::default()).await?;
+        configured.push(KeyEntry { id: rec.id, hash: rec.hash, network, max_sessions: None });
     }
-    let stored = store.keys().await?;
-    if !stored.is_empty() {
-        tracing::info!(keys = stored.len(), "using the API keys in {}", s.data_dir.display());
-        return Ok(KeyRing::new(
-            stored.into_iter().map(|r| KeyEntry { id: r.id, hash: r.hash, network: None }).collect(),
-        ));
+    let managed = store.keys().await?.into_iter().filter(|r| r.label != "configured" && r.revoked_at.is_none()).count();
+    if !configured.is_empty() || managed > 0 {
+        return Ok(configured);
     }
     let key = format!("kiln_{}", Alphanumeric.sample_string(&mut rand::rng(), 40));
     let path = s.data_dir.join("api-key");
     write_secret(&path, &key).with_context(|| format!("could not save the API key to {}", path.display()))?;
-    let rec = store.add_key(hash_key(&key), "generated").await?;
+    store.add_key(hash_key(&key), "generated", &KeyOptions::default()).await?;
     let url = format!("http://{}", s.listen);
     println!(
         "Created an API key (saved in {path}, mode 0600; only its hash is in the database):\n\n    {key}\n\n\
@@ -150,7 +160,22 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<KeyRing>
          -H \"Content-Type: application/json\" \\\n      -d '{{\"language\": \"python\", \"code\": \"print(42)\"}}'\n",
         path = path.display()
     );
-    Ok(KeyRing::new(vec![KeyEntry { id: rec.id, hash: rec.hash, network: None }]))
+    Ok(configured)
+}
+
+/// The accepted keys: the configured ones, and those kept in the store
+/// (generated, or made with `kiln keys create`), minus revoked ones.
+pub async fn accepted_keys(configured: &[KeyEntry], store: &dyn Store) -> anyhow::Result<Vec<KeyEntry>> {
+    let stored = store.keys().await?;
+    let revoked = |id: &str| stored.iter().any(|r| r.id == id && r.revoked_at.is_some());
+    let mut keys: Vec<KeyEntry> = configured.iter().filter(|k| !revoked(&k.id)).cloned().collect();
+    keys.extend(stored.iter().filter(|r| r.label != "configured" && r.revoked_at.is_none()).map(|r| KeyEntry {
+        id: r.id.clone(),
+        hash: r.hash,
+        network: r.options.network.as_deref().and_then(|n| n.parse().ok()),
+        max_sessions: r.options.max_sessions,
+    }));
+    Ok(keys)
 }
 
 /// `KEY:none` → (`KEY`, Some(None policy)); a key without a known policy

@@ -74,6 +74,8 @@ impl Cgroup {
             ("memory", vec![("memory.limit_in_bytes", limits.memory_bytes.to_string())]),
             ("pids", vec![("pids.max", limits.pids.to_string())]),
             ("cpu", vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())]),
+            // Accounting only: CPU time used, for usage reports.
+            ("cpuacct", vec![]),
         ] {
             let dir = Path::new(ROOT).join(controller).join("kiln").join(id);
             std::fs::create_dir_all(&dir)?;
@@ -146,6 +148,18 @@ impl Cgroup {
             ["memory.max_usage_in_bytes", "memory.peak"]
                 .iter()
                 .find_map(|f| std::fs::read_to_string(d.join(f)).ok()?.trim().parse().ok())
+        })
+    }
+
+    /// CPU time used by the cgroup's processes so far, seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.dirs.iter().find_map(|d| {
+            if let Ok(ns) = std::fs::read_to_string(d.join("cpuacct.usage")) {
+                return ns.trim().parse::<f64>().ok().map(|n| n / 1e9);
+            }
+            let stat = std::fs::read_to_string(d.join("cpu.stat")).ok()?;
+            let us = stat.lines().find_map(|l| l.strip_prefix("usage_usec "))?;
+            us.trim().parse::<f64>().ok().map(|n| n / 1e6)
         })
     }
 

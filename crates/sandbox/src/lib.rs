@@ -261,6 +261,15 @@ impl Sandbox {
         }
     }
 
+    /// CPU seconds and peak memory bytes of the sandbox so far (zero
+    /// without a cgroup).
+    pub fn usage(&self) -> (f64, u64) {
+        match &self.cgroup {
+            Some(cg) => (cg.cpu_seconds().unwrap_or(0.0), cg.memory_peak().unwrap_or(0)),
+            None => (0.0, 0),
+        }
+    }
+
     /// Whether the sandbox's memory limit was hit.
     pub fn hit_memory_limit(&self) -> bool {
         self.cgroup.as_ref().is_some_and(Cgroup::hit_memory_limit)

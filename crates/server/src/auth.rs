@@ -24,6 +24,8 @@ pub struct Caller {
     pub key_id: String,
     /// Overrides the server's network policy for this key's sessions.
     pub network: Option<Network>,
+    /// This key's own live-session limit.
+    pub max_sessions: Option<u64>,
 }
 
 /// SHA-256 of a key.
@@ -40,6 +42,8 @@ pub struct KeyEntry {
     pub hash: [u8; 32],
     /// Its own network policy, if not the server's.
     pub network: Option<Network>,
+    /// Its own live-session limit.
+    pub max_sessions: Option<u64>,
 }
 
 /// The accepted keys.
@@ -54,6 +58,11 @@ impl KeyRing {
         KeyRing { keys: RwLock::new(keys) }
     }
 
+    /// Replace the accepted keys (after keys were created or revoked).
+    pub fn replace(&self, keys: Vec<KeyEntry>) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
     /// Who presented `presented`, if it is an accepted key.
     pub fn authenticate(&self, presented: &str) -> Option<Caller> {
         let h = hash_key(presented);
@@ -61,7 +70,7 @@ impl KeyRing {
         let mut found = None;
         for k in keys.iter() {
             if bool::from(k.hash.ct_eq(&h)) {
-                found = Some(Caller { key_id: k.id.clone(), network: k.network });
+                found = Some(Caller { key_id: k.id.clone(), network: k.network, max_sessions: k.max_sessions });
             }
         }
         found
@@ -107,12 +116,13 @@ mod tests {
 
     #[test]
     fn only_a_known_key_authenticates_and_yields_its_id() {
-        let entry = |id: &str, key: &str, network| KeyEntry { id: id.into(), hash: hash_key(key), network };
+        let entry =
+            |id: &str, key: &str, network| KeyEntry { id: id.into(), hash: hash_key(key), network, max_sessions: None };
         let ring =
             KeyRing::new(vec![entry("key_a", "secret-a", None), entry("key_b", "secret-b", Some(Network::None))]);
         assert_eq!(
             ring.authenticate("secret-b"),
-            Some(Caller { key_id: "key_b".into(), network: Some(Network::None) })
+            Some(Caller { key_id: "key_b".into(), network: Some(Network::None), max_sessions: None })
         );
         assert_eq!(ring.authenticate("secret-c"), None);
         assert_eq!(ring.authenticate(""), None);

@@ -25,7 +25,8 @@ pub(crate) fn router(state: AppState) -> Router {
         api = api
             .route(&format!("{prefix}/sessions/{{id}}"), get(sessions::get).delete(sessions::delete))
             .route(&format!("{prefix}/sessions/{{id}}/files"), get(sessions::list_files).post(sessions::upload))
-            .route(&format!("{prefix}/sessions/{{id}}/files/{{*path}}"), get(sessions::download));
+            .route(&format!("{prefix}/sessions/{{id}}/files/{{*path}}"), get(sessions::download))
+            .route(&format!("{prefix}/usage"), get(sessions::usage));
     }
     let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
@@ -80,7 +81,8 @@ async fn execute(
         }
     };
     let session_id = req.session_id.filter(|s| !s.is_empty());
-    let exec = Exec { session_id, code: req.code, files, timeout, network: caller.network };
+    let exec =
+        Exec { session_id, code: req.code, files, timeout, network: caller.network, max_sessions: caller.max_sessions };
     let data = state.manager.execute(&caller.key_id, exec).await?;
     Ok(Json(Envelope::ok(data)))
 }

@@ -33,6 +33,23 @@ pub(crate) async fn delete(
     Ok(Json(Envelope::ok(json!({"id": id, "deleted": true}))))
 }
 
+/// The caller's usage: sessions started (the billing unit), executions,
+/// execution and CPU seconds, peak memory.
+pub(crate) async fn usage(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Envelope<Value>>, AppError> {
+    let u = state.manager.usage(&caller.key_id).await?;
+    Ok(Json(Envelope::ok(json!({
+        "key_id": u.key_id,
+        "sessions_started": u.sessions_started,
+        "executions": u.executions,
+        "execution_seconds": u.execution_seconds,
+        "cpu_seconds": u.cpu_seconds,
+        "peak_memory_bytes": u.peak_memory_bytes,
+    }))))
+}
+
 #[derive(Debug, Deserialize)]
 pub(crate) struct ListQuery {
     #[serde(default)]

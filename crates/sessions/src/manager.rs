@@ -77,6 +77,8 @@ pub struct Exec {
     pub timeout: Option<Duration>,
     /// The caller's network policy when it differs from the server's.
     pub network: Option<Network>,
+    /// The caller's own live-session limit, when it has one.
+    pub max_sessions: Option<u64>,
 }
 
 impl Manager {
@@ -177,7 +179,7 @@ impl Manager {
             }
             None => {
                 let network = req.network.unwrap_or(self.inner.default_network());
-                let (id, jobs) = self.create(key_id, network).await?;
+                let (id, jobs) = self.create(key_id, network, req.max_sessions).await?;
                 jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
                 id
             }
@@ -288,6 +290,11 @@ impl Manager {
         }
     }
 
+    /// What `key_id` has used (all its sessions, across restarts).
+    pub async fn usage(&self, key_id: &str) -> Result<kiln_store::Usage, SessionError> {
+        Ok(self.inner.store.usage(key_id).await?)
+    }
+
     /// The metrics, with gauges brought up to date, as Prometheus text.
     pub async fn render_metrics(&self) -> String {
         let m = &self.inner.metrics;
@@ -343,6 +350,7 @@ impl Manager {
         &self,
         key_id: &str,
         network: Network,
+        key_limit: Option<u64>,
     ) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
         let cfg = &self.inner.cfg;
         {
@@ -354,9 +362,10 @@ impl Manager {
             }
             let mine = reg.live.values().filter(|l| l.key_id == key_id).count()
                 + reg.creating.get(key_id).copied().unwrap_or(0);
-            if mine >= cfg.max_sessions_per_key {
+            let limit = key_limit.map_or(cfg.max_sessions_per_key, |l| (l as usize).min(cfg.max_sessions_per_key));
+            if mine >= limit {
                 self.inner.metrics.limit("sessions_per_key");
-                return Err(SessionError::TooManySessions(cfg.max_sessions_per_key));
+                return Err(SessionError::TooManySessions(limit));
             }
             *reg.creating.entry(key_id.to_string()).or_default() += 1;
         }

@@ -31,6 +31,7 @@ pub(crate) async fn run(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut cpu_seen = 0.0;
     loop {
         let job = tokio::select! {
             biased;
@@ -76,7 +77,19 @@ pub(crate) async fn run(
             let _ = reply.send(Err(ended(&inner, &id)));
             break;
         }
-        record(&inner.metrics, &exec, started.elapsed());
+        let took = started.elapsed();
+        record(&inner.metrics, &exec, took);
+        // Usage: this kernel's CPU counter is cumulative (since its boot).
+        let (cpu_now, peak_memory_bytes) = kernel.sandbox().usage();
+        let usage = kiln_store::ExecutionUsage {
+            seconds: took.as_secs_f64(),
+            cpu_seconds: (cpu_now - cpu_seen).max(0.0),
+            peak_memory_bytes,
+        };
+        cpu_seen = cpu_now;
+        if let Err(e) = inner.store.record_usage(&id, usage).await {
+            tracing::warn!(session = %id, error = %e, "could not record usage");
+        }
         let mut outputs = exec.outputs;
         let mut status = if exec.raised { ExecuteStatus::Error } else { ExecuteStatus::Success };
         let secs = limits.timeout.as_secs_f64();
@@ -117,6 +130,7 @@ pub(crate) async fn run(
             match inner.boot_in(kernel.dirs().with_new_run(), network).await {
                 Ok(k) => {
                     kernel = k;
+                    cpu_seen = 0.0;
                     destroy_dir(old_run).await;
                     outputs.push(Output::Error(format!(
                         "{reason}. A new kernel was started for the session: variables and imports were \

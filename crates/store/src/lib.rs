@@ -35,10 +35,24 @@ pub struct KeyRecord {
     pub id: String,
     /// SHA-256 of the key.
     pub hash: [u8; 32],
-    /// Where the key came from (`generated`, `flag`, ...).
+    /// Where the key came from (`generated`, `configured`) or what the
+    /// operator named it (`kiln keys create --label`).
     pub label: String,
     /// When it was added.
     pub created_at: DateTime<Utc>,
+    /// Options the operator set for the key.
+    pub options: KeyOptions,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Per-key settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyOptions {
+    /// Live sessions this key may have (below the server's per-key limit).
+    pub max_sessions: Option<u64>,
+    /// Network policy of its sessions (`none`, `pypi`, `full`).
+    pub network: Option<String>,
 }
 
 /// A session as stored.
@@ -67,6 +81,34 @@ impl SessionRecord {
     }
 }
 
+/// What a key has used, over all its sessions (the billing view).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    /// The key.
+    pub key_id: String,
+    /// Sessions started (the billing unit).
+    pub sessions_started: u64,
+    /// Execute requests run.
+    pub executions: u64,
+    /// Wall time of those executions, seconds.
+    pub execution_seconds: f64,
+    /// CPU time the sessions' processes used, seconds.
+    pub cpu_seconds: f64,
+    /// The largest memory peak of any of its sessions, bytes.
+    pub peak_memory_bytes: u64,
+}
+
+/// Resources one execution used.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExecutionUsage {
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// CPU time of the session's processes during it, seconds.
+    pub cpu_seconds: f64,
+    /// The session's memory peak so far, bytes.
+    pub peak_memory_bytes: u64,
+}
+
 /// Durable metadata behind one small interface.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -74,11 +116,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn keys(&self) -> Result<Vec<KeyRecord>>;
     /// Add a key unless one with the same hash exists; returns the stored
     /// record (the existing one on a duplicate).
-    async fn add_key(&self, hash: [u8; 32], label: &str) -> Result<KeyRecord>;
+    async fn add_key(&self, hash: [u8; 32], label: &str, options: &KeyOptions) -> Result<KeyRecord>;
+    /// Revoke a key; false if there is no such key.
+    async fn revoke_key(&self, id: &str) -> Result<bool>;
     /// Record a new session.
     async fn insert_session(&self, s: &SessionRecord) -> Result<()>;
     /// Count one execute request that started at `at`.
     async fn record_execute(&self, id: &str, at: DateTime<Utc>) -> Result<()>;
+    /// Add one execution's resource use to its session.
+    async fn record_usage(&self, id: &str, usage: ExecutionUsage) -> Result<()>;
+    /// Usage of one key (all its sessions, ended or not).
+    async fn usage(&self, key_id: &str) -> Result<Usage>;
+    /// Usage of every key that started a session.
+    async fn usage_all(&self) -> Result<Vec<Usage>>;
     /// Mark a session torn down.
     async fn end_session(&self, id: &str, at: DateTime<Utc>) -> Result<()>;
     /// One session by id.

@@ -5,14 +5,15 @@
 //! nothing but contention. WAL mode keeps readers of the file (backups,
 //! `sqlite3` by an operator) from blocking the server.
 
-use crate::{KeyRecord, Result, SessionRecord, Store, StoreError};
+use crate::{ExecutionUsage, KeyOptions, KeyRecord, Result, SessionRecord, Store, StoreError, Usage};
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 /// Schema migrations, applied in order; `user_version` counts them.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE api_keys (
     id          TEXT PRIMARY KEY,
     hash        BLOB NOT NULL UNIQUE,
@@ -29,7 +30,18 @@ CREATE TABLE sessions (
     ended_at         INTEGER
 );
 CREATE INDEX sessions_by_key ON sessions (key_id, ended_at);
-"];
+",
+    r"
+ALTER TABLE sessions ADD COLUMN execution_seconds REAL NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN cpu_seconds REAL NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN peak_memory_bytes INTEGER NOT NULL DEFAULT 0;
+",
+    r"
+ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;
+ALTER TABLE api_keys ADD COLUMN max_sessions INTEGER;
+ALTER TABLE api_keys ADD COLUMN network TEXT;
+",
+];
 
 /// SQLite-backed [`Store`].
 #[derive(Debug)]
@@ -84,6 +96,37 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     })
 }
 
+const KEY_COLS: &str = "id, hash, label, created_at, max_sessions, network, revoked_at";
+
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let hash: Vec<u8> = r.get(1)?;
+    Ok(KeyRecord {
+        id: r.get(0)?,
+        hash: hash.try_into().unwrap_or([0; 32]),
+        label: r.get(2)?,
+        created_at: from_micros(r.get(3)?),
+        options: KeyOptions {
+            max_sessions: r.get::<_, Option<i64>>(4)?.and_then(|n| u64::try_from(n).ok()),
+            network: r.get(5)?,
+        },
+        revoked_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
+    })
+}
+
+const USAGE_SQL: &str = "SELECT key_id, COUNT(*), COALESCE(SUM(execute_count), 0), COALESCE(SUM(execution_seconds), 0),
+     COALESCE(SUM(cpu_seconds), 0), COALESCE(MAX(peak_memory_bytes), 0) FROM sessions";
+
+fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Usage> {
+    Ok(Usage {
+        key_id: r.get(0)?,
+        sessions_started: r.get::<_, i64>(1)?.try_into().unwrap_or(0),
+        executions: r.get::<_, i64>(2)?.try_into().unwrap_or(0),
+        execution_seconds: r.get(3)?,
+        cpu_seconds: r.get(4)?,
+        peak_memory_bytes: r.get::<_, i64>(5)?.try_into().unwrap_or(0),
+    })
+}
+
 const SESSION_COLS: &str = "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at";
 
 #[async_trait::async_trait]
@@ -91,43 +134,56 @@ impl Store for SqliteStore {
     async fn keys(&self) -> Result<Vec<KeyRecord>> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached("SELECT id, hash, label, created_at FROM api_keys ORDER BY created_at")
+            .prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys ORDER BY created_at"))
             .map_err(q("list keys"))?;
-        let rows = stmt
-            .query_map([], |r| {
-                let hash: Vec<u8> = r.get(1)?;
-                Ok(KeyRecord {
-                    id: r.get(0)?,
-                    hash: hash.try_into().unwrap_or([0; 32]),
-                    label: r.get(2)?,
-                    created_at: from_micros(r.get(3)?),
-                })
-            })
-            .map_err(q("list keys"))?;
+        let rows = stmt.query_map([], key_row).map_err(q("list keys"))?;
         rows.collect::<rusqlite::Result<_>>().map_err(q("list keys"))
     }
 
-    async fn add_key(&self, hash: [u8; 32], label: &str) -> Result<KeyRecord> {
+    async fn add_key(&self, hash: [u8; 32], label: &str, options: &KeyOptions) -> Result<KeyRecord> {
         let conn = self.conn();
         let existing = conn
-            .query_row("SELECT id, label, created_at FROM api_keys WHERE hash = ?1", params![hash.as_slice()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
-            })
+            .query_row(&format!("SELECT {KEY_COLS} FROM api_keys WHERE hash = ?1"), params![hash.as_slice()], key_row)
             .optional()
             .map_err(q("find key"))?;
-        if let Some((id, label, created)) = existing {
-            return Ok(KeyRecord { id, hash, label, created_at: from_micros(created) });
+        if let Some(rec) = existing {
+            return Ok(rec);
         }
         // The id is derived from the hash: stable, and reveals nothing
         // usable (a prefix of a SHA-256 of a high-entropy secret).
         let id = format!("key_{}", hash.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>());
         let now = Utc::now();
         conn.execute(
-            "INSERT INTO api_keys (id, hash, label, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![id, hash.as_slice(), label, micros(now)],
+            "INSERT INTO api_keys (id, hash, label, created_at, max_sessions, network) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                id,
+                hash.as_slice(),
+                label,
+                micros(now),
+                options.max_sessions.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+                options.network
+            ],
         )
         .map_err(q("add key"))?;
-        Ok(KeyRecord { id, hash, label: label.to_string(), created_at: now })
+        Ok(KeyRecord {
+            id,
+            hash,
+            label: label.to_string(),
+            created_at: now,
+            options: options.clone(),
+            revoked_at: None,
+        })
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                params![id, micros(Utc::now())],
+            )
+            .map_err(q("revoke key"))?;
+        Ok(n > 0)
     }
 
     async fn insert_session(&self, s: &SessionRecord) -> Result<()> {
@@ -157,6 +213,33 @@ impl Store for SqliteStore {
             )
             .map_err(q("record execute"))?;
         Ok(())
+    }
+
+    async fn record_usage(&self, id: &str, u: ExecutionUsage) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE sessions SET execution_seconds = execution_seconds + ?2, cpu_seconds = cpu_seconds + ?3,
+                 peak_memory_bytes = MAX(peak_memory_bytes, ?4) WHERE id = ?1",
+                params![id, u.seconds, u.cpu_seconds, i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)],
+            )
+            .map_err(q("record usage"))?;
+        Ok(())
+    }
+
+    async fn usage(&self, key_id: &str) -> Result<Usage> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached(&format!("{USAGE_SQL} WHERE key_id = ?1 GROUP BY key_id")).map_err(q("usage"))?;
+        let found = stmt.query_row(params![key_id], usage_row).optional().map_err(q("usage"))?;
+        Ok(found.unwrap_or(Usage { key_id: key_id.to_string(), ..Usage::default() }))
+    }
+
+    async fn usage_all(&self) -> Result<Vec<Usage>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached(&format!("{USAGE_SQL} GROUP BY key_id ORDER BY key_id")).map_err(q("usage"))?;
+        let rows = stmt.query_map([], usage_row).map_err(q("usage"))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(q("usage"))
     }
 
     async fn end_session(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
@@ -209,10 +292,16 @@ mod tests {
     #[tokio::test]
     async fn adding_the_same_key_twice_keeps_one_record() {
         let (_d, s) = store();
-        let a = s.add_key([7; 32], "flag").await.unwrap_or_else(|e| panic!("{e}"));
-        let b = s.add_key([7; 32], "other").await.unwrap_or_else(|e| panic!("{e}"));
+        let opts = KeyOptions { max_sessions: Some(3), network: Some("none".into()) };
+        let a = s.add_key([7; 32], "flag", &opts).await.unwrap_or_else(|e| panic!("{e}"));
+        let b = s.add_key([7; 32], "other", &KeyOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.id, b.id);
-        assert_eq!(s.keys().await.map(|k| k.len()).unwrap_or(0), 1);
+        let keys = s.keys().await.unwrap_or_default();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].options, opts);
+        assert!(s.revoke_key(&a.id).await.unwrap_or(false));
+        assert!(!s.revoke_key("key_nope").await.unwrap_or(true));
+        assert!(s.keys().await.unwrap_or_default()[0].revoked_at.is_some());
     }
 
     #[tokio::test]
@@ -237,6 +326,14 @@ mod tests {
         let live = s.live_sessions("k1", now).await.unwrap_or_default();
         assert_eq!(live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(live[0].execute_count, 2);
+        let u = ExecutionUsage { seconds: 1.5, cpu_seconds: 0.5, peak_memory_bytes: 100 };
+        s.record_usage("a", u).await.unwrap_or_else(|e| panic!("{e}"));
+        s.record_usage("a", ExecutionUsage { peak_memory_bytes: 50, ..u }).await.unwrap_or_else(|e| panic!("{e}"));
+        let usage = s.usage("k1").await.unwrap_or_default();
+        assert_eq!((usage.sessions_started, usage.executions, usage.peak_memory_bytes), (3, 2, 100));
+        assert!((usage.execution_seconds - 3.0).abs() < 1e-9 && (usage.cpu_seconds - 1.0).abs() < 1e-9);
+        assert_eq!(s.usage("nobody").await.map(|u| u.sessions_started).unwrap_or(1), 0);
+        assert_eq!(s.usage_all().await.map(|u| u.len()).unwrap_or(0), 2);
         // a, c and d (expired but never torn down); b had ended.
         assert_eq!(s.end_all_open(now).await.unwrap_or(0), 3);
     }

@@ -1,0 +1,153 @@
+//! Operator commands that work on the data directory's store directly:
+//! `kiln keys create|list|revoke` and `kiln usage`. A running server picks
+//! up key changes within seconds.
+
+use crate::table::print_table;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use kiln_store::{KeyOptions, SqliteStore, Store};
+use rand::distr::{Alphanumeric, SampleString};
+use std::path::PathBuf;
+
+/// Where the store is.
+#[derive(Debug, Args)]
+pub struct DataDir {
+    /// kiln's data directory [default: <user data dir>/kiln]
+    #[arg(long, env = "KILN_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDir {
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        match &self.data_dir {
+            Some(d) => Ok(d.clone()),
+            None => Ok(dirs::data_dir().context("no user data directory; pass --data-dir")?.join("kiln")),
+        }
+    }
+
+    fn store(&self) -> anyhow::Result<SqliteStore> {
+        let path = self.path()?.join("kiln.db");
+        anyhow::ensure!(
+            path.exists(),
+            "no kiln database at {}: start `kiln serve` once, or pass the --data-dir it uses",
+            path.display()
+        );
+        Ok(SqliteStore::open(&path)?)
+    }
+}
+
+/// `kiln keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key; it is shown once, only its hash is stored.
+    Create {
+        /// A name to recognise it by.
+        #[arg(long, default_value = "created")]
+        label: String,
+        /// Live sessions it may have (below the server's per-key limit).
+        #[arg(long)]
+        max_sessions: Option<u64>,
+        /// Its sessions' network policy: none, pypi or full.
+        #[arg(long, value_parser = ["none", "pypi", "full"])]
+        network: Option<String>,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// List the keys (ids, never the keys themselves).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Revoke a key by id (`key_...`); its requests are refused from then on.
+    Revoke {
+        /// The key's id, as `kiln keys list` shows it.
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Create { label, max_sessions, network, data } => {
+            let store = data.store()?;
+            let key = format!("kiln_{}", Alphanumeric.sample_string(&mut rand::rng(), 40));
+            let rec = store.add_key(kiln_server::hash_key(&key), &label, &KeyOptions { max_sessions, network }).await?;
+            println!("{key}");
+            eprintln!("created {} ({}); store the key now: kiln keeps only its hash", rec.id, rec.label);
+        }
+        KeysCommand::List { json, data } => {
+            let keys = data.store()?.keys().await?;
+            if json {
+                let rows: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "id": k.id, "label": k.label, "created_at": k.created_at.to_rfc3339(),
+                            "max_sessions": k.options.max_sessions, "network": k.options.network,
+                            "revoked_at": k.revoked_at.map(|t| t.to_rfc3339()),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let rows = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.id.clone(),
+                            k.label.clone(),
+                            k.created_at.format("%Y-%m-%d %H:%M").to_string(),
+                            k.options.network.clone().unwrap_or_else(|| "server".into()),
+                            k.options.max_sessions.map_or_else(|| "server".into(), |n| n.to_string()),
+                            if k.revoked_at.is_some() { "revoked".into() } else { "active".into() },
+                        ]
+                    })
+                    .collect();
+                print_table(&["ID", "LABEL", "CREATED", "NETWORK", "MAX SESSIONS", "STATUS"], rows);
+            }
+        }
+        KeysCommand::Revoke { id, data } => {
+            anyhow::ensure!(data.store()?.revoke_key(&id).await?, "no key {id}; `kiln keys list` shows the ids");
+            eprintln!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+/// `kiln usage`: what every key has used.
+pub async fn usage(json: bool, data: DataDir) -> anyhow::Result<()> {
+    let all = data.store()?.usage_all().await?;
+    if json {
+        let rows: Vec<_> = all
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "key_id": u.key_id, "sessions_started": u.sessions_started, "executions": u.executions,
+                    "execution_seconds": u.execution_seconds, "cpu_seconds": u.cpu_seconds,
+                    "peak_memory_bytes": u.peak_memory_bytes,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let rows = all
+        .iter()
+        .map(|u| {
+            vec![
+                u.key_id.clone(),
+                u.sessions_started.to_string(),
+                u.executions.to_string(),
+                format!("{:.1}", u.execution_seconds),
+                format!("{:.1}", u.cpu_seconds),
+                format!("{} MiB", u.peak_memory_bytes >> 20),
+            ]
+        })
+        .collect();
+    print_table(&["KEY", "SESSIONS", "EXECUTIONS", "EXEC SECONDS", "CPU SECONDS", "PEAK MEMORY"], rows);
+    Ok(())
+}
