@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Every reason kiln refuses or fails a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The body is not valid JSON, or a field has the wrong type.
@@ -142,6 +142,7 @@ impl ApiError {
                 code: self.code,
                 param: self.param.clone(),
             },
+            message: self.message.clone(),
         }
     }
 }
@@ -155,7 +156,7 @@ impl std::fmt::Display for ApiError {
 impl std::error::Error for ApiError {}
 
 /// One entry of `errors`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ErrorItem {
     /// The stable code.
     pub code: ErrorCode,
@@ -164,7 +165,7 @@ pub struct ErrorItem {
 }
 
 /// The general API error object (`error`), read by the 1.x Python client.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct OpenAiStyleError {
     /// The message.
     pub message: String,
@@ -177,14 +178,18 @@ pub struct OpenAiStyleError {
 }
 
 /// The whole body of a failed request.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ErrorEnvelope {
     /// Always `null`.
+    #[schema(value_type = Option<Object>)]
     pub data: Option<()>,
     /// One entry per problem.
     pub errors: Vec<ErrorItem>,
     /// The same problem in the general API error shape.
     pub error: OpenAiStyleError,
+    /// The message again, at the top (the npm client builds its exception
+    /// message from it).
+    pub message: String,
 }
 
 #[cfg(test)]
@@ -201,7 +206,8 @@ mod tests {
                 "data": null,
                 "errors": [{"code": "session_not_found", "message": "session ses_x does not exist"}],
                 "error": {"message": "session ses_x does not exist", "type": "invalid_request_error",
-                          "code": "session_not_found", "param": "session_id"}
+                          "code": "session_not_found", "param": "session_id"},
+                "message": "session ses_x does not exist"
             })
         );
     }

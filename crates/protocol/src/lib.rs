@@ -22,6 +22,7 @@ pub use time::rfc3339;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 /// The languages this server offers. `language` defaults to the first one.
 pub const LANGUAGES: &[&str] = &["python"];
@@ -30,7 +31,7 @@ pub const LANGUAGES: &[&str] = &["python"];
 ///
 /// Unknown fields are ignored (clients add fields over time); `null` is
 /// treated like an absent optional field, because the clients send both.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct ExecuteRequest {
     /// The code to run, as one notebook cell.
     pub code: String,
@@ -53,7 +54,7 @@ pub struct ExecuteRequest {
 /// Serialises as `{"type": "stdout", "data": "..."}`; rich outputs carry a
 /// MIME bundle (`{"text/plain": ..., "image/png": "<base64>"}`) exactly as
 /// Jupyter produced it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum Output {
     /// Text the code wrote to standard output.
@@ -85,7 +86,7 @@ impl Output {
 ///
 /// The 1.x client types this as a plain string, the 2.x and npm clients as a
 /// string with a default, so any value parses; these are the ones kiln uses.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecuteStatus {
     /// The cell ran to its end (it may still have printed to stderr).
@@ -96,7 +97,7 @@ pub enum ExecuteStatus {
 }
 
 /// `data` of a successful execute response.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ExecuteData {
     /// The session that ran the code; pass it back to reuse the session.
     pub session_id: String,
@@ -107,32 +108,70 @@ pub struct ExecuteData {
 }
 
 /// One entry of `GET /tci/sessions`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SessionInfo {
     /// `ses_...`
     pub id: String,
     /// When the session started (RFC 3339, UTC, `Z`).
     #[serde(with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// How many execute requests the session has run.
     pub execute_count: u64,
     /// When the last execute request started, if any.
     #[serde(with = "rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_execute_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When the session will be torn down.
     #[serde(with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// `data` of `GET /tci/sessions`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SessionList {
     /// The caller's live sessions, oldest first.
     pub sessions: Vec<SessionInfo>,
 }
 
+/// What a key has used (`GET /v1/tci/usage`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct UsageData {
+    /// The key's id.
+    pub key_id: String,
+    /// Sessions started (the billing unit).
+    pub sessions_started: u64,
+    /// Execute requests run.
+    pub executions: u64,
+    /// Wall time of the executions, seconds.
+    pub execution_seconds: f64,
+    /// CPU time of the sessions' processes, seconds.
+    pub cpu_seconds: f64,
+    /// The largest memory peak of any session, bytes.
+    pub peak_memory_bytes: u64,
+}
+
+/// `data` of `DELETE /v1/tci/sessions/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct Deleted {
+    /// The session.
+    pub id: String,
+    /// Always true.
+    pub deleted: bool,
+}
+
+/// `data` of an upload without execution.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct Uploaded {
+    /// The session.
+    pub session_id: String,
+    /// The files written, relative to the working directory.
+    pub written: Vec<String>,
+}
+
 /// One entry of a session's directory listing.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct FileEntry {
     /// The entry's name.
     pub name: String,
@@ -145,7 +184,7 @@ pub struct FileEntry {
 }
 
 /// `data` of a directory listing.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct FileList {
     /// The listed directory, relative to the working directory.
     pub path: String,
@@ -153,15 +192,15 @@ pub struct FileList {
     pub entries: Vec<FileEntry>,
 }
 
-/// `data` of an upload without execution.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// Body of an upload without execution.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct UploadRequest {
     /// Files, as in an execute request.
     pub files: Vec<FileUpload>,
 }
 
 /// The success envelope: `{"data": ..., "errors": null}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Envelope<T> {
     /// The payload.
     pub data: T,

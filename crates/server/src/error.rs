@@ -78,13 +78,7 @@ impl IntoResponse for AppError {
         } else {
             tracing::debug!(code = %api.code, error = %self, "request refused");
         }
-        let mut body = serde_json::to_value(api.envelope()).unwrap_or_default();
-        // The npm client builds its exception message from a top-level
-        // `message`; the Python clients ignore it.
-        if let Some(obj) = body.as_object_mut() {
-            obj.insert("message".into(), api.message.clone().into());
-        }
-        let mut resp = (status, Json(body)).into_response();
+        let mut resp = (status, Json(api.envelope())).into_response();
         // For the metrics middleware, which counts errors by code.
         resp.extensions_mut().insert(api.code);
         let headers = resp.headers_mut();

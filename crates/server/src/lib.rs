@@ -13,6 +13,7 @@
 
 mod auth;
 mod error;
+pub mod openapi;
 mod routes;
 mod sessions;
 

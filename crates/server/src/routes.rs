@@ -9,7 +9,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use kiln_protocol::{decode_files, ApiError, Envelope, ErrorCode, ExecuteData, ExecuteRequest, SessionList, LANGUAGES};
+use kiln_protocol::{
+    decode_files, ApiError, Envelope, ErrorCode, ErrorEnvelope, ExecuteData, ExecuteRequest, SessionList, LANGUAGES,
+};
 use kiln_sessions::{Exec, Readiness};
 use std::time::Duration;
 
@@ -34,6 +36,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(crate::openapi::json))
+        .route("/docs", get(crate::openapi::docs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read (and limited) by the handler itself, so that an
@@ -51,7 +55,26 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn execute(
+/// Run code in a new session, or in `session_id`'s.
+///
+/// Also served at `/tci/execute`. An exception in the code is a 200 with an
+/// `error` output, not a failed request.
+#[utoipa::path(
+    post, path = "/v1/tci/execute", tag = "execute",
+    request_body = ExecuteRequest,
+    responses(
+        (status = 200, description = "The code ran (it may have raised: see `status` and the `error` outputs)", body = Envelope<ExecuteData>),
+        (status = 400, description = "Bad JSON, fields, language, files or timeout", body = ErrorEnvelope),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "No such session for this key", body = ErrorEnvelope),
+        (status = 410, description = "The session has ended: start a new one", body = ErrorEnvelope),
+        (status = 413, description = "Body over the limit", body = ErrorEnvelope),
+        (status = 429, description = "This key is at its session limit", body = ErrorEnvelope),
+        (status = 503, description = "No capacity, not ready, shutting down, or no kernel could start", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn execute(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Body,
@@ -149,7 +172,16 @@ fn parse(bytes: &[u8]) -> Result<ExecuteRequest, ApiError> {
     })
 }
 
-async fn list_sessions(
+/// The caller's live sessions. Also served at `/tci/sessions`.
+#[utoipa::path(
+    get, path = "/v1/tci/sessions", tag = "sessions",
+    responses(
+        (status = 200, description = "Live sessions, oldest first", body = Envelope<SessionList>),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list_sessions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Envelope<SessionList>>, AppError> {
@@ -157,7 +189,11 @@ async fn list_sessions(
     Ok(Json(Envelope::ok(SessionList { sessions })))
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
+/// 200 once sessions can be served; 503 while starting, failed or stopping.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses(
+    (status = 200, description = "Serving"), (status = 503, description = "Not serving (yet)")
+))]
+pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     let (status, body) = match state.manager.readiness() {
         Readiness::Ready => (StatusCode::OK, serde_json::json!({"status": "ok"})),
         Readiness::Starting => (
@@ -173,7 +209,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics (no key: they hold counts, never ids or code).
-async fn metrics(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "Prometheus text exposition", content_type = "text/plain")
+))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let body = state.manager.render_metrics().await;
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
@@ -192,7 +231,10 @@ async fn count_errors(
 }
 
 /// Ready for new sessions: serving, and below the session limit.
-async fn readyz(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready"), (status = 503, description = "Not ready")
+))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let ready = state.manager.readiness() == Readiness::Ready && state.manager.has_capacity();
     let (status, body) = if ready {
         (StatusCode::OK, serde_json::json!({"status": "ready"}))

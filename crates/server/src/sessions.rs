@@ -9,13 +9,26 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use kiln_protocol::{decode_files, session_path, ApiError, Envelope, ErrorCode, FileList, SessionInfo, UploadRequest};
+use kiln_protocol::{
+    decode_files, session_path, ApiError, Deleted, Envelope, ErrorCode, ErrorEnvelope, FileList, SessionInfo,
+    UploadRequest, Uploaded, UsageData,
+};
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 /// Largest file the download endpoint returns.
 const MAX_DOWNLOAD: u64 = 100 << 20;
 
+/// One of the caller's live sessions.
+#[utoipa::path(get, path = "/v1/tci/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session", body = Envelope<SessionInfo>),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "No such session for this key", body = ErrorEnvelope),
+        (status = 410, description = "The session has ended", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
 pub(crate) async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -24,30 +37,48 @@ pub(crate) async fn get(
     Ok(Json(Envelope::ok(state.manager.get(&caller.key_id, &id).await?)))
 }
 
+/// End a session now: its kernel, sandbox and files are gone when this answers.
+#[utoipa::path(delete, path = "/v1/tci/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "Ended", body = Envelope<Deleted>),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "No such session for this key", body = ErrorEnvelope),
+        (status = 410, description = "The session has ended", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Result<Json<Envelope<Value>>, AppError> {
+) -> Result<Json<Envelope<Deleted>>, AppError> {
     state.manager.end(&caller.key_id, &id).await?;
-    Ok(Json(Envelope::ok(json!({"id": id, "deleted": true}))))
+    Ok(Json(Envelope::ok(Deleted { id, deleted: true })))
 }
 
 /// The caller's usage: sessions started (the billing unit), executions,
 /// execution and CPU seconds, peak memory.
+#[utoipa::path(get, path = "/v1/tci/usage", tag = "usage",
+    responses(
+        (status = 200, description = "The caller's usage", body = Envelope<UsageData>),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
 pub(crate) async fn usage(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<Envelope<Value>>, AppError> {
+) -> Result<Json<Envelope<UsageData>>, AppError> {
     let u = state.manager.usage(&caller.key_id).await?;
-    Ok(Json(Envelope::ok(json!({
-        "key_id": u.key_id,
-        "sessions_started": u.sessions_started,
-        "executions": u.executions,
-        "execution_seconds": u.execution_seconds,
-        "cpu_seconds": u.cpu_seconds,
-        "peak_memory_bytes": u.peak_memory_bytes,
-    }))))
+    Ok(Json(Envelope::ok(UsageData {
+        key_id: u.key_id,
+        sessions_started: u.sessions_started,
+        executions: u.executions,
+        execution_seconds: u.execution_seconds,
+        cpu_seconds: u.cpu_seconds,
+        peak_memory_bytes: u.peak_memory_bytes,
+    })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +87,19 @@ pub(crate) struct ListQuery {
     path: String,
 }
 
+/// List a directory of the session's working directory.
+#[utoipa::path(get, path = "/v1/tci/sessions/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "Session id"),
+           ("path" = Option<String>, Query, description = "Directory, relative to the working directory")),
+    responses(
+        (status = 200, description = "The entries", body = Envelope<FileList>),
+        (status = 400, description = "Path escapes, goes through a link, or is not a directory", body = ErrorEnvelope),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "No such session for this key", body = ErrorEnvelope),
+        (status = 410, description = "The session has ended", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
 pub(crate) async fn list_files(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -66,6 +110,20 @@ pub(crate) async fn list_files(
     Ok(Json(Envelope::ok(state.manager.list_files(&caller.key_id, &id, path).await?)))
 }
 
+/// Download a file of the session's working directory.
+#[utoipa::path(get, path = "/v1/tci/sessions/{id}/files/{path}", tag = "files",
+    params(("id" = String, Path, description = "Session id"),
+           ("path" = String, Path, description = "File, relative to the working directory")),
+    responses(
+        (status = 200, description = "The file's bytes", content_type = "application/octet-stream"),
+        (status = 400, description = "Path escapes, goes through a link, or is a directory", body = ErrorEnvelope),
+        (status = 413, description = "Larger than the download limit", body = ErrorEnvelope),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "No such session for this key", body = ErrorEnvelope),
+        (status = 410, description = "The session has ended", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
 pub(crate) async fn download(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -82,12 +140,26 @@ pub(crate) async fn download(
         .into_response())
 }
 
+/// Write files into the session's working directory without running code.
+#[utoipa::path(post, path = "/v1/tci/sessions/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "Session id")),
+    request_body = UploadRequest,
+    responses(
+        (status = 200, description = "Written", body = Envelope<Uploaded>),
+        (status = 400, description = "Bad body or unsafe file names; nothing was written", body = ErrorEnvelope),
+        (status = 413, description = "Body over the limit", body = ErrorEnvelope),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "No such session for this key", body = ErrorEnvelope),
+        (status = 410, description = "The session has ended", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
 pub(crate) async fn upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Body,
-) -> Result<Json<Envelope<Value>>, AppError> {
+) -> Result<Json<Envelope<Uploaded>>, AppError> {
     let bytes = crate::routes::read_body(body, state.max_body_bytes).await?;
     let req: UploadRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
@@ -101,7 +173,7 @@ pub(crate) async fn upload(
     })?;
     let names: Vec<String> = files.iter().map(kiln_protocol::ValidFile::display_name).collect();
     state.manager.upload(&caller.key_id, &id, files).await?;
-    Ok(Json(Envelope::ok(json!({"session_id": id, "written": names}))))
+    Ok(Json(Envelope::ok(Uploaded { session_id: id, written: names })))
 }
 
 fn parse_path(path: &str) -> Result<Vec<String>, ApiError> {
