@@ -9,6 +9,7 @@
 mod admin;
 mod client;
 mod config;
+mod mcp;
 mod serve;
 mod table;
 
@@ -38,6 +39,9 @@ enum Command {
     /// Manage API keys in the data directory (operator).
     #[command(subcommand)]
     Keys(admin::KeysCommand),
+    /// Serve MCP over stdio (for desktop clients that spawn it): against the
+    /// kiln at --url, or, without one, against its own embedded kiln.
+    Mcp(mcp::McpArgs),
     /// Usage per API key: sessions, executions, CPU, memory (operator).
     Usage {
         /// Print JSON instead of a table.
@@ -87,5 +91,9 @@ fn main() -> anyhow::Result<()> {
         Command::Sessions(cmd) => rt.block_on(client::sessions(cmd)),
         Command::Keys(cmd) => rt.block_on(admin::keys(cmd)),
         Command::Usage { json, data } => rt.block_on(admin::usage(json, data)),
+        Command::Mcp(args) => {
+            serve::init_logging("text");
+            rt.block_on(mcp::run(args))
+        }
     }
 }

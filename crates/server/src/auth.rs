@@ -11,22 +11,10 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use kiln_protocol::{ApiError, ErrorCode};
-use kiln_sessions::Network;
+use kiln_sessions::{Caller, Network};
 use sha2::{Digest, Sha256};
 use std::sync::RwLock;
 use subtle::ConstantTimeEq;
-
-/// The key that authenticated a request: its id, and its own network
-/// policy when it has one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// The key's id.
-    pub key_id: String,
-    /// Overrides the server's network policy for this key's sessions.
-    pub network: Option<Network>,
-    /// This key's own live-session limit.
-    pub max_sessions: Option<u64>,
-}
 
 /// SHA-256 of a key.
 pub fn hash_key(key: &str) -> [u8; 32] {

@@ -17,8 +17,9 @@ pub mod openapi;
 mod routes;
 mod sessions;
 
-pub use auth::{hash_key, Caller, KeyEntry, KeyRing};
+pub use auth::{hash_key, KeyEntry, KeyRing};
 pub use error::AppError;
+pub use kiln_sessions::Caller;
 
 use axum::extract::Request;
 use axum::Router;

@@ -1,6 +1,6 @@
 //! Routes and handlers.
 
-use crate::auth::{require_key, Caller};
+use crate::auth::require_key;
 use crate::error::AppError;
 use crate::{sessions, AppState};
 use axum::body::Body;
@@ -12,6 +12,7 @@ use axum::{Extension, Json, Router};
 use kiln_protocol::{
     decode_files, ApiError, Envelope, ErrorCode, ErrorEnvelope, ExecuteData, ExecuteRequest, SessionList, LANGUAGES,
 };
+use kiln_sessions::Caller;
 use kiln_sessions::{Exec, Readiness};
 use std::time::Duration;
 
@@ -31,8 +32,13 @@ pub(crate) fn router(state: AppState) -> Router {
             .route(&format!("{prefix}/usage"), get(sessions::usage));
     }
     let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
+    // MCP over streamable HTTP, with the same keys: tools act as the caller.
+    let mcp = Router::new()
+        .nest_service("/mcp", kiln_mcp::http_service(state.manager.clone()))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
+        .merge(mcp)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -1,7 +1,6 @@
 //! Session endpoints beyond execute: get and end one session, and its files
 //! (list, download, upload without running code).
 
-use crate::auth::Caller;
 use crate::error::AppError;
 use crate::AppState;
 use axum::body::Body;
@@ -13,6 +12,7 @@ use kiln_protocol::{
     decode_files, session_path, ApiError, Deleted, Envelope, ErrorCode, ErrorEnvelope, FileList, SessionInfo,
     UploadRequest, Uploaded, UsageData,
 };
+use kiln_sessions::Caller;
 use serde::Deserialize;
 
 /// Largest file the download endpoint returns.

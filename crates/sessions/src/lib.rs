@@ -54,6 +54,18 @@ pub struct Config {
     pub sandbox: Option<SandboxConfig>,
 }
 
+/// Who is calling: the API key that authenticated a request, with the
+/// settings that key carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's id.
+    pub key_id: String,
+    /// Overrides the server's network policy for this key's sessions.
+    pub network: Option<Network>,
+    /// This key's own live-session limit.
+    pub max_sessions: Option<u64>,
+}
+
 /// Network policy of sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Network {

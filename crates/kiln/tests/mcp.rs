@@ -1,0 +1,66 @@
+//! kiln as an MCP server, driven by the official MCP Python SDK (PyPI
+//! `mcp`, installed by `scripts/setup-clients`) over streamable HTTP at
+//! `/mcp`, over stdio against a running kiln, and over stdio with its own
+//! embedded kiln (`tests/clients/mcp_client.py`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{start, KEY};
+use std::path::PathBuf;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn python() -> PathBuf {
+    let cache = std::env::var_os("KILN_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln-test"));
+    let dir = cache.join("clients");
+    assert!(std::process::Command::new(repo().join("scripts/setup-clients")).arg(&dir).status().unwrap().success());
+    dir.join("mcp/bin/python")
+}
+
+fn run(mode: &str, url: &str, envs: &[(&str, &str)]) {
+    let out = std::process::Command::new(python())
+        .arg(repo().join("tests/clients/mcp_client.py"))
+        .arg(mode)
+        .env("KILN_BASE_URL", url)
+        .env("KILN_API_KEY", KEY)
+        .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "mcp {mode}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.lines().last().unwrap_or_default().starts_with("14 passed, 0 failed"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_over_streamable_http_and_stdio() {
+    let s = start(&["--pool-size", "2"]);
+    let (st, _) = s.post("/mcp", None, serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})).await;
+    assert_eq!(st, 401, "MCP needs an API key like the rest of the API");
+    let url = s.url.clone();
+    tokio::task::spawn_blocking(move || {
+        run("http", &url, &[]);
+        run("stdio", &url, &[]);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_over_stdio_with_an_embedded_kiln() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        run("embedded", "", &[("KILN_DATA_DIR", &dir), ("KILN_PROFILE", "minimal"), ("KILN_POOL_SIZE", "1")]);
+    })
+    .await
+    .unwrap();
+    // The embedded kiln ended with the MCP process: its sessions are gone.
+    let sessions = data.path().join("sessions");
+    assert_eq!(std::fs::read_dir(&sessions).map(|d| d.count()).unwrap_or(0), 0);
+}

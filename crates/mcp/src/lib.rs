@@ -1,0 +1,251 @@
+//! kiln as an MCP server: code execution, sessions and files as tools any
+//! MCP client (Claude Desktop, Cursor, a custom agent) can use.
+//!
+//! One tool implementation, two ways to reach sessions:
+//! - [`Backend::Local`]: inside the HTTP server, at `/mcp` (streamable HTTP),
+//!   calling the session manager directly as the API key that authenticated
+//!   the request;
+//! - [`Backend::Remote`]: for `kiln mcp` over stdio, calling a kiln server's
+//!   HTTP API with a URL and key.
+//!
+//! Errors of the user's code come back as tool results the model can read
+//! (with `isError`), never as protocol errors.
+#![forbid(unsafe_code)]
+
+mod backend;
+
+pub use backend::{Backend, Remote};
+
+use base64::Engine as _;
+use kiln_protocol::{ExecuteData, FileUpload, Output};
+use kiln_sessions::Manager;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock as Content, ServerCapabilities, ServerConfig};
+use rmcp::service::RequestContext;
+use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler};
+use serde::Deserialize;
+
+/// The MCP server.
+#[derive(Debug, Clone)]
+pub struct KilnMcp {
+    backend: Backend,
+    tool_router: ToolRouter<Self>,
+}
+
+/// A file to write into the session's working directory.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct FileArg {
+    /// Path relative to the working directory, e.g. "data/input.csv".
+    pub name: String,
+    /// The content: text, or base64 when `encoding` is "base64".
+    pub content: String,
+    /// "string" (default) or "base64".
+    #[serde(default)]
+    pub encoding: Option<String>,
+}
+
+/// Arguments of `run_code`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct RunCode {
+    /// Python code, run as one Jupyter notebook cell. `!cmd` runs a shell
+    /// command (e.g. `!pip install requests`); the value of the last
+    /// expression is returned; matplotlib figures come back as images.
+    pub code: String,
+    /// Reuse this session (its variables, imports, files and installed
+    /// packages). Omit to start a new one; every result says its session_id.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Files written into the working directory before the code runs.
+    #[serde(default)]
+    pub files: Option<Vec<FileArg>>,
+    /// Time limit in seconds (the server's default when omitted).
+    #[serde(default)]
+    pub timeout: Option<f64>,
+}
+
+/// Arguments naming a session.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct SessionArg {
+    /// The session's id (`ses_...`).
+    pub session_id: String,
+}
+
+/// Arguments of `upload_file`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct UploadArg {
+    /// The session's id.
+    pub session_id: String,
+    /// The file to write.
+    pub file: FileArg,
+}
+
+/// Arguments of `read_file`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ReadArg {
+    /// The session's id.
+    pub session_id: String,
+    /// Path relative to the working directory.
+    pub path: String,
+}
+
+fn uploads(files: Option<Vec<FileArg>>) -> Vec<FileUpload> {
+    files
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| FileUpload {
+            name: f.name,
+            encoding: f.encoding.unwrap_or_else(|| "string".into()),
+            content: f.content,
+        })
+        .collect()
+}
+
+/// A failure the model should read (not a protocol error).
+fn failed(msg: impl Into<String>) -> CallToolResult {
+    CallToolResult::error(vec![Content::text(msg.into())])
+}
+
+#[tool_router]
+impl KilnMcp {
+    /// A server over `backend`.
+    pub fn new(backend: Backend) -> Self {
+        KilnMcp { backend, tool_router: Self::tool_router() }
+    }
+
+    #[tool(description = "Run Python code in a stateful, sandboxed Jupyter session and return what a notebook \
+        would show: printed text, the last expression's value, errors with tracebacks, and plots as images. \
+        Pass session_id from an earlier result to keep variables, files and installed packages; omit it to \
+        start a fresh session. Sessions live 60 minutes.")]
+    async fn run_code(
+        &self,
+        Parameters(args): Parameters<RunCode>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let files = uploads(args.files);
+        match self.backend.execute(&ctx, args.code, args.session_id, files, args.timeout).await {
+            Ok(data) => Ok(render(&data)),
+            Err(e) => Ok(failed(e)),
+        }
+    }
+
+    #[tool(description = "List your live code-interpreter sessions with their start, last use and expiry times.")]
+    async fn list_sessions(&self, ctx: RequestContext<RoleServer>) -> Result<CallToolResult, ErrorData> {
+        match self.backend.list(&ctx).await {
+            Ok(list) => Ok(CallToolResult::success(vec![Content::text(
+                serde_json::to_string_pretty(&list).unwrap_or_default(),
+            )])),
+            Err(e) => Ok(failed(e)),
+        }
+    }
+
+    #[tool(description = "Write a file into a session's working directory without running code.")]
+    async fn upload_file(
+        &self,
+        Parameters(args): Parameters<UploadArg>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let name = args.file.name.clone();
+        match self.backend.upload(&ctx, &args.session_id, uploads(Some(vec![args.file]))).await {
+            Ok(()) => Ok(CallToolResult::success(vec![Content::text(format!("wrote {name}"))])),
+            Err(e) => Ok(failed(e)),
+        }
+    }
+
+    #[tool(description = "Read a file from a session's working directory (text as text, other files as base64).")]
+    async fn read_file(
+        &self,
+        Parameters(args): Parameters<ReadArg>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        match self.backend.read(&ctx, &args.session_id, &args.path).await {
+            Ok(bytes) => Ok(CallToolResult::success(vec![Content::text(match String::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(e) => {
+                    format!("(binary, base64) {}", base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))
+                }
+            })])),
+            Err(e) => Ok(failed(e)),
+        }
+    }
+
+    #[tool(description = "End a session now, freeing its resources. Its variables and files are gone.")]
+    async fn end_session(
+        &self,
+        Parameters(args): Parameters<SessionArg>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        match self.backend.end(&ctx, &args.session_id).await {
+            Ok(()) => Ok(CallToolResult::success(vec![Content::text(format!("ended {}", args.session_id))])),
+            Err(e) => Ok(failed(e)),
+        }
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for KilnMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
+            "A Python code interpreter with stateful, sandboxed sessions. Use run_code; keep the \
+                session_id it returns to continue in the same session.",
+        )
+    }
+}
+
+/// Outputs as MCP content: text as text, images as images, then a line
+/// with the session id to reuse.
+fn render(data: &ExecuteData) -> CallToolResult {
+    let mut content = Vec::new();
+    for o in &data.outputs {
+        match o {
+            Output::Stdout(s) => content.push(Content::text(s.clone())),
+            Output::Stderr(s) => content.push(Content::text(format!("[stderr]\n{s}"))),
+            Output::Error(s) => content.push(Content::text(format!("[error]\n{s}"))),
+            Output::DisplayData(b) | Output::ExecuteResult(b) => {
+                let image = ["image/png", "image/jpeg", "image/gif"]
+                    .into_iter()
+                    .find_map(|m| b.get(m).and_then(|v| v.as_str()).map(|d| (m, d)));
+                if let Some((mime, data)) = image {
+                    content.push(Content::image(data.trim().to_string(), mime));
+                } else if let Some(text) = b.get("text/plain").and_then(|v| v.as_str()) {
+                    content.push(Content::text(text.to_string()));
+                } else if let Some(html) = b.get("text/html").and_then(|v| v.as_str()) {
+                    content.push(Content::text(html.to_string()));
+                }
+            }
+        }
+    }
+    let status = if data.status == kiln_protocol::ExecuteStatus::Error { "error" } else { "success" };
+    content.push(Content::text(format!(
+        "session_id: {} (pass it as session_id to continue in this session); status: {status}",
+        data.session_id
+    )));
+    if status == "error" {
+        CallToolResult::error(content)
+    } else {
+        CallToolResult::success(content)
+    }
+}
+
+/// The streamable-HTTP MCP service for the server's `/mcp` route (wrap it in
+/// the API-key middleware: tools act as the key in the request).
+pub fn http_service(
+    manager: Manager,
+) -> rmcp::transport::streamable_http_server::StreamableHttpService<
+    KilnMcp,
+    rmcp::transport::streamable_http_server::session::local::LocalSessionManager,
+> {
+    rmcp::transport::streamable_http_server::StreamableHttpService::new(
+        move || Ok(KilnMcp::new(Backend::Local(manager.clone()))),
+        Default::default(),
+        Default::default(),
+    )
+}
+
+/// Serve MCP over stdin/stdout with `backend` until the client leaves.
+pub async fn serve_stdio(backend: Backend) -> Result<(), String> {
+    use rmcp::ServiceExt as _;
+    let running = KilnMcp::new(backend).serve(rmcp::transport::stdio()).await.map_err(|e| e.to_string())?;
+    running.waiting().await.map_err(|e| e.to_string())?;
+    Ok(())
+}
