@@ -87,6 +87,9 @@ async fn a_restart_after_a_crash_kills_orphan_kernels_and_ends_their_sessions() 
     let (st, v) = s2.post("/tci/execute", Some(KEY), json!({"code": "print(x)", "session_id": id})).await;
     assert_eq!(st, 410, "{v}");
     assert!(s2.sessions(KEY).await.is_empty());
+    // Keys and usage survived the crash.
+    let (st, v) = s2.raw(reqwest::Method::GET, "/v1/tci/usage", Some(KEY), vec![]).await;
+    assert_eq!((st, v["data"]["sessions_started"].clone(), v["data"]["executions"].clone()), (200, json!(1), json!(1)));
 }
 
 fn s_take_data(mut s: common::Server) -> tempfile::TempDir {
