@@ -9,28 +9,9 @@
 
 mod common;
 
-use common::{start, KEY};
+use common::{clients_dir, repo, start, KEY};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn clients_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let cache = std::env::var_os("KILN_TEST_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln-test"));
-        let dir = cache.join("clients");
-        let st = Command::new(repo().join("scripts/setup-clients")).arg(&dir).status().unwrap();
-        assert!(st.success(), "scripts/setup-clients failed");
-        dir
-    })
-    .clone()
-}
 
 fn run_client(program: PathBuf, script: &str, url: &str) {
     let out = Command::new(&program)

@@ -52,7 +52,7 @@ async fn all_documented_packages_work_in_a_full_session() {
 async fn the_documented_examples_work_in_a_full_session() {
     let s = start(&["--profile", "full"]);
     let url = s.url.clone();
-    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let repo = common::repo();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("bash")
             .arg(repo.join("tests/clients/seeds_curl.sh"))

@@ -6,20 +6,11 @@
 
 mod common;
 
-use common::{start, KEY};
+use common::{repo, start, KEY};
 use std::path::PathBuf;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn python() -> PathBuf {
-    let cache = std::env::var_os("KILN_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln-test"));
-    let dir = cache.join("clients");
-    assert!(std::process::Command::new(repo().join("scripts/setup-clients")).arg(&dir).status().unwrap().success());
-    dir.join("mcp/bin/python")
+    common::clients_dir().join("mcp/bin/python")
 }
 
 fn run(mode: &str, url: &str, envs: &[(&str, &str)]) {

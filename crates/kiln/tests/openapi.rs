@@ -6,7 +6,6 @@
 mod common;
 
 use common::{start, KEY};
-use std::path::PathBuf;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_document_covers_every_endpoint_and_the_docs_page_renders_it() {
@@ -35,12 +34,7 @@ async fn the_document_covers_every_endpoint_and_the_docs_page_renders_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
-    let cache = std::env::var_os("KILN_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln-test"));
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = cache.join("clients");
-    assert!(std::process::Command::new(repo.join("scripts/setup-clients")).arg(&dir).status().unwrap().success());
+    let dir = common::clients_dir();
     let s = start(&["--pool-size", "2"]);
     let url = format!("{}/openapi.json", s.url);
     let out = tokio::task::spawn_blocking(move || {

@@ -163,6 +163,27 @@ impl Drop for Server {
     }
 }
 
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The real clients and tools the suite drives kiln with, installed (once,
+/// idempotently) by `scripts/setup-clients` into the test cache.
+pub fn clients_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let cache = std::env::var_os("KILN_TEST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kiln-test"));
+        let dir = cache.join("clients");
+        let st = Command::new(repo().join("scripts/setup-clients")).arg(&dir).status().unwrap();
+        assert!(st.success(), "scripts/setup-clients failed");
+        dir
+    })
+    .clone()
+}
+
 /// Text of all outputs of one type, concatenated.
 pub fn text_of(data: &Value, kind: &str) -> String {
     data["outputs"]
