@@ -301,12 +301,17 @@ async fn a_spinning_session_does_not_starve_its_neighbour() {
     // The spinner is held to its CPU quota (1 core, as configured).
     // (Only this server's cgroups: other tests' servers run beside it.)
     let instance = kiln_sandbox::cgroup::instance_name(&s.sessions_dir());
-    let quotas: Vec<String> = std::fs::read_dir(format!("/sys/fs/cgroup/cpu/kiln/{instance}"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|k| std::fs::read_to_string(k.path().join("cpu.cfs_quota_us")).ok())
-        .collect();
-    assert!(!quotas.is_empty() && quotas.iter().all(|q| q.trim() == "100000"), "{quotas:?}");
+    let read = |dir: String, file: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|k| std::fs::read_to_string(k.path().join(file)).ok())
+            .map(|q| q.split_whitespace().next().unwrap_or_default().to_string())
+            .collect()
+    };
+    let mut quotas = read(format!("/sys/fs/cgroup/cpu/kiln/{instance}"), "cpu.cfs_quota_us"); // v1
+    quotas.extend(read(format!("/sys/fs/cgroup/kiln/{instance}"), "cpu.max")); // v2
+    assert!(!quotas.is_empty() && quotas.iter().all(|q| q == "100000"), "{quotas:?}");
     assert!(!sandboxes(&s.sessions_dir()).is_empty());
 }
