@@ -24,6 +24,8 @@ async fn the_document_covers_every_endpoint_and_the_docs_page_renders_it() {
         "/healthz",
         "/readyz",
         "/metrics",
+        "/openapi.json",
+        "/docs",
     ] {
         assert!(paths.contains(&p), "{p} missing from {paths:?}");
     }

@@ -10,7 +10,8 @@ use utoipa::{Modify, OpenApi};
     info(
         title = "kiln",
         description = "A self-hosted code interpreter speaking the Together Code Interpreter API. \
-            Every `/v1/tci/...` path is also served as `/tci/...`.",
+            Every `/v1/tci/...` path is also served as `/tci/...`. MCP (streamable HTTP) is served at \
+            `/mcp` with the same keys; it is described by the MCP protocol, not here.",
     ),
     paths(
         crate::routes::execute,
@@ -24,6 +25,8 @@ use utoipa::{Modify, OpenApi};
         crate::routes::healthz,
         crate::routes::readyz,
         crate::routes::metrics,
+        json,
+        docs,
     ),
     modifiers(&Bearer),
 )]
@@ -48,11 +51,19 @@ pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
+    (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")
+))]
 pub(crate) async fn json() -> Response {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], document().to_pretty_json().unwrap_or_default())
         .into_response()
 }
 
+/// A page rendering this document.
+#[utoipa::path(get, path = "/docs", tag = "operations", responses(
+    (status = 200, description = "HTML", content_type = "text/html")
+))]
 pub(crate) async fn docs() -> Html<&'static str> {
     Html(
         r#"<!doctype html>
