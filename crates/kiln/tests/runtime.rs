@@ -44,9 +44,22 @@ fn an_interrupted_build_is_never_used_and_the_next_one_completes() {
     assert_eq!(dirs.len(), 1);
     assert!(!dirs[0].join("kiln-runtime.json").exists(), "an interrupted build must not be marked complete");
 
-    // The next build notices, starts over and completes.
-    let out = build(cache.path());
+    // The next builds notice, start over and complete: two at once, which
+    // must not corrupt each other (one builds, the other waits for it).
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["runtime", "build", "--profile", "minimal", "--cache-dir"])
+            .arg(cache.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (out, other) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    assert_eq!(out.stdout, other.stdout, "both builds must report the same runtime");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let root = stdout.trim().strip_prefix("runtime ready: ").unwrap().to_string();
     assert!(std::path::Path::new(&root).join("kiln-runtime.json").is_file());

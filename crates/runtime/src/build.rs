@@ -38,12 +38,14 @@ pub fn ensure(cfg: &RuntimeConfig, progress: &mut Progress) -> Result<Runtime, R
         .write(true)
         .open(&lock_path)
         .map_err(io("open", &lock_path))?;
-    progress.note("waiting for another build of this runtime to finish");
-    rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| RuntimeError::Io {
-        what: "lock",
-        path: lock_path.clone(),
-        source: e.into(),
-    })?;
+    if rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        progress.note("waiting for another build of this runtime to finish");
+        rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| RuntimeError::Io {
+            what: "lock",
+            path: lock_path.clone(),
+            source: e.into(),
+        })?;
+    }
     if is_complete(&root) {
         return Ok(runtime);
     }
