@@ -169,3 +169,42 @@ async fn sigterm_lets_running_cells_finish_then_ends_the_rest() {
     assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{:?}", t0.elapsed());
     assert!(sandboxes(&s.sessions_dir()).is_empty());
 }
+
+fn metric(text: &str, name: &str) -> i64 {
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pool_grows_with_demand_and_never_outgrows_the_session_limit() {
+    let s = std::sync::Arc::new(start(&["--pool-size", "1", "--max-sessions", "6"]));
+    // A burst: more sessions at once than the pool holds.
+    let burst: Vec<_> = (0..3)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.exec("1", None).await })
+        })
+        .collect();
+    for t in burst {
+        t.await.unwrap();
+    }
+    let scrape = || {
+        let s = s.clone();
+        async move { s.http.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap() }
+    };
+    let text = scrape().await;
+    let target = metric(&text, "kiln_pool_target");
+    assert!(target > 1, "the target should have grown:\n{text}");
+    // It fills up to the target, but the 3 live sessions + the pool stay
+    // within the limit of 6.
+    let mut ready = 0;
+    for _ in 0..100 {
+        ready = metric(&scrape().await, "kiln_pool_ready");
+        if ready >= target.min(3) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(ready, target.min(3), "pool should fill to its target within the limit");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(sandboxes(&s.sessions_dir()).len() <= 6, "{:?}", sandboxes(&s.sessions_dir()));
+}

@@ -300,6 +300,7 @@ impl Manager {
         let m = &self.inner.metrics;
         m.sessions_live.set(i64::try_from(self.live_count()).unwrap_or(i64::MAX));
         m.pool_ready.set(i64::try_from(self.inner.pool.len().await).unwrap_or(i64::MAX));
+        m.pool_target.set(i64::try_from(self.inner.pool.target()).unwrap_or(i64::MAX));
         m.render()
     }
 
@@ -424,6 +425,11 @@ impl Inner {
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Live sessions now.
+    pub(crate) fn live_sessions(&self) -> usize {
+        self.registry().live.len()
     }
 
     /// The server's network policy.

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub sessions_live: Gauge,
     /// Ready kernels in the warm pool.
     pub pool_ready: Gauge,
+    /// The pool's current target (adapts to demand).
+    pub pool_target: Gauge,
     /// Sessions started.
     pub sessions_started: Counter,
     /// Executions by how they ended.
@@ -67,6 +69,7 @@ impl Metrics {
         let m = Metrics {
             sessions_live: Gauge::default(),
             pool_ready: Gauge::default(),
+            pool_target: Gauge::default(),
             sessions_started: Counter::default(),
             executions: Family::default(),
             execute_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
@@ -77,6 +80,7 @@ impl Metrics {
         };
         registry.register("sessions_live", "Live sessions", m.sessions_live.clone());
         registry.register("pool_ready", "Ready kernels in the warm pool", m.pool_ready.clone());
+        registry.register("pool_target", "The warm pool's current target size", m.pool_target.clone());
         registry.register("sessions_started", "Sessions started", m.sessions_started.clone());
         registry.register("executions", "Executions by outcome", m.executions.clone());
         registry.register("execute_duration_seconds", "Execution wall time", m.execute_seconds.clone());

@@ -5,24 +5,56 @@
 //! returned (no state can pass between sessions). One background task keeps
 //! the pool at its target, booting one kernel at a time so that refilling
 //! never takes more than one core from live sessions.
+//!
+//! The target adapts to demand ([`next_target`]): every session that found
+//! the pool empty raises it (up to four times the configured size), and a
+//! quiet minute lowers it back. Pooled kernels count against the server's
+//! session limit: the pool never fills past what sessions could still use.
 
 use crate::manager::{destroy_dir, Inner, Readiness};
 use kiln_kernel::Kernel;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
+
+/// How long without a miss before the target shrinks by one.
+const QUIET: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub(crate) struct Pool {
     ready: Mutex<VecDeque<Kernel>>,
     wake: Notify,
-    target: usize,
+    /// The configured size: the target never goes below it.
+    min: usize,
+    /// The largest the target may grow to.
+    max: usize,
+    /// The current target.
+    target: AtomicUsize,
+    /// Sessions that found the pool empty since the filler last looked.
+    misses: AtomicUsize,
+}
+
+/// The pool's next target: one more per miss (a session that had to boot
+/// its own kernel), one less after a quiet period, within `[min, max]`.
+pub(crate) fn next_target(current: usize, min: usize, max: usize, misses: usize, quiet: bool) -> usize {
+    let grown = current.saturating_add(misses);
+    let shrunk = if misses == 0 && quiet { grown.saturating_sub(1) } else { grown };
+    shrunk.clamp(min, max.max(min))
 }
 
 impl Pool {
-    pub(crate) fn new(target: usize) -> Self {
-        Pool { ready: Mutex::new(VecDeque::new()), wake: Notify::new(), target }
+    pub(crate) fn new(min: usize) -> Self {
+        Pool {
+            ready: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            min,
+            max: min.saturating_mul(4),
+            target: AtomicUsize::new(min),
+            misses: AtomicUsize::new(0),
+        }
     }
 
     /// A ready kernel, if the pool has a live one.
@@ -36,13 +68,16 @@ impl Pool {
             k.kill().await;
             destroy_dir(k.dirs().root.clone()).await;
         }
+        if self.min > 0 {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
         self.wake.notify_one();
         None
     }
 
     /// Add a kernel (or discard it when the pool is off).
     pub(crate) async fn put(&self, k: Kernel) {
-        if self.target == 0 {
+        if self.min == 0 {
             k.kill().await;
             destroy_dir(k.dirs().root.clone()).await;
             return;
@@ -59,6 +94,11 @@ impl Pool {
         self.ready.lock().await.len()
     }
 
+    /// The current target size.
+    pub(crate) fn target(&self) -> usize {
+        self.target.load(Ordering::Relaxed)
+    }
+
     /// Kill every pooled kernel.
     pub(crate) async fn drain(&self) {
         let all: Vec<Kernel> = self.ready.lock().await.drain(..).collect();
@@ -68,19 +108,50 @@ impl Pool {
         }
         self.wake.notify_one();
     }
+
+    /// Drop kernels beyond `keep` (the target shrank).
+    async fn trim(&self, keep: usize) {
+        let extra: Vec<Kernel> = {
+            let mut ready = self.ready.lock().await;
+            let n = ready.len().saturating_sub(keep);
+            ready.drain(..n).collect()
+        };
+        for k in extra {
+            k.kill().await;
+            destroy_dir(k.dirs().root.clone()).await;
+        }
+    }
 }
 
 /// Keep the pool at its target until the server stops.
 pub(crate) async fn fill(inner: Arc<Inner>) {
     let pool = &inner.pool;
     let mut backoff = Duration::from_millis(500);
+    let mut last_miss = Instant::now();
     loop {
         if inner.readiness() == Readiness::Stopping {
             pool.drain().await;
             return;
         }
-        if pool.len().await >= pool.target {
-            pool.wake.notified().await;
+        let misses = pool.misses.swap(0, Ordering::Relaxed);
+        if misses > 0 {
+            last_miss = Instant::now();
+        }
+        let quiet = last_miss.elapsed() >= QUIET;
+        let target = next_target(pool.target(), pool.min, pool.max, misses, quiet);
+        if quiet {
+            last_miss = Instant::now();
+        }
+        pool.target.store(target, Ordering::Relaxed);
+        let have = pool.len().await;
+        if have > target {
+            pool.trim(target).await;
+        }
+        // Pooled kernels count against the session limit.
+        let room = inner.cfg.max_sessions.saturating_sub(inner.live_sessions());
+        if have >= target || have >= room {
+            // Wait for a change, or re-evaluate the target now and then.
+            let _ = tokio::time::timeout(QUIET, pool.wake.notified()).await;
             continue;
         }
         match inner.boot_new(inner.default_network()).await {
@@ -99,5 +170,21 @@ pub(crate) async fn fill(inner: Arc<Inner>) {
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_target;
+
+    #[test]
+    fn the_target_grows_with_misses_and_shrinks_when_quiet_within_bounds() {
+        assert_eq!(next_target(2, 2, 8, 0, false), 2);
+        assert_eq!(next_target(2, 2, 8, 3, false), 5);
+        assert_eq!(next_target(7, 2, 8, 5, false), 8, "capped at max");
+        assert_eq!(next_target(5, 2, 8, 0, true), 4, "a quiet period lowers it by one");
+        assert_eq!(next_target(2, 2, 8, 0, true), 2, "never below the configured size");
+        assert_eq!(next_target(5, 2, 8, 1, true), 6, "a miss wins over quiet");
+        assert_eq!(next_target(0, 0, 0, 4, false), 0, "a disabled pool stays off");
     }
 }
