@@ -33,8 +33,8 @@ pub(crate) struct Pool {
     max: usize,
     /// The current target.
     target: AtomicUsize,
-    /// Sessions that found the pool empty since the filler last looked.
-    misses: AtomicUsize,
+    /// When a session last found the pool empty (or the target last shrank).
+    last_change: std::sync::Mutex<Instant>,
 }
 
 /// The pool's next target: one more per miss (a session that had to boot
@@ -53,7 +53,7 @@ impl Pool {
             min,
             max: min.saturating_mul(4),
             target: AtomicUsize::new(min),
-            misses: AtomicUsize::new(0),
+            last_change: std::sync::Mutex::new(Instant::now()),
         }
     }
 
@@ -69,7 +69,12 @@ impl Pool {
             destroy_dir(k.dirs().root.clone()).await;
         }
         if self.min > 0 {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            // A miss: this session boots its own kernel; grow at once.
+            let (min, max) = (self.min, self.max);
+            let _ = self
+                .target
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(next_target(t, min, max, 1, false)));
+            *self.last_change.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }
         self.wake.notify_one();
         None
@@ -127,22 +132,27 @@ impl Pool {
 pub(crate) async fn fill(inner: Arc<Inner>) {
     let pool = &inner.pool;
     let mut backoff = Duration::from_millis(500);
-    let mut last_miss = Instant::now();
     loop {
         if inner.readiness() == Readiness::Stopping {
             pool.drain().await;
             return;
         }
-        let misses = pool.misses.swap(0, Ordering::Relaxed);
-        if misses > 0 {
-            last_miss = Instant::now();
-        }
-        let quiet = last_miss.elapsed() >= QUIET;
-        let target = next_target(pool.target(), pool.min, pool.max, misses, quiet);
+        // A quiet period shrinks the target by one.
+        let quiet = {
+            let mut last = pool.last_change.lock().unwrap_or_else(|p| p.into_inner());
+            let quiet = last.elapsed() >= QUIET;
+            if quiet {
+                *last = Instant::now();
+            }
+            quiet
+        };
         if quiet {
-            last_miss = Instant::now();
+            let (min, max) = (pool.min, pool.max);
+            let _ = pool
+                .target
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(next_target(t, min, max, 0, true)));
         }
-        pool.target.store(target, Ordering::Relaxed);
+        let target = pool.target();
         let have = pool.len().await;
         if have > target {
             pool.trim(target).await;

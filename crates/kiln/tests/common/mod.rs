@@ -219,6 +219,16 @@ pub fn sandboxes(dir: &Path) -> Vec<Vec<i32>> {
     out
 }
 
+/// The cgroup directories of the server's live sandboxes.
+pub fn sandbox_dirs(dir: &Path) -> std::collections::BTreeSet<PathBuf> {
+    let instance = kiln_sandbox::cgroup::instance_name(dir);
+    ["/sys/fs/cgroup/pids/kiln", "/sys/fs/cgroup/kiln"]
+        .iter()
+        .filter_map(|base| std::fs::read_dir(Path::new(base).join(&instance)).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()))
+        .collect()
+}
+
 /// All pids in the server's sandboxes.
 pub fn sandboxed_pids(dir: &Path) -> Vec<i32> {
     sandboxes(dir).into_iter().flatten().collect()
