@@ -6,7 +6,6 @@ use kiln_sessions::{Caller, Exec, Manager};
 use rmcp::service::RequestContext;
 use rmcp::RoleServer;
 use serde_json::{json, Value};
-use std::time::Duration;
 
 /// How the tools reach sessions.
 #[derive(Debug, Clone)]
@@ -87,11 +86,7 @@ impl Backend {
             Backend::Local(m) => {
                 let who = caller(ctx)?;
                 let files = decode_files(&files).map_err(|e| e.to_string())?;
-                let timeout = match timeout {
-                    Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
-                    Some(_) => return Err("timeout must be a positive number of seconds".into()),
-                    None => None,
-                };
+                let timeout = kiln_protocol::timeout_from_seconds(timeout).map_err(|e| e.message)?;
                 let exec =
                     Exec { session_id, code, files, timeout, network: who.network, max_sessions: who.max_sessions };
                 m.execute(&who.key_id, exec).await.map_err(|e| e.to_string())
@@ -142,7 +137,7 @@ impl Backend {
     pub(crate) async fn read(&self, ctx: &RequestContext<RoleServer>, id: &str, path: &str) -> Result<Vec<u8>, String> {
         match self {
             Backend::Local(m) => {
-                let components = session_path(path).map_err(|e| e.to_string().replace("files[0].name", "path"))?;
+                let components = session_path(path).map_err(|e| e.message)?;
                 m.read_file(&caller(ctx)?.key_id, id, components, 100 << 20).await.map_err(|e| e.to_string())
             }
             Backend::Remote(r) => r.download(id, path).await,

@@ -142,12 +142,15 @@ pub fn decode_files(files: &[FileUpload]) -> Result<Vec<ValidFile>, FileError> {
 /// it: split into safe components; empty (or `.`, `/`) means the directory
 /// itself. The same rules as upload names, except that a leading `/` is
 /// read as the working directory's root.
-pub fn session_path(path: &str) -> Result<Vec<String>, FileError> {
+pub fn session_path(path: &str) -> Result<Vec<String>, crate::ApiError> {
     let trimmed = path.trim_start_matches('/');
     if trimmed.split('/').all(|p| p.is_empty() || p == ".") && !trimmed.contains('\0') {
         return Ok(Vec::new());
     }
-    split_name(0, trimmed)
+    split_name(0, trimmed).map_err(|e| {
+        let why = e.to_string().replace("files[0].name", "path");
+        crate::ApiError::new(crate::ErrorCode::InvalidFile, why).with_param("path")
+    })
 }
 
 /// Split a name into components, refusing anything that could escape.

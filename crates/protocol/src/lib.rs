@@ -82,6 +82,16 @@ impl Output {
     }
 }
 
+/// A request's `timeout` (seconds) as a duration; `None` when absent.
+pub fn timeout_from_seconds(t: Option<f64>) -> Result<Option<std::time::Duration>, ApiError> {
+    match t {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Ok(Some(std::time::Duration::from_secs_f64(t))),
+        Some(_) => Err(ApiError::new(ErrorCode::InvalidRequest, "timeout must be a positive number of seconds")
+            .with_param("timeout")),
+    }
+}
+
 /// How an execution ended, as `data.status`.
 ///
 /// The 1.x client types this as a plain string, the 2.x and npm clients as a

@@ -14,7 +14,6 @@ use kiln_protocol::{
 };
 use kiln_sessions::Caller;
 use kiln_sessions::{Exec, Readiness};
-use std::time::Duration;
 
 pub(crate) fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -100,15 +99,7 @@ pub(crate) async fn execute(
         ApiError::new(ErrorCode::InvalidFile, format!("{e}; nothing was written"))
             .with_param(format!("files[{}]", e.index()))
     })?;
-    let timeout = match req.timeout {
-        None => None,
-        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
-        Some(_) => {
-            return Err(ApiError::new(ErrorCode::InvalidRequest, "timeout must be a positive number of seconds")
-                .with_param("timeout")
-                .into())
-        }
-    };
+    let timeout = kiln_protocol::timeout_from_seconds(req.timeout)?;
     let session_id = req.session_id.filter(|s| !s.is_empty());
     let exec =
         Exec { session_id, code: req.code, files, timeout, network: caller.network, max_sessions: caller.max_sessions };

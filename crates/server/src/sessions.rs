@@ -106,7 +106,7 @@ pub(crate) async fn list_files(
     Path(id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Envelope<FileList>>, AppError> {
-    let path = parse_path(&q.path)?;
+    let path = session_path(&q.path)?;
     Ok(Json(Envelope::ok(state.manager.list_files(&caller.key_id, &id, path).await?)))
 }
 
@@ -129,7 +129,7 @@ pub(crate) async fn download(
     Extension(caller): Extension<Caller>,
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Response, AppError> {
-    let components = parse_path(&path)?;
+    let components = session_path(&path)?;
     let name = components.last().cloned().unwrap_or_default();
     let bytes = state.manager.read_file(&caller.key_id, &id, components, MAX_DOWNLOAD).await?;
     let disposition = format!("attachment; filename=\"{}\"", name.replace(['"', '\\', '\r', '\n'], "_"));
@@ -174,11 +174,4 @@ pub(crate) async fn upload(
     let names: Vec<String> = files.iter().map(kiln_protocol::ValidFile::display_name).collect();
     state.manager.upload(&caller.key_id, &id, files).await?;
     Ok(Json(Envelope::ok(Uploaded { session_id: id, written: names })))
-}
-
-fn parse_path(path: &str) -> Result<Vec<String>, ApiError> {
-    session_path(path).map_err(|e| {
-        let why = e.to_string().replace("files[0].name", "path");
-        ApiError::new(ErrorCode::InvalidFile, why).with_param("path")
-    })
 }
