@@ -18,9 +18,59 @@ use tokio::time::{sleep, Instant};
 /// `sun_path` is 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
+/// Which kernel implementation runs the session's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelKind {
+    /// kiln's lean kernel (`python -m kiln_kernel`): IPython's shell on a
+    /// single-threaded protocol loop, a few times faster per cell.
+    #[default]
+    Lean,
+    /// The reference: `ipykernel`.
+    Ipykernel,
+}
+
+impl KernelKind {
+    /// `python` arguments that start this kernel on `connection_file`.
+    fn args(self, connection_file: PathBuf) -> Vec<OsString> {
+        match self {
+            KernelKind::Lean => vec!["-m".into(), "kiln_kernel".into(), "-f".into(), connection_file.into()],
+            KernelKind::Ipykernel => vec![
+                "-m".into(),
+                "ipykernel_launcher".into(),
+                "-f".into(),
+                connection_file.into(),
+                // History in memory: no sqlite file per session, no locking.
+                "--HistoryManager.hist_file=:memory:".into(),
+            ],
+        }
+    }
+
+    /// The module the zygote should import so that forking this kernel
+    /// starts it without importing anything.
+    pub fn preload(self) -> &'static str {
+        match self {
+            KernelKind::Lean => "kiln_kernel.kernel",
+            KernelKind::Ipykernel => "ipykernel.kernelapp",
+        }
+    }
+}
+
+impl std::str::FromStr for KernelKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "lean" => Ok(KernelKind::Lean),
+            "ipykernel" => Ok(KernelKind::Ipykernel),
+            other => Err(format!("unknown kernel {other:?}: use lean or ipykernel")),
+        }
+    }
+}
+
 /// How to start a kernel.
 #[derive(Debug, Clone)]
 pub struct KernelSpec {
+    /// Which kernel.
+    pub kind: KernelKind,
     /// The runtime's Python interpreter.
     pub python: PathBuf,
     /// The kernel's complete environment.
@@ -29,6 +79,9 @@ pub struct KernelSpec {
     pub boot_timeout: Duration,
     /// Run it in a sandbox (the default); `None` runs a plain process.
     pub sandbox: Option<SandboxSpec>,
+    /// Fork it from this zygote instead of starting a new interpreter
+    /// (sandboxed kernels only).
+    pub zygote: Option<kiln_sandbox::Zygote>,
 }
 
 /// The sandbox a kernel runs in, minus what depends on its directories.
@@ -176,23 +229,27 @@ impl Kernel {
         });
         let policy = kiln_sandbox::Policy {
             program: spec.python.clone(),
-            args: vec![
-                "-m".into(),
-                "ipykernel_launcher".into(),
-                "-f".into(),
-                conn_arg.into_os_string(),
-                // History in memory: no sqlite file per session, no locking.
-                "--HistoryManager.hist_file=:memory:".into(),
-            ],
+            args: spec.kind.args(conn_arg),
             env: spec.env.clone(),
             cwd,
             log: dirs.log(),
             pid_file: dirs.pid_file(),
             isolation,
         };
-        let sandbox = kiln_sandbox::spawn(&policy)?;
+        let started = Instant::now();
+        let sandbox = match &spec.zygote {
+            Some(zygote) if policy.isolation.is_some() => kiln_sandbox::spawn_in(zygote, &policy).await?,
+            _ => kiln_sandbox::spawn(&policy)?,
+        };
+        let spawned = started.elapsed();
         let deadline = Instant::now() + spec.boot_timeout;
-        connect(sandbox, dirs, &info, deadline).await
+        let kernel = connect(sandbox, dirs, &info, deadline).await?;
+        tracing::debug!(
+            spawn_ms = spawned.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "kernel booted"
+        );
+        Ok(kernel)
     }
 }
 
@@ -208,6 +265,7 @@ async fn connect(
         .iter()
         .map(|p| PathBuf::from(format!("{}-{}", info.ip, p)))
         .collect();
+    let waiting = Instant::now();
     loop {
         if let Some(exit) = sandbox.exit() {
             let log = tail(&dirs.log());
@@ -215,13 +273,14 @@ async fn connect(
             return Err(KernelError::DiedDuringBoot { exit, log });
         }
         if sockets.iter().all(|s| s.exists()) {
+            tracing::debug!(ms = waiting.elapsed().as_secs_f64() * 1e3, "kernel sockets bound");
             break;
         }
         if Instant::now() > deadline {
             sandbox.kill_and_wait().await;
             return Err(KernelError::BootTimeout);
         }
-        sleep(Duration::from_millis(5)).await;
+        sleep(Duration::from_millis(2)).await;
     }
 
     // 2. Connect shell (with a stable identity) and iopub. Interrupts are
@@ -284,7 +343,14 @@ async fn connect(
 }
 
 async fn handshake(kernel: &mut Kernel, deadline: Instant) -> Result<(), KernelError> {
-    let mut replied = false;
+    // Done when one of our requests has been answered on shell and one's
+    // status has arrived on iopub (in either order). A status published
+    // before the iopub subscription reached the kernel is lost, so ask
+    // again: soon at first (a forked kernel is ready in milliseconds),
+    // then less often.
+    let (mut replied, mut published) = (false, false);
+    let mut ids: Vec<String> = Vec::new();
+    let mut wait = Duration::from_millis(5);
     loop {
         if let Some(exit) = kernel.sandbox.exit() {
             let log = tail(&kernel.dirs.log());
@@ -294,9 +360,10 @@ async fn handshake(kernel: &mut Kernel, deadline: Instant) -> Result<(), KernelE
             return Err(KernelError::BootTimeout);
         }
         let req: JupyterMessage = KernelInfoRequest {}.into();
-        let id = req.header.msg_id.clone();
+        ids.push(req.header.msg_id.clone());
         kernel.send_shell(req).await?;
-        let round = Instant::now() + Duration::from_millis(250);
+        let round = Instant::now() + wait;
+        wait = (wait * 2).min(Duration::from_millis(250));
         loop {
             tokio::select! {
                 Some(msg) = kernel.shell_replies.recv() => {
@@ -305,14 +372,17 @@ async fn handshake(kernel: &mut Kernel, deadline: Instant) -> Result<(), KernelE
                     }
                 }
                 Some(msg) = kernel.iopub.recv() => {
-                    let ours = msg.parent_header.as_ref().is_some_and(|h| h.msg_id == id);
-                    if replied && ours && matches!(msg.content, JupyterMessageContent::Status(_)) {
-                        // Drain the rest of this request's messages later;
-                        // the executor ignores other parents.
-                        return Ok(());
+                    let ours = msg.parent_header.as_ref().is_some_and(|h| ids.contains(&h.msg_id));
+                    if ours && matches!(msg.content, JupyterMessageContent::Status(_)) {
+                        published = true;
                     }
                 }
                 _ = tokio::time::sleep_until(round) => break,
+            }
+            if replied && published {
+                // The rest of these requests' messages are ignored: the
+                // executor only takes messages of its own request.
+                return Ok(());
             }
         }
     }

@@ -72,6 +72,15 @@ pub struct ServeArgs {
     /// [default: namespaces]
     #[arg(long, env = "KILN_SANDBOX")]
     pub sandbox: Option<String>,
+    /// Kernel: `lean` (kiln's single-threaded kernel on IPython's shell,
+    /// the same outputs several times faster) or `ipykernel` [default: lean]
+    #[arg(long, env = "KILN_KERNEL")]
+    pub kernel: Option<String>,
+    /// Fork kernels from a zygote that has the runtime's heavy packages
+    /// imported (`on`), or start a new interpreter for each (`off`)
+    /// [default: on]
+    #[arg(long, env = "KILN_ZYGOTE")]
+    pub zygote: Option<String>,
     /// Memory per session, e.g. 2GiB [default: 2GiB]
     #[arg(long, env = "KILN_MEMORY_LIMIT", value_parser = parse_bytes)]
     #[serde(default, with = "opt_bytes")]
@@ -172,6 +181,13 @@ impl Settings {
         let exec_timeout = pick!(exec_timeout, Duration::from_secs(600));
         let network: kiln_sessions::Network = pick!(network, "pypi".to_string()).parse().map_err(anyhow::Error::msg)?;
         let max_exec_timeout = pick!(max_exec_timeout, Duration::from_secs(3600));
+        let kernel: kiln_kernel::KernelKind = pick!(kernel, "lean".to_string()).parse().map_err(anyhow::Error::msg)?;
+        let helper = std::env::current_exe().context("cannot find the kiln binary itself")?;
+        let zygote_library = match pick!(zygote, "on".to_string()).as_str() {
+            "on" => zygote_library(&helper),
+            "off" => None,
+            other => anyhow::bail!("--zygote must be `on` or `off`, not {other:?}"),
+        };
         Ok(Settings {
             listen: pick!(listen, SocketAddr::from(([127, 0, 0, 1], 8787))),
             runtime: kiln_runtime::RuntimeConfig { profile, python: cli.python.or(file.python), cache_dir },
@@ -186,10 +202,11 @@ impl Settings {
                 max_sessions: pick!(max_sessions, 256),
                 max_sessions_per_key: pick!(max_sessions_per_key, 64),
                 boot_timeout: Duration::from_secs(60),
+                kernel,
                 sandbox: match pick!(sandbox, "namespaces".to_string()).as_str() {
                     "none" => None,
                     "namespaces" => Some(kiln_sessions::SandboxConfig {
-                        helper: std::env::current_exe().context("cannot find the kiln binary itself")?,
+                        helper,
                         memory_bytes: pick!(memory_limit, 2 << 30),
                         pids: pick!(pids_limit, 512),
                         cpus: pick!(cpu_limit, std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)),
@@ -198,6 +215,7 @@ impl Settings {
                         nofile: 4096,
                         network,
                         egress_dir: data_dir.clone(),
+                        zygote_library,
                     }),
                     other => {
                         anyhow::bail!("--sandbox must be `namespaces` or `none`, not {other:?}")
@@ -210,6 +228,25 @@ impl Settings {
             data_dir,
             log_format,
         })
+    }
+}
+
+/// The sandbox as a shared library, built beside the kiln binary; the
+/// zygote loads it. Without it kernels start as new interpreters.
+fn zygote_library(kiln: &std::path::Path) -> Option<PathBuf> {
+    let dir = kiln.parent()?;
+    // `cargo build` puts it beside the binary; `cargo test` leaves it in
+    // `deps/`.
+    let lib = dir.join("libkiln_sandbox.so");
+    let found = [lib.clone(), dir.join("deps").join("libkiln_sandbox.so")].into_iter().find(|p| p.is_file());
+    if found.is_some() {
+        found
+    } else {
+        tracing::warn!(
+            library = %lib.display(),
+            "no sandbox library beside the kiln binary: kernels start without the zygote (slower)"
+        );
+        None
     }
 }
 

@@ -12,8 +12,15 @@ const MARKER: &str = "kiln-runtime.json";
 const STAGES: usize = 4;
 
 /// Return the runtime for `cfg`, building it first if it is missing or
-/// incomplete. Blocking: call from a blocking thread.
+/// incomplete, with kiln's current `kiln_kernel` package in it. Blocking:
+/// call from a blocking thread.
 pub fn ensure(cfg: &RuntimeConfig, progress: &mut Progress) -> Result<Runtime, RuntimeError> {
+    let runtime = ensure_packages(cfg, progress)?;
+    runtime.install_kernel_package()?;
+    Ok(runtime)
+}
+
+fn ensure_packages(cfg: &RuntimeConfig, progress: &mut Progress) -> Result<Runtime, RuntimeError> {
     let (python, version) = base_python(cfg.python.as_deref())?;
     let lock = cfg.profile.lock();
     let mut h = Sha256::new();

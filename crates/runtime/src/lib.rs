@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod build;
+mod kernel_package;
 mod progress;
 
 pub use build::ensure;
@@ -45,6 +46,30 @@ impl Profile {
         match self {
             Profile::Minimal => include_str!("../locks/minimal.txt"),
             Profile::Full => include_str!("../locks/full.txt"),
+        }
+    }
+
+    /// Modules the zygote imports before forking kernels, so that a
+    /// session's first `import` of them is a dictionary lookup. Importing
+    /// has no side effect a session could notice beyond `sys.modules`.
+    pub fn preload(self) -> &'static [&'static str] {
+        const COMMON: &[&str] =
+            &["IPython", "numpy", "pandas", "matplotlib", "matplotlib.pyplot", "PIL.Image", "json", "asyncio"];
+        match self {
+            Profile::Minimal => COMMON,
+            Profile::Full => &[
+                "IPython",
+                "numpy",
+                "pandas",
+                "matplotlib",
+                "matplotlib.pyplot",
+                "PIL.Image",
+                "json",
+                "asyncio",
+                "scipy",
+                "seaborn",
+                "requests",
+            ],
         }
     }
 
@@ -189,6 +214,12 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+
+    /// The matplotlib configuration directory built with the runtime (its
+    /// font cache); read-only to sessions, which get a copy in their home.
+    pub fn matplotlib_dir(&self) -> PathBuf {
+        mpl_config_dir(&self.root)
     }
 
     /// The fixed environment a kernel starts with; `home` is its home as the

@@ -161,7 +161,7 @@ pub fn forward(socket: &Path) -> ! {
         Ok(l) => l,
         Err(e) => {
             eprintln!("kiln sandbox: egress forwarder cannot listen: {e}");
-            std::process::exit(1)
+            crate::init::exit(1)
         }
     };
     for conn in listener.incoming().flatten() {
@@ -177,7 +177,7 @@ pub fn forward(socket: &Path) -> ! {
             let _ = c2.shutdown(std::net::Shutdown::Write);
         });
     }
-    std::process::exit(0)
+    crate::init::exit(0)
 }
 
 #[cfg(test)]

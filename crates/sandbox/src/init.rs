@@ -11,13 +11,14 @@
 //!    root of the host: these namespaces are owned by the host's user
 //!    namespace, so nothing inside can ever mount, unmount or reconfigure
 //!    the network, whatever capabilities it gains in its own user namespace;
-//! 3. fork the namespace's PID 1 ("init") and wait for it, forwarding
-//!    SIGINT/SIGTERM (this outer process stays in the host pid namespace);
+//! 3. fork the namespace's PID 1 ("init"); this outer process stays in the
+//!    host's namespaces, writes init's id maps (step 5), then waits for it,
+//!    forwarding SIGINT/SIGTERM;
 //! 4. init builds the minimal root filesystem (see [`crate::rootfs`]),
 //!    pivots into it, brings up loopback, sets rlimits;
-//! 5. init enters a new user namespace; a mapper it forked beforehand (still
-//!    root of the host) maps root inside to `UID_BASE` and the session user
-//!    to `UID_BASE + 1000` on the host;
+//! 5. init enters a new user namespace; the outer process (still root of
+//!    the host) maps root inside to `UID_BASE` and the session user to
+//!    `UID_BASE + 1000` on the host;
 //! 6. init forks the program: new session, unprivileged user, no
 //!    capabilities, `no_new_privs`, landlock, seccomp, `execve`;
 //! 7. init reaps every orphan, forwards interrupts to the program's process
@@ -41,7 +42,7 @@ use std::os::fd::OwnedFd;
 enum Step {
     ReadPolicy = 101,
     JoinCgroup = 102,
-    ForkMapper = 103,
+    Pipe = 103,
     Unshare = 104,
     MapIds = 105,
     ForkInit = 106,
@@ -56,10 +57,20 @@ enum Step {
 
 fn fail(step: Step, what: impl std::fmt::Display) -> ! {
     let _ = writeln!(std::io::stderr(), "kiln sandbox: step {step:?} failed: {what}");
-    std::process::exit(step as i32)
+    exit(step as i32)
 }
 
-/// Run the helper with the jail description at `path`. Never returns.
+/// End this process now. `_exit`, not `exit`: these processes may be forks
+/// of the zygote, whose C and Python exit handlers belong to the zygote
+/// (flushing its buffers, removing its files) and must not run here.
+pub(crate) fn exit(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process without touching memory; nothing
+    // after it runs.
+    unsafe { libc::_exit(code) }
+}
+
+/// Run the helper with the jail description at `path`, then execute the
+/// program. Never returns.
 pub fn main(path: &std::path::Path) -> ! {
     let jail: Jail = match std::fs::read(path)
         .map_err(|e| e.to_string())
@@ -68,7 +79,19 @@ pub fn main(path: &std::path::Path) -> ! {
         Ok(j) => j,
         Err(e) => fail(Step::ReadPolicy, e),
     };
+    enter(&jail);
+    exec(&jail)
+}
 
+/// Build the sandbox described by `jail` around the calling process's
+/// future: returns only in the confined program process (step 6, just
+/// before `execve`), as the unprivileged session user under every
+/// restriction. The other processes of the sandbox (the outer supervisor,
+/// init, the egress forwarder) are forks that never return.
+///
+/// The caller must be single-threaded: a freshly exec'd helper, or a child
+/// just forked from the zygote (see [`crate::zygote`]).
+pub fn enter(jail: &Jail) {
     // 1. Join the cgroup: everything forked from here on is accounted and limited.
     if let Some(cg) = &jail.cgroup {
         if let Err(e) = cg.join(std::process::id()) {
@@ -96,32 +119,78 @@ pub fn main(path: &std::path::Path) -> ! {
     if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled), None) {
         fail(Step::ForkInit, e);
     }
-    // SAFETY: this process is single-threaded (it was just exec'd and has
-    // started no threads), so the child may run arbitrary code after fork.
+    // The outer process maps init's ids (step 5): only a process in the
+    // host's user namespace with CAP_SETUID may map ids other than its own.
+    // Doing it here rather than in a mapper forked for the purpose saves a
+    // fork, which for a zygote's child copies a large address space.
+    let (unshared_r, unshared_w) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => fail(Step::Pipe, e),
+    };
+    let (mapped_r, mapped_w) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => fail(Step::Pipe, e),
+    };
+    // The host's /proc, opened now: once init has pivoted into the new root
+    // (in the mount namespace this process shares), "/proc" here names the
+    // new pid namespace's, where init is not known by the pid fork returns.
+    let host_proc = match std::fs::File::open("/proc") {
+        Ok(f) => f,
+        Err(e) => fail(Step::Pipe, format!("/proc: {e}")),
+    };
+    // SAFETY: this process is single-threaded (a freshly exec'd helper, or a
+    // child just forked from the single-threaded zygote), so the child may
+    // run arbitrary code after fork.
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => init(&jail, &handled),
-        Ok(ForkResult::Parent { child }) => supervise(child, &handled, Forward::ToPid),
+        Ok(ForkResult::Child) => {
+            drop((unshared_r, mapped_w, host_proc));
+            init(jail, &handled, IdMapping { unshared: unshared_w, mapped: mapped_r })
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop((unshared_w, mapped_r));
+            map_ids(&host_proc, child, &unshared_r, mapped_w);
+            drop((unshared_r, host_proc));
+            supervise(child, &handled, Forward::ToPid)
+        }
         Err(e) => fail(Step::ForkInit, e),
     }
 }
 
-/// The mapper: wait until the parent has unshared, then write its maps.
-fn map_ids(target: Pid, ready: OwnedFd) -> ! {
-    // Only the read end is ours.
+/// init's ends of the id-mapping handshake with the outer process.
+struct IdMapping {
+    /// init writes a byte once it is in its new user namespace.
+    unshared: OwnedFd,
+    /// The outer process writes a byte once the maps are written; end of
+    /// file means they could not be.
+    mapped: OwnedFd,
+}
+
+/// In the outer process: wait until init has entered its user namespace,
+/// write its maps, and say so. If anything fails, init is told nothing and
+/// fails its step (its read sees end of file); this process then reports
+/// init's exit as usual.
+fn map_ids(host_proc: &std::fs::File, target: Pid, unshared: &OwnedFd, mapped: OwnedFd) {
     let mut buf = [0u8; 1];
-    let _ = nix::unistd::read(&ready, &mut buf);
+    if !matches!(nix::unistd::read(unshared, &mut buf), Ok(1)) {
+        return; // init ended before it got there
+    }
     let maps = format!("0 {UID_BASE} 1\n{USER_ID} {} 1\n", UID_BASE + USER_ID);
-    let proc = format!("/proc/{target}");
+    let write = |name: &str, text: &str| -> std::io::Result<()> {
+        use rustix::fs::{openat, Mode, OFlags};
+        let fd = openat(host_proc, format!("{target}/{name}"), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+        rustix::io::write(&fd, text.as_bytes())?;
+        Ok(())
+    };
     // setgroups must be denied before a gid_map is written; it also keeps
     // the session from dropping supplementary groups to dodge deny-ACLs.
-    let result = std::fs::write(format!("{proc}/setgroups"), "deny")
-        .and_then(|()| std::fs::write(format!("{proc}/uid_map"), &maps))
-        .and_then(|()| std::fs::write(format!("{proc}/gid_map"), &maps));
+    let result =
+        write("setgroups", "deny").and_then(|()| write("uid_map", &maps)).and_then(|()| write("gid_map", &maps));
     match result {
-        Ok(()) => std::process::exit(0),
+        Ok(()) => {
+            let _ = nix::unistd::write(&mapped, b"1");
+        }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "kiln sandbox: writing id maps failed: {e}");
-            std::process::exit(1)
         }
     }
 }
@@ -155,8 +224,8 @@ fn supervise(child: Pid, handled: &SigSet, forward: Forward) -> ! {
         // namespace); leave when the main child did.
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
-                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => std::process::exit(128 + s as i32),
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => exit(code),
+                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => exit(128 + s as i32),
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
             }
@@ -164,8 +233,8 @@ fn supervise(child: Pid, handled: &SigSet, forward: Forward) -> ! {
     }
 }
 
-/// PID 1 of the session's pid namespace.
-fn init(jail: &Jail, handled: &SigSet) -> ! {
+/// PID 1 of the session's pid namespace. Returns only in the program.
+fn init(jail: &Jail, handled: &SigSet, ids: IdMapping) {
     // If the outer helper dies (the server killed it), so does init, and
     // with init the whole pid namespace.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
@@ -191,38 +260,18 @@ fn init(jail: &Jail, handled: &SigSet) -> ! {
         fail(Step::Limits, e);
     }
 
-    // 5. The user namespace. The mapper must stay in the host's user
-    //    namespace, where it holds CAP_SETUID: only such a process may map
-    //    ids other than its own.
-    let (ready_r, ready_w) = match nix::unistd::pipe() {
-        Ok(p) => p,
-        Err(e) => fail(Step::ForkMapper, e),
-    };
-    let me = nix::unistd::getpid();
-    // SAFETY: init is single-threaded (forked from a single-threaded process).
-    let mapper = match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            drop(ready_w);
-            map_ids(me, ready_r)
-        }
-        Ok(ForkResult::Parent { child }) => child,
-        Err(e) => fail(Step::ForkMapper, e),
-    };
-    drop(ready_r);
+    // 5. The user namespace; the outer process writes its maps.
     if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
         fail(Step::Unshare, format!("user namespace: {e}"));
     }
-    if let Err(e) = nix::unistd::write(&ready_w, b"1") {
+    if let Err(e) = nix::unistd::write(&ids.unshared, b"1") {
         fail(Step::MapIds, e);
     }
-    drop(ready_w);
-    loop {
-        match waitpid(mapper, None) {
-            Ok(WaitStatus::Exited(_, 0)) => break,
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => fail(Step::MapIds, format!("mapper ended with {other:?}")),
-        }
+    let mut buf = [0u8; 1];
+    if !matches!(nix::unistd::read(&ids.mapped, &mut buf), Ok(1)) {
+        fail(Step::MapIds, "the outer process could not write the id maps (see above)");
     }
+    drop(ids);
     // Become root of the new namespace (host uid UID_BASE): from here on
     // init holds no identity of the host's, and the program's switch to the
     // session user clears every capability.
@@ -257,7 +306,8 @@ fn init(jail: &Jail, handled: &SigSet) -> ! {
     }
 }
 
-fn program(jail: &Jail) -> ! {
+/// The program's process, up to (not including) its `execve`.
+fn program(jail: &Jail) {
     if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
         fail(Step::ForkProgram, e);
     }
@@ -267,6 +317,10 @@ fn program(jail: &Jail) -> ! {
         fail(Step::ForkProgram, format!("chdir {}: {e}", jail.cwd.display()));
     }
     confine(jail);
+}
+
+/// Replace the confined program process with the program.
+fn exec(jail: &Jail) -> ! {
     let cstr = |s: &str| CString::new(s).unwrap_or_default();
     let prog = CString::new(jail.program.as_os_str().as_encoded_bytes()).unwrap_or_default();
     let mut argv = vec![prog.clone()];

@@ -24,17 +24,20 @@
 
 pub mod cgroup;
 pub mod egress;
+mod ffi;
 pub mod init;
 pub mod jail;
 mod leftovers;
 mod rootfs;
 pub mod seccomp;
 pub mod workspace;
+pub mod zygote;
 
 pub use cgroup::{Cgroup, CgroupLimits};
 pub use init::main as helper_main;
 pub use jail::{Bind, Jail, Overlay};
 pub use leftovers::{kill_recorded, record};
+pub use zygote::{Zygote, ZygoteError, ZygoteSpec};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -101,6 +104,9 @@ pub enum SandboxError {
     /// The program could not be started.
     #[error("could not start {program}: {source}")]
     Spawn { program: PathBuf, source: std::io::Error },
+    /// The zygote could not fork the kernel.
+    #[error(transparent)]
+    Zygote(#[from] zygote::ZygoteError),
     /// The pid file could not be written.
     #[error("could not record the process in {path}: {source}")]
     PidFile { path: PathBuf, source: std::io::Error },
@@ -165,24 +171,7 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
         }
         Some(iso) => {
             let cgroup = Cgroup::create(&iso.id, &iso.limits).map_err(SandboxError::Cgroup)?;
-            let jail = Jail {
-                cgroup: Some(cgroup.clone()),
-                root: iso.root.clone(),
-                binds: iso.binds.clone(),
-                overlay: iso.overlay.clone(),
-                egress_socket: iso.egress_socket.clone(),
-                tmp_bytes: iso.tmp_bytes,
-                nofile: iso.nofile,
-                seccomp: iso.seccomp,
-                cwd: policy.cwd.clone(),
-                program: policy.program.clone(),
-                args: policy.args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
-                env: policy
-                    .env
-                    .iter()
-                    .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
-                    .collect(),
-            };
+            let jail = jail_for(policy, iso, &cgroup);
             let json = serde_json::to_vec(&jail).unwrap_or_default();
             if let Err(source) = std::fs::write(&iso.spec_file, json) {
                 cgroup.remove();
@@ -217,6 +206,58 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
         let _ = tx.send(Some(exit));
     });
     let sandbox = Sandbox { pid, exit: rx, cgroup };
+    if let Err(source) = record(&policy.pid_file, raw) {
+        sandbox.kill();
+        return Err(SandboxError::PidFile { path: policy.pid_file.clone(), source });
+    }
+    Ok(sandbox)
+}
+
+/// What the helper is told to build for `policy`.
+fn jail_for(policy: &Policy, iso: &Isolation, cgroup: &Cgroup) -> Jail {
+    Jail {
+        cgroup: Some(cgroup.clone()),
+        root: iso.root.clone(),
+        binds: iso.binds.clone(),
+        overlay: iso.overlay.clone(),
+        egress_socket: iso.egress_socket.clone(),
+        tmp_bytes: iso.tmp_bytes,
+        nofile: iso.nofile,
+        seccomp: iso.seccomp,
+        cwd: policy.cwd.clone(),
+        program: policy.program.clone(),
+        args: policy.args.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        env: policy.env.iter().map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy())).collect(),
+    }
+}
+
+/// Start the isolated process described by `policy` as a fork of `zygote`
+/// instead of a new program: the same sandbox, built by the same steps,
+/// around a process that already has the runtime's packages imported.
+/// `policy.program` must be the zygote's interpreter; the zygote runs
+/// `policy.args` (`-m module ...`) as that interpreter would.
+pub async fn spawn_in(zygote: &Zygote, policy: &Policy) -> Result<Sandbox, SandboxError> {
+    let Some(iso) = &policy.isolation else {
+        return Err(SandboxError::Zygote(zygote::ZygoteError::Fork("the zygote only starts sandboxed kernels".into())));
+    };
+    let cgroup = Cgroup::create(&iso.id, &iso.limits).map_err(SandboxError::Cgroup)?;
+    if let Err(source) = std::fs::create_dir_all(&iso.root) {
+        cgroup.remove();
+        return Err(SandboxError::Spec { path: iso.root.clone(), source });
+    }
+    let body = serde_json::json!({ "jail": jail_for(policy, iso, &cgroup), "log": policy.log });
+    let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let forked = zygote.fork(&bytes).await;
+    bytes.fill(0);
+    let (raw, exit) = match forked {
+        Ok(f) => f,
+        Err(e) => {
+            cgroup.remove();
+            return Err(e.into());
+        }
+    };
+    let pid = Pid::from_raw(i32::try_from(raw).unwrap_or(0));
+    let sandbox = Sandbox { pid, exit, cgroup: Some(cgroup) };
     if let Err(source) = record(&policy.pid_file, raw) {
         sandbox.kill();
         return Err(SandboxError::PidFile { path: policy.pid_file.clone(), source });

@@ -5,7 +5,22 @@ use crate::manager::{destroy_dir, Inner};
 use crate::{Network, SandboxConfig, SessionError};
 use kiln_kernel::{Kernel, KernelDirs, KernelSpec, SandboxSpec, INSIDE_HOME};
 use kiln_runtime::Runtime;
+use kiln_sandbox::{Zygote, ZygoteSpec};
 use rand::distr::{Alphanumeric, SampleString};
+use std::time::{Duration, Instant};
+
+/// The zygote's pid file and log live beside the session directories
+/// (`<data>/zygote`), not among them.
+pub(crate) fn zygote_dir(sessions_dir: &std::path::Path) -> std::path::PathBuf {
+    sessions_dir.with_file_name("zygote")
+}
+
+/// The zygote of this server, and when it last failed to start.
+#[derive(Debug, Default)]
+pub(crate) struct ZygoteSlot {
+    running: Option<Zygote>,
+    failed_at: Option<Instant>,
+}
 
 impl Inner {
     /// Boot a kernel in a new session directory: its storage (a quota'd
@@ -77,11 +92,81 @@ impl Inner {
             }
             None => {}
         }
-        let spec = KernelSpec { python: runtime.python(), env, boot_timeout: self.cfg.boot_timeout, sandbox };
+        let zygote = match &sandbox {
+            Some(_) => self.zygote(runtime).await,
+            None => None,
+        };
+        let spec = KernelSpec {
+            kind: self.cfg.kernel,
+            python: runtime.python(),
+            env,
+            boot_timeout: self.cfg.boot_timeout,
+            sandbox,
+            zygote,
+        };
         Kernel::start(&spec, dirs).await.map_err(|e| {
             tracing::error!(error = %e, "kernel boot failed");
             SessionError::KernelUnavailable(e.to_string())
         })
+    }
+
+    /// The running zygote, started on first use and again if it has died.
+    /// `None` when disabled, or when it could not start (then kernels are
+    /// started as new interpreters, and a new zygote is tried a minute
+    /// later).
+    async fn zygote(&self, runtime: &Runtime) -> Option<Zygote> {
+        let library = self.cfg.sandbox.as_ref()?.zygote_library.as_ref()?;
+        let mut slot = self.zygote.lock().await;
+        if let Some(z) = slot.running.as_ref().filter(|z| z.is_alive()) {
+            return Some(z.clone());
+        }
+        if slot.failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return None;
+        }
+        let dir = zygote_dir(&self.cfg.sessions_dir);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(error = %e, "cannot create the zygote's directory; booting kernels without it");
+            slot.failed_at = Some(Instant::now());
+            return None;
+        }
+        let mut env = runtime.kernel_env(std::path::Path::new(INSIDE_HOME));
+        // matplotlib reads its configuration directory once, at import: the
+        // zygote imports it with the runtime's own, where the font cache is.
+        for (name, value) in env.iter_mut() {
+            if name == "MPLCONFIGDIR" {
+                *value = runtime.matplotlib_dir().into();
+            }
+        }
+        // IPython picks its directory when the lean kernel's shell is built
+        // in the zygote; give it one that exists on the host (each kernel
+        // moves to its own home's after the fork).
+        env.push(("IPYTHONDIR".into(), dir.join("ipython").into()));
+        let mut preload = vec![self.cfg.kernel.preload().to_string()];
+        preload.extend(runtime.profile.preload().iter().map(|m| m.to_string()));
+        let spec = ZygoteSpec {
+            python: runtime.python(),
+            env,
+            library: library.clone(),
+            preload,
+            log: dir.join("log"),
+            pid_file: dir.join("pid"),
+            ready_timeout: self.cfg.boot_timeout.max(Duration::from_secs(60)),
+        };
+        let started = Instant::now();
+        match Zygote::start(&spec).await {
+            Ok(z) => {
+                tracing::info!(ms = started.elapsed().as_millis() as u64, "zygote ready");
+                slot.running = Some(z.clone());
+                slot.failed_at = None;
+                Some(z)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the zygote did not start; booting kernels without it");
+                slot.running = None;
+                slot.failed_at = Some(Instant::now());
+                None
+            }
+        }
     }
 
     /// The host uid that must own files written for sessions.

@@ -50,6 +50,8 @@ pub struct Config {
     pub max_sessions_per_key: usize,
     /// How long a kernel may take to boot.
     pub boot_timeout: Duration,
+    /// The kernel implementation.
+    pub kernel: kiln_kernel::KernelKind,
     /// Sandbox every kernel (`None`: plain processes, for development only).
     pub sandbox: Option<SandboxConfig>,
 }
@@ -122,6 +124,9 @@ pub struct SandboxConfig {
     pub network: Network,
     /// Where the egress proxies' sockets live (server-only directory).
     pub egress_dir: PathBuf,
+    /// `libkiln_sandbox.so`, to fork kernels from a zygote; `None` starts a
+    /// new interpreter for every kernel.
+    pub zygote_library: Option<PathBuf>,
 }
 
 /// Why a session request failed. None of these is an error of the user's

@@ -45,6 +45,8 @@ pub(crate) struct Inner {
     background: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) egress: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) metrics: Arc<crate::Metrics>,
+    /// The fork server kernels are started from, once started.
+    pub(crate) zygote: tokio::sync::Mutex<crate::boot::ZygoteSlot>,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +99,7 @@ impl Manager {
                 background: Mutex::new(Vec::new()),
                 egress: Mutex::new(Vec::new()),
                 metrics: Arc::new(crate::Metrics::new()),
+                zygote: tokio::sync::Mutex::new(crate::boot::ZygoteSlot::default()),
             }),
         }
     }
@@ -485,6 +488,8 @@ pub(crate) async fn destroy_dir(dir: std::path::PathBuf) {
 /// Kill recorded kernels under `dir`, remove leftover cgroups and
 /// workspaces, and remove every session directory.
 fn remove_leftovers(dir: &std::path::Path) -> usize {
+    // The zygote first: its children die with it.
+    let _ = kiln_sandbox::kill_recorded(&crate::boot::zygote_dir(dir).join("pid"));
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

@@ -1,0 +1,133 @@
+//! The lean kernel against the reference, ipykernel: the same cells must
+//! show the same outputs.
+//!
+//! Two checks. Through kiln's API, a corpus of cells runs in one session of
+//! a server with the lean kernel forked from the zygote (the default) and
+//! one of a server running plain ipykernel booted as a new interpreter (a
+//! notebook's kernel), and every output must be equal. Below the API,
+//! `kiln_kernel.fidelity` compares the raw Jupyter messages of both kernels
+//! (message types, contents, execution counts, replies).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::start;
+use serde_json::{json, Value};
+
+/// Cells a notebook user (or an LLM) writes, each with its own time limit.
+const CORPUS: &[(&str, u64)] = &[
+    ("print('hello')\nimport sys\nprint('to stderr', file=sys.stderr)\nprint('back')", 30),
+    ("1 + 1", 30),
+    ("'text'", 30),
+    ("[1, 2, {'a': None}]", 30),
+    ("x = 5;", 30),
+    ("_", 30),
+    ("class R:\n    def _repr_html_(self):\n        return '<b>rich</b>'\nR()", 30),
+    ("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})", 30),
+    (
+        "from IPython.display import display, HTML, Markdown, JSON\n\
+         display(HTML('<i>h</i>'))\ndisplay(Markdown('# m'))\ndisplay(JSON({'k': 1}))",
+        30,
+    ),
+    ("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('t')", 30),
+    ("1 / 0", 30),
+    ("undefined_name", 30),
+    ("def f():\n    raise ValueError('bad')\nf()", 30),
+    ("x = (", 30),
+    ("!echo shell", 30),
+    ("!ls /nonexistent", 30),
+    ("import os\nrc = os.system('echo from-fd')", 30),
+    ("import subprocess\nsubprocess.run(['echo', 'sub']).returncode", 30),
+    ("input('?')", 30),
+    ("import asyncio\nawait asyncio.sleep(0)\n'awaited'", 30),
+    ("%%bash\necho bash-cell", 30),
+    ("print('\\n'.join(str(i) for i in range(200)))", 30),
+    ("from IPython.display import clear_output\nprint('a')\nclear_output()\nprint('b')", 30),
+    ("import time\nprint('before')\ntime.sleep(30)", 2),
+    ("print('after the interrupt', x)", 30),
+    ("import sys\nsys.exit(3)", 30),
+    ("Out[2], In[2]", 30),
+];
+
+/// What may differ between two correct runs: object addresses.
+fn normalise(v: &Value) -> Value {
+    match v {
+        Value::String(s) => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("0x") {
+                out.push_str(&rest[..i]);
+                let tail = &rest[i + 2..];
+                let n = tail.chars().take_while(char::is_ascii_hexdigit).count();
+                out.push_str(if n >= 6 { "0xADDR" } else { &rest[i..i + 2 + n] });
+                rest = &tail[n..];
+            }
+            out.push_str(rest);
+            Value::String(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(normalise).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), normalise(v))).collect()),
+        other => other.clone(),
+    }
+}
+
+async fn run_corpus(server: &common::Server) -> Vec<Value> {
+    let mut session: Option<String> = None;
+    let mut results = Vec::new();
+    for (code, timeout) in CORPUS {
+        let mut body = json!({"language": "python", "code": code, "timeout": timeout});
+        if let Some(s) = &session {
+            body["session_id"] = json!(s);
+        }
+        let (status, v) = server.post("/v1/tci/execute", Some(common::KEY), body).await;
+        assert_eq!(status, 200, "{code}: {v}");
+        session = v["data"]["session_id"].as_str().map(str::to_string);
+        results.push(normalise(&json!({"status": v["data"]["status"], "outputs": v["data"]["outputs"]})));
+    }
+    results
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lean_kernel_shows_what_ipykernel_shows() {
+    let reference = start(&["--kernel", "ipykernel", "--zygote", "off"]);
+    let lean = start(&[]);
+    let (want, got) = tokio::join!(run_corpus(&reference), run_corpus(&lean));
+    let mut differences = Vec::new();
+    for (((code, _), w), g) in CORPUS.iter().zip(&want).zip(&got) {
+        if w != g {
+            differences.push(format!("cell {code:?}\n  ipykernel: {w}\n  lean:      {g}"));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "{} of {} cells differ:\n{}",
+        differences.len(),
+        CORPUS.len(),
+        differences.join("\n")
+    );
+    // The corpus really exercised what it claims to.
+    let all = serde_json::to_string(&got).unwrap();
+    for needle in ["image/png", "text/html", "ZeroDivisionError", "KeyboardInterrupt", "from-fd", "bash-cell"] {
+        assert!(all.contains(needle), "no {needle} in the outputs: {all}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_raw_messages_of_both_kernels_match() {
+    // A server provisions the runtime and installs kiln_kernel into it.
+    let server = start(&[]);
+    let ready = server.stdout_lines.iter().find(|l| l.starts_with("kiln ready on ")).unwrap();
+    let runtime = ready.split("(runtime ").nth(1).unwrap().trim_end_matches(')').to_string();
+    let python = std::path::Path::new(&runtime).join("bin/python");
+    let out = tokio::process::Command::new(&python)
+        .args(["-m", "kiln_kernel.fidelity"])
+        .env_clear()
+        .env("PATH", format!("{runtime}/bin:/usr/bin:/bin"))
+        .env("HOME", server.data.path())
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the kernels differ:\n{text}");
+}

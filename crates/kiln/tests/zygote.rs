@@ -1,0 +1,106 @@
+//! Kernels forked from the zygote: each is a clean, independent session.
+//!
+//! A fork copies the zygote's memory, so these tests look for what a copy
+//! could carry over: random state, open files, environment, and whether a
+//! dead zygote takes the server down with it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{start, text_of};
+use std::collections::HashSet;
+
+/// Random numbers from every source a program is likely to use.
+const RANDOM: &str = r#"
+import random, os, uuid, numpy, secrets, tempfile
+print(random.random(), random.getrandbits(64), numpy.random.rand(), numpy.random.randint(1 << 30),
+      numpy.random.default_rng().random(), os.urandom(8).hex(), uuid.uuid4(), secrets.token_hex(8),
+      next(tempfile._get_candidate_names()))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_forked_from_the_zygote_never_share_random_numbers() {
+    let server = start(&["--pool-size", "2"]);
+    let mut seen: Vec<Vec<String>> = Vec::new();
+    for _ in 0..5 {
+        let data = server.exec(RANDOM, None).await;
+        let out = text_of(&data, "stdout");
+        let values: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+        assert_eq!(values.len(), 9, "{data}");
+        seen.push(values);
+    }
+    // Column by column: no source gave two sessions the same value.
+    for col in 0..9 {
+        let distinct: HashSet<&String> = seen.iter().map(|v| &v[col]).collect();
+        assert_eq!(distinct.len(), seen.len(), "source {col} repeated across sessions: {seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forked_kernel_starts_with_packages_imported_and_nothing_of_the_zygote_open() {
+    let server = start(&[]);
+    let code = r#"
+import os, sys
+print("preloaded", all(m in sys.modules for m in ("numpy", "pandas", "matplotlib.pyplot")))
+links = {}
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        links[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:  # the directory's own descriptor, closed by now
+        pass
+print("pipes", sorted(fd for fd, l in links.items() if l.startswith("pipe:")))
+print("stdin", links.get("0"))
+print("env", sorted(k for k in os.environ if k.startswith("KILN_") and k != "KILN_NETWORK"))
+print("parent", os.getppid(), "user", os.getuid(), os.geteuid())
+"#;
+    let data = server.exec(code, None).await;
+    let out = text_of(&data, "stdout");
+    assert!(out.contains("preloaded True"), "{data}");
+    // The zygote talks to kiln over pipes; a child keeps none of them.
+    assert!(out.contains("pipes []"), "{data}");
+    assert!(out.contains("stdin /dev/null"), "{data}");
+    assert!(out.contains("env []"), "{data}");
+    // Its parent is the sandbox's init, and it is the session user.
+    assert!(out.contains("parent 1 user 1000 1000"), "{data}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_zygote_dies_its_sessions_restart_and_new_sessions_still_start() {
+    let server = start(&[]);
+    let first = server.exec("x = 41", None).await;
+    let sid = first["session_id"].as_str().unwrap().to_string();
+    let pid_file = server.data.path().join("zygote").join("pid");
+    let zygote: i32 = std::fs::read_to_string(&pid_file).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygote), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    // The session's kernel died with it: the next cell says so, and runs
+    // in a fresh kernel (state gone, session still usable).
+    let mut said_so = false;
+    for _ in 0..20 {
+        let data = server.exec("print(x)", Some(&sid)).await;
+        let text = format!("{data}");
+        if text.contains("KernelDied") {
+            said_so = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(said_so, "the session never noticed its kernel died with the zygote");
+    let after = server.exec("print(x if 'x' in dir() else 'fresh')", Some(&sid)).await;
+    assert_eq!(text_of(&after, "stdout").trim(), "fresh", "{after}");
+
+    // New sessions come from a new zygote.
+    let fresh = server.exec("import sys; print('pandas' in sys.modules)", None).await;
+    assert_eq!(text_of(&fresh, "stdout").trim(), "True", "{fresh}");
+    let now: i32 = std::fs::read_to_string(&pid_file).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert_ne!(now, zygote);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_zygote_kernels_boot_as_new_interpreters() {
+    let server = start(&["--zygote", "off", "--kernel", "ipykernel"]);
+    let data = server.exec("import sys; print('pandas' in sys.modules, 'ipykernel' in sys.modules)", None).await;
+    assert_eq!(text_of(&data, "stdout").trim(), "False True", "{data}");
+    assert!(!server.data.path().join("zygote").exists());
+}

@@ -1,0 +1,222 @@
+"""kiln's fork server ("zygote") for one runtime.
+
+Booting a Python kernel costs a third of a second of CPU, and importing
+pandas and matplotlib as much again. The zygote pays that once: it imports
+the kernel and the heavy packages, then forks one child per kernel. Each
+child enters a fresh sandbox through kiln's own sandbox code (the same
+steps as ``kiln __sandbox-init``, loaded as ``libkiln_sandbox.so``), reseeds
+its random state and runs the kernel module, sharing the zygote's memory
+copy-on-write.
+
+Protocol (see ``crates/sandbox/src/zygote.rs``): requests on stdin are a
+16-byte header (id, body length; little-endian u64) and a JSON body
+``{"jail": ..., "log": path}``; replies and exit events are JSON lines on
+stdout. Everything the preloaded packages print goes to stderr, the log.
+
+The zygote never runs session code, holds no secret (its environment is a
+kernel's), and zeroes each request in its memory after the fork, so no
+child inherits another session's paths or environment.
+"""
+
+import argparse
+import ctypes
+import gc
+import importlib
+import io
+import json
+import os
+import selectors
+import signal
+import struct
+import sys
+import traceback
+
+HEADER = struct.Struct("<QQ")
+
+
+def _log(msg):
+    print(f"kiln zygote: {msg}", file=sys.stderr, flush=True)
+
+
+def _read_exact(raw, view):
+    """Fill ``view`` from ``raw``; False at end of input."""
+    got = 0
+    while got < len(view):
+        n = raw.readinto(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+class Zygote:
+    def __init__(self, library, control_in, control_out):
+        # PyDLL: the call keeps the GIL, and this process has one thread.
+        self.lib = ctypes.PyDLL(library)
+        self.lib.kiln_sandbox_enter.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        self.lib.kiln_sandbox_enter.restype = ctypes.c_int
+        self.raw_in = io.FileIO(control_in, "rb", closefd=False)
+        self.control_out = control_out
+        self.children = set()
+
+    def send(self, obj):
+        data = (json.dumps(obj) + "\n").encode()
+        while data:
+            data = data[os.write(self.control_out, data):]
+
+    def serve(self):
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        sel = selectors.DefaultSelector()
+        sel.register(self.raw_in.fileno(), selectors.EVENT_READ, "request")
+        sel.register(wake_r, selectors.EVENT_READ, "child")
+        self.send({"ready": True, "pid": os.getpid()})
+        while True:
+            for key, _ in sel.select():
+                if key.data == "child":
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+                elif not self.handle_request():
+                    return
+            self.reap()
+
+    def reap(self):
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            if os.WIFSIGNALED(status):
+                self.send({"exit": pid, "signal": os.WTERMSIG(status)})
+            else:
+                self.send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    def handle_request(self):
+        header = bytearray(HEADER.size)
+        if not _read_exact(self.raw_in, memoryview(header)):
+            return False  # kiln has gone: end, and the children with us
+        rid, length = HEADER.unpack(header)
+        body = bytearray(length)
+        if not _read_exact(self.raw_in, memoryview(body)):
+            return False
+        try:
+            pid = os.fork()
+        except OSError as e:
+            body[:] = bytes(length)
+            self.send({"id": rid, "error": f"fork: {e}"})
+            return True
+        if pid == 0:
+            _child(self.lib, body)
+        body[:] = bytes(length)
+        self.children.add(pid)
+        self.send({"id": rid, "pid": pid})
+        return True
+
+
+def _child(lib, body):
+    """Become the kernel of a new sandbox. Never returns."""
+    code = 120
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Its own process group, as a process kiln spawns directly: kiln
+        # signals the group.
+        os.setpgid(0, 0)
+        request = json.loads(bytes(body))
+        body[:] = bytes(len(body))
+        jail = request["jail"]
+        fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        # Nothing of the zygote's stays open: its control pipes, its
+        # selector, its wake-up pipe.
+        os.closerange(3, 1 << 20)
+        os.environ.clear()
+        for entry in jail["env"]:
+            name, _, value = entry.partition("=")
+            os.environ[name] = value
+        raw = json.dumps(jail).encode()
+        rc = lib.kiln_sandbox_enter(raw, len(raw))
+        if rc != 0:
+            os._exit(rc)
+        # Confined from here on: the session user, no capabilities, seccomp.
+        _reseed()
+        args = jail["args"]
+        if len(args) < 2 or args[0] != "-m":
+            print(f"kiln zygote: cannot run {args!r}: only `-m module` is supported", file=sys.stderr)
+            os._exit(code)
+        import runpy
+
+        sys.argv = [jail["program"], *args[2:]]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        # Never the zygote's exit handlers.
+        os._exit(code)
+
+
+def _reseed():
+    """Give this session random state of its own: every fork starts with a
+    copy of the zygote's."""
+    import random
+
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="kiln_kernel.zygote")
+    parser.add_argument("--library", required=True, help="libkiln_sandbox.so")
+    parser.add_argument("--preload", default="", help="comma-separated modules to import before forking")
+    args = parser.parse_args(argv)
+    # The protocol moves off the standard streams, which become the log.
+    control_in, control_out = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    # kiln interrupts kernels, never the zygote.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    zygote = Zygote(args.library, control_in, control_out)
+    modules = []
+    for name in filter(None, args.preload.split(",")):
+        try:
+            modules.append(importlib.import_module(name))
+        except Exception as e:  # a missing optional package is not fatal
+            _log(f"preloading {name} failed: {e!r}")
+    # A module may build more ahead of the fork, once everything is imported
+    # (the lean kernel builds its shell).
+    for module in modules:
+        prepare = getattr(module, "zygote_prepare", None)
+        if callable(prepare):
+            prepare()
+    # Move everything imported so far out of the collector's reach, so that
+    # a child's garbage collections do not write to (and so copy) the pages
+    # it shares with the zygote.
+    gc.collect()
+    gc.freeze()
+    zygote.serve()
+
+
+if __name__ == "__main__":
+    main()
