@@ -334,7 +334,10 @@ async fn connect(
     //    outputs of the first cell sure not to be lost to a late iopub
     //    subscription (ZeroMQ's slow-joiner problem).
     match handshake(&mut kernel, deadline).await {
-        Ok(()) => Ok(kernel),
+        Ok(()) => {
+            warm_up(&mut kernel, deadline).await;
+            Ok(kernel)
+        }
         Err(e) => {
             kernel.kill().await;
             Err(e)
@@ -384,6 +387,41 @@ async fn handshake(kernel: &mut Kernel, deadline: Instant) -> Result<(), KernelE
                 // executor only takes messages of its own request.
                 return Ok(());
             }
+        }
+    }
+}
+
+/// Run one silent cell before the kernel is handed to a session. A forked
+/// kernel's first cell copies the pages it writes (copy-on-write) and fills
+/// IPython's caches, which takes several milliseconds; doing it here keeps
+/// that off the session's first request. Silent: no execution count, no
+/// history, no outputs. A failure is left for the first real cell to meet.
+async fn warm_up(kernel: &mut Kernel, deadline: Instant) {
+    let request: JupyterMessage = jupyter_protocol::ExecuteRequest {
+        code: "print(end='')\n".to_string(),
+        silent: true,
+        store_history: false,
+        user_expressions: None,
+        allow_stdin: false,
+        stop_on_error: false,
+    }
+    .into();
+    let id = request.header.msg_id.clone();
+    if kernel.send_shell(request).await.is_err() {
+        return;
+    }
+    let until = deadline.min(Instant::now() + Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            msg = kernel.iopub.recv() => match msg {
+                Some(m) if m.parent_header.as_ref().is_some_and(|h| h.msg_id == id)
+                    && matches!(&m.content, JupyterMessageContent::Status(s)
+                        if s.execution_state == jupyter_protocol::ExecutionState::Idle) => return,
+                Some(_) => {}
+                None => return,
+            },
+            Some(_) = kernel.shell_replies.recv() => {}
+            _ = tokio::time::sleep_until(until) => return,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! kiln's own Python package in the runtime: `kiln_kernel`, the lean
-//! kernel (`kiln_kernel.kernel`, run as `python -m kiln_kernel`), the
+//! kernel (`kiln_kernel.kernel`, run as `python -m kiln_kernel`, with its
+//! modules `wire`, `streams`, `display`, `shell` and `handlers`), the
 //! zygote that forks kernels (`kiln_kernel.zygote`) and the fidelity check
 //! that compares the lean kernel with ipykernel (`kiln_kernel.fidelity`).
 //!
@@ -12,13 +13,22 @@ use crate::{Runtime, RuntimeError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// The package's files, relative to `site-packages/kiln_kernel/`.
+/// The package's files, relative to `site-packages/kiln_kernel/`, in the
+/// order they are written: the modules the entry points import first, the
+/// entry points (`kernel.py`, `__main__.py`, `zygote.py`) last, so that a
+/// kernel starting during an upgrade finds either the old entry point or a
+/// new one whose modules are all there.
 const FILES: &[(&str, &str)] = &[
-    ("__init__.py", include_str!("../python/kiln_kernel/kernel.py")),
-    ("__main__.py", include_str!("../python/kiln_kernel/__main__.py")),
-    ("kernel.py", include_str!("../python/kiln_kernel/kernel.py")),
-    ("zygote.py", include_str!("../python/kiln_kernel/zygote.py")),
+    ("__init__.py", include_str!("../python/kiln_kernel/__init__.py")),
+    ("wire.py", include_str!("../python/kiln_kernel/wire.py")),
+    ("streams.py", include_str!("../python/kiln_kernel/streams.py")),
+    ("display.py", include_str!("../python/kiln_kernel/display.py")),
+    ("shell.py", include_str!("../python/kiln_kernel/shell.py")),
+    ("handlers.py", include_str!("../python/kiln_kernel/handlers.py")),
     ("fidelity.py", include_str!("../python/kiln_kernel/fidelity.py")),
+    ("kernel.py", include_str!("../python/kiln_kernel/kernel.py")),
+    ("__main__.py", include_str!("../python/kiln_kernel/__main__.py")),
+    ("zygote.py", include_str!("../python/kiln_kernel/zygote.py")),
 ];
 
 impl Runtime {
@@ -72,6 +82,10 @@ fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()
 mod tests {
     use super::*;
 
+    fn kernel_source() -> &'static str {
+        FILES.iter().find(|(n, _)| *n == "kernel.py").map(|(_, t)| *t).unwrap_or_default()
+    }
+
     #[test]
     fn the_package_is_written_once_and_rewritten_when_changed() -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
@@ -80,10 +94,10 @@ mod tests {
         let rt = Runtime { root: root.path().to_path_buf(), profile: crate::Profile::Minimal };
         rt.install_kernel_package()?;
         let kernel = sp.join("kiln_kernel/kernel.py");
-        assert_eq!(std::fs::read_to_string(&kernel)?, FILES[2].1);
+        assert_eq!(std::fs::read_to_string(&kernel)?, kernel_source());
         std::fs::write(&kernel, "stale")?;
         rt.install_kernel_package()?;
-        assert_eq!(std::fs::read_to_string(&kernel)?, FILES[2].1);
+        assert_eq!(std::fs::read_to_string(&kernel)?, kernel_source());
         Ok(())
     }
 }

@@ -1,34 +1,85 @@
-//! The C entry point of the sandbox, for the zygote.
+//! The C entry points of the sandbox, for the zygote.
 //!
 //! The zygote (see [`crate::zygote`]) is a Python process that has already
 //! imported the kernel and the heavy packages. It loads this crate as a
-//! shared library (`libkiln_sandbox.so`, built beside the `kiln` binary) and,
-//! in each freshly forked child, calls [`kiln_sandbox_enter`], which runs
-//! exactly the steps the `kiln __sandbox-init` helper runs (see
-//! [`crate::init`]) and returns only in the confined program process. The
-//! child then goes on to run the kernel in the memory it shares,
-//! copy-on-write, with the zygote.
+//! shared library (`libkiln_sandbox.so`, built beside the `kiln` binary).
+//! For each sandbox it unshares a pid namespace for its next child
+//! ([`kiln_zygote_unshare_pid`]), forks, and restores its own
+//! ([`kiln_zygote_restore_pid`]); the child, PID 1 of the new namespace,
+//! calls [`kiln_sandbox_enter_init`], which runs the same steps as the
+//! `kiln __sandbox-init` helper (see [`crate::init`]) while the zygote
+//! writes its id maps ([`kiln_zygote_map_ids`]). It returns only in the
+//! confined program process, which goes on to run the kernel in memory it
+//! shares, copy-on-write, with the zygote.
 
+use crate::init::IdMapping;
 use crate::jail::Jail;
+use nix::sched::{setns, unshare, CloneFlags};
 use std::io::Write;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 
-/// Build the sandbox described by the JSON [`Jail`] in `jail[..len]` around
-/// the calling process. Returns 0 in the confined program process; the
-/// sandbox's other processes never return. Returns the failed step's code
-/// if the description cannot be read; later failures end the process with
-/// that code.
+/// In the zygote, before it forks a sandbox's init: the next child becomes
+/// PID 1 of a new pid namespace. Returns 0 or an errno.
+#[no_mangle]
+pub extern "C" fn kiln_zygote_unshare_pid() -> i32 {
+    match unshare(CloneFlags::CLONE_NEWPID) {
+        Ok(()) => 0,
+        Err(e) => e as i32,
+    }
+}
+
+/// In the zygote, right after that fork: its next children are in its own
+/// pid namespace again (`own_pid_ns`: its `/proc/self/ns/pid`, opened at
+/// start). Returns 0 or an errno.
+#[no_mangle]
+pub extern "C" fn kiln_zygote_restore_pid(own_pid_ns: i32) -> i32 {
+    // SAFETY: the zygote keeps `own_pid_ns` open for its whole life; it is
+    // only borrowed for this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(own_pid_ns) };
+    match setns(fd, CloneFlags::CLONE_NEWPID) {
+        Ok(()) => 0,
+        Err(e) => e as i32,
+    }
+}
+
+/// In the zygote: write the id maps of the init it forked (`pid`), once
+/// init says it has entered its user namespace (see [`crate::init`], step
+/// 5). Takes ownership of both pipe ends. Returns 0 or an errno.
+#[no_mangle]
+pub extern "C" fn kiln_zygote_map_ids(pid: i32, unshared: i32, mapped: i32) -> i32 {
+    // SAFETY: the caller hands over these two descriptors (its ends of the
+    // two pipes shared with init) and does not use or close them again.
+    let (unshared, mapped) = unsafe { (OwnedFd::from_raw_fd(unshared), OwnedFd::from_raw_fd(mapped)) };
+    let host_proc = match std::fs::File::open("/proc") {
+        Ok(f) => f,
+        Err(e) => return e.raw_os_error().unwrap_or(libc::EIO),
+    };
+    crate::init::map_ids(&host_proc, nix::unistd::Pid::from_raw(pid), &unshared, mapped);
+    0
+}
+
+/// In the zygote's child, PID 1 of its new pid namespace: build the sandbox
+/// described by the JSON [`Jail`] in `jail[..len]` around it, with the
+/// zygote writing the id maps over the pipe ends `unshared` (written) and
+/// `mapped` (read), which this takes ownership of. Returns 0 in the
+/// confined program process; init never returns. Returns the failed step's
+/// code if the description cannot be read; later failures end the process
+/// with that code.
 ///
 /// # Safety
-/// `jail` must point to `len` readable bytes, and the caller must be
-/// single-threaded (a child just forked from a single-threaded call site).
+/// `jail` must point to `len` readable bytes, the two descriptors must be
+/// the caller's to give, and the caller must be single-threaded (a child
+/// just forked).
 #[no_mangle]
-pub unsafe extern "C" fn kiln_sandbox_enter(jail: *const u8, len: usize) -> i32 {
+pub unsafe extern "C" fn kiln_sandbox_enter_init(jail: *const u8, len: usize, unshared: i32, mapped: i32) -> i32 {
     if jail.is_null() {
         return 101;
     }
     // SAFETY: the caller guarantees `len` readable bytes at `jail`; they are
     // only read, and not kept beyond this call.
     let bytes = unsafe { std::slice::from_raw_parts(jail, len) };
+    // SAFETY: the caller hands these descriptors over (see above).
+    let ids = unsafe { IdMapping { unshared: OwnedFd::from_raw_fd(unshared), mapped: OwnedFd::from_raw_fd(mapped) } };
     let jail: Jail = match serde_json::from_slice(bytes) {
         Ok(j) => j,
         Err(e) => {
@@ -36,13 +87,6 @@ pub unsafe extern "C" fn kiln_sandbox_enter(jail: *const u8, len: usize) -> i32 
             return 101;
         }
     };
-    // The zygote is single-threaded, so the death signal is tied to it for
-    // good (it follows the parent *thread*): if the zygote dies, so does
-    // this sandbox, and with its outer process the whole pid namespace.
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
-        let _ = writeln!(std::io::stderr(), "kiln sandbox: step ForkInit failed: {e}");
-        return 106;
-    }
-    crate::init::enter(&jail);
+    crate::init::enter_as_init(&jail, ids);
     0
 }

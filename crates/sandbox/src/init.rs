@@ -35,7 +35,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 /// One exit code per step, so a failed boot says where it failed.
 #[derive(Debug, Clone, Copy)]
@@ -92,33 +92,7 @@ pub fn main(path: &std::path::Path) -> ! {
 /// The caller must be single-threaded: a freshly exec'd helper, or a child
 /// just forked from the zygote (see [`crate::zygote`]).
 pub fn enter(jail: &Jail) {
-    // 1. Join the cgroup: everything forked from here on is accounted and limited.
-    if let Some(cg) = &jail.cgroup {
-        if let Err(e) = cg.join(std::process::id()) {
-            fail(Step::JoinCgroup, e);
-        }
-    }
-
-    // 2. New namespaces, owned by the host's user namespace.
-    let flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWNET
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWCGROUP;
-    if let Err(e) = unshare(flags) {
-        fail(Step::Unshare, e);
-    }
-
-    // 3. Signals are handled synchronously (sigwait) by the outer process
-    //    and init; the program gets the default mask back before exec.
-    let mut handled = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        handled.add(s);
-    }
-    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled), None) {
-        fail(Step::ForkInit, e);
-    }
+    let handled = join_and_unshare(jail, CloneFlags::CLONE_NEWPID);
     // The outer process maps init's ids (step 5): only a process in the
     // host's user namespace with CAP_SETUID may map ids other than its own.
     // Doing it here rather than in a mapper forked for the purpose saves a
@@ -156,22 +130,91 @@ pub fn enter(jail: &Jail) {
     }
 }
 
+/// Steps 1 to 3 up to the fork: join the cgroup, unshare the namespaces
+/// (`extra` plus mount, network, ipc, uts and cgroup), block the signals
+/// the sandbox's processes handle synchronously. Returns that signal set.
+fn join_and_unshare(jail: &Jail, extra: CloneFlags) -> SigSet {
+    // 1. Join the cgroup: everything forked from here on is accounted and limited.
+    if let Some(cg) = &jail.cgroup {
+        if let Err(e) = cg.join(std::process::id()) {
+            fail(Step::JoinCgroup, e);
+        }
+    }
+
+    // 2. New namespaces, owned by the host's user namespace.
+    let flags = extra
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
+    if let Err(e) = unshare(flags) {
+        fail(Step::Unshare, e);
+    }
+
+    // 3. Signals are handled synchronously (sigwait) by the outer process
+    //    and init; the program gets the default mask back before exec.
+    let mut handled = SigSet::empty();
+    for s in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        handled.add(s);
+    }
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled), None) {
+        fail(Step::ForkInit, e);
+    }
+    handled
+}
+
+/// The zygote's variant of [`enter`]: the calling process is already PID 1
+/// of a new pid namespace (the zygote unshared it before forking, see
+/// [`crate::zygote`]), and the zygote itself, still root of the host, plays
+/// the outer process: it writes the id maps ([`map_ids`]) and reaps init.
+/// One process fewer per sandbox, and one fewer copy of the zygote's
+/// address space. Returns only in the confined program process.
+pub fn enter_as_init(jail: &Jail, ids: IdMapping) {
+    let handled = join_and_unshare(jail, CloneFlags::empty());
+    init(jail, &handled, ids);
+}
+
 /// init's ends of the id-mapping handshake with the outer process.
-struct IdMapping {
+#[derive(Debug)]
+pub struct IdMapping {
     /// init writes a byte once it is in its new user namespace.
-    unshared: OwnedFd,
+    pub unshared: OwnedFd,
     /// The outer process writes a byte once the maps are written; end of
     /// file means they could not be.
-    mapped: OwnedFd,
+    pub mapped: OwnedFd,
 }
 
 /// In the outer process: wait until init has entered its user namespace,
 /// write its maps, and say so. If anything fails, init is told nothing and
 /// fails its step (its read sees end of file); this process then reports
 /// init's exit as usual.
-fn map_ids(host_proc: &std::fs::File, target: Pid, unshared: &OwnedFd, mapped: OwnedFd) {
+pub(crate) fn map_ids(host_proc: &std::fs::File, target: Pid, unshared: &OwnedFd, mapped: OwnedFd) {
+    // Bounded: the zygote plays this part for every sandbox, and must not
+    // hang on one whose init is stuck (then init's read sees end of file).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [nix::poll::PollFd::new(unshared.as_fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(1) => break,
+            // The zygote's other children end meanwhile (SIGCHLD).
+            Err(nix::errno::Errno::EINTR) if !left.is_zero() => continue,
+            _ => {
+                let _ = writeln!(std::io::stderr(), "kiln sandbox: init did not enter its user namespace in time");
+                return;
+            }
+        }
+    }
     let mut buf = [0u8; 1];
-    if !matches!(nix::unistd::read(unshared, &mut buf), Ok(1)) {
+    let read = loop {
+        match nix::unistd::read(unshared, &mut buf) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    if !matches!(read, Ok(1)) {
         return; // init ended before it got there
     }
     let maps = format!("0 {UID_BASE} 1\n{USER_ID} {} 1\n", UID_BASE + USER_ID);

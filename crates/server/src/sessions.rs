@@ -132,12 +132,29 @@ pub(crate) async fn download(
     let components = session_path(&path)?;
     let name = components.last().cloned().unwrap_or_default();
     let bytes = state.manager.read_file(&caller.key_id, &id, components, MAX_DOWNLOAD).await?;
-    let disposition = format!("attachment; filename=\"{}\"", name.replace(['"', '\\', '\r', '\n'], "_"));
+    let disposition = content_disposition(&name);
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_DISPOSITION, disposition)],
         Body::from(bytes),
     )
         .into_response())
+}
+
+/// `Content-Disposition` for a download named `name` (RFC 6266): a plain
+/// ASCII `filename` with anything else replaced by `_` (control characters
+/// would make the header invalid), and the exact name as UTF-8 in
+/// `filename*`.
+fn content_disposition(name: &str) -> String {
+    let plain: String =
+        name.chars().map(|c| if (' '..='~').contains(&c) && c != '"' && c != '\\' { c } else { '_' }).collect();
+    let exact: String = name
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("attachment; filename=\"{plain}\"; filename*=UTF-8''{exact}")
 }
 
 /// Write files into the session's working directory without running code.
@@ -174,4 +191,21 @@ pub(crate) async fn upload(
     let names: Vec<String> = files.iter().map(kiln_protocol::ValidFile::display_name).collect();
     state.manager.upload(&caller.key_id, &id, files).await?;
     Ok(Json(Envelope::ok(Uploaded { session_id: id, written: names })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content_disposition;
+
+    #[test]
+    fn a_download_name_always_makes_a_valid_header() {
+        for name in ["report.csv", "a\"b\\c.txt", "\u{11}ctl\r\n.bin", "Übersicht 2026.xlsx", "日本.txt"] {
+            let value = content_disposition(name);
+            assert!(axum::http::HeaderValue::from_str(&value).is_ok(), "{value:?}");
+        }
+        assert_eq!(
+            content_disposition("Über \u{11}x.txt"),
+            "attachment; filename=\"_ber _x.txt\"; filename*=UTF-8''%C3%9Cber%20%11x.txt"
+        );
+    }
 }

@@ -51,10 +51,16 @@ def _read_exact(raw, view):
 
 class Zygote:
     def __init__(self, library, control_in, control_out):
-        # PyDLL: the call keeps the GIL, and this process has one thread.
-        self.lib = ctypes.PyDLL(library)
-        self.lib.kiln_sandbox_enter.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-        self.lib.kiln_sandbox_enter.restype = ctypes.c_int
+        # PyDLL: the calls keep the GIL (the child's must: it forks).
+        lib = self.lib = ctypes.PyDLL(library)
+        lib.kiln_sandbox_enter_init.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+        lib.kiln_zygote_restore_pid.argtypes = [ctypes.c_int]
+        lib.kiln_zygote_map_ids.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        for f in (lib.kiln_sandbox_enter_init, lib.kiln_zygote_unshare_pid, lib.kiln_zygote_restore_pid,
+                  lib.kiln_zygote_map_ids):
+            f.restype = ctypes.c_int
+        # To come back to after each fork into a new pid namespace.
+        self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.raw_in = io.FileIO(control_in, "rb", closefd=False)
         self.control_out = control_out
         self.children = set()
@@ -107,22 +113,46 @@ class Zygote:
         body = bytearray(length)
         if not _read_exact(self.raw_in, memoryview(body)):
             return False
+        # The child is the sandbox's init: PID 1 of a new pid namespace,
+        # which this process unshares for it and then leaves again. This
+        # process also plays the sandbox's outer process: it writes init's
+        # id maps (over two pipes) and reaps it.
+        unshared_r, unshared_w = os.pipe()
+        mapped_r, mapped_w = os.pipe()
+        pid = -1
         try:
-            pid = os.fork()
+            err = self.lib.kiln_zygote_unshare_pid()
+            if err:
+                raise OSError(err, os.strerror(err), "unshare(CLONE_NEWPID)")
+            try:
+                pid = os.fork()
+            finally:
+                if pid != 0:
+                    err = self.lib.kiln_zygote_restore_pid(self.own_pid_ns)
+                    if err:  # every later child would land in that namespace
+                        _log(f"cannot return to the zygote's pid namespace: {os.strerror(err)}")
+                        os._exit(70)
         except OSError as e:
             body[:] = bytes(length)
+            for fd in (unshared_r, unshared_w, mapped_r, mapped_w):
+                os.close(fd)
             self.send({"id": rid, "error": f"fork: {e}"})
             return True
         if pid == 0:
-            _child(self.lib, body)
+            _child(self.lib, body, unshared_w, mapped_r)
         body[:] = bytes(length)
+        os.close(unshared_w)
+        os.close(mapped_r)
         self.children.add(pid)
+        # Takes both ends; returns once the maps are written, or init gave up.
+        self.lib.kiln_zygote_map_ids(pid, unshared_r, mapped_w)
         self.send({"id": rid, "pid": pid})
         return True
 
 
-def _child(lib, body):
-    """Become the kernel of a new sandbox. Never returns."""
+def _child(lib, body, unshared, mapped):
+    """Become init of a new sandbox; returns (in the program process) as its
+    kernel. Never returns to the zygote's loop."""
     code = 120
     try:
         signal.set_wakeup_fd(-1)
@@ -139,15 +169,17 @@ def _child(lib, body):
         os.dup2(fd, 2)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        # Nothing of the zygote's stays open: its control pipes, its
-        # selector, its wake-up pipe.
-        os.closerange(3, 1 << 20)
+        # The id-mapping pipes at fixed places; nothing else of the
+        # zygote's stays open (its control pipes, selector, wake-up pipe).
+        os.dup2(unshared, 3, inheritable=False)
+        os.dup2(mapped, 4, inheritable=False)
+        os.closerange(5, 1 << 20)
         os.environ.clear()
         for entry in jail["env"]:
             name, _, value = entry.partition("=")
             os.environ[name] = value
         raw = json.dumps(jail).encode()
-        rc = lib.kiln_sandbox_enter(raw, len(raw))
+        rc = lib.kiln_sandbox_enter_init(raw, len(raw), 3, 4)
         if rc != 0:
             os._exit(rc)
         # Confined from here on: the session user, no capabilities, seccomp.
@@ -184,6 +216,56 @@ def _reseed():
         np.random.seed()
 
 
+def _warm_shell():
+    """Run one silent cell in a shell built ahead of the fork, so that what
+    IPython builds lazily on its first cell (compiler and transformer state,
+    caches) is built once here and shared, rather than in every kernel. No
+    execution count, no history, no output."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            shell.run_cell("print(end='')", store_history=False, silent=True)
+    except Exception as e:  # an optimisation only
+        _log(f"warming the shell failed: {e!r}")
+
+
+def _collapse_into_huge_pages():
+    """Back the zygote's heap with transparent huge pages where the kernel
+    can (``MADV_COLLAPSE``, Linux 6.1+; a no-op elsewhere).
+
+    Every kernel is a fork of this process, and a fork copies one page-table
+    entry per 4 KiB page of private memory, then tears them all down at exit:
+    with ~80 MB of imported packages that is most of the CPU a new session
+    costs. A 2 MiB page is one entry. A child that writes into one still
+    copies only the 4 KiB it touched (the kernel splits the mapping).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return
+    huge, madv_hugepage, madv_collapse = 2 << 20, 14, 25
+    collapsed = 0
+    for line in maps:
+        fields = line.split()
+        perms, name = fields[1], (fields[5] if len(fields) > 5 else "")
+        # Private, writable, anonymous: the interpreter's heap and arenas.
+        if not perms.startswith("rw") or perms[3] != "p" or name not in ("", "[heap]"):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        start, end = (start + huge - 1) // huge * huge, end // huge * huge
+        if end - start < huge:
+            continue
+        libc.madvise(start, end - start, madv_hugepage)
+        if libc.madvise(start, end - start, madv_collapse) == 0:
+            collapsed += end - start
+    _log(f"{collapsed >> 20} MiB of the heap in huge pages")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kiln_kernel.zygote")
     parser.add_argument("--library", required=True, help="libkiln_sandbox.so")
@@ -210,11 +292,13 @@ def main(argv=None):
         prepare = getattr(module, "zygote_prepare", None)
         if callable(prepare):
             prepare()
+    _warm_shell()
     # Move everything imported so far out of the collector's reach, so that
     # a child's garbage collections do not write to (and so copy) the pages
     # it shares with the zygote.
     gc.collect()
     gc.freeze()
+    _collapse_into_huge_pages()
     zygote.serve()
 
 

@@ -1,0 +1,216 @@
+"""The kernel's standard output and error.
+
+While a kernel runs, ``sys.stdout`` and ``sys.stderr`` are :class:`OutStream`
+objects: buffered text streams that publish ``stream`` messages on iopub,
+sending what a cell writes at most every 50 ms (or every 64 KiB) and at each
+flush point: before a display, a result, an error or an input request, and at
+the end of every request.
+
+Writes that bypass Python (``os.system``, subprocesses, C code) go to file
+descriptors 1 and 2. :class:`FdCapture` redirects each of them to a memfd,
+which never blocks a writer (a pipe blocks once full, and this kernel has no
+thread to drain one); an :class:`OutStream` reads the new bytes at each of its
+writes and flushes, and the kernel at the end of each cell. Output written at
+fd level during a long blocking call (no Python-level write in between) thus
+shows up at the next flush point or at the end of the cell.
+"""
+
+from __future__ import annotations
+
+import codecs
+import fcntl
+import os
+import sys
+import time
+from io import TextIOBase, UnsupportedOperation
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+
+def flush_std():
+    """Publish what ``sys.stdout`` and ``sys.stderr`` hold, in that order."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+class FdCapture:
+    """fd 1 or 2 redirected to a memfd (O_APPEND): writers never block; the
+    kernel reads new bytes at flush points.
+
+    O_APPEND because every writer (this process, its children) shares the
+    file description: after :meth:`reset` truncates the file they write at
+    its new end, not at their old offset past a hole of zeros.
+    """
+
+    def __init__(self, fd: int, name: str):
+        self.fd = fd
+        self.orig = os.dup(fd)  # the real stdout/stderr (log), kept for echo
+        os.set_inheritable(self.orig, False)
+        self.mfd = os.memfd_create("kiln-" + name, os.MFD_CLOEXEC)
+        fl = fcntl.fcntl(self.mfd, fcntl.F_GETFL)
+        fcntl.fcntl(self.mfd, fcntl.F_SETFL, fl | os.O_APPEND)
+        os.dup2(self.mfd, fd)  # fd (1/2) inherits the open file description
+        self.pos = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def read(self) -> str:
+        chunks = []
+        pos = self.pos
+        while True:
+            b = os.pread(self.mfd, 1 << 16, pos)
+            if not b:
+                break
+            pos += len(b)
+            chunks.append(b)
+        if not chunks:
+            return ""
+        self.pos = pos
+        data = b"".join(chunks)
+        try:  # echo to the real stream, like ipykernel's fd watcher does
+            os.write(self.orig, data)
+        except OSError:
+            pass
+        return self.decoder.decode(data)
+
+    def reset(self):
+        """Drop consumed bytes (at the end of a cell) to free memory."""
+        if self.pos:
+            self.read()
+            os.ftruncate(self.mfd, 0)
+            self.pos = 0
+
+
+class OutStream(TextIOBase):
+    """sys.stdout / sys.stderr replacement publishing ``stream`` messages."""
+
+    flush_interval = 0.05
+    max_buffer = 1 << 16
+    encoding = "UTF-8"
+
+    def __init__(self, kernel: "Kernel", name: str, capture: FdCapture | None):
+        self.kernel = kernel
+        self.name = name
+        self.topic = b"stream." + name.encode()
+        self._capture = capture
+        self._buf: list[str] = []
+        self._size = 0
+        self._last = 0.0  # last flush (reset at cell start)
+        self._hooks: list = []
+        self._closed = False
+        self.parent_header = {}
+
+    # file-like API
+    def fileno(self):
+        if self._capture is not None:
+            return self._capture.orig
+        raise UnsupportedOperation("fileno")
+
+    def isatty(self):
+        return False
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def close(self):
+        self._closed = True
+
+    def set_parent(self, parent):
+        self.parent_header = parent
+
+    def register_hook(self, hook):
+        self._hooks.append(hook)
+
+    def unregister_hook(self, hook):
+        try:
+            self._hooks.remove(hook)
+            return True
+        except ValueError:
+            return False
+
+    def write(self, string):
+        if not isinstance(string, str):
+            raise TypeError(f"write() argument must be str, not {type(string)}")
+        if self._closed:
+            raise ValueError("I/O operation on closed file")
+        cap = self._capture
+        if cap is not None:
+            fdtext = cap.read()
+            if fdtext:
+                self._append(fdtext)
+        if string:
+            self._append(string)
+            if self._size >= self.max_buffer or time.monotonic() - self._last >= self.flush_interval:
+                self.flush()
+        return len(string)
+
+    def writelines(self, sequence):
+        for s in sequence:
+            self.write(s)
+
+    def _append(self, s):
+        self._buf.append(s)
+        self._size += len(s)
+
+    def flush(self):
+        cap = self._capture
+        if cap is not None:
+            fdtext = cap.read()
+            if fdtext:
+                self._append(fdtext)
+        self._last = time.monotonic()
+        if not self._buf:
+            return
+        data = "".join(self._buf)
+        self._buf = []
+        self._size = 0
+        k = self.kernel
+        if k.iopub is None:
+            return
+        content = {"name": self.name, "text": data}
+        if self._hooks:
+            msg = {"msg_type": "stream", "content": content, "parent_header": self.parent_header,
+                   "header": k.session.header("stream"), "metadata": {}}
+            for hook in list(self._hooks):
+                msg = hook(msg)
+                if msg is None:
+                    return
+            content = msg["content"]
+        k.session.send(k.iopub, "stream", content, k.parent_raw, idents=(self.topic,))
+
+
+def patch_faulthandler(stderr_file):
+    """Make ``stderr_file`` faulthandler's default file.
+
+    faulthandler writes from a signal handler straight to the file
+    descriptor of the file it was given, so by default it gets
+    ``sys.__stderr__`` (fd 2, captured like any fd-level output) rather than
+    ``sys.stderr`` (an :class:`OutStream`), as under ipykernel, which patches
+    faulthandler the same way (``IPKernelApp.patch_io``).
+    """
+    import faulthandler
+
+    enable = faulthandler.enable
+
+    def _enable(file=stderr_file, all_threads=True, **kwargs):
+        return enable(file=file, all_threads=all_threads, **kwargs)
+
+    faulthandler.enable = _enable
+    if hasattr(faulthandler, "register"):
+        register = faulthandler.register
+
+        def _register(signum, file=stderr_file, all_threads=True, chain=False, **kwargs):
+            return register(signum, file=file, all_threads=all_threads, chain=chain, **kwargs)
+
+        faulthandler.register = _register
