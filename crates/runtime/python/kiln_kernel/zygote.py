@@ -171,8 +171,11 @@ def _child(lib, body, unshared, mapped):
         os.dup2(null, 0)
         # The id-mapping pipes at fixed places; nothing else of the
         # zygote's stays open (its control pipes, selector, wake-up pipe).
+        if mapped == 3:  # would be overwritten by the first dup2
+            mapped = os.dup(mapped)
         os.dup2(unshared, 3, inheritable=False)
-        os.dup2(mapped, 4, inheritable=False)
+        if mapped != 4:
+            os.dup2(mapped, 4, inheritable=False)
         os.closerange(5, 1 << 20)
         os.environ.clear()
         for entry in jail["env"]:
