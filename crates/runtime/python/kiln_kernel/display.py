@@ -24,12 +24,13 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 
 from .streams import flush_std
+from .wire import MessageHooks
 
 if TYPE_CHECKING:
     from .kernel import Kernel
 
 
-class ZMQDisplayPublisher(DisplayPublisher):
+class ZMQDisplayPublisher(MessageHooks, DisplayPublisher):
     """Publishes display_data / update_display_data / clear_output on iopub."""
 
     topic = b"display_data"
@@ -38,16 +39,6 @@ class ZMQDisplayPublisher(DisplayPublisher):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._hooks = []
-
-    def register_hook(self, hook):
-        self._hooks.append(hook)
-
-    def unregister_hook(self, hook):
-        try:
-            self._hooks.remove(hook)
-            return True
-        except ValueError:
-            return False
 
     def set_parent(self, parent):
         pass
@@ -58,14 +49,9 @@ class ZMQDisplayPublisher(DisplayPublisher):
 
     def _send(self, msg_type, content):
         k = self.kernel
-        if self._hooks:
-            msg = {"msg_type": msg_type, "content": content, "parent_header": k.parent_header,
-                   "header": k.session.header(msg_type), "metadata": {}}
-            for hook in list(self._hooks):
-                msg = hook(msg)
-                if msg is None:
-                    return
-            content = msg["content"]
+        content = self._run_hooks(k.session, msg_type, content, k.parent_header)
+        if content is None:
+            return
         k.session.send(k.iopub, msg_type, content, k.parent_raw, idents=(self.topic,))
 
     def publish(self, data, metadata=None, *, transient=None, update=False, **kwargs):
@@ -83,7 +69,7 @@ class ZMQDisplayPublisher(DisplayPublisher):
         self._send("clear_output", {"wait": wait})
 
 
-class ZMQShellDisplayHook(DisplayHook):
+class ZMQShellDisplayHook(MessageHooks, DisplayHook):
     """Publishes execute_result on iopub."""
 
     kernel = None
@@ -93,16 +79,6 @@ class ZMQShellDisplayHook(DisplayHook):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._hooks = []
-
-    def register_hook(self, hook):
-        self._hooks.append(hook)
-
-    def unregister_hook(self, hook):
-        try:
-            self._hooks.remove(hook)
-            return True
-        except ValueError:
-            return False
 
     def set_parent(self, parent):
         pass
@@ -129,15 +105,9 @@ class ZMQShellDisplayHook(DisplayHook):
         self.msg = None
         if content and content["data"] and self.kernel is not None:
             k = self.kernel
-            if self._hooks:
-                msg = {"msg_type": "execute_result", "content": content,
-                       "parent_header": k.parent_header,
-                       "header": k.session.header("execute_result"), "metadata": {}}
-                for hook in list(self._hooks):
-                    msg = hook(msg)
-                    if msg is None:
-                        return
-                content = msg["content"]
+            content = self._run_hooks(k.session, "execute_result", content, k.parent_header)
+            if content is None:
+                return
             k.session.send(k.iopub, "execute_result", content, k.parent_raw, idents=(self.topic,))
 
 

@@ -25,6 +25,8 @@ import time
 from io import TextIOBase, UnsupportedOperation
 from typing import TYPE_CHECKING
 
+from .wire import MessageHooks
+
 if TYPE_CHECKING:
     from .kernel import Kernel
 
@@ -82,7 +84,7 @@ class FdCapture:
             self.pos = 0
 
 
-class OutStream(TextIOBase):
+class OutStream(MessageHooks, TextIOBase):
     """sys.stdout / sys.stderr replacement publishing ``stream`` messages."""
 
     flush_interval = 0.05
@@ -129,16 +131,6 @@ class OutStream(TextIOBase):
     def set_parent(self, parent):
         self.parent_header = parent
 
-    def register_hook(self, hook):
-        self._hooks.append(hook)
-
-    def unregister_hook(self, hook):
-        try:
-            self._hooks.remove(hook)
-            return True
-        except ValueError:
-            return False
-
     def write(self, string):
         if not isinstance(string, str):
             raise TypeError(f"write() argument must be str, not {type(string)}")
@@ -179,14 +171,9 @@ class OutStream(TextIOBase):
         if k.iopub is None:
             return
         content = {"name": self.name, "text": data}
-        if self._hooks:
-            msg = {"msg_type": "stream", "content": content, "parent_header": self.parent_header,
-                   "header": k.session.header("stream"), "metadata": {}}
-            for hook in list(self._hooks):
-                msg = hook(msg)
-                if msg is None:
-                    return
-            content = msg["content"]
+        content = self._run_hooks(k.session, "stream", content, self.parent_header)
+        if content is None:
+            return
         k.session.send(k.iopub, "stream", content, k.parent_raw, idents=(self.topic,))
 
 
