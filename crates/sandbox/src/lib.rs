@@ -205,8 +205,12 @@ pub fn spawn(policy: &Policy) -> Result<Sandbox, SandboxError> {
         };
         let _ = tx.send(Some(exit));
     });
-    let sandbox = Sandbox { pid, exit: rx, cgroup };
-    if let Err(source) = record(&policy.pid_file, raw) {
+    recorded(Sandbox { pid, exit: rx, cgroup }, policy)
+}
+
+/// Record `sandbox` in the policy's pid file (crash recovery), or kill it.
+fn recorded(sandbox: Sandbox, policy: &Policy) -> Result<Sandbox, SandboxError> {
+    if let Err(source) = record(&policy.pid_file, sandbox.pid()) {
         sandbox.kill();
         return Err(SandboxError::PidFile { path: policy.pid_file.clone(), source });
     }
@@ -257,12 +261,7 @@ pub async fn spawn_in(zygote: &Zygote, policy: &Policy) -> Result<Sandbox, Sandb
         }
     };
     let pid = Pid::from_raw(i32::try_from(raw).unwrap_or(0));
-    let sandbox = Sandbox { pid, exit, cgroup: Some(cgroup) };
-    if let Err(source) = record(&policy.pid_file, raw) {
-        sandbox.kill();
-        return Err(SandboxError::PidFile { path: policy.pid_file.clone(), source });
-    }
-    Ok(sandbox)
+    recorded(Sandbox { pid, exit, cgroup: Some(cgroup) }, policy)
 }
 
 impl Sandbox {

@@ -92,7 +92,7 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-type Forked = Result<(u32, watch::Receiver<Option<Exit>>), String>;
+type Forked = Result<(u32, watch::Receiver<Option<Exit>>), ZygoteError>;
 
 #[derive(Default)]
 struct State {
@@ -107,7 +107,7 @@ impl State {
     fn close(&mut self) {
         self.gone = true;
         for (_, tx) in self.pending.drain() {
-            let _ = tx.send(Err("the zygote exited".into()));
+            let _ = tx.send(Err(ZygoteError::Gone));
         }
         for (_, tx) in self.children.drain() {
             let _ = tx.send(Some(Exit { code: None, signal: Some(9) }));
@@ -197,7 +197,7 @@ impl Zygote {
                             st.children.insert(pid, tx);
                             Ok((pid, rx))
                         }
-                        (None, e) => Err(e.unwrap_or_else(|| "no pid".into())),
+                        (None, e) => Err(ZygoteError::Fork(e.unwrap_or_else(|| "no pid".into()))),
                     };
                     if let Some(tx) = st.pending.remove(&id) {
                         let _ = tx.send(result);
@@ -246,11 +246,7 @@ impl Zygote {
         }
         // The same bytes must not linger in kiln's memory either.
         msg.fill(0);
-        match rx.await {
-            Ok(Ok(forked)) => Ok(forked),
-            Ok(Err(e)) if e == "the zygote exited" => Err(ZygoteError::Gone),
-            Ok(Err(e)) => Err(ZygoteError::Fork(e)),
-            Err(_) => Err(ZygoteError::Gone),
-        }
+        // A dropped sender means the reader ended: the zygote is gone.
+        rx.await.unwrap_or(Err(ZygoteError::Gone))
     }
 }
