@@ -179,7 +179,8 @@ impl Settings {
             "--log-format must be `text` or `json`, not {log_format:?}"
         );
         let exec_timeout = pick!(exec_timeout, Duration::from_secs(600));
-        let network: kiln_sessions::Network = pick!(network, "pypi".to_string()).parse().map_err(anyhow::Error::msg)?;
+        let network: kiln_sessions::NetworkPolicy =
+            pick!(network, "pypi".to_string()).parse().map_err(anyhow::Error::msg)?;
         let max_exec_timeout = pick!(max_exec_timeout, Duration::from_secs(3600));
         let kernel: kiln_kernel::KernelKind = pick!(kernel, "lean".to_string()).parse().map_err(anyhow::Error::msg)?;
         let helper = std::env::current_exe().context("cannot find the kiln binary itself")?;

@@ -180,7 +180,7 @@ pub async fn accepted_keys(configured: &[KeyEntry], store: &dyn Store) -> anyhow
 
 /// `KEY:none` → (`KEY`, Some(None policy)); a key without a known policy
 /// suffix is taken whole.
-fn split_policy(k: &str) -> (&str, Option<kiln_sessions::Network>) {
+fn split_policy(k: &str) -> (&str, Option<kiln_sessions::NetworkPolicy>) {
     match k.rsplit_once(':') {
         Some((key, policy)) if !key.is_empty() => match policy.parse() {
             Ok(network) => (key, Some(network)),

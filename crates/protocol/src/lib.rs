@@ -14,10 +14,12 @@
 
 mod error;
 mod files;
+mod network;
 mod time;
 
 pub use error::{ApiError, ErrorCode, ErrorEnvelope, ErrorItem, OpenAiStyleError};
 pub use files::{decode_files, session_path, FileError, FileUpload, ValidFile};
+pub use network::{NetworkPolicy, PolicyAboveCeiling, UnknownPolicy};
 pub use time::rfc3339;
 
 use serde::{Deserialize, Serialize};

@@ -11,7 +11,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use kiln_protocol::{ApiError, ErrorCode};
-use kiln_sessions::{Caller, Network};
+use kiln_sessions::{Caller, NetworkPolicy};
 use sha2::{Digest, Sha256};
 use std::sync::RwLock;
 use subtle::ConstantTimeEq;
@@ -29,7 +29,7 @@ pub struct KeyEntry {
     /// SHA-256 of the key.
     pub hash: [u8; 32],
     /// Its own network policy, if not the server's.
-    pub network: Option<Network>,
+    pub network: Option<NetworkPolicy>,
     /// Its own live-session limit.
     pub max_sessions: Option<u64>,
 }
@@ -107,10 +107,10 @@ mod tests {
         let entry =
             |id: &str, key: &str, network| KeyEntry { id: id.into(), hash: hash_key(key), network, max_sessions: None };
         let ring =
-            KeyRing::new(vec![entry("key_a", "secret-a", None), entry("key_b", "secret-b", Some(Network::None))]);
+            KeyRing::new(vec![entry("key_a", "secret-a", None), entry("key_b", "secret-b", Some(NetworkPolicy::None))]);
         assert_eq!(
             ring.authenticate("secret-b"),
-            Some(Caller { key_id: "key_b".into(), network: Some(Network::None), max_sessions: None })
+            Some(Caller { key_id: "key_b".into(), network: Some(NetworkPolicy::None), max_sessions: None })
         );
         assert_eq!(ring.authenticate("secret-c"), None);
         assert_eq!(ring.authenticate(""), None);

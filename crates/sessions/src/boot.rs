@@ -2,7 +2,7 @@
 //! sandbox, their environment and network policy, and the egress proxies.
 
 use crate::manager::{destroy_dir, Inner};
-use crate::{Network, SandboxConfig, SessionError};
+use crate::{NetworkPolicy, SandboxConfig, SessionError};
 use kiln_kernel::{Kernel, KernelDirs, KernelSpec, SandboxSpec, INSIDE_HOME};
 use kiln_runtime::Runtime;
 use kiln_sandbox::{Zygote, ZygoteSpec};
@@ -25,7 +25,7 @@ pub(crate) struct ZygoteSlot {
 impl Inner {
     /// Boot a kernel in a new session directory: its storage (a quota'd
     /// tmpfs when sandboxed) with a work dir and a seeded home.
-    pub(crate) async fn boot_new(&self, network: Network) -> Result<Kernel, SessionError> {
+    pub(crate) async fn boot_new(&self, network: NetworkPolicy) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?.clone();
         let name = format!("k_{}", Alphanumeric.sample_string(&mut rand::rng(), 16));
         let dirs = KernelDirs::under(self.cfg.sessions_dir.join(name));
@@ -50,7 +50,7 @@ impl Inner {
     }
 
     /// Boot a kernel in prepared `dirs`, with `network` as its policy.
-    pub(crate) async fn boot_in(&self, dirs: KernelDirs, network: Network) -> Result<Kernel, SessionError> {
+    pub(crate) async fn boot_in(&self, dirs: KernelDirs, network: NetworkPolicy) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?;
         let (home, sandbox) = match &self.cfg.sandbox {
             None => (dirs.home.clone(), None),
@@ -66,14 +66,14 @@ impl Inner {
                     nofile: sb.nofile,
                     owner: kiln_sandbox::jail::host_user_id(),
                     overlay: Some(runtime.root.clone()),
-                    egress_socket: network.socket_name().map(|n| sb.egress_dir.join(n)),
+                    egress_socket: socket_name(network).map(|n| sb.egress_dir.join(n)),
                 };
                 (std::path::PathBuf::from(INSIDE_HOME), Some(spec))
             }
         };
         let mut env = runtime.kernel_env(&home);
         match self.cfg.sandbox.as_ref().map(|_| network) {
-            Some(Network::None) => {
+            Some(NetworkPolicy::None) => {
                 // Fail fast and say why, instead of retrying for a minute.
                 env.push(("PIP_RETRIES".into(), "0".into()));
                 env.push(("PIP_TIMEOUT".into(), "5".into()));
@@ -87,8 +87,7 @@ impl Inner {
                 for var in ["NO_PROXY", "no_proxy"] {
                     env.push((var.into(), "localhost,127.0.0.1,::1".into()));
                 }
-                let name = if policy == Network::Full { "full" } else { "pypi" };
-                env.push(("KILN_NETWORK".into(), name.into()));
+                env.push(("KILN_NETWORK".into(), policy.as_str().into()));
             }
             None => {}
         }
@@ -177,19 +176,24 @@ impl Inner {
     /// Serve an egress proxy for each policy that allows egress (sessions
     /// may have their key's policy rather than the server's).
     pub(crate) async fn start_egress(&self, sb: &SandboxConfig, runtime: &Runtime) -> Result<(), SessionError> {
-        for network in [Network::Pypi, Network::Full] {
+        for network in [NetworkPolicy::Pypi, NetworkPolicy::Full] {
             self.start_proxy(sb, runtime, network).await?;
         }
         Ok(())
     }
 
-    async fn start_proxy(&self, sb: &SandboxConfig, runtime: &Runtime, network: Network) -> Result<(), SessionError> {
-        let Some(name) = network.socket_name() else { return Ok(()) };
+    async fn start_proxy(
+        &self,
+        sb: &SandboxConfig,
+        runtime: &Runtime,
+        network: NetworkPolicy,
+    ) -> Result<(), SessionError> {
+        let Some(name) = socket_name(network) else { return Ok(()) };
         let socket = sb.egress_dir.join(name);
         let policy = match network {
-            Network::None => return Ok(()),
-            Network::Full => kiln_sandbox::egress::Policy::Full,
-            Network::Pypi => {
+            NetworkPolicy::None => return Ok(()),
+            NetworkPolicy::Full => kiln_sandbox::egress::Policy::Full,
+            NetworkPolicy::Pypi => {
                 let rt = runtime.clone();
                 let hosts = tokio::task::spawn_blocking(move || rt.index_hosts())
                     .await
@@ -208,6 +212,15 @@ impl Inner {
         });
         self.egress.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         Ok(())
+    }
+}
+
+/// The egress proxy socket serving `network`, if it allows egress.
+fn socket_name(network: NetworkPolicy) -> Option<&'static str> {
+    match network {
+        NetworkPolicy::None => None,
+        NetworkPolicy::Pypi => Some("egress-pypi.sock"),
+        NetworkPolicy::Full => Some("egress-full.sock"),
     }
 }
 

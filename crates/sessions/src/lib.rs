@@ -21,6 +21,7 @@ mod worker;
 
 pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
+pub use kiln_protocol::NetworkPolicy;
 pub use manager::{Exec, Manager, Readiness};
 pub use metrics::Metrics;
 
@@ -63,44 +64,9 @@ pub struct Caller {
     /// The key's id.
     pub key_id: String,
     /// Overrides the server's network policy for this key's sessions.
-    pub network: Option<Network>,
+    pub network: Option<NetworkPolicy>,
     /// This key's own live-session limit.
     pub max_sessions: Option<u64>,
-}
-
-/// Network policy of sessions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Network {
-    /// No network at all.
-    None,
-    /// Only the package index this machine's pip uses (HTTPS via kiln's proxy).
-    Pypi,
-    /// Public addresses over HTTP(S) via kiln's proxy; never this host or
-    /// private networks.
-    Full,
-}
-
-impl Network {
-    /// The egress proxy socket serving this policy, if it allows egress.
-    pub fn socket_name(self) -> Option<&'static str> {
-        match self {
-            Network::None => None,
-            Network::Pypi => Some("egress-pypi.sock"),
-            Network::Full => Some("egress-full.sock"),
-        }
-    }
-}
-
-impl std::str::FromStr for Network {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "none" => Ok(Network::None),
-            "pypi" => Ok(Network::Pypi),
-            "full" => Ok(Network::Full),
-            other => Err(format!("unknown network policy {other:?}: use none, pypi or full")),
-        }
-    }
 }
 
 /// Limits of each session's sandbox.
@@ -121,7 +87,7 @@ pub struct SandboxConfig {
     /// Open files per process.
     pub nofile: u64,
     /// What sessions may reach on the network.
-    pub network: Network,
+    pub network: NetworkPolicy,
     /// Where the egress proxies' sockets live (server-only directory).
     pub egress_dir: PathBuf,
     /// `libkiln_sandbox.so`, to fork kernels from a zygote; `None` starts a

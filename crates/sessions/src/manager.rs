@@ -2,7 +2,7 @@
 
 use crate::pool::Pool;
 use crate::worker::{self, Job};
-use crate::{Config, Network, SessionError};
+use crate::{Config, NetworkPolicy, SessionError};
 use chrono::{DateTime, Utc};
 use kiln_kernel::ExecLimits;
 use kiln_protocol::{ExecuteData, SessionInfo, ValidFile};
@@ -78,7 +78,7 @@ pub struct Exec {
     /// The request's own time limit.
     pub timeout: Option<Duration>,
     /// The caller's network policy when it differs from the server's.
-    pub network: Option<Network>,
+    pub network: Option<NetworkPolicy>,
     /// The caller's own live-session limit, when it has one.
     pub max_sessions: Option<u64>,
 }
@@ -353,7 +353,7 @@ impl Manager {
     async fn create(
         &self,
         key_id: &str,
-        network: Network,
+        network: NetworkPolicy,
         key_limit: Option<u64>,
     ) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
         let cfg = &self.inner.cfg;
@@ -387,7 +387,7 @@ impl Manager {
         Ok((id, jobs))
     }
 
-    async fn create_reserved(&self, key_id: &str, network: Network) -> Result<(String, Live), SessionError> {
+    async fn create_reserved(&self, key_id: &str, network: NetworkPolicy) -> Result<(String, Live), SessionError> {
         // Pooled kernels have the server's policy; another one boots its own.
         let pooled = if network == self.inner.default_network() { self.inner.pool.take().await } else { None };
         let kernel = match pooled {
@@ -436,8 +436,8 @@ impl Inner {
     }
 
     /// The server's network policy.
-    pub(crate) fn default_network(&self) -> Network {
-        self.cfg.sandbox.as_ref().map_or(Network::None, |s| s.network)
+    pub(crate) fn default_network(&self) -> NetworkPolicy {
+        self.cfg.sandbox.as_ref().map_or(NetworkPolicy::None, |s| s.network)
     }
 
     /// Forget a session whose worker ended on its own.

@@ -27,7 +27,7 @@ pub(crate) async fn run(
     inner: Arc<Inner>,
     id: String,
     mut kernel: Kernel,
-    network: crate::Network,
+    network: crate::NetworkPolicy,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     mut stop: watch::Receiver<bool>,
 ) {
