@@ -63,6 +63,9 @@ async def exercise(s: ClientSession):
     check("end_session", not r.isError, texts(r))
     r = await s.call_tool("run_code", {"code": "1", "session_id": sid})
     check("an ended session is a readable error", r.isError and "expired" in texts(r), texts(r))
+    check("errors carry the API's stable code", texts(r).startswith("session_expired: "), texts(r))
+    r = await s.call_tool("read_file", {"session_id": "ses_nope", "path": "../etc/passwd"})
+    check("a path that escapes is refused with its code", texts(r).startswith("invalid_file: "), texts(r))
 
 
 async def main():

@@ -101,9 +101,10 @@ fn uploads(files: Option<Vec<FileArg>>) -> Vec<FileUpload> {
         .collect()
 }
 
-/// A failure the model should read (not a protocol error).
-fn failed(msg: impl Into<String>) -> CallToolResult {
-    CallToolResult::error(vec![Content::text(msg.into())])
+/// A failure the model should read (not a protocol error): the API's stable
+/// code and message, as an HTTP client would see them.
+fn failed(e: kiln_protocol::ApiError) -> CallToolResult {
+    CallToolResult::error(vec![Content::text(e.to_string())])
 }
 
 #[tool_router]

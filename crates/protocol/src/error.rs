@@ -131,6 +131,12 @@ impl ApiError {
         self
     }
 
+    /// Whether this is kiln's own failure (a 5xx), to be logged with its
+    /// detail by whoever reports it, rather than the caller's mistake.
+    pub fn is_server_side(&self) -> bool {
+        self.code.http_status() >= 500
+    }
+
     /// The JSON body for this error.
     pub fn envelope(&self) -> ErrorEnvelope {
         ErrorEnvelope {

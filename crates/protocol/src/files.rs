@@ -104,6 +104,14 @@ impl FileError {
     }
 }
 
+impl From<FileError> for crate::ApiError {
+    /// A refused upload as the API reports it, naming the entry at fault.
+    fn from(e: FileError) -> Self {
+        crate::ApiError::new(crate::ErrorCode::InvalidFile, format!("{e}; nothing was written"))
+            .with_param(format!("files[{}]", e.index()))
+    }
+}
+
 /// Check every entry and decode its content; all or nothing.
 pub fn decode_files(files: &[FileUpload]) -> Result<Vec<ValidFile>, FileError> {
     let mut out: Vec<ValidFile> = Vec::with_capacity(files.len());

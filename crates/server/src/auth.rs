@@ -6,7 +6,7 @@
 //! leaks through timing.
 
 use crate::error::AppError;
-use crate::AppState;
+use crate::state::AppState;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;

@@ -12,34 +12,27 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod body;
 mod error;
+mod execute;
+mod files;
 pub mod openapi;
-mod routes;
+mod ops;
+mod router;
 mod sessions;
+mod state;
 
 pub use auth::{hash_key, KeyEntry, KeyRing};
 pub use error::AppError;
 pub use kiln_sessions::Caller;
+pub use state::AppState;
 
 use axum::extract::Request;
 use axum::Router;
-use kiln_sessions::Manager;
-use std::sync::Arc;
-
-/// What every handler can reach.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    /// The sessions.
-    pub manager: Manager,
-    /// Accepted API keys.
-    pub keys: Arc<KeyRing>,
-    /// Largest request body accepted, in bytes.
-    pub max_body_bytes: usize,
-}
 
 /// The whole API as a router.
 pub fn app(state: AppState) -> Router {
-    routes::router(state)
+    router::router(state)
 }
 
 /// Collapse runs of `/` in the request path (`/v1//tci/execute` →

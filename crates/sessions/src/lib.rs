@@ -11,6 +11,7 @@
 //! a create costs a queue pop instead of a kernel boot.
 #![forbid(unsafe_code)]
 
+mod api;
 mod boot;
 mod browse;
 mod files;

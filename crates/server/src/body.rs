@@ -1,0 +1,126 @@
+//! Request bodies: read with a size bound, parsed as JSON, and turned into
+//! the API's errors when they are too large, empty or malformed.
+//!
+//! Handlers take a [`BoundedJson<T>`] instead of reading and parsing bodies
+//! themselves, so every endpoint answers the same way: 413
+//! `payload_too_large` past `--max-body-bytes`, 400 `invalid_request` with
+//! the field at fault and the shape the endpoint expects otherwise. Axum's
+//! own `Json` extractor would answer such requests in plain text.
+
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use kiln_protocol::{ApiError, ErrorCode, ExecuteRequest, UploadRequest};
+use serde::de::DeserializeOwned;
+
+/// A request body the endpoint can describe to a caller who got it wrong.
+pub(crate) trait Described: DeserializeOwned {
+    /// What the body is, e.g. "an execute request".
+    const WHAT: &'static str;
+    /// The expected shape, in a sentence.
+    const SHAPE: &'static str;
+}
+
+impl Described for ExecuteRequest {
+    const WHAT: &'static str = "an execute request";
+    const SHAPE: &'static str = "required: \"code\" (string); optional: \"language\", \"session_id\", \"files\", \
+                                 \"timeout\"; e.g. {\"language\": \"python\", \"code\": \"print(1)\"}";
+}
+
+impl Described for UploadRequest {
+    const WHAT: &'static str = "an upload request";
+    const SHAPE: &'static str = "{\"files\": [{\"name\", \"encoding\", \"content\"}]}";
+}
+
+/// A JSON body of at most `--max-body-bytes`, parsed as `T`.
+#[derive(Debug)]
+pub(crate) struct BoundedJson<T>(pub T);
+
+impl<T: Described> FromRequest<AppState> for BoundedJson<T> {
+    type Rejection = crate::AppError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(req.into_body(), state.max_body_bytes).await?;
+        Ok(BoundedJson(parse::<T>(&bytes)?))
+    }
+}
+
+/// Read at most `limit` bytes of body. Past the limit the rest is read and
+/// discarded (up to a bound) before answering 413: a server that answers
+/// while the client is still sending makes most HTTP clients report a reset
+/// connection instead of the error.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    const DRAIN_MAX: usize = 1 << 30;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read"));
+        };
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= limit {
+                buf.extend_from_slice(&data);
+            } else if seen > DRAIN_MAX {
+                break;
+            }
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the request body ({seen} bytes or more) is larger than this server's limit of {limit} bytes; \
+                 send fewer or smaller files"
+            ),
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+/// Parse a body, turning serde's messages into actionable ones.
+pub(crate) fn parse<T: Described>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the request body is empty: send a JSON object ({})", T::SHAPE),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        let text = e.to_string();
+        let param = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()).map(str::to_string);
+        let msg = if e.is_syntax() || e.is_eof() {
+            format!("the request body is not valid JSON ({text})")
+        } else {
+            format!("the request body is not {} ({text}); {}", T::WHAT, T::SHAPE)
+        };
+        let err = ApiError::new(ErrorCode::InvalidRequest, msg);
+        match param {
+            Some(p) => err.with_param(p),
+            None => err,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_field_is_named_and_the_shape_explained() {
+        let e = parse::<ExecuteRequest>(br#"{"language": "python"}"#).err().map(|e| (e.param, e.message));
+        let (param, message) = e.unwrap_or_default();
+        assert_eq!(param.as_deref(), Some("code"));
+        assert!(message.contains("required: \"code\""), "{message}");
+    }
+
+    #[test]
+    fn empty_and_broken_bodies_say_what_is_wrong() {
+        let empty = parse::<UploadRequest>(b"  \n").err().map(|e| e.message).unwrap_or_default();
+        assert!(empty.contains("empty") && empty.contains("files"), "{empty}");
+        let broken = parse::<ExecuteRequest>(b"{\"code\": ").err().map(|e| e.message).unwrap_or_default();
+        assert!(broken.contains("not valid JSON"), "{broken}");
+    }
+}
