@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
                 tokio::task::spawn_blocking(move || kiln_runtime::ensure(&cfg, &mut progress)).await
             })??;
             println!("runtime ready: {}", runtime.root.display());
+            println!("kernel package: {}", runtime.kernel_package_dir().display());
             Ok(())
         }
         Command::Exec(args) => {

@@ -120,10 +120,18 @@ async fn the_raw_messages_of_both_kernels_match() {
     let ready = server.stdout_lines.iter().find(|l| l.starts_with("kiln ready on ")).unwrap();
     let runtime = ready.split("(runtime ").nth(1).unwrap().trim_end_matches(')').to_string();
     let python = std::path::Path::new(&runtime).join("bin/python");
+    // This kiln's kernel package (its directory in the runtime is versioned).
+    let built = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["runtime", "build", "--profile", "minimal"])
+        .output()
+        .unwrap();
+    let built = String::from_utf8_lossy(&built.stdout).to_string();
+    let package = built.lines().find_map(|l| l.strip_prefix("kernel package: ")).unwrap().to_string();
     let out = tokio::process::Command::new(&python)
         .args(["-m", "kiln_kernel.fidelity"])
         .env_clear()
         .env("PATH", format!("{runtime}/bin:/usr/bin:/bin"))
+        .env("PYTHONPATH", package)
         .env("HOME", server.data.path())
         .output()
         .await

@@ -5,19 +5,18 @@
 //! that compares the lean kernel with ipykernel (`kiln_kernel.fidelity`).
 //!
 //! The sources are compiled into the kiln binary and written into the
-//! runtime's `site-packages` whenever they differ from what is there, so a
-//! runtime built by an older kiln gets the current kernel without a
-//! rebuild of its packages.
+//! runtime, in a directory named by their hash
+//! (`<runtime>/kiln-kernel/<hash>/kiln_kernel`) that kernels find through
+//! `PYTHONPATH`. So a runtime built by an older kiln gets the current kernel
+//! without a rebuild of its packages, and two kiln versions sharing one
+//! cache (an upgrade in place, a developer's checkouts) each run their own
+//! kernel: neither ever overwrites the package the other is running.
 
 use crate::{Runtime, RuntimeError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// The package's files, relative to `site-packages/kiln_kernel/`, in the
-/// order they are written: the modules the entry points import first, the
-/// entry points (`kernel.py`, `__main__.py`, `zygote.py`) last, so that a
-/// kernel starting during an upgrade finds either the old entry point or a
-/// new one whose modules are all there.
+/// The package's files, relative to `kiln_kernel/`.
 const FILES: &[(&str, &str)] = &[
     ("__init__.py", include_str!("../python/kiln_kernel/__init__.py")),
     ("wire.py", include_str!("../python/kiln_kernel/wire.py")),
@@ -31,51 +30,77 @@ const FILES: &[(&str, &str)] = &[
     ("zygote.py", include_str!("../python/kiln_kernel/zygote.py")),
 ];
 
+/// The first 12 hex digits of the SHA-256 of the package's names and
+/// contents: its version, as far as the file system is concerned.
+fn package_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, text) in FILES {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(text.as_bytes());
+            h.update([0]);
+        }
+        h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
+    })
+}
+
 impl Runtime {
-    /// The runtime's `site-packages` directory.
-    pub fn site_packages(&self) -> Result<PathBuf, RuntimeError> {
-        let lib = self.root.join("lib");
-        let entries =
-            std::fs::read_dir(&lib).map_err(|source| RuntimeError::Io { what: "read", path: lib.clone(), source })?;
-        entries.flatten().map(|e| e.path().join("site-packages")).find(|p| p.is_dir()).ok_or_else(|| RuntimeError::Io {
-            what: "find site-packages in",
-            path: lib,
-            source: std::io::ErrorKind::NotFound.into(),
-        })
+    /// The directory that holds this kiln's `kiln_kernel` package: the
+    /// kernels' `PYTHONPATH`.
+    pub fn kernel_package_dir(&self) -> PathBuf {
+        self.root.join("kiln-kernel").join(package_hash())
     }
 
-    /// Write the `kiln_kernel` package into the runtime where it differs.
-    /// Each file is replaced atomically, so a kernel starting meanwhile sees
-    /// the old file or the new one, never half of one.
+    /// Write this kiln's `kiln_kernel` package into the runtime, unless it
+    /// is there. It is written into a scratch directory and renamed into
+    /// place, so a kernel never sees half a package, and a concurrent
+    /// writer of the same version simply finds it done.
     pub fn install_kernel_package(&self) -> Result<(), RuntimeError> {
-        let dir = self.site_packages()?.join("kiln_kernel");
-        std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
-            what: "create",
-            path: dir.clone(),
-            source,
-        })?;
-        for (name, text) in FILES {
-            let path = dir.join(name);
-            if std::fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
-                continue;
-            }
-            write_atomically(&dir, &path, text.as_bytes()).map_err(|source| RuntimeError::Io {
-                what: "write",
-                path: path.clone(),
-                source,
-            })?;
+        let dir = self.kernel_package_dir();
+        if dir.join("kiln_kernel").join("__init__.py").is_file() {
+            return Ok(());
         }
-        Ok(())
+        let parent = self.root.join("kiln-kernel");
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RuntimeError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(&parent).map_err(io("create", &parent))?;
+        let scratch = tempfile::Builder::new().prefix(".new-").tempdir_in(&parent).map_err(io("create in", &parent))?;
+        let package = scratch.path().join("kiln_kernel");
+        std::fs::create_dir(&package).map_err(io("create", &package))?;
+        for (name, text) in FILES {
+            let path = package.join(name);
+            write_readable(&path, text.as_bytes()).map_err(io("write", &path))?;
+        }
+        // Readable by the session user, who runs the kernel from here.
+        for d in [scratch.path(), package.as_path()] {
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .map_err(io("set permissions of", d))?;
+        }
+        let scratch = scratch.keep();
+        match std::fs::rename(&scratch, &dir) {
+            Ok(()) => Ok(()),
+            // Another kiln of this version got there first.
+            Err(_) if dir.join("kiln_kernel").join("__init__.py").is_file() => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                Ok(())
+            }
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                Err(RuntimeError::Io { what: "move into place", path: dir, source })
+            }
+        }
     }
 }
 
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    // Readable by the session user: the kernel runs from these files.
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+fn write_readable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
 }
 
 #[cfg(test)]
@@ -87,17 +112,30 @@ mod tests {
     }
 
     #[test]
-    fn the_package_is_written_once_and_rewritten_when_changed() -> Result<(), Box<dyn std::error::Error>> {
+    fn each_version_of_the_package_has_its_own_directory_and_is_never_rewritten(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
-        let sp = root.path().join("lib/python3.11/site-packages");
-        std::fs::create_dir_all(&sp)?;
         let rt = Runtime { root: root.path().to_path_buf(), profile: crate::Profile::Minimal };
         rt.install_kernel_package()?;
-        let kernel = sp.join("kiln_kernel/kernel.py");
+        let dir = rt.kernel_package_dir();
+        assert!(dir.starts_with(root.path().join("kiln-kernel")));
+        let kernel = dir.join("kiln_kernel/kernel.py");
         assert_eq!(std::fs::read_to_string(&kernel)?, kernel_source());
-        std::fs::write(&kernel, "stale")?;
+        // Present: a second install (another kiln of this version) leaves it alone.
+        std::fs::write(dir.join("kiln_kernel/marker"), "kept")?;
         rt.install_kernel_package()?;
-        assert_eq!(std::fs::read_to_string(&kernel)?, kernel_source());
+        assert!(dir.join("kiln_kernel/marker").is_file());
+        // No scratch directory is left behind.
+        let entries: Vec<_> = std::fs::read_dir(root.path().join("kiln-kernel"))?.flatten().collect();
+        assert_eq!(entries.len(), 1);
         Ok(())
+    }
+
+    #[test]
+    fn kernels_find_the_package_through_their_pythonpath() {
+        let rt = Runtime { root: "/rt".into(), profile: crate::Profile::Minimal };
+        let env = rt.kernel_env(Path::new("/home/user"));
+        let path = env.iter().find(|(k, _)| k == "PYTHONPATH").map(|(_, v)| v.clone());
+        assert_eq!(path, Some(rt.kernel_package_dir().into_os_string()));
     }
 }

@@ -238,6 +238,8 @@ impl Runtime {
             ("MPLCONFIGDIR".into(), home.join(".config").join("matplotlib").into()),
             ("USER".into(), "user".into()),
             ("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into()),
+            // This kiln's own kernel package (see `kernel_package`).
+            ("PYTHONPATH".into(), self.kernel_package_dir().into()),
         ];
         for name in PIP_PASSTHROUGH {
             if let Some(v) = std::env::var_os(name) {
