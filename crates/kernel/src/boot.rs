@@ -1,6 +1,7 @@
 //! Booting a kernel: connection file, process, sockets, and the handshake
 //! that proves both the shell and the iopub channel work.
 
+use crate::guard::Guard;
 use crate::{Kernel, KernelError, Sender};
 use jupyter_protocol::connection_info::Transport;
 use jupyter_protocol::{ConnectionInfo, JupyterMessageContent, KernelInfoRequest};
@@ -82,6 +83,9 @@ pub struct KernelSpec {
     /// Fork it from this zygote instead of starting a new interpreter
     /// (sandboxed kernels only).
     pub zygote: Option<kiln_sandbox::Zygote>,
+    /// The largest ZeroMQ frame kiln reads from the kernel (see
+    /// [`crate::guard`]); a larger one cuts the kernel off.
+    pub max_frame_bytes: u64,
 }
 
 /// The sandbox a kernel runs in, minus what depends on its directories.
@@ -243,7 +247,7 @@ impl Kernel {
         };
         let spawned = started.elapsed();
         let deadline = Instant::now() + spec.boot_timeout;
-        let kernel = connect(sandbox, dirs, &info, deadline).await?;
+        let kernel = connect(sandbox, dirs, &info, spec.max_frame_bytes, deadline).await?;
         tracing::debug!(
             spawn_ms = spawned.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -257,6 +261,7 @@ async fn connect(
     sandbox: kiln_sandbox::Sandbox,
     dirs: KernelDirs,
     info: &ConnectionInfo,
+    max_frame_bytes: u64,
     deadline: Instant,
 ) -> Result<Kernel, KernelError> {
     // 1. Wait for the kernel to bind its five sockets (connecting to an ipc
@@ -283,13 +288,25 @@ async fn connect(
         sleep(Duration::from_millis(2)).await;
     }
 
-    // 2. Connect shell (with a stable identity) and iopub. Interrupts are
-    //    signals, so no control channel is needed.
+    // 2. Put the size guard in front of the two channels kiln reads (see
+    //    `guard`), in the server-only directory.
+    let front = dirs.root.join("g");
+    let guard = match Guard::start(&front, Path::new(&info.ip), &[info.shell_port, info.iopub_port], max_frame_bytes) {
+        Ok(g) => g,
+        Err(source) => {
+            sandbox.kill_and_wait().await;
+            return Err(KernelError::Prepare { path: front, source });
+        }
+    };
+    let guarded = ConnectionInfo { ip: front.to_string_lossy().into_owned(), ..info.clone() };
+
+    // 3. Connect shell (with a stable identity) and iopub, through the
+    //    guard. Interrupts are signals, so no control channel is needed.
     let session = uuid::Uuid::new_v4().to_string();
     let sockets = async {
         let identity = peer_identity_for_session(&session)?;
-        let shell = create_client_shell_connection_with_identity(info, &session, identity).await?;
-        let iopub = create_client_iopub_connection(info, "", &session).await?;
+        let shell = create_client_shell_connection_with_identity(&guarded, &session, identity).await?;
+        let iopub = create_client_iopub_connection(&guarded, "", &session).await?;
         Ok::<_, jupyter_zmq_client::RuntimeError>((shell, iopub))
     };
     let (shell, mut iopub) = match sockets.await {
@@ -301,7 +318,7 @@ async fn connect(
     };
     let (shell_send, mut shell_recv) = shell.split();
 
-    // 3. Readers: own tasks forward each channel into a queue, so that the
+    // 4. Readers: own tasks forward each channel into a queue, so that the
     //    executor can select over them without cancelling a ZeroMQ read.
     let (iopub_tx, iopub_rx) = mpsc::channel(1024);
     let iopub_reader = tokio::spawn(async move {
@@ -327,9 +344,10 @@ async fn connect(
         shell_replies: shell_rx,
         iopub: iopub_rx,
         readers: vec![iopub_reader.abort_handle(), shell_reader.abort_handle()],
+        guard,
     };
 
-    // 4. Handshake: repeat kernel_info_request until one is answered on
+    // 5. Handshake: repeat kernel_info_request until one is answered on
     //    shell *and* its busy/idle status arrives on iopub. Only then are
     //    outputs of the first cell sure not to be lost to a late iopub
     //    subscription (ZeroMQ's slow-joiner problem).

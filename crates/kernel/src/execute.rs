@@ -39,6 +39,12 @@ pub enum End {
         /// Whether the kernel survived.
         recovered: bool,
     },
+    /// The kernel sent a single message larger than kiln reads (see
+    /// [`crate::guard`]); it was cut off and killed.
+    Oversized {
+        /// The size its frame declared, bytes.
+        bytes: u64,
+    },
     /// The kernel process ended during the cell.
     Died {
         /// How it ended, if known.
@@ -89,6 +95,7 @@ impl Kernel {
 
         tokio::pin!(cancelled);
         let mut exit = self.sandbox.exit_watch();
+        let mut oversized = self.guard.tripped();
         let deadline = Instant::now() + limits.timeout;
         // Set once the cell has been interrupted: why, and when to give up.
         let mut interrupted: Option<(Why, Instant)> = None;
@@ -117,6 +124,11 @@ impl Kernel {
                 // Replies carry nothing iopub does not; drain them.
                 Some(_) = self.shell_replies.recv() => {}
                 _ = async { let _ = exit.wait_for(Option::is_some).await; } => return self.died(out, &id).await,
+                Some(o) = async { oversized.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
+                    let bytes = o.declared;
+                    self.kill().await;
+                    break End::Oversized { bytes };
+                }
                 _ = sleep_until(deadline), if interrupted.is_none() => {
                     self.sandbox.interrupt();
                     interrupted = Some((Why::Timeout, Instant::now() + limits.interrupt_grace));

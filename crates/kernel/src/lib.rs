@@ -15,6 +15,7 @@
 mod boot;
 mod collect;
 mod execute;
+pub mod guard;
 
 pub use boot::{KernelDirs, KernelKind, KernelSpec, SandboxSpec, INSIDE_HOME, INSIDE_RUN, INSIDE_WORK};
 pub use collect::strip_ansi;
@@ -58,6 +59,8 @@ pub struct Kernel {
     /// The socket reader tasks. ZeroMQ sockets reconnect forever to a dead
     /// peer, so they must be stopped explicitly, never left to notice.
     readers: Vec<tokio::task::AbortHandle>,
+    /// The size guard between the kernel's sockets and this client.
+    guard: guard::Guard,
 }
 
 impl Drop for Kernel {
@@ -102,6 +105,7 @@ impl Kernel {
         for r in &self.readers {
             r.abort();
         }
+        self.guard.stop();
         self.sandbox.kill_and_wait().await;
     }
 

@@ -102,6 +102,7 @@ impl Inner {
             boot_timeout: self.cfg.boot_timeout,
             sandbox,
             zygote,
+            max_frame_bytes: max_frame_bytes(self.cfg.max_output_bytes),
         };
         Kernel::start(&spec, dirs).await.map_err(|e| {
             tracing::error!(error = %e, "kernel boot failed");
@@ -213,6 +214,15 @@ impl Inner {
         self.egress.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         Ok(())
     }
+}
+
+/// The largest single message kiln reads from a kernel: the output limit
+/// twice over (JSON escapes a string's control characters) and room for the
+/// message's envelope. Legitimate output never comes near it (the lean
+/// kernel sends at most 64 KiB of text per message); a larger frame cuts the
+/// kernel off before the server buffers it.
+fn max_frame_bytes(max_output_bytes: usize) -> u64 {
+    (max_output_bytes as u64).saturating_mul(2).saturating_add(1 << 20)
 }
 
 /// The egress proxy socket serving `network`, if it allows egress.

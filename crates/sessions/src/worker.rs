@@ -111,6 +111,11 @@ pub(crate) async fn run(
                 "the request was abandoned and the cell did not stop when interrupted, so its kernel was killed"
                     .to_string(),
             ),
+            End::Oversized { bytes } => Some(format!(
+                "OutputLimit: the code sent a single output of {bytes} bytes, more than this server accepts \
+                 (its output limit is {} bytes), so its kernel was stopped",
+                limits.max_output_bytes
+            )),
             End::Died { out_of_memory: true, .. } => Some(format!(
                 "MemoryError: the session ran out of memory (its limit is {} MiB), so its kernel was killed",
                 inner.cfg.sandbox.as_ref().map_or(0, |s| s.memory_bytes >> 20)
@@ -185,6 +190,7 @@ fn record(m: &crate::Metrics, exec: &kiln_kernel::Execution, took: std::time::Du
         End::TimedOut { .. } => "timeout",
         End::Cancelled { .. } => "cancelled",
         End::Died { .. } => "died",
+        End::Oversized { .. } => "oversized",
     };
     m.outcome(outcome);
     match exec.end {
@@ -197,7 +203,7 @@ fn record(m: &crate::Metrics, exec: &kiln_kernel::Execution, took: std::time::Du
         }
         _ => {}
     }
-    if exec.truncated {
+    if exec.truncated || matches!(exec.end, End::Oversized { .. }) {
         m.limit("output");
     }
 }
