@@ -16,7 +16,7 @@ mod boot;
 mod collect;
 mod execute;
 
-pub use boot::{KernelDirs, KernelKind, KernelSpec, SandboxSpec, INSIDE_HOME, INSIDE_RUN, INSIDE_WORK};
+pub use boot::{KernelDirs, KernelKind, KernelSpec, INSIDE_HOME, INSIDE_RUN, INSIDE_WORK};
 pub use collect::strip_ansi;
 pub use execute::{End, ExecLimits, Execution};
 
