@@ -78,37 +78,21 @@ pub struct KernelSpec {
     pub env: Vec<(OsString, OsString)>,
     /// How long a boot may take before it is abandoned.
     pub boot_timeout: Duration,
-    /// Run it in a sandbox (the default); `None` runs a plain process.
-    pub sandbox: Option<SandboxSpec>,
+    /// The server's sandboxes: isolated (the default) or plain processes.
+    pub sandboxes: kiln_sandbox::Sandboxes,
+    /// What the sandbox shows beyond the kernel's own directories (the
+    /// runtime's base interpreter, the egress socket); the kernel adds its
+    /// work dir, home, socket directory and copy-on-write layer.
+    pub mounts: kiln_sandbox::Mounts,
+    /// A shared directory (the runtime) to show copy-on-write, its writes
+    /// kept in the session's storage (`data/.layer`).
+    pub shared: Option<PathBuf>,
     /// Fork it from this zygote instead of starting a new interpreter
     /// (sandboxed kernels only).
     pub zygote: Option<kiln_sandbox::Zygote>,
     /// The largest ZeroMQ frame kiln reads from the kernel (see
     /// [`crate::guard`]); a larger one cuts the kernel off.
     pub max_frame_bytes: u64,
-}
-
-/// The sandbox a kernel runs in, minus what depends on its directories.
-#[derive(Debug, Clone)]
-pub struct SandboxSpec {
-    /// The kiln binary (re-executed as the sandbox helper).
-    pub helper: PathBuf,
-    /// Read-only paths shown at the same place inside (the runtime and its
-    /// base interpreter).
-    pub read_only: Vec<PathBuf>,
-    /// Memory, processes, CPU.
-    pub limits: kiln_sandbox::CgroupLimits,
-    /// Size of `/tmp`, bytes.
-    pub tmp_bytes: u64,
-    /// Open files per process.
-    pub nofile: u64,
-    /// The host uid that owns the session's files (the user inside).
-    pub owner: u32,
-    /// A shared directory (the runtime) to show copy-on-write, its writes
-    /// kept in the session's storage (`data/.layer`).
-    pub overlay: Option<PathBuf>,
-    /// The egress proxy's socket, when the network policy allows egress.
-    pub egress_socket: Option<PathBuf>,
 }
 
 /// Where the work dir appears inside a sandbox (the kernel's cwd).
@@ -121,8 +105,8 @@ pub const INSIDE_RUN: &str = "/run/kiln";
 /// The directories of one kernel.
 #[derive(Debug, Clone)]
 pub struct KernelDirs {
-    /// Holds everything below; only the server sees it (pid file, log,
-    /// sandbox description). Removed at teardown.
+    /// Holds everything below; only the server sees it (log, the
+    /// sandbox's own files). Removed at teardown.
     pub root: PathBuf,
     /// The session's storage (a quota'd tmpfs when sandboxed).
     pub data: PathBuf,
@@ -163,11 +147,6 @@ impl KernelDirs {
     pub fn log(&self) -> PathBuf {
         self.root.join("kernel.log")
     }
-
-    /// The pid file used for crash recovery.
-    pub fn pid_file(&self) -> PathBuf {
-        self.root.join("pid")
-    }
 }
 
 fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
@@ -184,7 +163,8 @@ impl Kernel {
         let info = connection_info(&dirs.run)?;
         let conn_file = dirs.run.join("kernel.json");
         // The kernel finds its sockets where the sandbox mounts them.
-        let (kernel_info, conn_arg, cwd) = match &spec.sandbox {
+        let owner = spec.sandboxes.file_owner();
+        let (kernel_info, conn_arg, cwd) = match owner {
             Some(_) => {
                 let inside = ConnectionInfo { ip: format!("{INSIDE_RUN}/k"), ..info.clone() };
                 (inside, PathBuf::from(INSIDE_RUN).join("kernel.json"), PathBuf::from(INSIDE_WORK))
@@ -194,57 +174,33 @@ impl Kernel {
         let json = serde_json::to_vec(&kernel_info)
             .map_err(|e| KernelError::Prepare { path: conn_file.clone(), source: std::io::Error::other(e) })?;
         write_private(&conn_file, &json).map_err(prepare(&conn_file))?;
-        if let Some(sb) = &spec.sandbox {
+        if let Some(owner) = owner {
             // The user inside creates its sockets here and reads the file.
             for p in [&dirs.run, &conn_file] {
-                std::os::unix::fs::chown(p, Some(sb.owner), Some(sb.owner)).map_err(prepare(p))?;
+                std::os::unix::fs::chown(p, Some(owner), Some(owner)).map_err(prepare(p))?;
             }
         }
-        let isolation = spec.sandbox.as_ref().map(|sb| {
-            let mut binds: Vec<kiln_sandbox::Bind> = sb
-                .read_only
-                .iter()
-                .map(|p| kiln_sandbox::Bind { src: p.clone(), dst: p.clone(), writable: false })
-                .collect();
-            for (src, dst) in [(&dirs.work, INSIDE_WORK), (&dirs.home, INSIDE_HOME), (&dirs.run, INSIDE_RUN)] {
-                binds.push(kiln_sandbox::Bind { src: src.clone(), dst: dst.into(), writable: true });
-            }
-            // kiln/<server instance>/<kernel dir name>: unique per server.
-            let instance = dirs.root.parent().map(kiln_sandbox::cgroup::instance_name).unwrap_or_default();
-            let name = dirs.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let id = format!("{instance}/{name}");
-            kiln_sandbox::Isolation {
-                helper: sb.helper.clone(),
-                id,
-                spec_file: dirs.root.join("sandbox.json"),
-                root: dirs.root.join("rootfs"),
-                binds,
-                overlay: sb.overlay.as_ref().map(|lower| kiln_sandbox::Overlay {
-                    lower: lower.clone(),
-                    upper: dirs.layer_upper(),
-                    work: dirs.layer_work(),
-                }),
-                egress_socket: sb.egress_socket.clone(),
-                limits: sb.limits,
-                tmp_bytes: sb.tmp_bytes,
-                nofile: sb.nofile,
-                seccomp: true,
-            }
+        let mut mounts = spec.mounts.clone();
+        for (src, dst) in [(&dirs.work, INSIDE_WORK), (&dirs.home, INSIDE_HOME), (&dirs.run, INSIDE_RUN)] {
+            mounts.binds.push(kiln_sandbox::Bind { src: src.clone(), dst: dst.into(), writable: true });
+        }
+        mounts.overlay = spec.shared.as_ref().map(|lower| kiln_sandbox::Overlay {
+            lower: lower.clone(),
+            upper: dirs.layer_upper(),
+            work: dirs.layer_work(),
         });
-        let policy = kiln_sandbox::Policy {
-            program: spec.python.clone(),
-            args: spec.kind.args(conn_arg),
-            env: spec.env.clone(),
+        let lossy = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+        let program = kiln_sandbox::Program {
+            path: spec.python.clone(),
+            args: spec.kind.args(conn_arg).iter().map(|a| lossy(a)).collect(),
+            env: spec.env.iter().map(|(k, v)| (lossy(k), lossy(v))).collect(),
             cwd,
-            log: dirs.log(),
-            pid_file: dirs.pid_file(),
-            isolation,
         };
         let started = Instant::now();
-        let sandbox = match &spec.zygote {
-            Some(zygote) if policy.isolation.is_some() => kiln_sandbox::spawn_in(zygote, &policy).await?,
-            _ => kiln_sandbox::spawn(&policy)?,
-        };
+        let log = dirs.log();
+        let zygote = spec.zygote.as_ref().filter(|_| owner.is_some());
+        let sandbox =
+            spec.sandboxes.spawn(kiln_sandbox::Spawn { dir: &dirs.root, log: &log, program, mounts, zygote }).await?;
         let spawned = started.elapsed();
         let deadline = Instant::now() + spec.boot_timeout;
         let kernel = connect(sandbox, dirs, &info, spec.max_frame_bytes, deadline).await?;

@@ -17,7 +17,7 @@ mod collect;
 mod execute;
 pub mod guard;
 
-pub use boot::{KernelDirs, KernelKind, KernelSpec, SandboxSpec, INSIDE_HOME, INSIDE_RUN, INSIDE_WORK};
+pub use boot::{KernelDirs, KernelKind, KernelSpec, INSIDE_HOME, INSIDE_RUN, INSIDE_WORK};
 pub use collect::strip_ansi;
 pub use execute::{End, ExecLimits, Execution};
 

@@ -206,22 +206,27 @@ impl Settings {
                 kernel,
                 sandbox: match pick!(sandbox, "namespaces".to_string()).as_str() {
                     "none" => None,
-                    "namespaces" => Some(kiln_sessions::SandboxConfig {
+                    "namespaces" => Some(kiln_sandbox::SandboxSpec {
                         helper,
-                        memory_bytes: pick!(memory_limit, 2 << 30),
-                        pids: pick!(pids_limit, 512),
-                        cpus: pick!(cpu_limit, std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)),
-                        disk_bytes: pick!(disk_limit, 1 << 30),
-                        tmp_bytes: pick!(tmp_limit, 512 << 20),
-                        nofile: 4096,
-                        network,
-                        egress_dir: data_dir.clone(),
                         zygote_library,
+                        limits: kiln_sandbox::Limits {
+                            memory_bytes: pick!(memory_limit, 2 << 30),
+                            pids: pick!(pids_limit, 512),
+                            cpus: pick!(
+                                cpu_limit,
+                                std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+                            ),
+                            disk_bytes: pick!(disk_limit, 1 << 30),
+                            tmp_bytes: pick!(tmp_limit, 512 << 20),
+                            nofile: 4096,
+                        },
                     }),
                     other => {
                         anyhow::bail!("--sandbox must be `namespaces` or `none`, not {other:?}")
                     }
                 },
+                network,
+                egress_dir: data_dir.clone(),
             },
             max_body_bytes: pick!(max_body_bytes, 50 << 20),
             shutdown_grace: pick!(shutdown_grace, Duration::from_secs(30)),

@@ -300,7 +300,6 @@ async fn a_spinning_session_does_not_starve_its_neighbour() {
     assert_eq!(st, 200);
     // The spinner is held to its CPU quota (1 core, as configured).
     // (Only this server's cgroups: other tests' servers run beside it.)
-    let instance = kiln_sandbox::cgroup::instance_name(&s.sessions_dir());
     let read = |dir: String, file: &str| -> Vec<String> {
         std::fs::read_dir(dir)
             .into_iter()
@@ -310,8 +309,9 @@ async fn a_spinning_session_does_not_starve_its_neighbour() {
             .map(|q| q.split_whitespace().next().unwrap_or_default().to_string())
             .collect()
     };
-    let mut quotas = read(format!("/sys/fs/cgroup/cpu/kiln/{instance}"), "cpu.cfs_quota_us"); // v1
-    quotas.extend(read(format!("/sys/fs/cgroup/kiln/{instance}"), "cpu.max")); // v2
+    let cpu = common::instance_cgroup(&s.sessions_dir(), "cpu").unwrap().display().to_string();
+    let mut quotas = read(cpu.clone(), "cpu.cfs_quota_us"); // v1
+    quotas.extend(read(cpu, "cpu.max")); // v2
     assert!(!quotas.is_empty() && quotas.iter().all(|q| q == "100000"), "{quotas:?}");
     assert!(!sandboxes(&s.sessions_dir()).is_empty());
 }

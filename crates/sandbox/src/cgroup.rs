@@ -15,17 +15,6 @@ use std::path::{Path, PathBuf};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
-/// Limits applied to a session's cgroup.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-pub struct CgroupLimits {
-    /// Memory (RSS + page cache + tmpfs pages) in bytes.
-    pub memory_bytes: u64,
-    /// Maximum number of processes and threads.
-    pub pids: u64,
-    /// CPU time as a number of cores (e.g. 1.0).
-    pub cpus: f64,
-}
-
 /// The cgroup(s) of one session.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Cgroup {
@@ -49,7 +38,7 @@ fn unified() -> bool {
 
 impl Cgroup {
     /// Create the session's cgroup(s) and apply `limits`.
-    pub fn create(id: &str, limits: &CgroupLimits) -> io::Result<Cgroup> {
+    pub fn create(id: &str, limits: &crate::Limits) -> io::Result<Cgroup> {
         let period: u64 = 100_000;
         let quota = ((limits.cpus * period as f64) as u64).max(1000);
         if unified() {
@@ -179,6 +168,18 @@ impl Cgroup {
             }
         }
     }
+}
+
+/// The directories of `instance` in each hierarchy, named by controller
+/// (`unified` for the v2 hierarchy).
+pub fn instance_dirs(instance: &str) -> Vec<(String, PathBuf)> {
+    if unified() {
+        return vec![("unified".into(), Path::new(ROOT).join("kiln").join(instance))];
+    }
+    ["memory", "pids", "cpu", "cpuacct"]
+        .iter()
+        .map(|c| (c.to_string(), Path::new(ROOT).join(c).join("kiln").join(instance)))
+        .collect()
 }
 
 /// Remove every session cgroup of `instance` (leftovers of a crash).

@@ -91,7 +91,7 @@ pub fn main(path: &std::path::Path) -> ! {
 ///
 /// The caller must be single-threaded: a freshly exec'd helper, or a child
 /// just forked from the zygote (see [`crate::zygote`]).
-pub fn enter(jail: &Jail) {
+pub(crate) fn enter(jail: &Jail) {
     let handled = join_and_unshare(jail, CloneFlags::CLONE_NEWPID);
     // The outer process maps init's ids (step 5): only a process in the
     // host's user namespace with CAP_SETUID may map ids other than its own.
@@ -170,14 +170,14 @@ fn join_and_unshare(jail: &Jail, extra: CloneFlags) -> SigSet {
 /// the outer process: it writes the id maps ([`map_ids`]) and reaps init.
 /// One process fewer per sandbox, and one fewer copy of the zygote's
 /// address space. Returns only in the confined program process.
-pub fn enter_as_init(jail: &Jail, ids: IdMapping) {
+pub(crate) fn enter_as_init(jail: &Jail, ids: IdMapping) {
     let handled = join_and_unshare(jail, CloneFlags::empty());
     init(jail, &handled, ids);
 }
 
 /// init's ends of the id-mapping handshake with the outer process.
 #[derive(Debug)]
-pub struct IdMapping {
+pub(crate) struct IdMapping {
     /// init writes a byte once it is in its new user namespace.
     pub unshared: OwnedFd,
     /// The outer process writes a byte once the maps are written; end of
@@ -297,7 +297,7 @@ fn init(jail: &Jail, handled: &SigSet, ids: IdMapping) {
         fail(Step::Rootfs, format!("loopback: {e}"));
     }
     use nix::sys::resource::{setrlimit, Resource};
-    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, jail.nofile, jail.nofile)
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, jail.limits.nofile, jail.limits.nofile)
         .and_then(|()| setrlimit(Resource::RLIMIT_CORE, 0, 0))
     {
         fail(Step::Limits, e);
@@ -325,7 +325,7 @@ fn init(jail: &Jail, handled: &SigSet, ids: IdMapping) {
     }
 
     // The egress forwarder, as the session user under the same filter.
-    if jail.egress_socket.is_some() {
+    if jail.mounts.egress_socket.is_some() {
         // SAFETY: init is single-threaded.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
@@ -356,21 +356,22 @@ fn program(jail: &Jail) {
     }
     // Its own process group, so init can interrupt it and all its children.
     let _ = nix::unistd::setsid();
-    if let Err(e) = nix::unistd::chdir(&jail.cwd) {
-        fail(Step::ForkProgram, format!("chdir {}: {e}", jail.cwd.display()));
+    if let Err(e) = nix::unistd::chdir(&jail.program.cwd) {
+        fail(Step::ForkProgram, format!("chdir {}: {e}", jail.program.cwd.display()));
     }
     confine(jail);
 }
 
 /// Replace the confined program process with the program.
 fn exec(jail: &Jail) -> ! {
+    let program = &jail.program;
     let cstr = |s: &str| CString::new(s).unwrap_or_default();
-    let prog = CString::new(jail.program.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    let prog = CString::new(program.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
     let mut argv = vec![prog.clone()];
-    argv.extend(jail.args.iter().map(|a| cstr(a)));
-    let envp: Vec<CString> = jail.env.iter().map(|e| cstr(e)).collect();
+    argv.extend(program.args.iter().map(|a| cstr(a)));
+    let envp: Vec<CString> = program.env.iter().map(|(k, v)| cstr(&format!("{k}={v}"))).collect();
     let err = nix::unistd::execve(&prog, &argv, &envp).err();
-    fail(Step::Exec, format!("{}: {err:?}", jail.program.display()))
+    fail(Step::Exec, format!("{}: {err:?}", program.path.display()))
 }
 
 /// The last steps before running untrusted code: the session user, no

@@ -3,6 +3,7 @@
 //! directory only the server can read.
 
 use crate::cgroup::Cgroup;
+use crate::{Limits, Mounts, Program};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -29,37 +30,23 @@ pub struct Bind {
     pub writable: bool,
 }
 
-/// Everything the helper needs to build the sandbox and start the program.
+/// Everything the helper needs to build one sandbox and start its program:
+/// the server's limits, the kernel's mounts and program, and where to build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Jail {
+pub(crate) struct Jail {
     /// The session's cgroup(s), created by the server; the helper joins them.
     pub cgroup: Option<Cgroup>,
     /// An empty host directory the new root is assembled on (in the
     /// sandbox's private mount namespace; the host sees nothing mounted).
     pub root: PathBuf,
-    /// Host paths to show inside, beyond the standard system directories.
-    pub binds: Vec<Bind>,
-    /// A host directory shown through an overlay: reads come from it, writes
-    /// go to the session's own upper layer (`!pip install` into the shared
-    /// runtime, privately).
-    pub overlay: Option<Overlay>,
-    /// The host end of the egress proxy (a Unix socket), if the session's
-    /// network policy allows any egress.
-    pub egress_socket: Option<PathBuf>,
-    /// Size of the private `/tmp` (and `/dev/shm`), bytes.
-    pub tmp_bytes: u64,
-    /// Open files per process.
-    pub nofile: u64,
+    /// What the sandbox shows of the host.
+    pub mounts: Mounts,
+    /// The server's limits.
+    pub limits: Limits,
     /// Whether to install the seccomp filter (always, except to debug).
     pub seccomp: bool,
-    /// Working directory inside.
-    pub cwd: PathBuf,
-    /// Program (path inside), its arguments and complete environment.
-    pub program: PathBuf,
-    /// Arguments, without the program name.
-    pub args: Vec<String>,
-    /// `NAME=value` pairs.
-    pub env: Vec<String>,
+    /// What runs inside.
+    pub program: Program,
 }
 
 /// A copy-on-write view of a shared directory.

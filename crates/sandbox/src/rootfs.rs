@@ -23,7 +23,7 @@ fn ctx<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> 
 }
 
 /// Build the root and pivot into it.
-pub fn build(jail: &Jail) -> R {
+pub(crate) fn build(jail: &Jail) -> R {
     let none: Option<&str> = None;
     // Nothing we mount may propagate back to the host.
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(ctx("make / private"))?;
@@ -43,10 +43,10 @@ pub fn build(jail: &Jail) -> R {
             Err(_) => {}
         }
     }
-    for b in &jail.binds {
+    for b in &jail.mounts.binds {
         bind(root, b)?;
     }
-    if let Some(o) = &jail.overlay {
+    if let Some(o) = &jail.mounts.overlay {
         let dst = inside(root, &o.lower);
         std::fs::create_dir_all(&dst).map_err(ctx(dst.display()))?;
         let opts =
@@ -54,7 +54,7 @@ pub fn build(jail: &Jail) -> R {
         mount(Some("overlay"), &dst, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
             .map_err(ctx(format!("overlay on {}", o.lower.display())))?;
     }
-    if let Some(sock) = &jail.egress_socket {
+    if let Some(sock) = &jail.mounts.egress_socket {
         bind(root, &Bind { src: sock.clone(), dst: crate::jail::EGRESS_SOCKET.into(), writable: true })?;
     }
 
@@ -104,7 +104,7 @@ pub fn build(jail: &Jail) -> R {
     .map_err(ctx("mount /dev/pts"))?;
     std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx")).map_err(ctx("ptmx"))?;
     let shm = dev.join("shm");
-    let tmp_opts = format!("size={},mode=1777", jail.tmp_bytes);
+    let tmp_opts = format!("size={},mode=1777", jail.limits.tmp_bytes);
     std::fs::create_dir_all(&shm).map_err(ctx("mkdir /dev/shm"))?;
     mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(tmp_opts.as_str()))
         .map_err(ctx("tmpfs /dev/shm"))?;
@@ -199,14 +199,14 @@ pub fn loopback_up() -> R {
 
 /// Landlock, where the kernel has it, as a second wall behind the mount
 /// namespace: writes only to the session's writable places.
-pub fn landlock(jail: &Jail) -> R {
+pub(crate) fn landlock(jail: &Jail) -> R {
     use landlock::{
         path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
     };
     let abi = ABI::V3;
-    let mut writable: Vec<PathBuf> = jail.binds.iter().filter(|b| b.writable).map(|b| b.dst.clone()).collect();
+    let mut writable: Vec<PathBuf> = jail.mounts.binds.iter().filter(|b| b.writable).map(|b| b.dst.clone()).collect();
     // The overlaid runtime takes writes into the session's own layer.
-    writable.extend(jail.overlay.iter().map(|o| o.lower.clone()));
+    writable.extend(jail.mounts.overlay.iter().map(|o| o.lower.clone()));
     writable
         .extend(["/tmp", "/dev/shm", "/dev/pts", "/dev/null", "/dev/zero", "/dev/full", "/dev/tty"].map(PathBuf::from));
     let status = Ruleset::default()

@@ -61,6 +61,9 @@ pub enum ZygoteError {
     /// The process could not be started.
     #[error("could not start the zygote {python}: {source}")]
     Spawn { python: PathBuf, source: std::io::Error },
+    /// Its pid file could not be written.
+    #[error("could not record the zygote in {path}: {source}")]
+    PidFile { path: PathBuf, source: std::io::Error },
     /// It ended or said nothing sensible before becoming ready.
     #[error("the zygote did not become ready: {0}")]
     NotReady(String),
@@ -156,7 +159,10 @@ impl Zygote {
             .map_err(spawn_err)?;
         let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
         if let Some(p) = child.id() {
-            let _ = crate::record(&spec.pid_file, p);
+            if let Err(source) = crate::leftovers::record(&spec.pid_file, p) {
+                let _ = child.start_kill();
+                return Err(ZygoteError::PidFile { path: spec.pid_file.clone(), source });
+            }
         }
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(ZygoteError::NotReady("no pipes".into()));

@@ -2,18 +2,12 @@
 //! sandbox, their environment and network policy, and the egress proxies.
 
 use crate::manager::{destroy_dir, Inner};
-use crate::{NetworkPolicy, SandboxConfig, SessionError};
-use kiln_kernel::{Kernel, KernelDirs, KernelSpec, SandboxSpec, INSIDE_HOME};
+use crate::{NetworkPolicy, SessionError};
+use kiln_kernel::{Kernel, KernelDirs, KernelSpec, INSIDE_HOME};
 use kiln_runtime::Runtime;
-use kiln_sandbox::{Zygote, ZygoteSpec};
+use kiln_sandbox::{Sandboxes, Zygote, ZygoteSpec};
 use rand::distr::{Alphanumeric, SampleString};
 use std::time::{Duration, Instant};
-
-/// The zygote's pid file and log live beside the session directories
-/// (`<data>/zygote`), not among them.
-pub(crate) fn zygote_dir(sessions_dir: &std::path::Path) -> std::path::PathBuf {
-    sessions_dir.with_file_name("zygote")
-}
 
 /// The zygote of this server, and when it last failed to start.
 #[derive(Debug, Default)]
@@ -29,10 +23,9 @@ impl Inner {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?.clone();
         let name = format!("k_{}", Alphanumeric.sample_string(&mut rand::rng(), 16));
         let dirs = KernelDirs::under(self.cfg.sessions_dir.join(name));
-        let sandbox = self.cfg.sandbox.clone();
         let prepared = {
-            let dirs = dirs.clone();
-            tokio::task::spawn_blocking(move || prepare_dirs(&dirs, sandbox.as_ref(), &runtime)).await
+            let (dirs, sandboxes) = (dirs.clone(), self.sandboxes.clone());
+            tokio::task::spawn_blocking(move || prepare_dirs(&dirs, &sandboxes, &runtime)).await
         };
         match prepared {
             Ok(Ok(())) => {}
@@ -52,24 +45,22 @@ impl Inner {
     /// Boot a kernel in prepared `dirs`, with `network` as its policy.
     pub(crate) async fn boot_in(&self, dirs: KernelDirs, network: NetworkPolicy) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?;
-        let (home, sandbox) = match &self.cfg.sandbox {
-            None => (dirs.home.clone(), None),
-            Some(sb) => {
-                // The runtime is shown copy-on-write (pip installs land in
-                // the session's layer); its base interpreter read-only.
-                let read_only: Vec<std::path::PathBuf> = runtime.base_prefix().into_iter().collect();
-                let spec = SandboxSpec {
-                    helper: sb.helper.clone(),
-                    read_only,
-                    limits: kiln_sandbox::CgroupLimits { memory_bytes: sb.memory_bytes, pids: sb.pids, cpus: sb.cpus },
-                    tmp_bytes: sb.tmp_bytes,
-                    nofile: sb.nofile,
-                    owner: kiln_sandbox::jail::host_user_id(),
-                    overlay: Some(runtime.root.clone()),
-                    egress_socket: socket_name(network).map(|n| sb.egress_dir.join(n)),
-                };
-                (std::path::PathBuf::from(INSIDE_HOME), Some(spec))
-            }
+        let isolated = self.cfg.sandbox.is_some();
+        // The runtime is shown copy-on-write (pip installs land in the
+        // session's layer); its base interpreter read-only.
+        let (home, mounts, shared) = if isolated {
+            let mounts = kiln_sandbox::Mounts {
+                binds: runtime
+                    .base_prefix()
+                    .into_iter()
+                    .map(|p| kiln_sandbox::Bind { src: p.clone(), dst: p, writable: false })
+                    .collect(),
+                overlay: None,
+                egress_socket: socket_name(network).map(|n| self.cfg.egress_dir.join(n)),
+            };
+            (std::path::PathBuf::from(INSIDE_HOME), mounts, Some(runtime.root.clone()))
+        } else {
+            (dirs.home.clone(), kiln_sandbox::Mounts::default(), None)
         };
         let mut env = runtime.kernel_env(&home);
         match self.cfg.sandbox.as_ref().map(|_| network) {
@@ -91,16 +82,15 @@ impl Inner {
             }
             None => {}
         }
-        let zygote = match &sandbox {
-            Some(_) => self.zygote(runtime).await,
-            None => None,
-        };
+        let zygote = if isolated { self.zygote(runtime).await } else { None };
         let spec = KernelSpec {
             kind: self.cfg.kernel,
             python: runtime.python(),
             env,
             boot_timeout: self.cfg.boot_timeout,
-            sandbox,
+            sandboxes: self.sandboxes.clone(),
+            mounts,
+            shared,
             zygote,
             max_frame_bytes: max_frame_bytes(self.cfg.max_output_bytes),
         };
@@ -123,7 +113,7 @@ impl Inner {
         if slot.failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
             return None;
         }
-        let dir = zygote_dir(&self.cfg.sessions_dir);
+        let dir = self.sandboxes.zygote_dir();
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::warn!(error = %e, "cannot create the zygote's directory; booting kernels without it");
             slot.failed_at = Some(Instant::now());
@@ -153,7 +143,7 @@ impl Inner {
             ready_timeout: self.cfg.boot_timeout.max(Duration::from_secs(60)),
         };
         let started = Instant::now();
-        match Zygote::start(&spec).await {
+        match self.sandboxes.start_zygote(&spec).await {
             Ok(z) => {
                 tracing::info!(ms = started.elapsed().as_millis() as u64, "zygote ready");
                 slot.running = Some(z.clone());
@@ -171,26 +161,21 @@ impl Inner {
 
     /// The host uid that must own files written for sessions.
     pub(crate) fn file_owner(&self) -> Option<u32> {
-        self.cfg.sandbox.as_ref().map(|_| kiln_sandbox::jail::host_user_id())
+        self.sandboxes.file_owner()
     }
 
     /// Serve an egress proxy for each policy that allows egress (sessions
     /// may have their key's policy rather than the server's).
-    pub(crate) async fn start_egress(&self, sb: &SandboxConfig, runtime: &Runtime) -> Result<(), SessionError> {
+    pub(crate) async fn start_egress(&self, runtime: &Runtime) -> Result<(), SessionError> {
         for network in [NetworkPolicy::Pypi, NetworkPolicy::Full] {
-            self.start_proxy(sb, runtime, network).await?;
+            self.start_proxy(runtime, network).await?;
         }
         Ok(())
     }
 
-    async fn start_proxy(
-        &self,
-        sb: &SandboxConfig,
-        runtime: &Runtime,
-        network: NetworkPolicy,
-    ) -> Result<(), SessionError> {
+    async fn start_proxy(&self, runtime: &Runtime, network: NetworkPolicy) -> Result<(), SessionError> {
         let Some(name) = socket_name(network) else { return Ok(()) };
-        let socket = sb.egress_dir.join(name);
+        let socket = self.cfg.egress_dir.join(name);
         let policy = match network {
             NetworkPolicy::None => return Ok(()),
             NetworkPolicy::Full => kiln_sandbox::egress::Policy::Full,
@@ -203,7 +188,7 @@ impl Inner {
                 kiln_sandbox::egress::Policy::Hosts(hosts)
             }
         };
-        if network == sb.network {
+        if network == self.cfg.network {
             tracing::info!(policy = %policy.describe(), "session network policy");
         }
         let task = tokio::spawn(async move {
@@ -235,26 +220,19 @@ fn socket_name(network: NetworkPolicy) -> Option<&'static str> {
 }
 
 /// Create a kernel's directories: root (server only), storage, work, home.
-pub(crate) fn prepare_dirs(
-    dirs: &KernelDirs,
-    sandbox: Option<&SandboxConfig>,
-    runtime: &Runtime,
-) -> std::io::Result<()> {
+pub(crate) fn prepare_dirs(dirs: &KernelDirs, sandboxes: &Sandboxes, runtime: &Runtime) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dirs.root)?;
-    std::fs::create_dir_all(&dirs.data)?;
-    if let Some(sb) = sandbox {
-        kiln_sandbox::workspace::mount_workspace(&dirs.data, sb.disk_bytes, kiln_sandbox::jail::host_user_id())?;
-    }
+    sandboxes.create_storage(&dirs.data)?;
     std::fs::create_dir_all(&dirs.work)?;
     std::fs::create_dir_all(&dirs.home)?;
-    if sandbox.is_some() {
+    let owner = sandboxes.file_owner();
+    if owner.is_some() {
         std::fs::create_dir_all(dirs.layer_upper())?;
         std::fs::create_dir_all(dirs.layer_work())?;
     }
     runtime.seed_home(&dirs.home)?;
-    if sandbox.is_some() {
-        let owner = kiln_sandbox::jail::host_user_id();
+    if let Some(owner) = owner {
         chown_tree(&dirs.data, owner)?;
     }
     Ok(())

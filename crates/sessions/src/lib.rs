@@ -55,7 +55,11 @@ pub struct Config {
     /// The kernel implementation.
     pub kernel: kiln_kernel::KernelKind,
     /// Sandbox every kernel (`None`: plain processes, for development only).
-    pub sandbox: Option<SandboxConfig>,
+    pub sandbox: Option<kiln_sandbox::SandboxSpec>,
+    /// What sessions may reach on the network (with a sandbox).
+    pub network: NetworkPolicy,
+    /// Where the egress proxies' sockets live (server-only directory).
+    pub egress_dir: PathBuf,
 }
 
 /// Who is calling: the API key that authenticated a request, with the
@@ -68,32 +72,6 @@ pub struct Caller {
     pub network: Option<NetworkPolicy>,
     /// This key's own live-session limit.
     pub max_sessions: Option<u64>,
-}
-
-/// Limits of each session's sandbox.
-#[derive(Debug, Clone)]
-pub struct SandboxConfig {
-    /// The kiln binary, re-executed as the sandbox helper.
-    pub helper: PathBuf,
-    /// Memory per session (processes, page cache, `/tmp`), bytes.
-    pub memory_bytes: u64,
-    /// Processes and threads per session.
-    pub pids: u64,
-    /// CPU per session, in cores.
-    pub cpus: f64,
-    /// Size of the work dir + home (a tmpfs), bytes.
-    pub disk_bytes: u64,
-    /// Size of `/tmp`, bytes.
-    pub tmp_bytes: u64,
-    /// Open files per process.
-    pub nofile: u64,
-    /// What sessions may reach on the network.
-    pub network: NetworkPolicy,
-    /// Where the egress proxies' sockets live (server-only directory).
-    pub egress_dir: PathBuf,
-    /// `libkiln_sandbox.so`, to fork kernels from a zygote; `None` starts a
-    /// new interpreter for every kernel.
-    pub zygote_library: Option<PathBuf>,
 }
 
 /// Why a session request failed. None of these is an error of the user's

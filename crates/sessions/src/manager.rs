@@ -45,6 +45,8 @@ pub(crate) struct Inner {
     background: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) egress: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) metrics: Arc<crate::Metrics>,
+    /// Where kernels run: the server's sandboxes.
+    pub(crate) sandboxes: kiln_sandbox::Sandboxes,
     /// The fork server kernels are started from, once started.
     pub(crate) zygote: tokio::sync::Mutex<crate::boot::ZygoteSlot>,
 }
@@ -88,9 +90,11 @@ impl Manager {
     pub fn new(cfg: Config, store: Arc<dyn Store>) -> Self {
         let (readiness, _) = watch::channel(Readiness::Starting);
         let pool = Pool::new(cfg.pool_size);
+        let sandboxes = kiln_sandbox::Sandboxes::new(cfg.sandbox.clone(), cfg.sessions_dir.clone());
         Manager {
             inner: Arc::new(Inner {
                 cfg,
+                sandboxes,
                 store,
                 runtime: OnceLock::new(),
                 readiness,
@@ -108,7 +112,13 @@ impl Manager {
     /// remove its session directories, end its sessions in the store.
     pub async fn recover(&self) -> Result<(), SessionError> {
         let dir = self.inner.cfg.sessions_dir.clone();
-        let removed = tokio::task::spawn_blocking(move || remove_leftovers(&dir)).await.unwrap_or(0);
+        let sandboxes = self.inner.sandboxes.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            sandboxes.recover();
+            remove_leftovers(&dir)
+        })
+        .await
+        .unwrap_or(0);
         let ended = self.inner.store.end_all_open(Utc::now()).await?;
         if removed > 0 || ended > 0 {
             tracing::info!(removed_dirs = removed, ended_sessions = ended, "cleaned up after a previous run");
@@ -120,12 +130,12 @@ impl Manager {
     /// sessions can really be served), then keep the pool filled and expire
     /// sessions in the background.
     pub async fn start(&self, runtime: Runtime) -> Result<(), SessionError> {
-        if let Some(sb) = &self.inner.cfg.sandbox {
-            self.inner.start_egress(sb, &runtime).await?;
+        if let Some(owner) = self.inner.sandboxes.file_owner() {
+            self.inner.start_egress(&runtime).await?;
             // The session user must own the shared runtime for its
             // copy-on-write layer to accept writes (the runtime itself is
             // never written: it is read-only or overlaid in every sandbox).
-            let (root, owner) = (runtime.root.clone(), kiln_sandbox::jail::host_user_id());
+            let root = runtime.root.clone();
             tokio::task::spawn_blocking(move || crate::boot::own_runtime(&root, owner))
                 .await
                 .map_err(|e| SessionError::Broken(e.to_string()))?
@@ -437,7 +447,11 @@ impl Inner {
 
     /// The server's network policy.
     pub(crate) fn default_network(&self) -> NetworkPolicy {
-        self.cfg.sandbox.as_ref().map_or(NetworkPolicy::None, |s| s.network)
+        if self.cfg.sandbox.is_some() {
+            self.cfg.network
+        } else {
+            NetworkPolicy::None
+        }
     }
 
     /// Forget a session whose worker ended on its own.
@@ -471,7 +485,7 @@ async fn reap(inner: Arc<Inner>) {
 /// Remove a kernel's directory, unmounting its workspace first.
 pub(crate) async fn destroy_dir(dir: std::path::PathBuf) {
     let result = tokio::task::spawn_blocking(move || {
-        if let Err(e) = kiln_sandbox::workspace::unmount_workspace(&dir.join("data")) {
+        if let Err(e) = kiln_sandbox::remove_storage(&dir.join("data")) {
             return Err((dir, e));
         }
         match std::fs::remove_dir_all(&dir) {
@@ -485,22 +499,14 @@ pub(crate) async fn destroy_dir(dir: std::path::PathBuf) {
     }
 }
 
-/// Kill recorded kernels under `dir`, remove leftover cgroups and
-/// workspaces, and remove every session directory.
+/// Remove every session directory under `dir` (their processes, cgroups
+/// and workspaces are gone: see [`kiln_sandbox::Sandboxes::recover`]).
 fn remove_leftovers(dir: &std::path::Path) -> usize {
-    // The zygote first: its children die with it.
-    let _ = kiln_sandbox::kill_recorded(&crate::boot::zygote_dir(dir).join("pid"));
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    let entries: Vec<_> = entries.flatten().collect();
-    for entry in &entries {
-        let _ = kiln_sandbox::kill_recorded(&entry.path().join("pid"));
-    }
-    kiln_sandbox::cgroup::remove_all(&kiln_sandbox::cgroup::instance_name(dir));
-    kiln_sandbox::workspace::unmount_all_under(dir);
     let mut n = 0;
-    for entry in entries {
+    for entry in entries.flatten() {
         if std::fs::remove_dir_all(entry.path()).is_ok() {
             n += 1;
         }

@@ -118,7 +118,7 @@ pub(crate) async fn run(
             )),
             End::Died { out_of_memory: true, .. } => Some(format!(
                 "MemoryError: the session ran out of memory (its limit is {} MiB), so its kernel was killed",
-                inner.cfg.sandbox.as_ref().map_or(0, |s| s.memory_bytes >> 20)
+                inner.cfg.sandbox.as_ref().map_or(0, |s| s.limits.memory_bytes >> 20)
             )),
             End::Died { exit, .. } => Some(format!(
                 "KernelDied: the Python kernel running this session exited ({}) while running this code \

@@ -204,28 +204,32 @@ pub fn types_of(data: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The live sandboxes of the server whose sessions live in `dir`: one entry
-/// per session cgroup, with the pids in it.
-pub fn sandboxes(dir: &Path) -> Vec<Vec<i32>> {
-    let instance = kiln_sandbox::cgroup::instance_name(dir);
-    let mut out = Vec::new();
-    for base in ["/sys/fs/cgroup/pids/kiln", "/sys/fs/cgroup/kiln"] {
-        let Ok(entries) = std::fs::read_dir(Path::new(base).join(&instance)) else { continue };
-        for e in entries.flatten().filter(|e| e.path().is_dir()) {
-            let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
-            out.push(procs.lines().filter_map(|l| l.trim().parse().ok()).collect());
-        }
-    }
-    out
+/// The cgroup directory of the server whose sessions live in `dir`, in the
+/// hierarchy of `controller` (v1), or in the unified one (v2).
+pub fn instance_cgroup(dir: &Path, controller: &str) -> Option<PathBuf> {
+    let dirs = kiln_sandbox::instance_cgroups(dir);
+    let pick = |name: &str| dirs.iter().find(|(c, _)| c == name).map(|(_, d)| d.clone());
+    pick(controller).or_else(|| pick("unified"))
 }
 
 /// The cgroup directories of the server's live sandboxes.
 pub fn sandbox_dirs(dir: &Path) -> std::collections::BTreeSet<PathBuf> {
-    let instance = kiln_sandbox::cgroup::instance_name(dir);
-    ["/sys/fs/cgroup/pids/kiln", "/sys/fs/cgroup/kiln"]
-        .iter()
-        .filter_map(|base| std::fs::read_dir(Path::new(base).join(&instance)).ok())
+    instance_cgroup(dir, "pids")
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
         .flat_map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()))
+        .collect()
+}
+
+/// The live sandboxes of the server whose sessions live in `dir`: one entry
+/// per session cgroup, with the pids in it.
+pub fn sandboxes(dir: &Path) -> Vec<Vec<i32>> {
+    sandbox_dirs(dir)
+        .iter()
+        .map(|d| {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+            procs.lines().filter_map(|l| l.trim().parse().ok()).collect()
+        })
         .collect()
 }
 

@@ -178,8 +178,8 @@ def _child(lib, body, unshared, mapped):
             os.dup2(mapped, 4, inheritable=False)
         os.closerange(5, 1 << 20)
         os.environ.clear()
-        for entry in jail["env"]:
-            name, _, value = entry.partition("=")
+        program = jail["program"]
+        for name, value in program["env"]:
             os.environ[name] = value
         raw = json.dumps(jail).encode()
         rc = lib.kiln_sandbox_enter_init(raw, len(raw), 3, 4)
@@ -187,13 +187,13 @@ def _child(lib, body, unshared, mapped):
             os._exit(rc)
         # Confined from here on: the session user, no capabilities, seccomp.
         _reseed()
-        args = jail["args"]
+        args = program["args"]
         if len(args) < 2 or args[0] != "-m":
             print(f"kiln zygote: cannot run {args!r}: only `-m module` is supported", file=sys.stderr)
             os._exit(code)
         import runpy
 
-        sys.argv = [jail["program"], *args[2:]]
+        sys.argv = [program["path"], *args[2:]]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
