@@ -1,13 +1,30 @@
-//! Booting kernels for sessions: their directories and storage, their
-//! sandbox, their environment and network policy, and the egress proxies.
+//! The kernel factory: everything needed to make a kernel for a session
+//! (its directories and storage, its sandbox, its environment and network
+//! policy, the zygote it is forked from, the egress proxies), and to
+//! destroy one. The pool and the session workers use it; it knows nothing
+//! of sessions, keys or the store.
 
-use crate::manager::{destroy_dir, Inner};
-use crate::{NetworkPolicy, SessionError};
+use crate::{Config, NetworkPolicy, SessionError};
 use kiln_kernel::{Kernel, KernelDirs, KernelSpec, INSIDE_HOME};
 use kiln_runtime::Runtime;
 use kiln_sandbox::{Sandboxes, Zygote, ZygoteSpec};
 use rand::distr::{Alphanumeric, SampleString};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// Makes and destroys kernels.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    cfg: Arc<Config>,
+    runtime: OnceLock<Runtime>,
+    /// Where kernels run: the server's sandboxes.
+    sandboxes: Sandboxes,
+    /// The fork server kernels are started from, once started.
+    zygote: tokio::sync::Mutex<ZygoteSlot>,
+    /// The egress proxies' tasks.
+    egress: Mutex<Vec<JoinHandle<()>>>,
+}
 
 /// The zygote of this server, and when it last failed to start.
 #[derive(Debug, Default)]
@@ -16,7 +33,62 @@ pub(crate) struct ZygoteSlot {
     failed_at: Option<Instant>,
 }
 
-impl Inner {
+impl Kernels {
+    pub(crate) fn new(cfg: Arc<Config>) -> Self {
+        let sandboxes = Sandboxes::new(cfg.sandbox.clone(), cfg.sessions_dir.clone());
+        Kernels {
+            cfg,
+            runtime: OnceLock::new(),
+            sandboxes,
+            zygote: tokio::sync::Mutex::new(ZygoteSlot::default()),
+            egress: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The server's sandboxes.
+    pub(crate) fn sandboxes(&self) -> &Sandboxes {
+        &self.sandboxes
+    }
+
+    /// Take `runtime` into use: kernels can be made from now on.
+    pub(crate) async fn set_runtime(&self, runtime: Runtime) -> Result<(), SessionError> {
+        if let Some(owner) = self.sandboxes.file_owner() {
+            self.start_egress(&runtime).await?;
+            // The session user must own the shared runtime for its
+            // copy-on-write layer to accept writes (the runtime itself is
+            // never written: it is read-only or overlaid in every sandbox).
+            let root = runtime.root.clone();
+            tokio::task::spawn_blocking(move || own_runtime(&root, owner))
+                .await
+                .map_err(|e| SessionError::Broken(e.to_string()))?
+                .map_err(|e| SessionError::Broken(format!("could not prepare the runtime for sandboxes: {e}")))?;
+        }
+        let _ = self.runtime.set(runtime);
+        Ok(())
+    }
+
+    /// The policy of kernels booted without one of their own (the pool's).
+    pub(crate) fn default_network(&self) -> NetworkPolicy {
+        if self.cfg.sandbox.is_some() {
+            self.cfg.network
+        } else {
+            NetworkPolicy::None
+        }
+    }
+
+    /// Stop the kernel and remove its directory.
+    pub(crate) async fn destroy(&self, kernel: Kernel) {
+        kernel.kill().await;
+        destroy_dir(kernel.dirs().root.clone()).await;
+    }
+
+    /// Stop the egress proxies (at shutdown, once no kernel is left).
+    pub(crate) fn stop_egress(&self) {
+        for proxy in self.egress.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            proxy.abort();
+        }
+    }
+
     /// Boot a kernel in a new session directory: its storage (a quota'd
     /// tmpfs when sandboxed) with a work dir and a seeded home.
     pub(crate) async fn boot_new(&self, network: NetworkPolicy) -> Result<Kernel, SessionError> {
@@ -166,7 +238,7 @@ impl Inner {
 
     /// Serve an egress proxy for each policy that allows egress (sessions
     /// may have their key's policy rather than the server's).
-    pub(crate) async fn start_egress(&self, runtime: &Runtime) -> Result<(), SessionError> {
+    async fn start_egress(&self, runtime: &Runtime) -> Result<(), SessionError> {
         for network in [NetworkPolicy::Pypi, NetworkPolicy::Full] {
             self.start_proxy(runtime, network).await?;
         }
@@ -219,8 +291,25 @@ fn socket_name(network: NetworkPolicy) -> Option<&'static str> {
     }
 }
 
+/// Remove a kernel's directory, unmounting its workspace first.
+pub(crate) async fn destroy_dir(dir: std::path::PathBuf) {
+    let result = tokio::task::spawn_blocking(move || {
+        if let Err(e) = kiln_sandbox::remove_storage(&dir.join("data")) {
+            return Err((dir, e));
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    if let Ok(Err((dir, e))) = result {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not remove a session directory");
+    }
+}
+
 /// Create a kernel's directories: root (server only), storage, work, home.
-pub(crate) fn prepare_dirs(dirs: &KernelDirs, sandboxes: &Sandboxes, runtime: &Runtime) -> std::io::Result<()> {
+fn prepare_dirs(dirs: &KernelDirs, sandboxes: &Sandboxes, runtime: &Runtime) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dirs.root)?;
     sandboxes.create_storage(&dirs.data)?;
@@ -249,7 +338,7 @@ fn chown_tree(dir: &std::path::Path, owner: u32) -> std::io::Result<()> {
 }
 
 /// Give the runtime tree to `owner` unless it already has it.
-pub(crate) fn own_runtime(root: &std::path::Path, owner: u32) -> std::io::Result<()> {
+fn own_runtime(root: &std::path::Path, owner: u32) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let marker = root.join("kiln-runtime.json");
     if std::fs::symlink_metadata(&marker)?.uid() == owner {

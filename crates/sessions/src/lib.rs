@@ -9,21 +9,28 @@
 //!
 //! New sessions take a ready kernel from the [`pool`] when one is there, so
 //! a create costs a queue pop instead of a kernel boot.
+//!
+//! The parts point one way: the [`manager`] composes the [`registry`] of
+//! live sessions, the kernel factory ([`boot`]), the [`pool`] and one
+//! [`worker`] per session, which runs [`job`]s; the factory knows nothing
+//! of sessions, and no part knows of the manager.
 #![forbid(unsafe_code)]
 
 mod api;
 mod boot;
 mod browse;
 mod files;
+mod job;
 mod manager;
 pub mod metrics;
 mod pool;
+mod registry;
 mod worker;
 
 pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
 pub use kiln_protocol::NetworkPolicy;
-pub use manager::{Exec, Manager, Readiness};
+pub use manager::{Exec, Manager};
 pub use metrics::Metrics;
 
 use std::path::PathBuf;
@@ -60,6 +67,19 @@ pub struct Config {
     pub network: NetworkPolicy,
     /// Where the egress proxies' sockets live (server-only directory).
     pub egress_dir: PathBuf,
+}
+
+/// Whether the manager can serve sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// The runtime is being provisioned or the first kernel is booting.
+    Starting,
+    /// Sessions can be served.
+    Ready,
+    /// Provisioning or the first boot failed; the message says why.
+    Failed(String),
+    /// Shutting down.
+    Stopping,
 }
 
 /// Who is calling: the API key that authenticated a request, with the

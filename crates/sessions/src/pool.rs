@@ -11,13 +11,14 @@
 //! quiet minute lowers it back. Pooled kernels count against the server's
 //! session limit: the pool never fills past what sessions could still use.
 
-use crate::manager::{destroy_dir, Inner, Readiness};
+use crate::boot::Kernels;
+use crate::registry::Registry;
 use kiln_kernel::Kernel;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{watch, Mutex, Notify};
 use tokio::time::Instant;
 
 /// How long without a miss before the target shrinks by one.
@@ -25,6 +26,7 @@ const QUIET: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub(crate) struct Pool {
+    kernels: Arc<Kernels>,
     ready: Mutex<VecDeque<Kernel>>,
     wake: Notify,
     /// The configured size: the target never goes below it.
@@ -46,8 +48,9 @@ pub(crate) fn next_target(current: usize, min: usize, max: usize, misses: usize,
 }
 
 impl Pool {
-    pub(crate) fn new(min: usize) -> Self {
+    pub(crate) fn new(min: usize, kernels: Arc<Kernels>) -> Self {
         Pool {
+            kernels,
             ready: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             min,
@@ -65,8 +68,7 @@ impl Pool {
             if k.is_alive() {
                 return Some(k);
             }
-            k.kill().await;
-            destroy_dir(k.dirs().root.clone()).await;
+            self.kernels.destroy(k).await;
         }
         if self.min > 0 {
             // A miss: this session boots its own kernel; grow at once.
@@ -83,8 +85,7 @@ impl Pool {
     /// Add a kernel (or discard it when the pool is off).
     pub(crate) async fn put(&self, k: Kernel) {
         if self.min == 0 {
-            k.kill().await;
-            destroy_dir(k.dirs().root.clone()).await;
+            self.kernels.destroy(k).await;
             return;
         }
         self.ready.lock().await.push_back(k);
@@ -108,8 +109,7 @@ impl Pool {
     pub(crate) async fn drain(&self) {
         let all: Vec<Kernel> = self.ready.lock().await.drain(..).collect();
         for k in all {
-            k.kill().await;
-            destroy_dir(k.dirs().root.clone()).await;
+            self.kernels.destroy(k).await;
         }
         self.wake.notify_one();
     }
@@ -122,18 +122,22 @@ impl Pool {
             ready.drain(..n).collect()
         };
         for k in extra {
-            k.kill().await;
-            destroy_dir(k.dirs().root.clone()).await;
+            self.kernels.destroy(k).await;
         }
     }
 }
 
-/// Keep the pool at its target until the server stops.
-pub(crate) async fn fill(inner: Arc<Inner>) {
-    let pool = &inner.pool;
+/// Keep the pool at its target until `stopping` turns true. Pooled
+/// kernels count against `max_sessions` with the sessions in `registry`.
+pub(crate) async fn fill(
+    pool: Arc<Pool>,
+    registry: Arc<Registry>,
+    max_sessions: usize,
+    stopping: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(500);
     loop {
-        if inner.readiness() == Readiness::Stopping {
+        if *stopping.borrow() {
             pool.drain().await;
             return;
         }
@@ -158,18 +162,17 @@ pub(crate) async fn fill(inner: Arc<Inner>) {
             pool.trim(target).await;
         }
         // Pooled kernels count against the session limit.
-        let room = inner.cfg.max_sessions.saturating_sub(inner.live_sessions());
+        let room = max_sessions.saturating_sub(registry.count());
         if have >= target || have >= room {
             // Wait for a change, or re-evaluate the target now and then.
             let _ = tokio::time::timeout(QUIET, pool.wake.notified()).await;
             continue;
         }
-        match inner.boot_new(inner.default_network()).await {
+        match pool.kernels.boot_new(pool.kernels.default_network()).await {
             Ok(k) => {
                 backoff = Duration::from_millis(500);
-                if inner.readiness() == Readiness::Stopping {
-                    k.kill().await;
-                    destroy_dir(k.dirs().root.clone()).await;
+                if *stopping.borrow() {
+                    pool.kernels.destroy(k).await;
                     return;
                 }
                 pool.put(k).await;
