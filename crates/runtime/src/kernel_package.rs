@@ -1,8 +1,9 @@
 //! kiln's own Python package in the runtime: `kiln_kernel`, the lean
 //! kernel (`kiln_kernel.kernel`, run as `python -m kiln_kernel`, with its
-//! modules `wire`, `streams`, `display`, `shell` and `handlers`), the
-//! zygote that forks kernels (`kiln_kernel.zygote`) and the fidelity check
-//! that compares the lean kernel with ipykernel (`kiln_kernel.fidelity`).
+//! modules `wire`, `publisher`, `streams`, `display`, `shell` and
+//! `handlers`), the zygote that forks kernels (`kiln_kernel.zygote`) and the
+//! fidelity check that compares the lean kernel with ipykernel
+//! (`kiln_kernel.fidelity`).
 //!
 //! The sources are compiled into the kiln binary and written into the
 //! runtime, in a directory named by their hash
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 const FILES: &[(&str, &str)] = &[
     ("__init__.py", include_str!("../python/kiln_kernel/__init__.py")),
     ("wire.py", include_str!("../python/kiln_kernel/wire.py")),
+    ("publisher.py", include_str!("../python/kiln_kernel/publisher.py")),
     ("streams.py", include_str!("../python/kiln_kernel/streams.py")),
     ("display.py", include_str!("../python/kiln_kernel/display.py")),
     ("shell.py", include_str!("../python/kiln_kernel/shell.py")),

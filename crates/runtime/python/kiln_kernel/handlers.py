@@ -69,8 +69,8 @@ class RequestHandlers:
         self.shell.exit_now = True
         content = {"status": "ok", "restart": msg["content"].get("restart", False)}
         self.reply(sock, idents, msg, "shutdown_reply", content)
-        self.session.send(self.iopub, "shutdown_reply", content, msg["_raw_header"],
-                          idents=(self.topic_shutdown,))
+        p = self.publisher
+        p.send("shutdown_reply", content, p.topic_shutdown, parent=msg["_raw_header"])
         self.running = False
 
     def interrupt_request(self, sock, idents, msg):

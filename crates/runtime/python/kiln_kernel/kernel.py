@@ -10,6 +10,10 @@ a synchronous wire-protocol loop instead of tornado + four threads:
   iopub is a PUB socket written directly;
 * messages are signed and verified as the Jupyter wire protocol 5.3 asks
   (:mod:`kiln_kernel.wire`);
+* every iopub message leaves through one
+  :class:`~kiln_kernel.publisher.Publisher` (session, iopub socket, current
+  request, hooks, output budget), made here and handed to the streams, the
+  shell, its display publisher and hook, and the comms;
 * ``sys.stdout``/``sys.stderr`` publish ``stream`` messages, and what is
   written to file descriptors 1 and 2 is captured too
   (:mod:`kiln_kernel.streams`);
@@ -18,6 +22,9 @@ a synchronous wire-protocol loop instead of tornado + four threads:
   :mod:`kiln_kernel.shell`; the requests other than ``execute_request`` are
   answered by :mod:`kiln_kernel.handlers`. This module is the loop, the
   execution of cells, ``input()`` and the entry points.
+* a request's output stops at kiln's output cap (``KILN_MAX_OUTPUT_BYTES``),
+  and no stream message is larger than 64 KiB (see
+  :mod:`kiln_kernel.publisher`).
 
 Deliberate limits of the single thread (documented, acceptable for kiln):
 
@@ -57,11 +64,11 @@ from io import FileIO, TextIOWrapper
 import zmq
 from IPython.core.error import StdinNotImplementedError
 
-from . import display
 from .display import install_comm
 from .handlers import RequestHandlers
+from .publisher import Publisher, output_limit
 from .shell import XCachingCompiler, ZMQInteractiveShell, adopt_ipykernel_input, register_compat_modules
-from .streams import FdCapture, OutStream, flush_std, patch_faulthandler
+from .streams import FdCapture, OutStream, patch_faulthandler
 from .wire import Session, now_iso, uuid4
 
 __all__ = ["main", "Kernel", "ZMQInteractiveShell"]
@@ -79,35 +86,24 @@ class Kernel(RequestHandlers):
         self.session = Session(conn.get("key", "").encode(), conn.get("signature_scheme", "hmac-sha256"))
         self.ident = uuid4()
         self.int_id = -1
-        base = "kernel.%s." % self.ident
-        self.topic_status = (base + "status").encode()
-        self.topic_execute_input = (base + "execute_input").encode()
-        self.topic_error = (base + "error").encode()
-        self.topic_execute_result = (base + "execute_result").encode()
-        self.topic_shutdown = (base + "shutdown").encode()
-        self.parent = {}
-        self.parent_header = {}
-        self.parent_raw = b"{}"
-        self.parent_ident = []
+        self.publisher = Publisher(self.session, self.ident)
         self.iopub = None
         self.running = True
         self.shell = None
         self._aborting = False
         self._queued = []
         self._allow_stdin = False
-        self.streams = ()
         self.captures = ()
 
     def adopt_connection(self, conn: dict):
         """Take a connection after the shell was built without one (see
         :func:`zygote_prepare`): a fresh identity and key, and the working
         directory the forked process really has."""
-        prepared = Kernel(conn)
-        for name in ("conn", "session", "ident", "topic_status", "topic_execute_input", "topic_error",
-                     "topic_execute_result", "topic_shutdown"):
-            setattr(self, name, getattr(prepared, name))
+        self.conn = conn
+        self.session = Session(conn.get("key", "").encode(), conn.get("signature_scheme", "hmac-sha256"))
+        self.ident = uuid4()
+        self.publisher.adopt(self.session, self.ident)
         shell = self.shell
-        shell.displayhook.topic = self.topic_execute_result
         cwd = os.getcwd()
         shell.starting_dir = cwd
         from pathlib import Path
@@ -150,6 +146,7 @@ class Kernel(RequestHandlers):
         for s in (self.shell_sock, self.control_sock, self.stdin_sock, self.iopub, self.hb_sock):
             s.linger = 1000
         self.iopub.sndhwm = 0
+        self.publisher.socket = self.iopub
         self._bind(self.shell_sock, "shell_port")
         self._bind(self.iopub, "iopub_port")
         self._bind(self.stdin_sock, "stdin_port")
@@ -162,7 +159,7 @@ class Kernel(RequestHandlers):
                 s.close(linger=1000)
             except Exception:
                 pass
-        self.iopub = None
+        self.iopub = self.publisher.socket = None
         self.ctx.term()
 
     # -- shell -----------------------------------------------------------
@@ -171,18 +168,16 @@ class Kernel(RequestHandlers):
 
         cfg = Config()
         cfg.HistoryManager.hist_file = ":memory:"
-        self.comm_manager = install_comm(self)
+        self.comm_manager = install_comm(self.publisher, self)
         shell = ZMQInteractiveShell.instance(
             config=cfg,
             user_module=None,
             user_ns={},
             kernel=self,
+            publisher=self.publisher,
             compiler_class=XCachingCompiler,
         )
         self.shell = shell
-        shell.displayhook.kernel = self
-        shell.displayhook.topic = self.topic_execute_result
-        shell.display_pub.kernel = self
         sess_name = os.environ.get("JPY_SESSION_NAME")
         if sess_name:
             shell.user_ns["__session__"] = sess_name
@@ -204,18 +199,17 @@ class Kernel(RequestHandlers):
         shell._sys_modules_keys = set(sys.modules.keys())
 
     # -- messaging helpers ------------------------------------------------
-    def set_parent(self, idents, msg):
-        self.parent = msg
-        self.parent_header = msg["header"]
-        self.parent_raw = msg["_raw_header"]
-        self.parent_ident = idents
-
     def get_parent(self, channel=None):
-        return self.parent
+        """The request being handled (ipykernel's name, used by libraries)."""
+        return self.publisher.parent
+
+    @property
+    def iopub_socket(self):
+        return self.iopub
 
     def status(self, state, parent_raw):
-        self.session.send(self.iopub, "status", {"execution_state": state}, parent_raw,
-                          idents=(self.topic_status,))
+        p = self.publisher
+        p.send("status", {"execution_state": state}, p.topic_status, parent=parent_raw)
 
     def reply(self, sock, idents, msg, msg_type, content, metadata=None):
         return self.session.send(sock, msg_type, content, msg["_raw_header"], idents=idents,
@@ -284,8 +278,9 @@ class Kernel(RequestHandlers):
         idents, msg = parsed
         msg_type = msg["msg_type"]
         raw = msg["_raw_header"]
+        publisher = self.publisher
         if channel == "shell":
-            self.set_parent(idents, msg)
+            publisher.set_parent(idents, msg)
         self.status("busy", raw)
         try:
             if msg_type == "execute_request" and channel == "shell":
@@ -303,7 +298,7 @@ class Kernel(RequestHandlers):
             log.error("KeyboardInterrupt caught in kernel.")
         except Exception:
             log.error("Exception in message handler:", exc_info=True)
-        flush_std()
+        publisher.flush_streams()
         self.status("idle", raw)
 
     # -- execute_request ---------------------------------------------------
@@ -329,10 +324,10 @@ class Kernel(RequestHandlers):
         stop_on_error = content.get("stop_on_error", True)
         metadata = self.init_metadata()
         shell = self.shell
+        publisher = self.publisher
         if not silent:
-            self.session.send(self.iopub, "execute_input",
-                              {"code": code, "execution_count": shell.execution_count},
-                              msg["_raw_header"], idents=(self.topic_execute_input,))
+            publisher.send("execute_input", {"code": code, "execution_count": shell.execution_count},
+                           publisher.topic_execute_input)
         self._allow_stdin = allow_stdin
         # input()/getpass() ask the client over stdin during the cell, as
         # under ipykernel, which swaps them the same way.
@@ -342,7 +337,7 @@ class Kernel(RequestHandlers):
         # The flush interval starts with the cell: a burst of writes at its
         # start goes out as one stream message, not the first write alone.
         now = time.monotonic()
-        for s in self.streams:
+        for s in publisher.streams:
             s._last = now
         # SIGINT interrupts cells only (KeyboardInterrupt); ignored while idle.
         saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -373,7 +368,7 @@ class Kernel(RequestHandlers):
         pm = shell.payload_manager
         reply["payload"] = pm.read_payload()
         pm.clear_payload()
-        flush_std()
+        publisher.flush_streams()
         for cap in self.captures:
             cap.reset()
         metadata["status"] = reply["status"]
@@ -397,25 +392,27 @@ class Kernel(RequestHandlers):
             raise StdinNotImplementedError(
                 "raw_input was called, but this frontend does not support input requests."
             )
-        return self._input_request(str(prompt), self.parent_ident, self.parent, password=False)
+        p = self.publisher
+        return self._input_request(str(prompt), p.parent_ident, p.parent, password=False)
 
     def getpass(self, prompt="", stream=None, *, echo_char=None):
         if not self._allow_stdin:
             raise StdinNotImplementedError(
                 "getpass was called, but this frontend does not support input requests."
             )
-        return self._input_request(prompt, self.parent_ident, self.parent, password=True)
+        p = self.publisher
+        return self._input_request(prompt, p.parent_ident, p.parent, password=True)
 
     # Names used by ipykernel's raw_input/getpass bodies (see adopt_ipykernel_input).
     @property
     def _shell_parent_ident(self):
-        return self.parent_ident
+        return self.publisher.parent_ident
 
     def _get_shell_context_var(self, var):
         return var
 
     def _input_request(self, prompt, ident, parent, password=False):
-        flush_std()
+        self.publisher.flush_streams()
         sock = self.stdin_sock
         while True:  # purge stale replies
             try:
@@ -423,7 +420,7 @@ class Kernel(RequestHandlers):
             except zmq.Again:
                 break
         self.session.send(sock, "input_request", {"prompt": prompt, "password": password},
-                          self.parent_raw, idents=ident)
+                          self.publisher.parent_raw, idents=ident)
         while True:
             try:
                 frames = sock.recv_multipart()
@@ -476,7 +473,9 @@ def main(connection_file: str) -> None:
     _prepared = None
     if prepared:
         kernel.adopt_connection(conn)
-    display._kernel = kernel  # comms publish through it from now on
+    publisher = kernel.publisher
+    # The cap is the session's (read here, after the fork, not in the zygote).
+    publisher.budget.limit = output_limit(os.environ)
     kernel.open_sockets()
 
     for s in (sys.stdout, sys.stderr):
@@ -495,21 +494,21 @@ def main(connection_file: str) -> None:
     log.setLevel(logging.INFO if os.environ.get("KILN_KERNEL_DEBUG") else logging.WARNING)
     log.propagate = False
 
-    sys.stdout = OutStream(kernel, "stdout", cap_out)
-    sys.stderr = OutStream(kernel, "stderr", cap_err)
-    kernel.streams = (sys.stdout, sys.stderr)
+    sys.stdout = OutStream(publisher, "stdout", cap_out)
+    sys.stderr = OutStream(publisher, "stderr", cap_err)
+    publisher.streams = (sys.stdout, sys.stderr)
     patch_faulthandler(sys.__stderr__)
     try:
         if not prepared:
             register_compat_modules()
             kernel.init_shell()
             adopt_ipykernel_input(Kernel)
-        flush_std()
+        publisher.flush_streams()
         # anything written during init must not be attached to the first cell
         kernel.run()
     finally:
         try:
-            flush_std()
+            publisher.flush_streams()
         except Exception:
             pass
         kernel.close_sockets()
@@ -519,4 +518,3 @@ def main(connection_file: str) -> None:
                 os.dup2(cap.orig, cap.fd)
             except OSError:
                 pass
-        display._kernel = None

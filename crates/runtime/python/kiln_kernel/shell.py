@@ -3,8 +3,11 @@
 :class:`ZMQInteractiveShell` is IPython's ``InteractiveShell`` with the
 kernel's display publisher and display hook (:mod:`kiln_kernel.display`),
 errors published as ``error`` messages, the pager and ``set_next_input``
-turned into reply payloads, and ipykernel's kernel magics. It reaches the
-kernel through its ``kernel`` trait.
+turned into reply payloads, and ipykernel's kernel magics. Everything it
+shows goes out through the :class:`~kiln_kernel.publisher.Publisher` given
+as its ``publisher`` trait, which it hands on to its display publisher and
+display hook; its ``kernel`` trait is only for code that looks for
+``get_ipython().kernel`` as under ipykernel.
 
 The rest makes the kernel indistinguishable from ipykernel to code that
 looks:
@@ -35,7 +38,6 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.utils import openpy
 
 from .display import ZMQDisplayPublisher, ZMQShellDisplayHook
-from .streams import flush_std
 
 log = logging.getLogger("kiln_kernel")
 
@@ -145,6 +147,7 @@ class ZMQInteractiveShell(InteractiveShell):
     displayhook_class = _Type(ZMQShellDisplayHook)
     display_pub_class = _Type(ZMQDisplayPublisher)
     kernel = _Any()
+    publisher = _Any()
     readline_use = _CBool(False)
     autoindent = _CBool(False)
     exiter = _Instance(ZMQExitAutocall)
@@ -190,6 +193,14 @@ class ZMQInteractiveShell(InteractiveShell):
         data = strg if isinstance(strg, dict) else {"text/plain": strg}
         self.payload_manager.write_payload(dict(source="page", data=data, start=start))
 
+    def init_display_pub(self):
+        super().init_display_pub()
+        self.display_pub.publisher = self.publisher
+
+    def init_displayhook(self):
+        super().init_displayhook()
+        self.displayhook.publisher = self.publisher
+
     def init_hooks(self):
         super().init_hooks()
         self.set_hook("show_in_pager", page.as_hook(self.payloadpage_page), 99)
@@ -218,14 +229,13 @@ class ZMQInteractiveShell(InteractiveShell):
         # An error raised while the display hook formats a result fails the
         # cell although run_cell reports success: execute_request checks
         # _last_traceback_during_displayhook, as ipykernel does.
-        flush_std()
+        p = self.publisher
+        p.flush_streams()
         content = {"traceback": stb, "ename": str(etype.__name__), "evalue": str(evalue)}
         dh = self.displayhook
         if getattr(dh, "msg", None) is not None:
             self._last_traceback_during_displayhook = True
-        k = self.kernel
-        if k is not None and k.iopub is not None:
-            k.session.send(k.iopub, "error", content, k.parent_raw, idents=(k.topic_error,))
+        p.send("error", content, p.topic_error)
         self._last_traceback = stb
 
     def set_next_input(self, text, replace=False):
@@ -233,13 +243,13 @@ class ZMQInteractiveShell(InteractiveShell):
 
     @property
     def parent_header(self):
-        return self.kernel.parent_header if self.kernel else {}
+        return self.publisher.parent_header if self.publisher else {}
 
     def set_parent(self, parent):
         pass
 
     def get_parent(self):
-        return self.kernel.parent if self.kernel else {}
+        return self.publisher.parent if self.publisher else {}
 
     def system_piped(self, cmd):
         if cmd.rstrip().endswith("&"):

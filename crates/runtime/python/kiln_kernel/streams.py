@@ -1,10 +1,11 @@
 """The kernel's standard output and error.
 
 While a kernel runs, ``sys.stdout`` and ``sys.stderr`` are :class:`OutStream`
-objects: buffered text streams that publish ``stream`` messages on iopub,
-sending what a cell writes at most every 50 ms (or every 64 KiB) and at each
-flush point: before a display, a result, an error or an input request, and at
-the end of every request.
+objects: buffered text streams that hand what a cell writes to the kernel's
+:class:`~kiln_kernel.publisher.Publisher` (which sends it as ``stream``
+messages of at most 64 KiB) at most every 50 ms (or every 64 Ki characters)
+and at each flush point: before a display, a result, an error or an input
+request, and at the end of every request.
 
 Writes that bypass Python (``os.system``, subprocesses, C code) go to file
 descriptors 1 and 2. :class:`FdCapture` redirects each of them to a memfd,
@@ -13,6 +14,10 @@ thread to drain one); an :class:`OutStream` reads the new bytes at each of its
 writes and flushes, and the kernel at the end of each cell. Output written at
 fd level during a long blocking call (no Python-level write in between) thus
 shows up at the next flush point or at the end of the cell.
+
+Neither keeps more than the request's output budget still allows (see
+:class:`~kiln_kernel.publisher.OutputBudget`): the rest of a huge write, from
+Python or at fd level, is dropped where it arrives, not buffered and sent.
 """
 
 from __future__ import annotations
@@ -20,21 +25,20 @@ from __future__ import annotations
 import codecs
 import fcntl
 import os
-import sys
 import time
 from io import TextIOBase, UnsupportedOperation
 from typing import TYPE_CHECKING
 
-from .wire import MessageHooks
+from .publisher import HookChannel
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from .publisher import Publisher
 
-
-def flush_std():
-    """Publish what ``sys.stdout`` and ``sys.stderr`` hold, in that order."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+_CHUNK = 1 << 16
+# Bytes read from a capture beyond the budget's room: the decoder may hold
+# back the start of a character (up to 3 bytes), and what is read must still
+# be enough to pass the cap.
+_SLACK = 4
 
 
 class FdCapture:
@@ -57,14 +61,24 @@ class FdCapture:
         self.pos = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def read(self) -> str:
-        chunks = []
+    def read(self, limit: int | None = None) -> str:
+        """The text written since the last read, from at most ``limit``
+        bytes; bytes past the limit are dropped (and with ``limit <= 0``
+        all of them, freeing the memfd's memory)."""
         pos = self.pos
-        while True:
-            b = os.pread(self.mfd, 1 << 16, pos)
+        if limit is not None and limit <= 0:
+            if os.fstat(self.mfd).st_size > pos:
+                self._drop()
+            return ""
+        want = -1 if limit is None else limit
+        chunks = []
+        got = 0
+        while got != want:
+            b = os.pread(self.mfd, _CHUNK if want < 0 else min(_CHUNK, want - got), pos)
             if not b:
                 break
             pos += len(b)
+            got += len(b)
             chunks.append(b)
         if not chunks:
             return ""
@@ -74,34 +88,40 @@ class FdCapture:
             os.write(self.orig, data)
         except OSError:
             pass
-        return self.decoder.decode(data)
+        text = self.decoder.decode(data)
+        if got == want and os.fstat(self.mfd).st_size > pos:
+            self._drop()  # past the budget
+        return text
+
+    def _drop(self):
+        """Forget everything written so far (writers go on at the new end)."""
+        os.ftruncate(self.mfd, 0)
+        self.pos = 0
+        self.decoder.reset()
 
     def reset(self):
-        """Drop consumed bytes (at the end of a cell) to free memory."""
+        """Drop consumed bytes (at the end of a cell, after the last read)
+        to free memory."""
         if self.pos:
-            self.read()
-            os.ftruncate(self.mfd, 0)
-            self.pos = 0
+            self._drop()
 
 
-class OutStream(MessageHooks, TextIOBase):
+class OutStream(HookChannel, TextIOBase):
     """sys.stdout / sys.stderr replacement publishing ``stream`` messages."""
 
     flush_interval = 0.05
     max_buffer = 1 << 16
     encoding = "UTF-8"
 
-    def __init__(self, kernel: "Kernel", name: str, capture: FdCapture | None):
-        self.kernel = kernel
+    def __init__(self, publisher: "Publisher", name: str, capture: FdCapture | None):
+        self.publisher = publisher
         self.name = name
-        self.topic = b"stream." + name.encode()
+        self.hook_channel = name
         self._capture = capture
         self._buf: list[str] = []
         self._size = 0
         self._last = 0.0  # last flush (reset at cell start)
-        self._hooks: list = []
         self._closed = False
-        self.parent_header = {}
 
     # file-like API
     def fileno(self):
@@ -129,23 +149,31 @@ class OutStream(MessageHooks, TextIOBase):
         self._closed = True
 
     def set_parent(self, parent):
-        self.parent_header = parent
+        pass  # the publisher parents every message to the current request
+
+    @property
+    def parent_header(self):
+        return self.publisher.parent_header
 
     def write(self, string):
         if not isinstance(string, str):
             raise TypeError(f"write() argument must be str, not {type(string)}")
         if self._closed:
             raise ValueError("I/O operation on closed file")
+        n = len(string)
+        # Keep no more than can still be shown (what passes the cap included).
+        room = self.publisher.budget.room() - self._size
         cap = self._capture
         if cap is not None:
-            fdtext = cap.read()
+            fdtext = cap.read(room + _SLACK if room > 0 else 0)
             if fdtext:
                 self._append(fdtext)
-        if string:
-            self._append(string)
+                room -= len(fdtext)
+        if string and room > 0:
+            self._append(string if n <= room else string[:room])
             if self._size >= self.max_buffer or time.monotonic() - self._last >= self.flush_interval:
                 self.flush()
-        return len(string)
+        return n
 
     def writelines(self, sequence):
         for s in sequence:
@@ -158,7 +186,8 @@ class OutStream(MessageHooks, TextIOBase):
     def flush(self):
         cap = self._capture
         if cap is not None:
-            fdtext = cap.read()
+            room = self.publisher.budget.room() - self._size
+            fdtext = cap.read(room + _SLACK if room > 0 else 0)
             if fdtext:
                 self._append(fdtext)
         self._last = time.monotonic()
@@ -167,14 +196,7 @@ class OutStream(MessageHooks, TextIOBase):
         data = "".join(self._buf)
         self._buf = []
         self._size = 0
-        k = self.kernel
-        if k.iopub is None:
-            return
-        content = {"name": self.name, "text": data}
-        content = self._run_hooks(k.session, "stream", content, self.parent_header)
-        if content is None:
-            return
-        k.session.send(k.iopub, "stream", content, k.parent_raw, idents=(self.topic,))
+        self.publisher.stream(self.name, data)
 
 
 def patch_faulthandler(stderr_file):

@@ -32,7 +32,8 @@ log = logging.getLogger("kiln_kernel")
 # ---------------------------------------------------------------------------
 
 
-def _json_default(obj):
+def json_default(obj):
+    """How values JSON has no type for are packed (dates, bytes, numbers)."""
     import numbers
     from collections.abc import Iterable
 
@@ -54,7 +55,7 @@ def _json_default(obj):
 
 
 _encoder = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
+    ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=json_default
 )
 
 
@@ -183,31 +184,3 @@ class Session:
         }
         return idents, msg
 
-
-class MessageHooks:
-    """ipykernel's ``register_hook`` API on an output channel: each hook gets
-    the outgoing message and returns it (possibly changed) or ``None`` to
-    swallow it (ipywidgets' Output widget captures output this way). The
-    class using it sets ``self._hooks = []``."""
-
-    def register_hook(self, hook):
-        self._hooks.append(hook)
-
-    def unregister_hook(self, hook):
-        try:
-            self._hooks.remove(hook)
-            return True
-        except ValueError:
-            return False
-
-    def _run_hooks(self, session, msg_type, content, parent_header):
-        """The content to send after the hooks, or ``None`` if one swallowed it."""
-        if not self._hooks:
-            return content
-        msg = {"msg_type": msg_type, "content": content, "parent_header": parent_header,
-               "header": session.header(msg_type), "metadata": {}}
-        for hook in list(self._hooks):
-            msg = hook(msg)
-            if msg is None:
-                return None
-        return msg["content"]
