@@ -6,14 +6,19 @@
 
 Prints one line per check and `N passed, M failed`; exits 1 on a failure.
 """
-import asyncio, base64, os, sys
+import asyncio
+import base64
+import os
+import sys
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamablehttp_client
 
 MODE = sys.argv[1]
-BASE, KEY, BIN = os.environ.get("KILN_BASE_URL", ""), os.environ.get("KILN_API_KEY", ""), os.environ.get("KILN_BIN", "kiln")
+BASE = os.environ.get("KILN_BASE_URL", "")
+KEY = os.environ.get("KILN_API_KEY", "")
+BIN = os.environ.get("KILN_BIN", "kiln")
 results = []
 
 
@@ -29,7 +34,8 @@ def texts(result):
 async def exercise(s: ClientSession):
     await s.initialize()
     tools = {t.name: t for t in (await s.list_tools()).tools}
-    check("lists the tools", {"run_code", "list_sessions", "upload_file", "read_file", "end_session"} <= set(tools), list(tools))
+    expected = {"run_code", "list_sessions", "upload_file", "read_file", "end_session"}
+    check("lists the tools", expected <= set(tools), list(tools))
     check("run_code has a schema with code", "code" in tools["run_code"].inputSchema.get("properties", {}))
 
     r = await s.call_tool("run_code", {"code": "x = 40\nprint('hello from kiln')\nx + 2"})
@@ -42,7 +48,8 @@ async def exercise(s: ClientSession):
     r = await s.call_tool("run_code", {"code": "print(x)", "session_id": sid})
     check("state persists in the session", texts(r).startswith("40"), texts(r))
 
-    r = await s.call_tool("run_code", {"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]);", "session_id": sid})
+    plot = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]);"
+    r = await s.call_tool("run_code", {"code": plot, "session_id": sid})
     images = [c for c in r.content if c.type == "image"]
     check("a plot comes back as an image", len(images) == 1 and images[0].mimeType == "image/png"
           and base64.b64decode(images[0].data)[:4] == b"\x89PNG", r.content)
@@ -50,7 +57,8 @@ async def exercise(s: ClientSession):
     r = await s.call_tool("run_code", {"code": "1/0", "session_id": sid})
     check("an exception is a readable tool error", r.isError and "ZeroDivisionError" in texts(r), texts(r))
 
-    r = await s.call_tool("upload_file", {"session_id": sid, "file": {"name": "notes/a.txt", "content": "uploaded text"}})
+    upload = {"name": "notes/a.txt", "content": "uploaded text"}
+    r = await s.call_tool("upload_file", {"session_id": sid, "file": upload})
     check("upload_file", not r.isError, texts(r))
     r = await s.call_tool("read_file", {"session_id": sid, "path": "notes/a.txt"})
     check("read_file", texts(r) == "uploaded text", texts(r))

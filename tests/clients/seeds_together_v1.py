@@ -26,8 +26,8 @@ import traceback
 
 os.environ.setdefault("TOGETHER_NO_BANNER", "1")  # 1.5.x prints a 'new SDK' banner on import
 
-import together  # noqa: E402
-from together import Together  # noqa: E402
+import together
+from together import Together
 
 NAME = "together-v1"
 BASE = os.environ.get("KILN_BASE_URL", "").rstrip("/")
@@ -39,7 +39,7 @@ PASSED = 0
 FAILED = 0
 
 
-def _on_alarm(signum, frame):  # noqa: ARG001
+def _on_alarm(signum, frame):
     print(f"not ok - {NAME}: whole run exceeded KILN_TEST_TIMEOUT; server hung?", flush=True)
     print(f"{PASSED} passed, {FAILED + 1} failed", flush=True)
     os._exit(1)
@@ -179,7 +179,8 @@ def main() -> int:
     try:
         r = ci.run(code="import matplotlib.pyplot as plt\nplt.plot([1,2,3])", language="python")
         disp = [d for t, d in outs(r) if t == "display_data"]
-        ok("matplotlib: a display_data output", len(disp) >= 1, f"outputs={[(t, type(d).__name__) for t, d in outs(r)]!r}")
+        kinds = [(t, type(d).__name__) for t, d in outs(r)]
+        ok("matplotlib: a display_data output", len(disp) >= 1, f"outputs={kinds!r}")
         d = disp[0] if disp else {}
         ok("matplotlib: display_data data is a dict", isinstance(d, dict), f"data type={type(d).__name__}")
         png = d.get("image/png") if isinstance(d, dict) else None

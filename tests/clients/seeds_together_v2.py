@@ -36,7 +36,7 @@ PASSED = 0
 FAILED = 0
 
 
-def _on_alarm(signum, frame):  # noqa: ARG001
+def _on_alarm(signum, frame):
     print(f"not ok - {NAME}: whole run exceeded KILN_TEST_TIMEOUT; server hung?", flush=True)
     print(f"{PASSED} passed, {FAILED + 1} failed", flush=True)
     os._exit(1)

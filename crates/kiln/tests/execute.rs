@@ -219,6 +219,36 @@ async fn endless_output_is_truncated_at_the_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_huge_line_shows_the_output_up_to_the_limit_then_one_marker_and_the_session_lives_on() {
+    const LIMIT: usize = 1_000_000;
+    let s = start(&["--max-output-bytes", "1000000"]);
+    let id = s.exec("import os, subprocess, sys", None).await["session_id"].as_str().unwrap().to_string();
+    // From Python, at the file-descriptor level, and from a child process:
+    // each writes hundreds of megabytes in one go, then more.
+    let cells = [
+        ("A", "sys.stdout.write('A' * (600 << 20))\nprint('after')"),
+        ("B", "os.write(1, b'B' * (200 << 20))\nprint('after')"),
+        ("C", "subprocess.run(\"head -c 200000000 /dev/zero | tr '\\\\0' C\", shell=True)\nprint('after')"),
+    ];
+    for (letter, code) in cells {
+        let (status, v) =
+            s.post("/tci/execute", Some(KEY), json!({"code": code, "session_id": id, "timeout": 300})).await;
+        assert_eq!(status, 200, "{code}");
+        let d = &v["data"];
+        assert_eq!(d["status"], "success", "{code}: {:.300}", d.to_string());
+        assert_eq!(types_of(d), ["stdout", "stderr"], "{code}: {:.300}", d.to_string());
+        let out = text_of(d, "stdout");
+        assert!(out.len() == LIMIT && out.bytes().all(|b| b == letter.as_bytes()[0]), "{code}: {} bytes", out.len());
+        let marker = text_of(d, "stderr");
+        assert!(marker.contains("output limit of 1000000 bytes reached"), "{code}: {marker}");
+        assert_eq!(d.to_string().matches("output limit").count(), 1, "{code}");
+    }
+    // The session goes on, with its output under the limit again.
+    let d = s.exec("print('still here', len('A' * 5))", Some(&id)).await;
+    assert_eq!(d["outputs"], json!([{"type": "stdout", "data": "still here 5\n"}]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn time_limits_hold_for_many_sessions_at_once() {
     let s = std::sync::Arc::new(start(&["--pool-size", "2"]));
     let t0 = Instant::now();

@@ -135,6 +135,8 @@ impl Kernels {
             (dirs.home.clone(), kiln_sandbox::Mounts::default(), None)
         };
         let mut env = runtime.kernel_env(&home);
+        // The lean kernel sends no output past the cap the server keeps.
+        env.push(("KILN_MAX_OUTPUT_BYTES".into(), self.cfg.max_output_bytes.to_string().into()));
         match self.cfg.sandbox.as_ref().map(|_| network) {
             Some(NetworkPolicy::None) => {
                 // Fail fast and say why, instead of retrying for a minute.

@@ -100,7 +100,7 @@ class ZMQShellDisplayHook(HookChannel, DisplayHook):
 # ---------------------------------------------------------------------------
 
 
-def install_comm(publisher: "Publisher", kernel=None):
+def install_comm(publisher: Publisher, kernel=None):
     """Make ``comm.create_comm``/``comm.get_comm_manager`` publish through
     ``publisher`` (comms are created before the kernel has a connection in
     kiln's zygote: they send once it has one); returns the comm manager.

@@ -159,7 +159,7 @@ class Client:
                   "session": self.session, "date": "2025-01-01T00:00:00.000000Z",
                   "version": "5.3"}
         parts = [json.dumps(x).encode() for x in (header, {}, metadata or {}, content)]
-        sock.send_multipart([DELIM, self.sign(parts)] + parts)
+        sock.send_multipart([DELIM, self.sign(parts), *parts])
         return msg_id
 
     def parse(self, frames):
@@ -272,12 +272,15 @@ CORPUS = [
     E("str", "'abc'"),
     E("list", "[1, 'two', 3.0, None]"),
     E("print+result", "print('before')\n42"),
-    E("repr_html", "class H:\n    def _repr_html_(self): return '<b>hi</b>'\n    def __repr__(self): return 'H()'\nH()"),
+    E("repr_html", "class H:\n    def _repr_html_(self): return '<b>hi</b>'\n"
+                   "    def __repr__(self): return 'H()'\nH()"),
     E("dataframe", "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})"),
     E("display_html", "from IPython.display import display, HTML, Markdown, JSON, Image\ndisplay(HTML('<i>x</i>'))"),
     E("display_md", "display(Markdown('# T'))"),
     E("display_json", "display(JSON({'a': [1, 2]}))"),
-    E("display_image", "import base64\npng = base64.b64decode('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==')\ndisplay(Image(png))"),
+    E("display_image", "import base64\npng = base64.b64decode("
+                       "'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==')"
+                       "\ndisplay(Image(png))"),
     E("display_id", "h = display(HTML('v1'), display_id='d1')\nprint('between')\nh.update(HTML('v2'))"),
     E("update_display", "from IPython.display import update_display\nupdate_display(HTML('v3'), display_id='d1')"),
     E("clear_output", "from IPython.display import clear_output\nprint('gone')\nclear_output()\nprint('kept')"),
@@ -433,7 +436,7 @@ def normalise(case, reply, iopub, client):
         rc["banner"] = re.sub(r"\nTip: .*", "\nTip: <random tip>", rc["banner"], flags=re.S)
     if reply["header"]["msg_type"] == "complete_reply":
         # jedi result lists are long; compare the first few and the count
-        rc["matches"] = rc["matches"][:20] + [len(rc["matches"])]
+        rc["matches"] = [*rc["matches"][:20], len(rc["matches"])]
         rc["metadata"] = {k: v[:20] for k, v in rc["metadata"].items()}
     md = sorted(reply["metadata"].keys())
     if "status" in reply["metadata"]:
@@ -464,7 +467,7 @@ def run_corpus(client, cases, verbose=False):
                 res["process_exit"] = "still running"
         results[case["name"]] = (res, problems)
         if verbose:
-            print(f"[{client.name}] {case['name']}: {results[case['name']][0]['reply']['status'] if 'status' in results[case['name']][0]['reply'] else ''}")
+            print(f"[{client.name}] {case['name']}: {res['reply'].get('status', '')}")
     return results
 
 
@@ -497,7 +500,7 @@ def compare(args):
     compared = 0
     for case in cases:
         n = case["name"]
-        (a, pa), (b, pb) = ref[n], got[n]
+        (a, _), (b, pb) = ref[n], got[n]
         if pb:
             print(f"--- {n}: kiln protocol problems: {pb}")
             failed += 1

@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import ClassVar
 
 from IPython.core import release
 
 from .wire import PROTOCOL_VERSION
 
 HELP_LINKS = [
-    {"text": "Python Reference", "url": "https://docs.python.org/%i.%i" % sys.version_info[:2]},
+    {"text": "Python Reference", "url": f"https://docs.python.org/{sys.version_info[0]}.{sys.version_info[1]}"},
     {"text": "IPython Reference", "url": "https://ipython.readthedocs.io/en/stable/"},
     {"text": "NumPy Reference", "url": "https://docs.scipy.org/doc/numpy/reference/"},
     {"text": "SciPy Reference", "url": "https://docs.scipy.org/doc/scipy/reference/"},
@@ -37,7 +38,7 @@ LANGUAGE_INFO = {
     "version": sys.version.split()[0],
     "mimetype": "text/x-python",
     "codemirror_mode": {"name": "ipython", "version": sys.version_info[0]},
-    "pygments_lexer": "ipython%d" % 3,
+    "pygments_lexer": "ipython3",
     "nbconvert_exporter": "python",
     "file_extension": ".py",
 }
@@ -163,7 +164,7 @@ class RequestHandlers:
                  if target is None or v.target_name == target}
         self.reply(sock, idents, msg, "comm_info_reply", {"comms": comms, "status": "ok"})
 
-    handlers = {
+    handlers: ClassVar[dict] = {
         "kernel_info_request": kernel_info_request,
         "connect_request": connect_request,
         "shutdown_request": shutdown_request,

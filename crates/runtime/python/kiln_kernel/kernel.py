@@ -71,7 +71,7 @@ from .shell import XCachingCompiler, ZMQInteractiveShell, adopt_ipykernel_input,
 from .streams import FdCapture, OutStream, patch_faulthandler
 from .wire import Session, now_iso, uuid4
 
-__all__ = ["main", "Kernel", "ZMQInteractiveShell"]
+__all__ = ["Kernel", "ZMQInteractiveShell", "main"]
 
 log = logging.getLogger("kiln_kernel")
 
@@ -184,12 +184,8 @@ class Kernel(RequestHandlers):
         shell.exit_now = False
         # IPKernelApp.init_path: '' before site-packages.
         if "" not in sys.path and not sys.flags.safe_path:
-            for idx, path in enumerate(sys.path):
-                if os.path.split(path)[1] in {"site-packages", "dist-packages"}:
-                    break
-            else:
-                idx = 0
-            sys.path.insert(idx, "")
+            site = (i for i, p in enumerate(sys.path) if os.path.split(p)[1] in {"site-packages", "dist-packages"})
+            sys.path.insert(next(site, 0), "")
         # Default extension of IPython apps (%store).
         try:
             shell.extension_manager.load_extension("storemagic")
@@ -439,7 +435,7 @@ class Kernel(RequestHandlers):
 
 
 # The kernel zygote_prepare built, until main() takes it (in the forked child).
-_prepared: "Kernel | None" = None
+_prepared: Kernel | None = None
 
 
 def zygote_prepare():

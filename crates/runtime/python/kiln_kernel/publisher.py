@@ -42,7 +42,7 @@ import sys
 
 from .wire import json_default
 
-__all__ = ["MAX_STREAM_BYTES", "OutputBudget", "Publisher", "HookChannel", "output_limit"]
+__all__ = ["MAX_STREAM_BYTES", "HookChannel", "OutputBudget", "Publisher", "output_limit"]
 
 #: The most text one ``stream`` message carries, in UTF-8 bytes.
 MAX_STREAM_BYTES = 1 << 16
@@ -135,7 +135,7 @@ class OutputBudget:
     count past the cap: from then on nothing more is shown.
     """
 
-    __slots__ = ("limit", "used", "spent")
+    __slots__ = ("limit", "spent", "used")
 
     def __init__(self, limit: int | None = None):
         self.limit = limit
@@ -174,7 +174,7 @@ class HookChannel:
     object (a stream, the display publisher, the display hook). The hooks
     are kept by the channel's publisher under ``hook_channel``."""
 
-    publisher: "Publisher | None" = None
+    publisher: Publisher | None = None
     hook_channel = ""
 
     def register_hook(self, hook):
@@ -202,7 +202,7 @@ class Publisher:
         """Sign with ``session`` and name topics after the kernel ``ident``
         (a kernel built before its connection takes these from it)."""
         self.session = session
-        base = "kernel.%s." % ident
+        base = f"kernel.{ident}."
         self.topic_status = (base + "status").encode()
         self.topic_execute_input = (base + "execute_input").encode()
         self.topic_error = (base + "error").encode()

@@ -123,7 +123,7 @@ class KernelMagics(Magics):
     @line_magic
     def man(self, arg_s):
         """Find the man page for the given command and display in pager."""
-        page.page(self.shell.getoutput("man %s | col -b" % arg_s, split=False))
+        page.page(self.shell.getoutput(f"man {arg_s} | col -b", split=False))
 
 
 def _default_banner():
@@ -141,8 +141,7 @@ class ZMQInteractiveShell(InteractiveShell):
     (plotly) or ``'ipykernel.zmqshell' in sys.modules`` (tqdm.auto).
     """
 
-    from traitlets import Any as _Any, CBool as _CBool, Instance as _Instance, Type as _Type
-    from traitlets import default as _default
+    from traitlets import Any as _Any, CBool as _CBool, Instance as _Instance, Type as _Type, default as _default
 
     displayhook_class = _Type(ZMQShellDisplayHook)
     display_pub_class = _Type(ZMQDisplayPublisher)
@@ -312,12 +311,12 @@ def adopt_ipykernel_input(kernel_class):
         spec = importlib.util.find_spec("ipykernel")
         if spec is None or not spec.submodule_search_locations:
             return
-        path = os.path.join(list(spec.submodule_search_locations)[0], "kernelbase.py")
+        path = os.path.join(next(iter(spec.submodule_search_locations)), "kernelbase.py")
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
         ns = {"StdinNotImplementedError": StdinNotImplementedError, "t": __import__("typing")}
         for name in ("raw_input", "getpass"):
-            start = next(i for i, l in enumerate(lines) if l.startswith(f"    def {name}("))
+            start = next(i for i, line in enumerate(lines) if line.startswith(f"    def {name}("))
             end = start + 1
             while end < len(lines) and not (
                 lines[end].startswith("    def ") or lines[end].startswith("    @")

@@ -113,7 +113,7 @@ class OutStream(HookChannel, TextIOBase):
     max_buffer = 1 << 16
     encoding = "UTF-8"
 
-    def __init__(self, publisher: "Publisher", name: str, capture: FdCapture | None):
+    def __init__(self, publisher: Publisher, name: str, capture: FdCapture | None):
         self.publisher = publisher
         self.name = name
         self.hook_channel = name

@@ -18,13 +18,13 @@ import json
 import logging
 import os
 from binascii import b2a_base64
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import zmq
 
 PROTOCOL_VERSION = "5.3"
 DELIM = b"<IDS|MSG>"
-_UTC = timezone.utc
+_UTC = UTC
 log = logging.getLogger("kiln_kernel")
 
 # ---------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def json_default(obj):
         return int(obj)
     if isinstance(obj, numbers.Real):
         return float(obj)
-    raise TypeError("%r is not JSON serializable" % obj)
+    raise TypeError(f"{obj!r} is not JSON serializable")
 
 
 _encoder = json.JSONEncoder(

@@ -20,7 +20,6 @@ import time
 import uuid
 
 import zmq
-
 from kiln_kernel.kernel import Kernel
 from kiln_kernel.publisher import Publisher
 from kiln_kernel.shell import adopt_ipykernel_input, register_compat_modules

@@ -3,10 +3,9 @@ the output cap."""
 
 import unittest
 
-from support import Harness, live_kernel, stream_text
-
 from kiln_kernel.display import ZMQDisplayPublisher
 from kiln_kernel.publisher import bundle_size
+from support import Harness, live_kernel, stream_text
 
 
 def outputs(msgs):

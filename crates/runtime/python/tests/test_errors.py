@@ -43,7 +43,7 @@ class ErrorTest(unittest.TestCase):
                             "tracebacks keep IPython's colours, as ipykernel's do")
 
     def test_frames_of_functions_name_them_and_the_text_before_arrives_first(self):
-        reply, error, msgs = self.run_failing(
+        _, error, msgs = self.run_failing(
             "def outer():\n    return inner()\ndef inner():\n    return {}['missing']\nprint('first')\nouter()")
         kinds = [m["msg_type"] for m in msgs]
         self.assertLess(kinds.index("stream"), kinds.index("error"))
@@ -71,15 +71,15 @@ class ErrorTest(unittest.TestCase):
         self.assertNotIn("execute_result", [m["msg_type"] for m in msgs])
 
     def test_code_files_are_named_as_under_ipykernel(self):
-        reply, error, _ = self.run_failing("import traceback\nraise ValueError(__file__ if '__file__' in dir() "
-                                           "else traceback.extract_stack()[-1].filename)")
-        self.assertRegex(error["evalue"], r"ipykernel_%d/\d+\.py$" % os.getpid())
+        _, error, _ = self.run_failing("import traceback\n"
+                                       "raise ValueError(traceback.extract_stack()[-1].filename)")
+        self.assertRegex(error["evalue"], rf"ipykernel_{os.getpid()}/\d+\.py$")
 
     def test_errors_go_out_after_the_output_cap_is_spent(self):
         p = self.k.publisher
         p.budget.limit = 100
         try:
-            reply, error, msgs = self.run_failing("print('y' * 1000)\nraise OSError('still shown')")
+            reply, error, _ = self.run_failing("print('y' * 1000)\nraise OSError('still shown')")
         finally:
             p.budget.limit = None
         self.assertTrue(p.budget.spent)

@@ -2,10 +2,9 @@
 
 import unittest
 
-from support import KEY, Harness, request, stream_text
-
 from kiln_kernel.publisher import Publisher, bundle_size, output_limit
 from kiln_kernel.wire import Session
+from support import KEY, Harness, request, stream_text
 
 
 class PublisherTest(unittest.TestCase):

@@ -5,10 +5,9 @@ import os
 import random
 import unittest
 
-from support import Harness, stream_text
-
 from kiln_kernel.publisher import MAX_STREAM_BYTES, split_utf8, stream_pieces
 from kiln_kernel.streams import FdCapture, OutStream
+from support import Harness, stream_text
 
 # One character of each UTF-8 length, and text mixing them.
 SAMPLES = ["a", "é", "€", "😀"]
