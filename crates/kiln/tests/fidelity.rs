@@ -21,6 +21,11 @@ mod common;
 use common::start;
 use serde_json::{json, Value};
 
+/// Held by each test here for its whole run: both boot kernels and run
+/// cells with time limits, and on a small machine two at once make those
+/// limits (and ipykernel's own timing) a race.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Cells a notebook user (or an LLM) writes, each with its own time limit.
 const CORPUS: &[(&str, u64)] = &[
     ("print('hello')\nimport sys\nprint('to stderr', file=sys.stderr)\nprint('back')", 30),
@@ -107,6 +112,7 @@ async fn run_corpus(server: &common::Server) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_lean_kernel_shows_what_ipykernel_shows() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     // One server at a time: the cells have time limits, and two servers
     // booting at once on a small machine make those limits a race.
     let want = run_corpus(&start(&["--kernel", "ipykernel", "--zygote", "off"])).await;
@@ -125,13 +131,7 @@ async fn the_lean_kernel_shows_what_ipykernel_shows() {
         }
     }
     assert_eq!(got.len(), CORPUS.len() + FD_CELLS.len());
-    assert!(
-        differences.is_empty(),
-        "{} of {} cells differ:\n{}",
-        differences.len(),
-        got.len(),
-        differences.join("\n")
-    );
+    assert!(differences.is_empty(), "{} of {} cells differ:\n{}", differences.len(), got.len(), differences.join("\n"));
     // The corpus really exercised what it claims to.
     let all = serde_json::to_string(&got).unwrap();
     for needle in ["image/png", "text/html", "ZeroDivisionError", "KeyboardInterrupt", "from-fd", "bash-cell"] {
@@ -150,6 +150,7 @@ fn without_streams(result: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_raw_messages_of_both_kernels_match() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     // A server provisions the runtime and installs kiln_kernel into it.
     let server = start(&[]);
     let ready = server.stdout_lines.iter().find(|l| l.starts_with("kiln ready on ")).unwrap();
