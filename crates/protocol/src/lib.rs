@@ -12,11 +12,13 @@
 //! [`ErrorCode`] to status codes.
 #![forbid(unsafe_code)]
 
+mod console;
 mod error;
 mod files;
 mod network;
 mod time;
 
+pub use console::{LanguageList, PoolLevel, ServerStatus, SessionCount};
 pub use error::{ApiError, ErrorCode, ErrorEnvelope, ErrorItem, OpenAiStyleError};
 pub use files::{decode_files, session_path, FileError, FileUpload, ValidFile};
 pub use network::{NetworkPolicy, PolicyAboveCeiling, UnknownPolicy};

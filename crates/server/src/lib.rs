@@ -13,6 +13,7 @@
 
 mod auth;
 mod body;
+mod console;
 mod error;
 mod execute;
 mod files;

@@ -1,7 +1,8 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and
 //! the wire types (utoipa), and a docs page that renders it.
 
-use axum::response::{Html, IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -25,6 +26,8 @@ use utoipa::{Modify, OpenApi};
         crate::ops::healthz,
         crate::ops::readyz,
         crate::ops::metrics,
+        crate::console::languages,
+        crate::console::status,
         json,
         docs,
     ),
@@ -60,17 +63,11 @@ pub(crate) async fn json() -> Response {
         .into_response()
 }
 
-/// A page rendering this document.
+/// A page rendering this document (Swagger UI, embedded in the binary: no
+/// CDN, so it works on a machine without internet access).
 #[utoipa::path(get, path = "/docs", tag = "operations", responses(
     (status = 200, description = "HTML", content_type = "text/html")
 ))]
-pub(crate) async fn docs() -> Html<&'static str> {
-    Html(
-        r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>kiln API</title></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script>
-<noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
-</body></html>"#,
-    )
+pub(crate) async fn docs(headers: HeaderMap) -> Response {
+    kiln_web::page(kiln_web::Page::Docs, &headers)
 }

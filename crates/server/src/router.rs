@@ -33,6 +33,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(crate::openapi::json))
         .route("/docs", get(crate::openapi::docs))
+        .route("/tci/languages", get(crate::console::languages))
+        .route("/v1/tci/languages", get(crate::console::languages))
+        .route("/v1/status", get(crate::console::status))
+        // The playground (`/`), the console and their assets.
+        .merge(kiln_web::router())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         // Bodies are read (and limited) by the handlers' extractor, so that

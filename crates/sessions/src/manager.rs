@@ -273,6 +273,16 @@ impl Manager {
         self.inner.registry.live()
     }
 
+    /// The live-session limit of this server (`--max-sessions`).
+    pub fn max_sessions(&self) -> usize {
+        self.inner.cfg.max_sessions
+    }
+
+    /// Kernels ready in the warm pool, and the pool's current target.
+    pub async fn pool_level(&self) -> (usize, usize) {
+        (self.inner.pool.len().await, self.inner.pool.target())
+    }
+
     /// Stop every session and pooled kernel, and wait for their teardown.
     pub async fn shutdown(&self) {
         self.set_readiness(Readiness::Stopping);
