@@ -81,14 +81,14 @@ export async function open(browser, pathname) {
 
 /** Paste a key into the header form and wait until the page accepted it. */
 export async function useKey(page, key) {
-  await page.getByLabel('API key').fill(key);
+  await page.getByRole('textbox', { name: 'API key', exact: true }).fill(key);
   await page.getByRole('button', { name: 'Use key' }).click();
   await page.locator('#key-status').filter({ hasText: /^Using key_/ }).waitFor();
 }
 
-export function shot(page, name) {
+export function shot(page, name, { fullPage = true } = {}) {
   fs.mkdirSync(ARTIFACTS, { recursive: true });
-  return page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`), fullPage: true });
+  return page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`), fullPage });
 }
 
 /** The nth cell (0-based) of the playground. */

@@ -35,7 +35,7 @@ async function addCell(code) {
 const sessionId = () => page.locator('#session-id').textContent();
 
 test('a wrong key is refused with a message that says so, and is not kept', T, async () => {
-  await page.getByLabel('API key').fill('kiln_not-a-key');
+  await page.getByRole('textbox', { name: 'API key', exact: true }).fill('kiln_not-a-key');
   await page.getByRole('button', { name: 'Use key' }).click();
   const alert = page.getByRole('alert');
   await alert.filter({ hasText: '401 unauthorized' }).waitFor();
