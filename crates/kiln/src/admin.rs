@@ -6,7 +6,6 @@ use crate::table::print_table;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use kiln_store::{KeyOptions, SqliteStore, Store};
-use rand::distr::{Alphanumeric, SampleString};
 use std::path::PathBuf;
 
 /// Where the store is.
@@ -50,6 +49,10 @@ pub enum KeysCommand {
         /// Its sessions' network policy: none, pypi or full.
         #[arg(long, value_parser = ["none", "pypi", "full"])]
         network: Option<String>,
+        /// Make it an admin key: it may list, create and revoke keys through
+        /// the API (/v1/admin/keys) and the console page.
+        #[arg(long)]
+        admin: bool,
         #[command(flatten)]
         data: DataDir,
     },
@@ -72,10 +75,12 @@ pub enum KeysCommand {
 
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
-        KeysCommand::Create { label, max_sessions, network, data } => {
+        KeysCommand::Create { label, max_sessions, network, admin, data } => {
             let store = data.store()?;
-            let key = format!("kiln_{}", Alphanumeric.sample_string(&mut rand::rng(), 40));
-            let rec = store.add_key(kiln_server::hash_key(&key), &label, &KeyOptions { max_sessions, network }).await?;
+            let key = kiln_server::generate_key();
+            let rec = store
+                .add_key(kiln_server::hash_key(&key), &label, &KeyOptions { max_sessions, network, admin })
+                .await?;
             println!("{key}");
             eprintln!("created {} ({}); store the key now: kiln keeps only its hash", rec.id, rec.label);
         }
@@ -88,6 +93,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                         serde_json::json!({
                             "id": k.id, "label": k.label, "created_at": k.created_at.to_rfc3339(),
                             "max_sessions": k.options.max_sessions, "network": k.options.network,
+                            "admin": k.options.admin,
                             "revoked_at": k.revoked_at.map(|t| t.to_rfc3339()),
                         })
                     })
@@ -103,11 +109,12 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                             k.created_at.format("%Y-%m-%d %H:%M").to_string(),
                             k.options.network.clone().unwrap_or_else(|| "server".into()),
                             k.options.max_sessions.map_or_else(|| "server".into(), |n| n.to_string()),
+                            if k.options.admin { "yes".into() } else { "no".into() },
                             if k.revoked_at.is_some() { "revoked".into() } else { "active".into() },
                         ]
                     })
                     .collect();
-                print_table(&["ID", "LABEL", "CREATED", "NETWORK", "MAX SESSIONS", "STATUS"], rows);
+                print_table(&["ID", "LABEL", "CREATED", "NETWORK", "MAX SESSIONS", "ADMIN", "STATUS"], rows);
             }
         }
         KeysCommand::Revoke { id, data } => {

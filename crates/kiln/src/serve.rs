@@ -6,7 +6,6 @@ use anyhow::Context;
 use kiln_server::{app, hash_key, normalize_path, AppState, KeyEntry, KeyRing};
 use kiln_sessions::{Manager, Readiness};
 use kiln_store::{KeyOptions, SqliteStore, Store};
-use rand::distr::{Alphanumeric, SampleString};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -49,8 +48,11 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                // A key created or revoked through the API while the store
+                // is read is not undone by this (possibly older) list.
+                let since = keys.changes();
                 match accepted_keys(&configured, store.as_ref()).await {
-                    Ok(k) => keys.replace(k),
+                    Ok(k) => keys.replace_unless_changed(since, k),
                     Err(e) => tracing::warn!(error = %e, "could not reload API keys"),
                 }
             }
@@ -137,22 +139,23 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
 
 /// Register the configured keys in the store and, on a first start with no
 /// key at all, generate one, save it (0600) and show it once. Returns the
-/// configured keys (with their policies).
+/// configured keys (with their policies). The operator's key is an admin
+/// key: the first configured one, or the generated one.
 async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<Vec<KeyEntry>> {
     let mut configured = Vec::new();
-    for k in &s.api_keys {
+    for (i, k) in s.api_keys.iter().enumerate() {
         let (key, network) = split_policy(k);
         let rec = store.add_key(hash_key(key), "configured", &KeyOptions::default()).await?;
-        configured.push(KeyEntry { id: rec.id, hash: rec.hash, network, max_sessions: None });
+        configured.push(KeyEntry { id: rec.id, hash: rec.hash, network, max_sessions: None, admin: i == 0 });
     }
     let managed = store.keys().await?.into_iter().filter(|r| r.label != "configured" && r.revoked_at.is_none()).count();
     if !configured.is_empty() || managed > 0 {
         return Ok(configured);
     }
-    let key = format!("kiln_{}", Alphanumeric.sample_string(&mut rand::rng(), 40));
+    let key = kiln_server::generate_key();
     let path = s.data_dir.join("api-key");
     write_secret(&path, &key).with_context(|| format!("could not save the API key to {}", path.display()))?;
-    store.add_key(hash_key(&key), "generated", &KeyOptions::default()).await?;
+    store.add_key(hash_key(&key), "generated", &KeyOptions { admin: true, ..KeyOptions::default() }).await?;
     let url = format!("http://{}", s.listen);
     println!(
         "Created an API key (saved in {path}, mode 0600; only its hash is in the database):\n\n    {key}\n\n\
@@ -174,6 +177,7 @@ pub async fn accepted_keys(configured: &[KeyEntry], store: &dyn Store) -> anyhow
         hash: r.hash,
         network: r.options.network.as_deref().and_then(|n| n.parse().ok()),
         max_sessions: r.options.max_sessions,
+        admin: r.options.admin,
     }));
     Ok(keys)
 }

@@ -49,6 +49,11 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A bug or an unexpected failure inside kiln.
     InternalError,
+    /// The key is valid but may not do this (an admin endpoint called with a
+    /// key that is not an admin key).
+    Forbidden,
+    /// No API key with that id (admin endpoints).
+    KeyNotFound,
 }
 
 impl ErrorCode {
@@ -57,7 +62,8 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest | ErrorCode::UnsupportedLanguage | ErrorCode::InvalidFile => 400,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::FileNotFound => 404,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::FileNotFound | ErrorCode::KeyNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::SessionExpired => 410,
             ErrorCode::PayloadTooLarge => 413,
@@ -86,6 +92,8 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::InternalError => "internal_error",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::KeyNotFound => "key_not_found",
         }
     }
 
@@ -93,6 +101,7 @@ impl ErrorCode {
     fn error_type(self) -> &'static str {
         match self.http_status() {
             401 => "authentication_error",
+            403 => "permission_error",
             404 | 410 => "invalid_request_error",
             429 => "rate_limit_error",
             500..=599 => "server_error",
@@ -237,6 +246,8 @@ mod tests {
             ErrorCode::MethodNotAllowed,
             ErrorCode::ShuttingDown,
             ErrorCode::InternalError,
+            ErrorCode::Forbidden,
+            ErrorCode::KeyNotFound,
         ] {
             assert!(code.http_status() >= 400, "{code}");
             let wire = serde_json::to_value(code).unwrap_or_default();

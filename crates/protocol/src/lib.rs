@@ -12,12 +12,14 @@
 //! [`ErrorCode`] to status codes.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod console;
 mod error;
 mod files;
 mod network;
 mod time;
 
+pub use admin::{CreateKey, CreatedKey, KeyInfo, KeyList, RevokedKey};
 pub use console::{LanguageList, PoolLevel, ServerStatus, SessionCount};
 pub use error::{ApiError, ErrorCode, ErrorEnvelope, ErrorItem, OpenAiStyleError};
 pub use files::{decode_files, session_path, FileError, FileUpload, ValidFile};

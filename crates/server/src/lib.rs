@@ -11,6 +11,7 @@
 //! status, a stable code and a message, hides internals, and logs once.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod auth;
 mod body;
 mod console;
@@ -23,6 +24,7 @@ mod router;
 mod sessions;
 mod state;
 
+pub use admin::generate_key;
 pub use auth::{hash_key, KeyEntry, KeyRing};
 pub use error::AppError;
 pub use kiln_sessions::Caller;

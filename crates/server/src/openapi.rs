@@ -12,7 +12,9 @@ use utoipa::{Modify, OpenApi};
         title = "kiln",
         description = "A self-hosted code interpreter speaking the Together Code Interpreter API. \
             Every `/v1/tci/...` path is also served as `/tci/...`. MCP (streamable HTTP) is served at \
-            `/mcp` with the same keys; it is described by the MCP protocol, not here.",
+            `/mcp` with the same keys; it is described by the MCP protocol, not here. The `admin` endpoints \
+            need an admin key (`kiln keys create --admin`, the first configured key, or the generated one) \
+            and answer `403 forbidden` to any other.",
     ),
     paths(
         crate::execute::execute,
@@ -28,6 +30,9 @@ use utoipa::{Modify, OpenApi};
         crate::ops::metrics,
         crate::console::languages,
         crate::console::status,
+        crate::admin::list,
+        crate::admin::create,
+        crate::admin::revoke,
         json,
         docs,
     ),

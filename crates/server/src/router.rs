@@ -3,8 +3,8 @@
 
 use crate::auth::require_key;
 use crate::state::AppState;
-use crate::{execute, files, ops, sessions};
-use axum::routing::{get, post};
+use crate::{admin, execute, files, ops, sessions};
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -21,12 +21,19 @@ pub(crate) fn router(state: AppState) -> Router {
             .route(&format!("{prefix}/usage"), get(sessions::usage));
     }
     let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
+    // Key management, for admin keys only (the key is checked first).
+    let admin = Router::new()
+        .route("/v1/admin/keys", get(admin::list).post(admin::create))
+        .route("/v1/admin/keys/{id}", delete(admin::revoke))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     // MCP over streamable HTTP, with the same keys: tools act as the caller.
     let mcp = Router::new()
         .nest_service("/mcp", kiln_mcp::http_service(state.manager.clone()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
+        .merge(admin)
         .merge(mcp)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

@@ -278,6 +278,12 @@ impl Manager {
         self.inner.cfg.max_sessions
     }
 
+    /// The store this manager records sessions in (the admin endpoints
+    /// manage keys in it).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
+    }
+
     /// Kernels ready in the warm pool, and the pool's current target.
     pub async fn pool_level(&self) -> (usize, usize) {
         (self.inner.pool.len().await, self.inner.pool.target())

@@ -53,6 +53,8 @@ pub struct KeyOptions {
     pub max_sessions: Option<u64>,
     /// Network policy of its sessions (`none`, `pypi`, `full`).
     pub network: Option<String>,
+    /// Whether it may use the admin endpoints (list, create, revoke keys).
+    pub admin: bool,
 }
 
 /// A session as stored.

@@ -41,6 +41,12 @@ ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;
 ALTER TABLE api_keys ADD COLUMN max_sessions INTEGER;
 ALTER TABLE api_keys ADD COLUMN network TEXT;
 ",
+    // Admin keys. The key kiln generated at its first start was its
+    // operator's, so it stays the admin after an upgrade.
+    r"
+ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
+UPDATE api_keys SET admin = 1 WHERE label = 'generated';
+",
 ];
 
 /// SQLite-backed [`Store`].
@@ -96,7 +102,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     })
 }
 
-const KEY_COLS: &str = "id, hash, label, created_at, max_sessions, network, revoked_at";
+const KEY_COLS: &str = "id, hash, label, created_at, max_sessions, network, revoked_at, admin";
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
     let hash: Vec<u8> = r.get(1)?;
@@ -108,6 +114,7 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         options: KeyOptions {
             max_sessions: r.get::<_, Option<i64>>(4)?.and_then(|n| u64::try_from(n).ok()),
             network: r.get(5)?,
+            admin: r.get(7)?,
         },
         revoked_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
     })
@@ -154,14 +161,16 @@ impl Store for SqliteStore {
         let id = format!("key_{}", hash.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>());
         let now = Utc::now();
         conn.execute(
-            "INSERT INTO api_keys (id, hash, label, created_at, max_sessions, network) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO api_keys (id, hash, label, created_at, max_sessions, network, admin) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 id,
                 hash.as_slice(),
                 label,
                 micros(now),
                 options.max_sessions.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
-                options.network
+                options.network,
+                options.admin
             ],
         )
         .map_err(q("add key"))?;
@@ -299,7 +308,7 @@ mod tests {
     #[tokio::test]
     async fn adding_the_same_key_twice_keeps_one_record() {
         let (_d, s) = store();
-        let opts = KeyOptions { max_sessions: Some(3), network: Some("none".into()) };
+        let opts = KeyOptions { max_sessions: Some(3), network: Some("none".into()), admin: true };
         let a = s.add_key([7; 32], "flag", &opts).await.unwrap_or_else(|e| panic!("{e}"));
         let b = s.add_key([7; 32], "other", &KeyOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.id, b.id);
@@ -343,5 +352,30 @@ mod tests {
         assert_eq!(s.usage_all().await.map(|u| u.len()).unwrap_or(0), 2);
         // a, c and d (expired but never torn down); b had ended.
         assert_eq!(s.end_all_open(now).await.unwrap_or(0), 3);
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_database_keeps_its_generated_key_as_the_admin() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("kiln.db");
+        {
+            // The schema before admin keys, with a generated and a created key.
+            let conn = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            for sql in &MIGRATIONS[..3] {
+                conn.execute_batch(sql).unwrap_or_else(|e| panic!("{e}"));
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap_or_else(|e| panic!("{e}"));
+            for (id, hash, label) in [("key_g", [1u8; 32], "generated"), ("key_c", [2u8; 32], "created")] {
+                conn.execute(
+                    "INSERT INTO api_keys (id, hash, label, created_at) VALUES (?1, ?2, ?3, 0)",
+                    params![id, hash.as_slice(), label],
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        let s = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let admin: Vec<(String, bool)> =
+            s.keys().await.unwrap_or_default().into_iter().map(|k| (k.id, k.options.admin)).collect();
+        assert_eq!(admin, vec![("key_g".to_string(), true), ("key_c".to_string(), false)]);
     }
 }
