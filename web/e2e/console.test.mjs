@@ -75,6 +75,41 @@ test('with a key it shows that key usage and live sessions, and ends one', T, as
   await fact('server', 'Live sessions').filter({ hasText: `${live.live} of ${live.max}` }).waitFor();
 });
 
+test('an admin key lists the keys, creates one (shown once) and revokes it', T, async () => {
+  const table = page.locator('#keys tbody');
+  await table.locator('tr').first().waitFor();
+  const me = (await api('GET', '/v1/tci/usage')).body.data.key_id;
+  assert.equal(await table.locator(`tr[data-key="${me}"] td`).nth(3).textContent(), 'yes');
+  assert.match(await table.locator(`tr[data-key="${me}"]`).textContent(), /this key/);
+  await page.getByLabel('Label').fill('e2e team');
+  await page.getByLabel('Network').selectOption('none');
+  await page.getByLabel('Max sessions').fill('2');
+  await page.getByRole('button', { name: 'Create key' }).click();
+  const value = page.locator('#new-key-value');
+  await value.filter({ hasText: /^kiln_/ }).waitFor();
+  const created = await value.textContent();
+  const id = await page.locator('#new-key-id').textContent();
+  const row = table.locator(`tr[data-key="${id}"]`);
+  await row.waitFor();
+  assert.deepEqual(
+    (await row.locator('td').allTextContents()).filter((_, i) => [1, 3, 4, 5, 6].includes(i)),
+    ['e2e team', 'no', 'none', '2', 'active'],
+  );
+  assert.equal((await api('GET', '/v1/tci/usage', created)).status, 200, 'the new key works at once');
+  await shot(page, 'console-keys');
+  await row.getByRole('button', { name: `Revoke key ${id}` }).click();
+  await row.locator('td').nth(6).filter({ hasText: /^revoked/ }).waitFor();
+  assert.equal((await api('GET', '/v1/tci/usage', created)).status, 401, 'refused at once');
+});
+
+test('a key that is not an admin key sees why it cannot manage keys', T, async () => {
+  await useKey(page, OTHER_KEY);
+  const note = page.locator('#keys-note');
+  await note.filter({ hasText: 'not an admin key' }).waitFor();
+  assert.match(await note.textContent(), /kiln keys create --admin/);
+  assert.ok(await page.locator('#keys-admin').isHidden());
+});
+
 test('the page broke no rule of its Content-Security-Policy and asked no other origin', T, async () => {
   assert.deepEqual(browser.problems, []);
 });

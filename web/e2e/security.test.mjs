@@ -51,8 +51,8 @@ test('hostile HTML output renders in a frame sandboxed without same-origin, its 
   assert.equal(await c.getAttribute('data-state'), 'done');
   const el = c.locator('iframe.html-output');
   await el.waitFor();
-  assert.equal(await el.getAttribute('sandbox'), 'allow-scripts', 'scripts but no allow-same-origin, forms, popups or top navigation');
   frame = await (await el.elementHandle()).contentFrame();
+  assert.equal(await el.getAttribute('sandbox'), 'allow-scripts', 'scripts but no allow-same-origin, forms, popups or top navigation');
   await frame.locator('#probe').waitFor();
   // frame.js (a script of the page's own origin) did run: it sized the frame.
   await page.waitForFunction((f) => f.style.height !== '', await el.elementHandle(), { timeout: SLOW });
