@@ -26,6 +26,10 @@ async fn the_document_covers_every_endpoint_and_the_docs_page_renders_it() {
         "/metrics",
         "/openapi.json",
         "/docs",
+        "/v1/tci/languages",
+        "/v1/status",
+        "/v1/admin/keys",
+        "/v1/admin/keys/{id}",
     ] {
         assert!(paths.contains(&p), "{p} missing from {paths:?}");
     }
