@@ -63,8 +63,7 @@ fn main() -> anyhow::Result<()> {
     // forks and unshares namespaces), so it bypasses clap and tokio.
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == "__sandbox-init") {
-        let spec = args.next().map(std::path::PathBuf::from).unwrap_or_default();
-        kiln_sandbox::helper_main(&spec);
+        kiln_sandbox::helper_main(args);
     }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -70,8 +70,7 @@ async fn when_the_zygote_dies_its_sessions_restart_and_new_sessions_still_start(
     let server = start(&[]);
     let first = server.exec("x = 41", None).await;
     let sid = first["session_id"].as_str().unwrap().to_string();
-    let pid_file = server.data.path().join("zygote").join("pid");
-    let zygote: i32 = std::fs::read_to_string(&pid_file).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let zygote = common::zygote_pid(server.data.path()).expect("a running zygote");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygote), nix::sys::signal::Signal::SIGKILL).unwrap();
 
     // The session's kernel died with it: the next cell says so, and runs
@@ -93,7 +92,7 @@ async fn when_the_zygote_dies_its_sessions_restart_and_new_sessions_still_start(
     // New sessions come from a new zygote.
     let fresh = server.exec("import sys; print('pandas' in sys.modules)", None).await;
     assert_eq!(text_of(&fresh, "stdout").trim(), "True", "{fresh}");
-    let now: i32 = std::fs::read_to_string(&pid_file).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let now = common::zygote_pid(server.data.path()).expect("a new zygote");
     assert_ne!(now, zygote);
 }
 

@@ -25,39 +25,82 @@
 //!    group, and exits with the program's status, which kills everything
 //!    left in the pid namespace.
 //!
-//! Every step that fails exits with a distinct code and a message on
-//! stderr (the kernel's log), which the server reports.
+//! A sandbox never outlives its server, by three independent means. init
+//! holds the read end of the server's *lifeline*, a pipe whose write end
+//! only the server holds: when the server dies, however it dies, the pipe
+//! reaches end of file, init exits, and the kernel kills the whole pid
+//! namespace (the outer process watches it too). init also has a
+//! parent-death signal, re-armed after every change of credentials (which
+//! clears it), and, after each arming, checks through a pidfd that its
+//! parent (the outer process or the zygote) is still alive, since the
+//! parent may have died just before: `getppid()` cannot tell, as the parent
+//! lies outside init's pid namespace. The program and the egress forwarder
+//! re-arm theirs after they change identity and check that init is still
+//! their parent.
+//!
+//! Every step that fails exits with its own code (the table in
+//! [`crate::step`]) and a message on stderr (the kernel's log), which the
+//! server reports.
 
 use crate::jail::{Jail, UID_BASE, USER_ID};
+use crate::step::Step;
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
-/// One exit code per step, so a failed boot says where it failed.
-#[derive(Debug, Clone, Copy)]
-enum Step {
-    ReadPolicy = 101,
-    JoinCgroup = 102,
-    Pipe = 103,
-    Unshare = 104,
-    MapIds = 105,
-    ForkInit = 106,
-    Rootfs = 107,
-    Limits = 108,
-    ForkProgram = 109,
-    DropPrivileges = 110,
-    Landlock = 111,
-    Seccomp = 112,
-    Exec = 113,
+pub(crate) fn fail(step: Step, what: impl std::fmt::Display) -> ! {
+    let _ = writeln!(std::io::stderr(), "kiln sandbox: step {step:?} ({}) failed: {what}", step.describe());
+    exit(step.code())
 }
 
-fn fail(step: Step, what: impl std::fmt::Display) -> ! {
-    let _ = writeln!(std::io::stderr(), "kiln sandbox: step {step:?} failed: {what}");
-    exit(step as i32)
+/// What ties init to the living: the server's lifeline (read end) and a
+/// pidfd of init's parent. Either becoming readable means init must go.
+#[derive(Debug)]
+pub(crate) struct Tethers {
+    /// The read end of the server's lifeline; end of file when the server
+    /// has gone (nothing is ever written to it).
+    pub lifeline: OwnedFd,
+    /// A pidfd of init's parent (the outer process, or the zygote),
+    /// readable once the parent has exited.
+    pub parent: OwnedFd,
+}
+
+/// Whether `fd` is readable (or hung up) right now.
+fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// init: arm the parent-death signal (again: a change of credentials
+/// clears it), then make sure that neither the parent nor the server died
+/// before it was armed.
+fn stay_tethered(tethers: &Tethers) {
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        fail(Step::Orphaned, format!("parent-death signal: {e}"));
+    }
+    if readable_now(tethers.parent.as_fd()) {
+        fail(Step::Orphaned, "the sandbox's parent has gone");
+    }
+    if readable_now(tethers.lifeline.as_fd()) {
+        fail(Step::Orphaned, "the server has gone");
+    }
+}
+
+/// A child of init (the program, the egress forwarder), after it changed
+/// its identity (which clears the parent-death signal): arm it again, and
+/// make sure init, PID 1 of its namespace, is still its parent.
+fn stay_child_of_init() {
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        fail(Step::Orphaned, format!("parent-death signal: {e}"));
+    }
+    if nix::unistd::getppid() != Pid::from_raw(1) {
+        fail(Step::Orphaned, "init has gone");
+    }
 }
 
 /// End this process now. `_exit`, not `exit`: these processes may be forks
@@ -69,18 +112,35 @@ pub(crate) fn exit(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Run the helper with the jail description at `path`, then execute the
-/// program. Never returns.
-pub fn main(path: &std::path::Path) -> ! {
-    let jail: Jail = match std::fs::read(path)
+/// Run the helper (`kiln __sandbox-init <jail.json> <lifeline fd>`, the
+/// arguments after `__sandbox-init`), then execute the program. Never
+/// returns.
+pub fn main(mut args: impl Iterator<Item = std::ffi::OsString>) -> ! {
+    let path = std::path::PathBuf::from(args.next().unwrap_or_default());
+    let jail: Jail = match std::fs::read(&path)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
         Ok(j) => j,
-        Err(e) => fail(Step::ReadPolicy, e),
+        Err(e) => fail(Step::ReadPolicy, format!("{}: {e}", path.display())),
     };
-    enter(&jail);
+    let fd = args.next().and_then(|a| a.to_str()?.parse::<i32>().ok()).filter(|fd| *fd > 2);
+    let Some(fd) = fd.filter(|fd| nix::fcntl::fcntl(unsafe_borrow(*fd), nix::fcntl::FcntlArg::F_GETFD).is_ok()) else {
+        fail(Step::ReadPolicy, "no lifeline descriptor (usage: kiln __sandbox-init <jail.json> <fd>)")
+    };
+    // SAFETY: the server placed its lifeline's read end at this descriptor
+    // for this process (see `Sandboxes`); it is open (checked above) and
+    // nothing else in this fresh process owns it.
+    let lifeline = unsafe { OwnedFd::from_raw_fd(fd) };
+    enter(&jail, lifeline);
     exec(&jail)
+}
+
+/// A descriptor number as a borrowed descriptor, for `fcntl(F_GETFD)`.
+fn unsafe_borrow(fd: i32) -> BorrowedFd<'static> {
+    // SAFETY: only used to ask the kernel whether `fd` is open; a closed
+    // number makes that call fail with EBADF and nothing else.
+    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
 /// Build the sandbox described by `jail` around the calling process's
@@ -91,7 +151,7 @@ pub fn main(path: &std::path::Path) -> ! {
 ///
 /// The caller must be single-threaded: a freshly exec'd helper, or a child
 /// just forked from the zygote (see [`crate::zygote`]).
-pub(crate) fn enter(jail: &Jail) {
+pub(crate) fn enter(jail: &Jail, lifeline: OwnedFd) {
     let handled = join_and_unshare(jail, CloneFlags::CLONE_NEWPID);
     // The outer process maps init's ids (step 5): only a process in the
     // host's user namespace with CAP_SETUID may map ids other than its own.
@@ -112,19 +172,26 @@ pub(crate) fn enter(jail: &Jail) {
         Ok(f) => f,
         Err(e) => fail(Step::Pipe, format!("/proc: {e}")),
     };
-    // SAFETY: this process is single-threaded (a freshly exec'd helper, or a
-    // child just forked from the single-threaded zygote), so the child may
-    // run arbitrary code after fork.
+    // Opened before the fork, so init can tell whether this process is
+    // alive (it cannot name it: its parent lies outside its pid namespace).
+    let me = rustix::process::getpid();
+    let parent = match rustix::process::pidfd_open(me, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(e) => fail(Step::ForkInit, format!("pidfd_open: {e}")),
+    };
+    // SAFETY: this process is single-threaded (a freshly exec'd helper), so
+    // the child may run arbitrary code after fork.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop((unshared_r, mapped_w, host_proc));
-            init(jail, &handled, IdMapping { unshared: unshared_w, mapped: mapped_r })
+            let ids = IdMapping { unshared: unshared_w, mapped: mapped_r };
+            init(jail, &handled, ids, Tethers { lifeline, parent })
         }
         Ok(ForkResult::Parent { child }) => {
-            drop((unshared_w, mapped_r));
+            drop((unshared_w, mapped_r, parent));
             map_ids(&host_proc, child, &unshared_r, mapped_w);
             drop((unshared_r, host_proc));
-            supervise(child, &handled, Forward::ToPid)
+            supervise(child, &handled, Forward::ToPid, &[lifeline.as_fd()])
         }
         Err(e) => fail(Step::ForkInit, e),
     }
@@ -170,9 +237,9 @@ fn join_and_unshare(jail: &Jail, extra: CloneFlags) -> SigSet {
 /// the outer process: it writes the id maps ([`map_ids`]) and reaps init.
 /// One process fewer per sandbox, and one fewer copy of the zygote's
 /// address space. Returns only in the confined program process.
-pub(crate) fn enter_as_init(jail: &Jail, ids: IdMapping) {
+pub(crate) fn enter_as_init(jail: &Jail, ids: IdMapping, tethers: Tethers) {
     let handled = join_and_unshare(jail, CloneFlags::empty());
-    init(jail, &handled, ids);
+    init(jail, &handled, ids, tethers);
 }
 
 /// init's ends of the id-mapping handshake with the outer process.
@@ -247,21 +314,44 @@ enum Forward {
 }
 
 /// Wait for `child` while forwarding interrupts; exit with its status.
-fn supervise(child: Pid, handled: &SigSet, forward: Forward) -> ! {
+/// If any of `tethers` becomes readable (the server's lifeline reached end
+/// of file, the parent exited), kill `child` and exit at once: for init,
+/// that ends the whole pid namespace.
+///
+/// `child` is this process's own child and is reaped only here, so its pid
+/// cannot have been reused when it is signalled.
+fn supervise(child: Pid, handled: &SigSet, forward: Forward, tethers: &[BorrowedFd<'_>]) -> ! {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
     let target = match forward {
         Forward::ToPid => child,
         Forward::ToGroup => Pid::from_raw(-child.as_raw()),
     };
+    let signals = match SignalFd::with_flags(handled, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+        Ok(s) => s,
+        Err(e) => fail(Step::ForkInit, format!("signalfd: {e}")),
+    };
     loop {
-        let sig = handled.wait().unwrap_or(Signal::SIGCHLD);
-        match sig {
-            Signal::SIGINT => {
-                let _ = kill(target, Signal::SIGINT);
+        let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        fds.extend(tethers.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => fail(Step::Orphaned, format!("poll: {e}")),
+        }
+        if fds[1..].iter().any(|f| f.revents().is_some_and(|r| !r.is_empty())) {
+            let _ = kill(child, Signal::SIGKILL);
+            exit(Step::Orphaned.code());
+        }
+        while let Ok(Some(info)) = signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGINT) => {
+                    let _ = kill(target, Signal::SIGINT);
+                }
+                Ok(Signal::SIGTERM | Signal::SIGHUP) => {
+                    let _ = kill(target, Signal::SIGKILL);
+                }
+                _ => {}
             }
-            Signal::SIGTERM | Signal::SIGHUP => {
-                let _ = kill(target, Signal::SIGKILL);
-            }
-            _ => {}
         }
         // Reap everything that ended (init adopts every orphan of the
         // namespace); leave when the main child did.
@@ -277,12 +367,10 @@ fn supervise(child: Pid, handled: &SigSet, forward: Forward) -> ! {
 }
 
 /// PID 1 of the session's pid namespace. Returns only in the program.
-fn init(jail: &Jail, handled: &SigSet, ids: IdMapping) {
-    // If the outer helper dies (the server killed it), so does init, and
-    // with init the whole pid namespace.
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
-        fail(Step::ForkInit, e);
-    }
+fn init(jail: &Jail, handled: &SigSet, ids: IdMapping, tethers: Tethers) {
+    // If the outer helper or the zygote dies, so does init, and with init
+    // the whole pid namespace.
+    stay_tethered(&tethers);
     let _ = nix::unistd::setsid();
     // Its own host name, not the host's (the uts namespace is new).
     if let Err(e) = nix::unistd::sethostname("kiln") {
@@ -307,6 +395,8 @@ fn init(jail: &Jail, handled: &SigSet, ids: IdMapping) {
     if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
         fail(Step::Unshare, format!("user namespace: {e}"));
     }
+    // New credentials: the parent-death signal was cleared.
+    stay_tethered(&tethers);
     if let Err(e) = nix::unistd::write(&ids.unshared, b"1") {
         fail(Step::MapIds, e);
     }
@@ -323,12 +413,14 @@ fn init(jail: &Jail, handled: &SigSet, ids: IdMapping) {
     {
         fail(Step::MapIds, e);
     }
+    stay_tethered(&tethers);
 
     // The egress forwarder, as the session user under the same filter.
     if jail.mounts.egress_socket.is_some() {
         // SAFETY: init is single-threaded.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
+                drop(tethers);
                 if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
                     fail(Step::ForkProgram, e);
                 }
@@ -343,8 +435,14 @@ fn init(jail: &Jail, handled: &SigSet, ids: IdMapping) {
     // 6. The program.
     // SAFETY: init is single-threaded.
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => program(jail),
-        Ok(ForkResult::Parent { child }) => supervise(child, handled, Forward::ToGroup),
+        Ok(ForkResult::Child) => {
+            // The program holds neither tether: nothing of the server's.
+            drop(tethers);
+            program(jail)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            supervise(child, handled, Forward::ToGroup, &[tethers.lifeline.as_fd(), tethers.parent.as_fd()])
+        }
         Err(e) => fail(Step::ForkProgram, e),
     }
 }
@@ -380,6 +478,8 @@ fn confine(jail: &Jail) {
     if let Err(e) = drop_privileges() {
         fail(Step::DropPrivileges, e);
     }
+    // New credentials: the parent-death signal was cleared.
+    stay_child_of_init();
     if let Err(e) = crate::rootfs::landlock(jail) {
         fail(Step::Landlock, e);
     }

@@ -35,10 +35,11 @@ pub mod egress;
 mod ffi;
 mod init;
 mod jail;
-mod leftovers;
+mod process;
 mod rootfs;
 mod sandboxes;
 pub mod seccomp;
+mod step;
 mod workspace;
 mod zygote;
 
@@ -124,9 +125,9 @@ pub enum SandboxError {
     /// The zygote could not fork the kernel.
     #[error(transparent)]
     Zygote(#[from] zygote::ZygoteError),
-    /// The pid file could not be written.
-    #[error("could not record the process in {path}: {source}")]
-    PidFile { path: PathBuf, source: std::io::Error },
+    /// [`Sandboxes::claim`] was not called before the first spawn.
+    #[error("the server has not claimed its place on the host yet")]
+    Unclaimed,
     /// The session's cgroup could not be created.
     #[error("could not create the session's cgroup (is kiln running as root?): {0}")]
     Cgroup(std::io::Error),
@@ -153,8 +154,12 @@ impl From<ExitStatus> for Exit {
 
 impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A failed step of sandbox set-up has its own code.
+        if let Some(step) = self.code.and_then(step::Step::from_code) {
+            return write!(f, "the sandbox could not be built: {} failed (exit code {})", step.describe(), step.code());
+        }
         // The sandbox helper reports a program killed by signal N as 128+N.
-        let signal = self.signal.or(self.code.filter(|c| (129..=159).contains(c)).map(|c| c - 128));
+        let signal = self.signal.or(self.code.filter(|c| (129..=192).contains(c)).map(|c| c - 128));
         match (self.code, signal) {
             (_, Some(9)) => write!(f, "killed (SIGKILL, e.g. out of memory)"),
             (_, Some(s)) => write!(f, "killed by signal {s}"),

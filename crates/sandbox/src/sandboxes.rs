@@ -8,13 +8,14 @@
 
 use crate::cgroup::Cgroup;
 use crate::jail::Jail;
+use crate::process::Owned;
 use crate::zygote::{Zygote, ZygoteError, ZygoteSpec};
 use crate::{Exit, Mounts, Program, SandboxError, SandboxSpec};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::watch;
 
 /// One server's sandboxes: cheap to clone.
@@ -31,6 +32,19 @@ struct Shared {
     sessions_dir: PathBuf,
     /// Names this server's cgroups.
     instance: String,
+    /// Set by [`Sandboxes::claim`].
+    lifeline: OnceLock<Lifeline>,
+}
+
+/// A pipe whose write end only this process holds (close-on-exec, so no
+/// child ever inherits it): when the server dies, however it dies, every
+/// holder of the read end sees end of file. Each sandbox's init, the
+/// helper's outer process and the zygote hold the read end and exit on it.
+#[derive(Debug)]
+struct Lifeline {
+    read: OwnedFd,
+    /// Never written, never handed out: only its closing matters.
+    _write: OwnedFd,
 }
 
 /// The cgroup directories of the server whose kernels live in
@@ -69,10 +83,11 @@ pub struct Spawn<'a> {
 
 impl Sandboxes {
     /// The sandboxes of the server whose kernels live in `sessions_dir`;
-    /// `spec` `None` runs kernels without any isolation.
+    /// `spec` `None` runs kernels without any isolation. Nothing is
+    /// touched until [`Sandboxes::claim`].
     pub fn new(spec: Option<SandboxSpec>, sessions_dir: PathBuf) -> Self {
         let instance = crate::cgroup::instance_name(&sessions_dir);
-        Sandboxes { shared: Arc::new(Shared { spec, sessions_dir, instance }) }
+        Sandboxes { shared: Arc::new(Shared { spec, sessions_dir, instance, lifeline: OnceLock::new() }) }
     }
 
     /// How sandboxes are built, when kernels are isolated.
@@ -86,26 +101,26 @@ impl Sandboxes {
         self.shared.spec.as_ref().map(|_| crate::jail::host_user_id())
     }
 
-    /// Kill what a previous server on this sessions directory left running
-    /// (kernels, the zygote), remove its cgroups and unmount its
-    /// workspaces. Blocking.
-    pub fn recover(&self) {
-        let dir = &self.shared.sessions_dir;
-        // The zygote first: its children die with it.
-        let _ = crate::leftovers::kill_recorded(&self.zygote_dir().join("pid"));
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for entry in entries.flatten() {
-                let _ = crate::leftovers::kill_recorded(&entry.path().join("pid"));
-            }
-        }
+    /// Take this server's place on the host, before the first spawn: make
+    /// the lifeline, and remove what a previous server on this sessions
+    /// directory left (processes in its cgroups, the cgroups, its
+    /// workspaces). Blocking.
+    pub fn claim(&self) -> std::io::Result<()> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let _ = self.shared.lifeline.set(Lifeline { read, _write: write });
         if self.shared.spec.is_some() {
             crate::cgroup::remove_all(&self.shared.instance);
         }
-        crate::workspace::unmount_all_under(dir);
+        crate::workspace::unmount_all_under(&self.shared.sessions_dir);
+        Ok(())
     }
 
-    /// Where the zygote's log and pid file live (`<data>/zygote`, beside
-    /// the sessions directory, not in it).
+    fn lifeline(&self) -> Result<&OwnedFd, SandboxError> {
+        self.shared.lifeline.get().map(|l| &l.read).ok_or(SandboxError::Unclaimed)
+    }
+
+    /// Where the zygote's log lives (`<data>/zygote`, beside the sessions
+    /// directory, not in it).
     pub fn zygote_dir(&self) -> PathBuf {
         self.shared.sessions_dir.with_file_name("zygote")
     }
@@ -119,163 +134,170 @@ impl Sandboxes {
         }
     }
 
-    /// Start a zygote for this server's kernels.
+    /// Start a zygote for this server's kernels (isolated, with a zygote
+    /// library, only).
     pub async fn start_zygote(&self, spec: &ZygoteSpec) -> Result<Zygote, ZygoteError> {
-        Zygote::start(spec).await
+        let library = self.spec().and_then(|s| s.zygote_library.as_ref()).ok_or(ZygoteError::Disabled)?;
+        let lifeline = self.lifeline().map_err(|e| ZygoteError::NotReady(e.to_string()))?;
+        Zygote::start(spec, library, lifeline).await
     }
 
     /// Start the kernel described by `req`.
     pub async fn spawn(&self, req: Spawn<'_>) -> Result<Sandbox, SandboxError> {
-        let pid_file = req.dir.join("pid");
-        let sandbox = match (&self.shared.spec, req.zygote) {
-            (None, _) => self.spawn_plain(&req)?,
-            (Some(spec), zygote) => {
-                let name = req.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let cgroup = Cgroup::create(&format!("{}/{name}", self.shared.instance), &spec.limits)
-                    .map_err(SandboxError::Cgroup)?;
-                let root = req.dir.join("rootfs");
-                if let Err(source) = std::fs::create_dir_all(&root) {
-                    cgroup.remove();
-                    return Err(SandboxError::Spec { path: root, source });
-                }
-                let jail = Jail {
-                    cgroup: Some(cgroup.clone()),
-                    root,
-                    mounts: req.mounts.clone(),
-                    limits: spec.limits,
-                    seccomp: true,
-                    program: req.program.clone(),
-                };
-                let started = match zygote {
-                    Some(z) => fork_from(z, &jail, req.log).await,
-                    None => start_helper(spec, &jail, req.dir, req.log),
-                };
-                match started {
-                    Ok((pid, exit)) => Sandbox { pid, exit, cgroup: Some(cgroup) },
-                    Err(e) => {
-                        cgroup.remove();
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        // Record it for crash recovery, or kill it.
-        if let Err(source) = crate::leftovers::record(&pid_file, sandbox.pid()) {
-            sandbox.kill();
-            return Err(SandboxError::PidFile { path: pid_file, source });
+        let Some(spec) = &self.shared.spec else { return self.spawn_plain(&req) };
+        let lifeline = self.lifeline()?;
+        let name = req.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let cgroup =
+            Cgroup::create(&format!("{}/{name}", self.shared.instance), &spec.limits).map_err(SandboxError::Cgroup)?;
+        let root = req.dir.join("rootfs");
+        if let Err(source) = std::fs::create_dir_all(&root) {
+            cgroup.remove();
+            return Err(SandboxError::Spec { path: root, source });
         }
-        Ok(sandbox)
+        let jail = Jail {
+            cgroup: Some(cgroup.clone()),
+            root,
+            mounts: req.mounts.clone(),
+            limits: spec.limits,
+            seccomp: true,
+            program: req.program.clone(),
+        };
+        let started = match req.zygote {
+            Some(z) => fork_from(z, &jail, req.log).await,
+            None => start_helper(spec, &jail, req.dir, req.log, lifeline),
+        };
+        match started {
+            Ok(process) => Ok(Sandbox { process, cgroup: Some(cgroup) }),
+            Err(e) => {
+                cgroup.remove();
+                Err(e)
+            }
+        }
     }
 
     /// A plain process in its own process group, for `--sandbox none`.
     fn spawn_plain(&self, req: &Spawn<'_>) -> Result<Sandbox, SandboxError> {
         let p = &req.program;
-        let mut cmd = tokio::process::Command::new(&p.path);
+        let mut cmd = std::process::Command::new(&p.path);
         cmd.env_clear().args(&p.args).envs(p.env.iter().map(|(k, v)| (k, v))).current_dir(&p.cwd);
-        let (pid, exit) = run(cmd, req.log, &p.path)?;
-        Ok(Sandbox { pid, exit, cgroup: None })
+        let log_err = |source| SandboxError::Log { path: req.log.to_path_buf(), source };
+        plumb(&mut cmd, req.log, &[]).map_err(log_err)?;
+        let process =
+            Owned::spawn(&mut cmd).map_err(|source| SandboxError::Spawn { program: p.path.clone(), source })?;
+        Ok(Sandbox { process, cgroup: None })
     }
 }
 
-type Started = (Pid, watch::Receiver<Option<Exit>>);
+/// Set `cmd` up as every process kiln starts: stdin from `/dev/null`,
+/// stdout and stderr appended to `log`, its own process group (a Ctrl-C at
+/// kiln's terminal is not for it; for `--sandbox none`, signals for the
+/// kernel reach every subprocess it started), and `pass` placed at
+/// descriptors 3, 4, ... (everything else of the server's is close-on-exec).
+pub(crate) fn plumb(cmd: &mut std::process::Command, log: &Path, pass: &[&OwnedFd]) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::from(out)).stderr(Stdio::from(err)).process_group(0);
+    if pass.is_empty() {
+        return Ok(());
+    }
+    // Copies above the targets first, so that no dup2 below overwrites
+    // another's source; they are close-on-exec, and owned by the closure,
+    // which lives until the command is dropped (after the spawn).
+    let high = pass
+        .iter()
+        .map(|fd| Ok(rustix::io::fcntl_dupfd_cloexec(fd, 10)?))
+        .collect::<std::io::Result<Vec<OwnedFd>>>()?;
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls are allowed: it calls dup2 only, on
+    // descriptors that `high` keeps open, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (target, fd) in (3..).zip(high.iter()) {
+                if libc::dup2(fd.as_raw_fd(), target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
 
-/// Start the sandbox helper on `jail`, written to `dir/sandbox.json`.
-fn start_helper(spec: &SandboxSpec, jail: &Jail, dir: &Path, log: &Path) -> Result<Started, SandboxError> {
+/// Start the sandbox helper on `jail`, written to `dir/sandbox.json`, with
+/// the server's lifeline at descriptor 3.
+fn start_helper(
+    spec: &SandboxSpec,
+    jail: &Jail,
+    dir: &Path,
+    log: &Path,
+    lifeline: &OwnedFd,
+) -> Result<Owned, SandboxError> {
     let spec_file = dir.join("sandbox.json");
     let json = serde_json::to_vec(jail)
         .map_err(|e| SandboxError::Spec { path: spec_file.clone(), source: std::io::Error::other(e) })?;
     std::fs::write(&spec_file, json).map_err(|source| SandboxError::Spec { path: spec_file.clone(), source })?;
-    let mut cmd = tokio::process::Command::new(&spec.helper);
-    cmd.env_clear().arg("__sandbox-init").arg(&spec_file).current_dir("/");
-    run(cmd, log, &spec.helper)
-}
-
-/// Run `cmd` (its environment already set) with stdin closed, output to
-/// `log`.
-fn run(mut cmd: tokio::process::Command, log: &Path, program: &Path) -> Result<Started, SandboxError> {
-    let open_log = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| SandboxError::Log { path: log.to_path_buf(), source })
-    };
-    let (out, err) = (open_log()?, open_log()?);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        // Its own process group: signals for the kernel reach every
-        // subprocess it started (`!pip`, `!python`, multiprocessing).
-        .process_group(0)
-        .kill_on_drop(false);
-    let mut child = cmd.spawn().map_err(|source| SandboxError::Spawn { program: program.to_path_buf(), source })?;
-    let raw = child.id().unwrap_or(0);
-    let pid = Pid::from_raw(i32::try_from(raw).unwrap_or(0));
-    let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
-        let exit = match child.wait().await {
-            Ok(status) => Exit::from(status),
-            Err(_) => Exit { code: None, signal: None },
-        };
-        let _ = tx.send(Some(exit));
-    });
-    Ok((pid, rx))
+    let mut cmd = std::process::Command::new(&spec.helper);
+    cmd.env_clear().arg("__sandbox-init").arg(&spec_file).arg("3").current_dir("/");
+    plumb(&mut cmd, log, &[lifeline]).map_err(|source| SandboxError::Log { path: log.to_path_buf(), source })?;
+    Owned::spawn(&mut cmd).map_err(|source| SandboxError::Spawn { program: spec.helper.clone(), source })
 }
 
 /// Fork the kernel described by `jail` from `zygote`: the same sandbox,
 /// built by the same steps, around a process that already has the
 /// runtime's packages imported.
-async fn fork_from(zygote: &Zygote, jail: &Jail, log: &Path) -> Result<Started, SandboxError> {
+async fn fork_from(zygote: &Zygote, jail: &Jail, log: &Path) -> Result<Owned, SandboxError> {
     let body = serde_json::json!({ "jail": jail, "log": log });
     let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
     let forked = zygote.fork(&bytes).await;
     bytes.fill(0);
-    let (raw, exit) = forked?;
-    Ok((Pid::from_raw(i32::try_from(raw).unwrap_or(0)), exit))
+    let (fd, pid, exit) = forked?;
+    Owned::adopt(fd, pid, exit).map_err(|source| SandboxError::Spawn { program: "the zygote's child".into(), source })
 }
 
 /// A running contained process and everything it started.
 #[derive(Debug)]
 pub struct Sandbox {
-    pid: Pid,
-    exit: watch::Receiver<Option<Exit>>,
+    /// The helper (`--zygote off`), init (forked by the zygote), or the
+    /// kernel itself (`--sandbox none`).
+    process: Owned,
     cgroup: Option<Cgroup>,
 }
 
 impl Sandbox {
-    /// The main process's pid (as seen by the server).
-    pub fn pid(&self) -> u32 {
-        u32::try_from(self.pid.as_raw()).unwrap_or(0)
-    }
-
     /// A receiver that turns `Some` when the main process has ended.
     pub fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
-        self.exit.clone()
+        self.process.exit_watch()
     }
 
     /// How the main process ended, if it has.
     pub fn exit(&self) -> Option<Exit> {
-        *self.exit.borrow()
+        *self.process.exit_watch().borrow()
     }
 
     /// Deliver SIGINT to the program and everything it started (a Jupyter
-    /// interrupt). Isolated: to the helper, which forwards it to init, which
-    /// forwards it to the program's process group.
+    /// interrupt). Isolated: to the helper, which forwards it to init, or
+    /// to init, which forwards it to the program's process group.
     pub fn interrupt(&self) {
-        if self.cgroup.is_some() {
-            if self.pid.as_raw() > 0 {
-                let _ = nix::sys::signal::kill(self.pid, Signal::SIGINT);
-            }
-        } else {
-            self.signal(Signal::SIGINT);
+        match self.cgroup {
+            Some(_) => self.process.signal(Signal::SIGINT),
+            None => self.process.signal_group(Signal::SIGINT),
         }
     }
 
     /// Kill every process of the sandbox now.
     pub fn kill(&self) {
-        self.signal(Signal::SIGKILL);
-        if let Some(cg) = &self.cgroup {
-            cg.kill();
+        match &self.cgroup {
+            // init's death ends its pid namespace; the cgroup holds
+            // anything that could have escaped it.
+            Some(cg) => {
+                self.process.signal(Signal::SIGKILL);
+                cg.kill();
+            }
+            None => {
+                self.process.signal_group(Signal::SIGKILL);
+                self.process.signal(Signal::SIGKILL);
+            }
         }
     }
 
@@ -293,24 +315,11 @@ impl Sandbox {
         self.cgroup.as_ref().is_some_and(Cgroup::hit_memory_limit)
     }
 
-    fn signal(&self, sig: Signal) {
-        if self.pid.as_raw() <= 0 {
-            return;
-        }
-        // The group may already be gone (ESRCH); nothing else can fail here.
-        if let Err(e) = killpg(self.pid, sig) {
-            tracing::debug!(pid = self.pid.as_raw(), ?sig, error = %e, "signal not delivered");
-        }
-    }
-
-    /// Kill everything and wait until the main process is reaped.
+    /// Kill everything and wait until the main process has ended, and its
+    /// cgroup is empty and removed.
     pub async fn kill_and_wait(&self) {
         self.kill();
-        let mut rx = self.exit.clone();
-        let _ = rx.wait_for(Option::is_some).await;
-        // Processes that left the group (setsid) die with the pid
-        // namespace's init, or are killed through the cgroup.
-        self.kill();
+        self.process.ended().await;
         if let Some(cg) = self.cgroup.clone() {
             let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
         }

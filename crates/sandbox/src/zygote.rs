@@ -14,27 +14,38 @@
 //! environment, and every request it receives (paths, environment) is
 //! zeroed in its memory after the fork, so no session inherits another's.
 //!
-//! Protocol, over the zygote's stdin and stdout:
-//! - request: a 16-byte header (request id, body length; little-endian
-//!   u64s), then the body: JSON `{"jail": Jail, "log": path}`;
-//! - reply, one JSON line: `{"id": n, "pid": p}` or `{"id": n, "error": s}`;
-//! - event, one JSON line: `{"exit": p, "code": c, "signal": s}` when a
-//!   child it forked has ended (the zygote is its parent and reaps it).
+//! It talks to the server over one `SOCK_SEQPACKET` socket pair (its end at
+//! fd 3), one message per datagram:
+//! - request: an 8-byte request id (little-endian), then the body: JSON
+//!   `{"jail": Jail, "log": path}`;
+//! - reply: JSON `{"id": n, "pid": p}` carrying, as `SCM_RIGHTS`, a pidfd of
+//!   the child, which the zygote opened right after the fork, before it
+//!   could reap it; or `{"id": n, "error": s}`;
+//! - event: JSON `{"exit": p, "code": c, "signal": s}` when a child it forked
+//!   has ended (the zygote is its parent and reaps it).
 //!
-//! The first line, `{"ready": true}`, says the imports are done.
+//! The first message, `{"ready": true}`, says the imports are done. At fd 4
+//! the zygote holds the server's lifeline (see [`crate::Sandboxes`]), which
+//! it passes on to every child; it exits when the lifeline or its socket
+//! reaches end of file, that is when the server has gone.
 
+use crate::process::Owned;
 use crate::Exit;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessageOwned, MsgFlags};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::ChildStdin;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, watch};
+
+/// The largest message either side sends.
+const MAX_MESSAGE: usize = 1 << 20;
 
 /// How to start a zygote.
 #[derive(Debug, Clone)]
@@ -43,14 +54,10 @@ pub struct ZygoteSpec {
     pub python: PathBuf,
     /// Its complete environment (a kernel's base environment).
     pub env: Vec<(OsString, OsString)>,
-    /// `libkiln_sandbox.so`.
-    pub library: PathBuf,
     /// Modules imported before the first fork.
     pub preload: Vec<String>,
     /// The zygote's own log.
     pub log: PathBuf,
-    /// Pid file, for crash recovery.
-    pub pid_file: PathBuf,
     /// How long the imports may take.
     pub ready_timeout: Duration,
 }
@@ -61,9 +68,10 @@ pub enum ZygoteError {
     /// The process could not be started.
     #[error("could not start the zygote {python}: {source}")]
     Spawn { python: PathBuf, source: std::io::Error },
-    /// Its pid file could not be written.
-    #[error("could not record the zygote in {path}: {source}")]
-    PidFile { path: PathBuf, source: std::io::Error },
+    /// The server does not fork kernels from a zygote (`--zygote off`, or
+    /// no sandbox).
+    #[error("kernels are not forked from a zygote on this server")]
+    Disabled,
     /// It ended or said nothing sensible before becoming ready.
     #[error("the zygote did not become ready: {0}")]
     NotReady(String),
@@ -83,23 +91,26 @@ pub struct Zygote {
 }
 
 struct Inner {
-    pid: i32,
-    writer: tokio::sync::Mutex<ChildStdin>,
+    process: Owned,
+    socket: Arc<AsyncFd<OwnedFd>>,
+    /// One request at a time on the socket.
+    sending: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
     state: Arc<Mutex<State>>,
 }
 
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Zygote").field("pid", &self.pid).finish_non_exhaustive()
+        f.debug_struct("Zygote").field("pid", &self.process.pid()).finish_non_exhaustive()
     }
 }
 
-type Forked = Result<(u32, watch::Receiver<Option<Exit>>), ZygoteError>;
+/// A forked child: its pidfd, pid, and a watch fed by the zygote's report.
+pub(crate) type Forked = (OwnedFd, u32, watch::Receiver<Option<Exit>>);
 
 #[derive(Default)]
 struct State {
-    pending: HashMap<u64, oneshot::Sender<Forked>>,
+    pending: HashMap<u64, oneshot::Sender<Result<Forked, ZygoteError>>>,
     children: HashMap<u32, watch::Sender<Option<Exit>>>,
     gone: bool,
 }
@@ -121,7 +132,7 @@ impl State {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Its children die with it (their parent-death signal).
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL);
+        self.process.signal(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -137,87 +148,62 @@ struct Line {
 }
 
 impl Zygote {
-    /// Start a zygote and wait until its imports are done.
-    pub async fn start(spec: &ZygoteSpec) -> Result<Zygote, ZygoteError> {
+    /// Start a zygote with `library` (`libkiln_sandbox.so`), handing it the
+    /// server's `lifeline`, and wait until its imports are done.
+    pub(crate) async fn start(
+        spec: &ZygoteSpec,
+        library: &std::path::Path,
+        lifeline: &OwnedFd,
+    ) -> Result<Zygote, ZygoteError> {
         let spawn_err = |source| ZygoteError::Spawn { python: spec.python.clone(), source };
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log).map_err(spawn_err)?;
-        let mut child = tokio::process::Command::new(&spec.python)
-            .args(["-m", "kiln_kernel.zygote", "--library"])
-            .arg(&spec.library)
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| spawn_err(e.into()))?;
+        let mut cmd = std::process::Command::new(&spec.python);
+        cmd.args(["-m", "kiln_kernel.zygote", "--control", "3", "--lifeline", "4", "--library"])
+            .arg(library)
             .arg("--preload")
             .arg(spec.preload.join(","))
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            // Its own group: kiln's terminal's Ctrl-C is not for it.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(spawn_err)?;
-        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-        if let Some(p) = child.id() {
-            if let Err(source) = crate::leftovers::record(&spec.pid_file, p) {
-                let _ = child.start_kill();
-                return Err(ZygoteError::PidFile { path: spec.pid_file.clone(), source });
-            }
-        }
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(ZygoteError::NotReady("no pipes".into()));
-        };
-        let mut lines = BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(spec.ready_timeout, lines.next_line()).await;
+            .current_dir("/");
+        crate::sandboxes::plumb(&mut cmd, &spec.log, &[&theirs, lifeline]).map_err(spawn_err)?;
+        let process = Owned::spawn(&mut cmd).map_err(spawn_err)?;
+        drop(theirs);
+        let socket = nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+            .map_err(|e| spawn_err(e.into()))
+            .and_then(|_| crate::process::register(ours).map_err(spawn_err))?;
+        let socket = Arc::new(socket);
+        let first = tokio::time::timeout(spec.ready_timeout, receive(&socket)).await;
         match first {
-            Ok(Ok(Some(l))) if serde_json::from_str::<Line>(&l).ok().and_then(|l| l.ready) == Some(true) => {}
-            Ok(Ok(other)) => {
-                let _ = child.start_kill();
-                return Err(ZygoteError::NotReady(format!("{other:?}; see {}", spec.log.display())));
+            Ok(Ok((bytes, _))) if serde_json::from_slice::<Line>(&bytes).ok().and_then(|l| l.ready) == Some(true) => {}
+            Ok(Ok((bytes, _))) => {
+                process.signal(nix::sys::signal::Signal::SIGKILL);
+                let what = String::from_utf8_lossy(&bytes).into_owned();
+                return Err(ZygoteError::NotReady(format!("{what:?}; see {}", spec.log.display())));
             }
-            Ok(Err(e)) => return Err(ZygoteError::NotReady(e.to_string())),
+            Ok(Err(e)) => {
+                process.signal(nix::sys::signal::Signal::SIGKILL);
+                return Err(ZygoteError::NotReady(format!("{e}; see {}", spec.log.display())));
+            }
             Err(_) => {
-                let _ = child.start_kill();
+                process.signal(nix::sys::signal::Signal::SIGKILL);
                 return Err(ZygoteError::NotReady(format!("no answer within {:?}", spec.ready_timeout)));
             }
         }
         let state = Arc::new(Mutex::new(State::default()));
-        let reader_state = state.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let Ok(line) = serde_json::from_str::<Line>(&line) else {
-                    tracing::warn!(%line, "unreadable line from the zygote");
-                    continue;
-                };
-                let Ok(mut st) = reader_state.lock() else { break };
-                if let Some(pid) = line.exit {
-                    if let Some(tx) = st.children.remove(&pid) {
-                        let _ = tx.send(Some(Exit { code: line.code, signal: line.signal }));
-                    }
-                } else if let Some(id) = line.id {
-                    let result = match (line.pid, line.error) {
-                        (Some(pid), _) => {
-                            // Registered before any later line is read, so
-                            // its exit event cannot be missed.
-                            let (tx, rx) = watch::channel(None);
-                            st.children.insert(pid, tx);
-                            Ok((pid, rx))
-                        }
-                        (None, e) => Err(ZygoteError::Fork(e.unwrap_or_else(|| "no pid".into()))),
-                    };
-                    if let Some(tx) = st.pending.remove(&id) {
-                        let _ = tx.send(result);
-                    }
-                }
-            }
-            let status = child.wait().await;
-            tracing::warn!(?status, "the zygote exited");
-            if let Ok(mut st) = reader_state.lock() {
-                st.close();
-            }
-        });
-        let inner = Inner { pid, writer: tokio::sync::Mutex::new(stdin), next_id: AtomicU64::new(1), state };
+        tokio::spawn(read_replies(socket.clone(), state.clone(), process.exit_watch()));
+        let inner = Inner { process, socket, sending: tokio::sync::Mutex::new(()), next_id: AtomicU64::new(1), state };
         Ok(Zygote { inner: Arc::new(inner) })
+    }
+
+    /// The zygote's pid, as the server sees it (for logs and tests).
+    pub fn pid(&self) -> i32 {
+        self.inner.process.pid()
     }
 
     /// Whether the zygote is still running.
@@ -226,8 +212,8 @@ impl Zygote {
     }
 
     /// Ask for a child built from `body` (`{"jail": .., "log": ..}`); returns
-    /// its pid and a watch that turns `Some` when it has ended.
-    pub async fn fork(&self, body: &[u8]) -> Result<(u32, watch::Receiver<Option<Exit>>), ZygoteError> {
+    /// its pidfd, its pid and a watch that turns `Some` when it has ended.
+    pub(crate) async fn fork(&self, body: &[u8]) -> Result<Forked, ZygoteError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -237,22 +223,121 @@ impl Zygote {
             }
             st.pending.insert(id, tx);
         }
-        let mut msg = Vec::with_capacity(16 + body.len());
+        let mut msg = Vec::with_capacity(8 + body.len());
         msg.extend_from_slice(&id.to_le_bytes());
-        msg.extend_from_slice(&(body.len() as u64).to_le_bytes());
         msg.extend_from_slice(body);
-        {
-            let mut w = self.inner.writer.lock().await;
-            if w.write_all(&msg).await.is_err() || w.flush().await.is_err() {
-                if let Ok(mut st) = self.inner.state.lock() {
-                    st.pending.remove(&id);
-                }
-                return Err(ZygoteError::Gone);
-            }
-        }
+        let sent = {
+            let _one = self.inner.sending.lock().await;
+            send(&self.inner.socket, &msg).await
+        };
         // The same bytes must not linger in kiln's memory either.
         msg.fill(0);
+        if sent.is_err() {
+            if let Ok(mut st) = self.inner.state.lock() {
+                st.pending.remove(&id);
+            }
+            return Err(ZygoteError::Gone);
+        }
         // A dropped sender means the reader ended: the zygote is gone.
         rx.await.unwrap_or(Err(ZygoteError::Gone))
+    }
+}
+
+/// Read the zygote's replies and events until it ends.
+async fn read_replies(
+    socket: Arc<AsyncFd<OwnedFd>>,
+    state: Arc<Mutex<State>>,
+    mut exited: watch::Receiver<Option<Exit>>,
+) {
+    loop {
+        let (bytes, fd) = tokio::select! {
+            got = receive(&socket) => match got {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+            _ = exited.wait_for(Option::is_some) => break,
+        };
+        let Ok(line) = serde_json::from_slice::<Line>(&bytes) else {
+            tracing::warn!(line = %String::from_utf8_lossy(&bytes), "unreadable message from the zygote");
+            continue;
+        };
+        let Ok(mut st) = state.lock() else { break };
+        if let Some(pid) = line.exit {
+            if let Some(tx) = st.children.remove(&pid) {
+                let _ = tx.send(Some(Exit { code: line.code, signal: line.signal }));
+            }
+        } else if let Some(id) = line.id {
+            let result = match (line.pid, fd, line.error) {
+                (Some(pid), Some(fd), _) => {
+                    // Registered before any later message is read, so its
+                    // exit event cannot be missed.
+                    let (tx, rx) = watch::channel(None);
+                    st.children.insert(pid, tx);
+                    Ok((fd, pid, rx))
+                }
+                (Some(_), None, _) => Err(ZygoteError::Fork("the zygote sent no pidfd".into())),
+                (None, _, e) => Err(ZygoteError::Fork(e.unwrap_or_else(|| "no pid".into()))),
+            };
+            if let Some(tx) = st.pending.remove(&id) {
+                let _ = tx.send(result);
+            }
+        }
+    }
+    tracing::warn!(status = ?*exited.borrow(), "the zygote exited");
+    if let Ok(mut st) = state.lock() {
+        st.close();
+    }
+}
+
+/// Send one datagram.
+async fn send(socket: &AsyncFd<OwnedFd>, msg: &[u8]) -> std::io::Result<()> {
+    loop {
+        let mut ready = socket.writable().await?;
+        let sent = ready.try_io(|s| {
+            sendmsg::<()>(s.get_ref().as_raw_fd(), &[IoSlice::new(msg)], &[], MsgFlags::MSG_NOSIGNAL, None)
+                .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Receive one datagram and the descriptor it carries, if any. End of file
+/// (the zygote has gone) is an error.
+async fn receive(socket: &AsyncFd<OwnedFd>) -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let mut ready = socket.readable().await?;
+        let got = ready.try_io(|s| {
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<()>(s.get_ref().as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                .map_err(std::io::Error::from)?;
+            let mut fd = None;
+            for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    for raw in fds {
+                        // SAFETY: the kernel just installed this descriptor
+                        // in this process for us (SCM_RIGHTS); nothing else
+                        // knows of it, so it is ours to own and close.
+                        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                        fd.get_or_insert(owned);
+                    }
+                }
+            }
+            Ok((msg.bytes, fd))
+        });
+        match got {
+            Ok(Ok((0, _))) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok((n, fd))) => {
+                buf.truncate(n);
+                return Ok((buf, fd));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
     }
 }

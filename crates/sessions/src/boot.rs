@@ -179,7 +179,7 @@ impl Kernels {
     /// started as new interpreters, and a new zygote is tried a minute
     /// later).
     async fn zygote(&self, runtime: &Runtime) -> Option<Zygote> {
-        let library = self.cfg.sandbox.as_ref()?.zygote_library.as_ref()?;
+        self.cfg.sandbox.as_ref()?.zygote_library.as_ref()?;
         let mut slot = self.zygote.lock().await;
         if let Some(z) = slot.running.as_ref().filter(|z| z.is_alive()) {
             return Some(z.clone());
@@ -210,10 +210,8 @@ impl Kernels {
         let spec = ZygoteSpec {
             python: runtime.python(),
             env,
-            library: library.clone(),
             preload,
             log: dir.join("log"),
-            pid_file: dir.join("pid"),
             ready_timeout: self.cfg.boot_timeout.max(Duration::from_secs(60)),
         };
         let started = Instant::now();

@@ -84,11 +84,12 @@ impl Manager {
         let dir = self.inner.cfg.sessions_dir.clone();
         let kernels = self.inner.kernels.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            kernels.sandboxes().recover();
-            remove_leftovers(&dir)
+            kernels.sandboxes().claim()?;
+            Ok::<_, std::io::Error>(remove_leftovers(&dir))
         })
         .await
-        .unwrap_or(0);
+        .map_err(|e| SessionError::Broken(e.to_string()))?
+        .map_err(|e| SessionError::Broken(format!("could not take the server's place on the host: {e}")))?;
         let ended = self.inner.store.end_all_open(Utc::now()).await?;
         if removed > 0 || ended > 0 {
             tracing::info!(removed_dirs = removed, ended_sessions = ended, "cleaned up after a previous run");
@@ -400,7 +401,7 @@ async fn reap(registry: Arc<Registry>, mut stopping: watch::Receiver<bool>) {
 }
 
 /// Remove every session directory under `dir` (their processes, cgroups
-/// and workspaces are gone: see [`kiln_sandbox::Sandboxes::recover`]).
+/// and workspaces are gone: see [`kiln_sandbox::Sandboxes::claim`]).
 fn remove_leftovers(dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;

@@ -233,6 +233,17 @@ pub fn sandboxes(dir: &Path) -> Vec<Vec<i32>> {
         .collect()
 }
 
+/// The pid of the zygote of the server whose data dir is `data`: the
+/// process whose output goes to `<data>/zygote/log`.
+pub fn zygote_pid(data: &Path) -> Option<i32> {
+    let log = data.join("zygote").join("log");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|l| l == log))
+}
+
 /// All pids in the server's sandboxes.
 pub fn sandboxed_pids(dir: &Path) -> Vec<i32> {
     sandboxes(dir).into_iter().flatten().collect()

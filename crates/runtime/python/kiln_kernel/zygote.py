@@ -8,10 +8,17 @@ steps as ``kiln __sandbox-init``, loaded as ``libkiln_sandbox.so``), reseeds
 its random state and runs the kernel module, sharing the zygote's memory
 copy-on-write.
 
-Protocol (see ``crates/sandbox/src/zygote.rs``): requests on stdin are a
-16-byte header (id, body length; little-endian u64) and a JSON body
-``{"jail": ..., "log": path}``; replies and exit events are JSON lines on
-stdout. Everything the preloaded packages print goes to stderr, the log.
+Protocol (see ``crates/sandbox/src/zygote.rs``), over a SOCK_SEQPACKET
+socket at fd 3, one message per datagram: a request is an 8-byte id
+(little-endian) and a JSON body ``{"jail": ..., "log": path}``; the reply to
+a fork carries, as SCM_RIGHTS, a pidfd of the child, opened right after the
+fork, before this process could reap it; exit events are JSON messages.
+Standard output and error are the log.
+
+At fd 4 the zygote holds the server's lifeline: the read end of a pipe whose
+write end only the server holds. It exits when the lifeline or the socket
+reaches end of file (the server has gone), and passes the lifeline, and a
+pidfd of itself, on to every child, whose init exits on either.
 
 The zygote never runs session code, holds no secret (its environment is a
 kernel's), and zeroes each request in its memory after the fork, so no
@@ -27,33 +34,23 @@ import json
 import os
 import selectors
 import signal
-import struct
+import socket
 import sys
 import traceback
 
-HEADER = struct.Struct("<QQ")
+# The largest request the server sends (see MAX_MESSAGE in zygote.rs).
+MAX_MESSAGE = 1 << 20
 
 
 def _log(msg):
     print(f"kiln zygote: {msg}", file=sys.stderr, flush=True)
 
 
-def _read_exact(raw, view):
-    """Fill ``view`` from ``raw``; False at end of input."""
-    got = 0
-    while got < len(view):
-        n = raw.readinto(view[got:])
-        if not n:
-            return False
-        got += n
-    return True
-
-
 class Zygote:
-    def __init__(self, library, control_in, control_out):
+    def __init__(self, library, control, lifeline):
         # PyDLL: the calls keep the GIL (the child's must: it forks).
         lib = self.lib = ctypes.PyDLL(library)
-        lib.kiln_sandbox_enter_init.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+        lib.kiln_sandbox_enter_init.argtypes = [ctypes.c_char_p, ctypes.c_size_t] + [ctypes.c_int] * 4
         lib.kiln_zygote_restore_pid.argtypes = [ctypes.c_int]
         lib.kiln_zygote_map_ids.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         for f in (lib.kiln_sandbox_enter_init, lib.kiln_zygote_unshare_pid, lib.kiln_zygote_restore_pid,
@@ -61,25 +58,34 @@ class Zygote:
             f.restype = ctypes.c_int
         # To come back to after each fork into a new pid namespace.
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        self.raw_in = io.FileIO(control_in, "rb", closefd=False)
-        self.control_out = control_out
+        # Each child's init watches it: readable once this process is gone.
+        self.own_pidfd = os.pidfd_open(os.getpid())
+        self.sock = socket.socket(fileno=control)
+        self.sock.setblocking(True)
+        self.lifeline = lifeline
+        self.buf = bytearray(MAX_MESSAGE)
         self.children = set()
 
-    def send(self, obj):
-        data = (json.dumps(obj) + "\n").encode()
-        while data:
-            data = data[os.write(self.control_out, data):]
+    def send(self, obj, fds=()):
+        data = json.dumps(obj).encode()
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.send(data)
 
     def serve(self):
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         sel = selectors.DefaultSelector()
-        sel.register(self.raw_in.fileno(), selectors.EVENT_READ, "request")
+        sel.register(self.sock.fileno(), selectors.EVENT_READ, "request")
         sel.register(wake_r, selectors.EVENT_READ, "child")
+        sel.register(self.lifeline, selectors.EVENT_READ, "lifeline")
         self.send({"ready": True, "pid": os.getpid()})
         while True:
             for key, _ in sel.select():
+                if key.data == "lifeline":
+                    return  # the server has gone: end, and the children with us
                 if key.data == "child":
                     try:
                         while os.read(wake_r, 512):
@@ -106,13 +112,17 @@ class Zygote:
                 self.send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
     def handle_request(self):
-        header = bytearray(HEADER.size)
-        if not _read_exact(self.raw_in, memoryview(header)):
+        buf = self.buf
+        n = self.sock.recv_into(buf)
+        if n == 0:
             return False  # kiln has gone: end, and the children with us
-        rid, length = HEADER.unpack(header)
-        body = bytearray(length)
-        if not _read_exact(self.raw_in, memoryview(body)):
-            return False
+        rid = int.from_bytes(buf[:8], "little")
+        try:
+            return self.fork(rid, memoryview(buf)[8:n])
+        finally:
+            buf[:n] = bytes(n)
+
+    def fork(self, rid, body):
         # The child is the sandbox's init: PID 1 of a new pid namespace,
         # which this process unshares for it and then leaves again. This
         # process also plays the sandbox's outer process: it writes init's
@@ -133,24 +143,47 @@ class Zygote:
                         _log(f"cannot return to the zygote's pid namespace: {os.strerror(err)}")
                         os._exit(70)
         except OSError as e:
-            body[:] = bytes(length)
             for fd in (unshared_r, unshared_w, mapped_r, mapped_w):
                 os.close(fd)
             self.send({"id": rid, "error": f"fork: {e}"})
             return True
         if pid == 0:
-            _child(self.lib, body, unshared_w, mapped_r)
-        body[:] = bytes(length)
+            _child(self.lib, bytes(body), unshared_w, mapped_r, self.lifeline, self.own_pidfd)
+        # The child's pidfd, before anything here could reap it (only
+        # reap() does, from the loop), so it names this child and no other.
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            os.kill(pid, signal.SIGKILL)  # not reaped yet: still our child's pid
+            pidfd = None
+            error = f"pidfd_open: {e}"
         os.close(unshared_w)
         os.close(mapped_r)
         self.children.add(pid)
         # Takes both ends; returns once the maps are written, or init gave up.
         self.lib.kiln_zygote_map_ids(pid, unshared_r, mapped_w)
-        self.send({"id": rid, "pid": pid})
+        if pidfd is None:
+            self.send({"id": rid, "error": error})
+            return True
+        try:
+            self.send({"id": rid, "pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)
         return True
 
 
-def _child(lib, body, unshared, mapped):
+def _place(fds):
+    """Put ``fds`` at descriptors 3, 4, ... (close-on-exec), whatever
+    numbers they have now, and close every other descriptor above 2."""
+    import fcntl
+
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
+    for target, fd in enumerate(high, start=3):
+        os.dup2(fd, target, inheritable=False)
+    os.closerange(3 + len(fds), 1 << 20)
+
+
+def _child(lib, body, unshared, mapped, lifeline, parent):
     """Become init of a new sandbox; returns (in the program process) as its
     kernel. Never returns to the zygote's loop."""
     code = 120
@@ -158,31 +191,24 @@ def _child(lib, body, unshared, mapped):
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        # Its own process group, as a process kiln spawns directly: kiln
-        # signals the group.
-        os.setpgid(0, 0)
-        request = json.loads(bytes(body))
-        body[:] = bytes(len(body))
+        request = json.loads(body)
+        body = None
         jail = request["jail"]
         fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        # The id-mapping pipes at fixed places; nothing else of the
-        # zygote's stays open (its control pipes, selector, wake-up pipe).
-        if mapped == 3:  # would be overwritten by the first dup2
-            mapped = os.dup(mapped)
-        os.dup2(unshared, 3, inheritable=False)
-        if mapped != 4:
-            os.dup2(mapped, 4, inheritable=False)
-        os.closerange(5, 1 << 20)
-        os.environ.clear()
+        # The id-mapping pipes, the lifeline and the zygote's pidfd at fixed
+        # places; nothing else of the zygote's stays open (its socket,
+        # selector, wake-up pipe).
+        _place([unshared, mapped, lifeline, parent])
         program = jail["program"]
+        os.environ.clear()
         for name, value in program["env"]:
             os.environ[name] = value
         raw = json.dumps(jail).encode()
-        rc = lib.kiln_sandbox_enter_init(raw, len(raw), 3, 4)
+        rc = lib.kiln_sandbox_enter_init(raw, len(raw), 3, 4, 5, 6)
         if rc != 0:
             os._exit(rc)
         # Confined from here on: the session user, no capabilities, seccomp.
@@ -272,17 +298,17 @@ def _collapse_into_huge_pages():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kiln_kernel.zygote")
     parser.add_argument("--library", required=True, help="libkiln_sandbox.so")
+    parser.add_argument("--control", type=int, required=True, help="the server's socket (SOCK_SEQPACKET)")
+    parser.add_argument("--lifeline", type=int, required=True, help="the server's lifeline (read end)")
     parser.add_argument("--preload", default="", help="comma-separated modules to import before forking")
     args = parser.parse_args(argv)
-    # The protocol moves off the standard streams, which become the log.
-    control_in, control_out = os.dup(0), os.dup(1)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    os.dup2(2, 1)
+    # Nothing the preloaded packages start may inherit the server's socket
+    # or lifeline.
+    os.set_inheritable(args.control, False)
+    os.set_inheritable(args.lifeline, False)
     # kiln interrupts kernels, never the zygote.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    zygote = Zygote(args.library, control_in, control_out)
+    zygote = Zygote(args.library, args.control, args.lifeline)
     modules = []
     for name in filter(None, args.preload.split(",")):
         try:
