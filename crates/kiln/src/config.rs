@@ -170,6 +170,15 @@ impl Settings {
             Some(d) => d,
             None => default_cache_dir()?,
         };
+        let sandbox_mode = pick!(sandbox, "namespaces".to_string());
+        if let Some(hidden) = kiln_sandbox::hidden_inside(&cache_dir).filter(|_| sandbox_mode != "none") {
+            anyhow::bail!(
+                "the cache directory {} (--cache-dir or KILN_CACHE_DIR) is inside {hidden}, which every session's \
+                 sandbox replaces with its own, so kernels could not see the Python runtime kept there; \
+                 choose a cache directory elsewhere, e.g. /var/cache/kiln",
+                cache_dir.display()
+            );
+        }
         let profile: kiln_runtime::Profile = pick!(profile, "full".to_string()).parse().map_err(anyhow::Error::msg)?;
         let mut api_keys = if cli.api_keys.is_empty() { file.api_keys } else { cli.api_keys };
         api_keys.retain(|k| !k.trim().is_empty());
@@ -204,7 +213,7 @@ impl Settings {
                 max_sessions_per_key: pick!(max_sessions_per_key, 64),
                 boot_timeout: Duration::from_secs(60),
                 kernel,
-                sandbox: match pick!(sandbox, "namespaces".to_string()).as_str() {
+                sandbox: match sandbox_mode.as_str() {
                     "none" => None,
                     "namespaces" => Some(kiln_sandbox::SandboxSpec {
                         helper,

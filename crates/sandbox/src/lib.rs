@@ -36,6 +36,7 @@ mod ffi;
 mod init;
 mod jail;
 mod process;
+mod registry;
 mod rootfs;
 mod sandboxes;
 pub mod seccomp;
@@ -136,6 +137,50 @@ pub enum SandboxError {
     Spec { path: PathBuf, source: std::io::Error },
 }
 
+/// Places where every sandbox shows something of its own (a private
+/// `/tmp`, its own `/dev` and `/proc`, fresh `/etc` files, the session's
+/// directories): a host path below one of them cannot be shown inside, so
+/// a runtime or interpreter kept there would be invisible to kernels.
+pub const HIDDEN_INSIDE: &[&str] = &["/tmp", "/dev", "/proc", "/sys", "/etc", "/run/kiln", "/work", "/home/user"];
+
+/// The place of [`HIDDEN_INSIDE`] that `path` (absolute, symbolic links
+/// resolved as far as the path exists) lies in, if any.
+pub fn hidden_inside(path: &std::path::Path) -> Option<&'static str> {
+    let resolved = resolve(path);
+    HIDDEN_INSIDE.iter().copied().find(|h| resolved.starts_with(h) || path.starts_with(h))
+}
+
+/// `path` made absolute, `.` and `..` removed, and the longest existing
+/// prefix with its symbolic links resolved.
+fn resolve(path: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut clean = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            Component::ParentDir => {
+                clean.pop();
+            }
+            Component::CurDir => {}
+            other => clean.push(other),
+        }
+    }
+    let mut existing = clean.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return clean,
+        }
+    }
+    let mut out = std::fs::canonicalize(&existing).unwrap_or(existing);
+    out.extend(rest.iter().rev());
+    out
+}
+
 /// How a contained process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exit {
@@ -166,5 +211,22 @@ impl std::fmt::Display for Exit {
             (Some(c), _) => write!(f, "exit code {c}"),
             _ => write!(f, "unknown exit"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn paths_the_sandbox_replaces_are_recognised_however_they_are_written() {
+        assert_eq!(hidden_inside(Path::new("/tmp/kiln-cache")), Some("/tmp"));
+        assert_eq!(hidden_inside(Path::new("/tmp/./a/../kiln")), Some("/tmp"));
+        assert_eq!(hidden_inside(Path::new("/var/tmp/../../tmp/x")), Some("/tmp"));
+        assert_eq!(hidden_inside(Path::new("/dev/shm/kiln")), Some("/dev"));
+        assert_eq!(hidden_inside(Path::new("/var/cache/kiln")), None);
+        assert_eq!(hidden_inside(Path::new("/tmpfoo/kiln")), None);
+        assert_eq!(hidden_inside(Path::new("/root/.cache/kiln")), None);
     }
 }

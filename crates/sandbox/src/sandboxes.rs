@@ -2,20 +2,23 @@
 //! kernel ([`Sandbox`]).
 //!
 //! [`Sandboxes`] holds what every sandbox of one server shares: the
-//! [`SandboxSpec`], the server's place in the cgroup hierarchies and its
+//! [`SandboxSpec`], the server's place in the cgroup hierarchies (beneath
+//! its own cgroup, see [`crate::cgroup`]), its registration among the live
+//! servers of the host (see [`crate::registry`]), its lifeline, and its
 //! sessions directory. It is the only way in: cgroups, the helper's
 //! description and workspaces stay private to this crate.
 
-use crate::cgroup::Cgroup;
+use crate::cgroup::{Cgroup, Plan};
 use crate::jail::Jail;
 use crate::process::Owned;
+use crate::registry::{Record, Registration};
 use crate::zygote::{Zygote, ZygoteError, ZygoteSpec};
 use crate::{Exit, Mounts, Program, SandboxError, SandboxSpec};
 use nix::sys::signal::Signal;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
 
 /// One server's sandboxes: cheap to clone.
@@ -30,10 +33,14 @@ struct Shared {
     spec: Option<SandboxSpec>,
     /// Where the server keeps one directory per kernel.
     sessions_dir: PathBuf,
-    /// Names this server's cgroups.
+    /// Names this server's cgroups and registration: random, per start.
     instance: String,
     /// Set by [`Sandboxes::claim`].
     lifeline: OnceLock<Lifeline>,
+    /// Where the cgroups go; set by [`Sandboxes::claim`] (isolated only).
+    plan: OnceLock<Plan>,
+    /// This server's registration, held until a clean stop.
+    registration: Mutex<Option<Registration>>,
 }
 
 /// A pipe whose write end only this process holds (close-on-exec, so no
@@ -48,11 +55,12 @@ struct Lifeline {
 }
 
 /// The cgroup directories of the server whose kernels live in
-/// `sessions_dir`, one per hierarchy, named by controller (`unified` for
-/// the v2 hierarchy); each kernel's cgroup is a directory in them. For
-/// operators and tests.
+/// `sessions_dir` (alive, or dead and not reaped yet), one per hierarchy,
+/// named by controller (`unified` for the v2 hierarchy); each kernel's
+/// cgroup is a directory in them. Empty when no such server is
+/// registered. For operators and tests.
 pub fn instance_cgroups(sessions_dir: &Path) -> Vec<(String, PathBuf)> {
-    crate::cgroup::instance_dirs(&crate::cgroup::instance_name(sessions_dir))
+    crate::registry::find(sessions_dir).map(|r| r.cgroups).unwrap_or_default()
 }
 
 /// Remove a session's storage at `dir` (unmount it, if it is a workspace;
@@ -86,8 +94,23 @@ impl Sandboxes {
     /// `spec` `None` runs kernels without any isolation. Nothing is
     /// touched until [`Sandboxes::claim`].
     pub fn new(spec: Option<SandboxSpec>, sessions_dir: PathBuf) -> Self {
-        let instance = crate::cgroup::instance_name(&sessions_dir);
-        Sandboxes { shared: Arc::new(Shared { spec, sessions_dir, instance, lifeline: OnceLock::new() }) }
+        let mut bytes = [0u8; 8];
+        let random =
+            std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+        if let Err(e) = random {
+            tracing::warn!(error = %e, "no random instance name; using the pid");
+            bytes = u64::from(std::process::id()).to_le_bytes();
+        }
+        let instance = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let shared = Shared {
+            spec,
+            sessions_dir,
+            instance,
+            lifeline: OnceLock::new(),
+            plan: OnceLock::new(),
+            registration: Mutex::new(None),
+        };
+        Sandboxes { shared: Arc::new(shared) }
     }
 
     /// How sandboxes are built, when kernels are isolated.
@@ -102,17 +125,66 @@ impl Sandboxes {
     }
 
     /// Take this server's place on the host, before the first spawn: make
-    /// the lifeline, and remove what a previous server on this sessions
-    /// directory left (processes in its cgroups, the cgroups, its
-    /// workspaces). Blocking.
-    pub fn claim(&self) -> std::io::Result<()> {
+    /// the lifeline; when isolated, refuse a sessions directory that a live
+    /// server uses, make this server's cgroups beneath its own cgroup,
+    /// register it among the live servers, and reap every dead server's
+    /// leftovers (the processes in its cgroups, the cgroups, its
+    /// workspaces and kernel directories), never a live one's. Returns how
+    /// many dead servers were reaped. Blocking.
+    pub fn claim(&self) -> std::io::Result<usize> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let _ = self.shared.lifeline.set(Lifeline { read, _write: write });
-        if self.shared.spec.is_some() {
-            crate::cgroup::remove_all(&self.shared.instance);
+        if self.shared.spec.is_none() {
+            return Ok(0);
         }
+        let dir = Path::new(crate::registry::DIR);
+        let reaped = crate::registry::exclusively(dir, || {
+            let records = crate::registry::scan(dir)?;
+            let live: Vec<&Record> = records.iter().filter(|(_, _, dead)| dead.is_none()).map(|(_, r, _)| r).collect();
+            if let Some(other) = live.iter().find(|r| r.sessions_dir == self.shared.sessions_dir) {
+                return Err(std::io::Error::other(format!(
+                    "another kiln (pid {}) is serving {}; stop it or use another --data-dir",
+                    other.pid,
+                    self.shared.sessions_dir.display()
+                )));
+            }
+            let plan = crate::cgroup::host_plan(&self.shared.instance).map_err(std::io::Error::other)?;
+            crate::cgroup::prepare(&plan)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("preparing kiln's cgroups ({plan:?}): {e}")))?;
+            let record = Record {
+                pid: std::process::id(),
+                sessions_dir: self.shared.sessions_dir.clone(),
+                cgroups: plan.instance_dirs(),
+                unified: matches!(plan, Plan::Unified { .. }),
+            };
+            let registration = crate::registry::register(dir, &self.shared.instance, &record)?;
+            *self.shared.registration.lock().unwrap_or_else(|p| p.into_inner()) = Some(registration);
+            let _ = self.shared.plan.set(plan);
+            let mut reaped = 0;
+            for (path, dead, lock) in &records {
+                if lock.is_none() {
+                    continue;
+                }
+                reap(dead, live.iter().any(|r| r.sessions_dir == dead.sessions_dir));
+                let _ = std::fs::remove_file(path);
+                reaped += 1;
+            }
+            Ok(reaped)
+        })?;
+        // Workspaces of a server that predates the registry.
         crate::workspace::unmount_all_under(&self.shared.sessions_dir);
-        Ok(())
+        Ok(reaped)
+    }
+
+    /// Remove this server's cgroups and registration: a clean stop, once
+    /// every sandbox has been torn down. Blocking.
+    pub fn release(&self) {
+        if let Some(plan) = self.shared.plan.get() {
+            crate::cgroup::remove_instance(plan);
+        }
+        if let Some(r) = self.shared.registration.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            r.remove();
+        }
     }
 
     fn lifeline(&self) -> Result<&OwnedFd, SandboxError> {
@@ -147,8 +219,8 @@ impl Sandboxes {
         let Some(spec) = &self.shared.spec else { return self.spawn_plain(&req) };
         let lifeline = self.lifeline()?;
         let name = req.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let cgroup =
-            Cgroup::create(&format!("{}/{name}", self.shared.instance), &spec.limits).map_err(SandboxError::Cgroup)?;
+        let plan = self.shared.plan.get().ok_or(SandboxError::Unclaimed)?;
+        let cgroup = Cgroup::create(plan, &name, &spec.limits).map_err(SandboxError::Cgroup)?;
         let root = req.dir.join("rootfs");
         if let Err(source) = std::fs::create_dir_all(&root) {
             cgroup.remove();
@@ -185,6 +257,29 @@ impl Sandboxes {
         let process =
             Owned::spawn(&mut cmd).map_err(|source| SandboxError::Spawn { program: p.path.clone(), source })?;
         Ok(Sandbox { process, cgroup: None })
+    }
+}
+
+/// Remove what the dead server of `record` left: kill the processes in its
+/// cgroups and remove them; unless `shared` (a live server uses the same
+/// sessions directory, and has cleaned it up itself), unmount its
+/// workspaces and delete its kernels' directories.
+fn reap(record: &Record, shared: bool) {
+    tracing::info!(pid = record.pid, sessions = %record.sessions_dir.display(), "reaping a dead kiln's leftovers");
+    for (_, dir) in &record.cgroups {
+        crate::cgroup::remove_tree(dir, record.unified);
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+    if shared {
+        return;
+    }
+    crate::workspace::unmount_all_under(&record.sessions_dir);
+    if let Ok(entries) = std::fs::read_dir(&record.sessions_dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

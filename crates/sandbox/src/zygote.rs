@@ -206,6 +206,13 @@ impl Zygote {
         self.inner.process.pid()
     }
 
+    /// Kill the zygote (its children die with it) and wait until it has
+    /// ended.
+    pub async fn stop(&self) {
+        self.inner.process.signal(nix::sys::signal::Signal::SIGKILL);
+        self.inner.process.ended().await;
+    }
+
     /// Whether the zygote is still running.
     pub fn is_alive(&self) -> bool {
         self.inner.state.lock().map(|s| !s.gone).unwrap_or(false)

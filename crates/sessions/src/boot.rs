@@ -33,6 +33,15 @@ pub(crate) struct ZygoteSlot {
     failed_at: Option<Instant>,
 }
 
+impl ZygoteSlot {
+    /// Stop the zygote, if one runs, and wait until it has ended.
+    pub(crate) async fn stop(&mut self) {
+        if let Some(z) = self.running.take() {
+            z.stop().await;
+        }
+    }
+}
+
 impl Kernels {
     pub(crate) fn new(cfg: Arc<Config>) -> Self {
         let sandboxes = Sandboxes::new(cfg.sandbox.clone(), cfg.sessions_dir.clone());
@@ -53,6 +62,15 @@ impl Kernels {
     /// Take `runtime` into use: kernels can be made from now on.
     pub(crate) async fn set_runtime(&self, runtime: Runtime) -> Result<(), SessionError> {
         if let Some(owner) = self.sandboxes.file_owner() {
+            for path in std::iter::once(runtime.root.clone()).chain(runtime.base_prefix()) {
+                if let Some(hidden) = kiln_sandbox::hidden_inside(&path) {
+                    return Err(SessionError::Broken(format!(
+                        "the Python runtime's {} is inside {hidden}, which every session's sandbox replaces with \
+                         its own, so kernels could not see it; keep the runtime and its base Python elsewhere",
+                        path.display()
+                    )));
+                }
+            }
             self.start_egress(&runtime).await?;
             // The session user must own the shared runtime for its
             // copy-on-write layer to accept writes (the runtime itself is
@@ -87,6 +105,14 @@ impl Kernels {
         for proxy in self.egress.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             proxy.abort();
         }
+    }
+
+    /// Leave nothing of the server's on the host (at shutdown, once no
+    /// kernel is left): no zygote, no cgroup, no registration.
+    pub(crate) async fn release(&self) {
+        self.zygote.lock().await.stop().await;
+        let sandboxes = self.sandboxes.clone();
+        let _ = tokio::task::spawn_blocking(move || sandboxes.release()).await;
     }
 
     /// Boot a kernel in a new session directory: its storage (a quota'd

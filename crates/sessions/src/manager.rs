@@ -84,7 +84,10 @@ impl Manager {
         let dir = self.inner.cfg.sessions_dir.clone();
         let kernels = self.inner.kernels.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            kernels.sandboxes().claim()?;
+            let reaped = kernels.sandboxes().claim()?;
+            if reaped > 0 {
+                tracing::info!(servers = reaped, "removed what dead kiln servers left on this host");
+            }
             Ok::<_, std::io::Error>(remove_leftovers(&dir))
         })
         .await
@@ -310,6 +313,7 @@ impl Manager {
         }
         self.inner.pool.drain().await;
         self.inner.kernels.stop_egress();
+        self.inner.kernels.release().await;
     }
 
     /// Start a session for `key_id`: a place under the limits, a kernel (a
