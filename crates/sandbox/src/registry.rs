@@ -127,7 +127,10 @@ pub(crate) fn register(dir: &Path, instance: &str, record: &Record) -> io::Resul
 /// The record of the server (alive, or dead and not reaped yet) whose
 /// sessions live in `sessions_dir`; the live one if there are several.
 pub fn find(sessions_dir: &Path) -> Option<Record> {
-    let mut found: Vec<(Record, bool)> = scan(Path::new(DIR))
+    // Under the registry's lock: scanning briefly locks dead servers' files,
+    // which must not make a starting server take them for alive.
+    let dir = Path::new(DIR);
+    let mut found: Vec<(Record, bool)> = exclusively(dir, || scan(dir))
         .ok()?
         .into_iter()
         .filter(|(_, r, _)| r.sessions_dir == sessions_dir)
