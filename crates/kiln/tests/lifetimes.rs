@@ -98,8 +98,12 @@ async fn a_sigkilled_server_leaves_no_sandbox_process(extra: &[&str]) {
     // pool + 3 sessions, each with init and kernel, plus the children.
     assert!(procs.len() >= 4 * 2 + 4, "{procs:?}");
     let mut s = std::sync::Arc::into_inner(s).expect("no other handle");
+    let cgroups = sandbox_dirs(&s.sessions_dir());
     let took = kill_and_time(&mut s, &procs).await;
     eprintln!("{extra:?}: the last of {} sandbox processes was gone {took:?} after SIGKILL", procs.len());
+    // The next start on the host takes away its (empty) cgroups.
+    drop(start(extra));
+    assert!(cgroups.iter().all(|d| !d.exists()), "{cgroups:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
