@@ -3,15 +3,22 @@
 //! One connection behind a mutex: every statement is a point query or a
 //! one-row update on an indexed table, microseconds long, so a pool would add
 //! nothing but contention. WAL mode keeps readers of the file (backups,
-//! `sqlite3` by an operator) from blocking the server.
+//! `sqlite3` by an operator, `kiln keys` while the server runs) from blocking
+//! the server; the busy timeout bounds how long a statement waits for
+//! another process's write lock.
 
-use crate::{ExecutionUsage, KeyOptions, KeyRecord, Result, SessionRecord, Store, StoreError, Usage};
+use crate::{
+    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin,
+    KeyRecord, Result, SessionRecord, Store, StoreError, Usage,
+};
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
-/// Schema migrations, applied in order; `user_version` counts them.
+/// Schema migrations, applied in order, each once and in its own
+/// transaction; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
     r"
 CREATE TABLE api_keys (
@@ -47,28 +54,85 @@ ALTER TABLE api_keys ADD COLUMN network TEXT;
 ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
 UPDATE api_keys SET admin = 1 WHERE label = 'generated';
 ",
+    // Typed key columns (SQLite adds a CHECK only by rebuilding the table):
+    // the origin gets its own column instead of the magic labels
+    // `configured`/`generated`; sessions name their node; a counter that
+    // triggers bump whenever a key changes lets servers reload keys only
+    // when needed.
+    r"
+CREATE TABLE api_keys_v4 (
+    id            TEXT PRIMARY KEY,
+    hash          BLOB NOT NULL UNIQUE CHECK (length(hash) = 32),
+    origin        TEXT NOT NULL CHECK (origin IN ('configured', 'generated', 'created')),
+    label         TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    revoked_at    INTEGER,
+    max_sessions  INTEGER CHECK (max_sessions >= 0),
+    network       TEXT CHECK (network IN ('none', 'pypi', 'full')),
+    admin         INTEGER NOT NULL DEFAULT 0 CHECK (admin IN (0, 1))
+);
+INSERT INTO api_keys_v4 (id, hash, origin, label, created_at, revoked_at, max_sessions, network, admin)
+    SELECT id, hash,
+           CASE label WHEN 'configured' THEN 'configured' WHEN 'generated' THEN 'generated' ELSE 'created' END,
+           CASE label WHEN 'configured' THEN '' WHEN 'generated' THEN '' ELSE label END,
+           created_at, revoked_at, max_sessions, network, admin
+    FROM api_keys;
+DROP TABLE api_keys;
+ALTER TABLE api_keys_v4 RENAME TO api_keys;
+ALTER TABLE sessions ADD COLUMN node_id TEXT;
+CREATE INDEX sessions_open_by_node ON sessions (node_id) WHERE ended_at IS NULL;
+CREATE TABLE kiln_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO kiln_counters (name, value) VALUES ('keys', 1);
+CREATE TRIGGER api_keys_inserted AFTER INSERT ON api_keys
+    BEGIN UPDATE kiln_counters SET value = value + 1 WHERE name = 'keys'; END;
+CREATE TRIGGER api_keys_updated AFTER UPDATE ON api_keys
+    BEGIN UPDATE kiln_counters SET value = value + 1 WHERE name = 'keys'; END;
+CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys
+    BEGIN UPDATE kiln_counters SET value = value + 1 WHERE name = 'keys'; END;
+",
 ];
 
 /// SQLite-backed [`Store`].
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    node_id: String,
 }
 
 impl SqliteStore {
-    /// Open (creating and migrating) the database at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
-        let open = |source| StoreError::Open { path: path.to_path_buf(), source };
-        let conn = Connection::open(path).map_err(open)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open)?;
-        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(open)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            conn.execute_batch(sql).map_err(open)?;
-            conn.pragma_update(None, "user_version", i + 1).map_err(open)?;
+    /// Open (creating and migrating) the database at `path`, for the node
+    /// `node_id`.
+    pub fn open(path: &Path, node_id: &str) -> Result<Self> {
+        let conn = Connection::open(path).map_err(q("open"))?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(q("open"))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(q("open"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(q("open"))?;
+        let mut store = SqliteStore { conn: Mutex::new(conn), node_id: node_id.to_string() };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Apply the migrations this file lacks. Each runs in an IMMEDIATE
+    /// transaction (the write lock first, then the version read), so
+    /// processes opening the same file at once apply each exactly once.
+    fn migrate(&mut self) -> Result<()> {
+        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(q("migrate"))?;
+            let version: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(q("migrate"))?;
+            if version > MIGRATIONS.len() {
+                return Err(StoreError::Config(format!(
+                    "the database's schema is version {version}, newer than this kiln knows ({}): upgrade kiln",
+                    MIGRATIONS.len()
+                )));
+            }
+            let Some(sql) = MIGRATIONS.get(version) else {
+                return Ok(());
+            };
+            tx.execute_batch(sql).map_err(q("migrate"))?;
+            tx.pragma_update(None, "user_version", version + 1).map_err(q("migrate"))?;
+            tx.commit().map_err(q("migrate"))?;
         }
-        Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -86,8 +150,19 @@ fn from_micros(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
-fn q(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Query { what, source }
+/// Classify an SQLite error: a locked or busy file is "try again", a broken
+/// rule a constraint, anything else a failed query.
+fn q(what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| {
+        let detail = e.to_string();
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen) => {
+                StoreError::Unavailable { what, detail }
+            }
+            Some(ErrorCode::ConstraintViolation) => StoreError::Constraint { what, detail },
+            _ => StoreError::Query { what, detail },
+        }
+    }
 }
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
@@ -96,28 +171,57 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         key_id: r.get(1)?,
         started_at: from_micros(r.get(2)?),
         expires_at: from_micros(r.get(3)?),
-        execute_count: r.get::<_, i64>(4)?.try_into().unwrap_or(0),
+        execute_count: to_u64(r.get(4)?),
         last_execute_at: r.get::<_, Option<i64>>(5)?.map(from_micros),
         ended_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
     })
 }
 
-const KEY_COLS: &str = "id, hash, label, created_at, max_sessions, network, revoked_at, admin";
+const KEY_COLS: &str = "id, hash, origin, label, created_at, max_sessions, network, revoked_at, admin";
 
-fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
-    let hash: Vec<u8> = r.get(1)?;
-    Ok(KeyRecord {
+/// A key row as stored, before its typed columns are checked.
+struct RawKey {
+    id: String,
+    hash: Vec<u8>,
+    origin: String,
+    label: String,
+    created_at: i64,
+    max_sessions: Option<i64>,
+    network: Option<String>,
+    revoked_at: Option<i64>,
+    admin: bool,
+}
+
+fn raw_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawKey> {
+    Ok(RawKey {
         id: r.get(0)?,
-        hash: hash.try_into().unwrap_or([0; 32]),
-        label: r.get(2)?,
-        created_at: from_micros(r.get(3)?),
-        options: KeyOptions {
-            max_sessions: r.get::<_, Option<i64>>(4)?.and_then(|n| u64::try_from(n).ok()),
-            network: r.get(5)?,
-            admin: r.get(7)?,
-        },
-        revoked_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
+        hash: r.get(1)?,
+        origin: r.get(2)?,
+        label: r.get(3)?,
+        created_at: r.get(4)?,
+        max_sessions: r.get(5)?,
+        network: r.get(6)?,
+        revoked_at: r.get(7)?,
+        admin: r.get(8)?,
     })
+}
+
+impl RawKey {
+    fn typed(self, what: &'static str) -> Result<KeyRecord> {
+        Ok(KeyRecord {
+            hash: parse_hash(what, &self.id, self.hash)?,
+            origin: parse_origin(what, &self.id, &self.origin)?,
+            options: KeyOptions {
+                max_sessions: self.max_sessions.map(to_u64),
+                network: parse_network(what, &self.id, self.network)?,
+                admin: self.admin,
+            },
+            label: self.label,
+            created_at: from_micros(self.created_at),
+            revoked_at: self.revoked_at.map(from_micros),
+            id: self.id,
+        })
+    }
 }
 
 const USAGE_SQL: &str = "SELECT key_id, COUNT(*), COALESCE(SUM(execute_count), 0), COALESCE(SUM(execution_seconds), 0),
@@ -126,11 +230,11 @@ const USAGE_SQL: &str = "SELECT key_id, COUNT(*), COALESCE(SUM(execute_count), 0
 fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Usage> {
     Ok(Usage {
         key_id: r.get(0)?,
-        sessions_started: r.get::<_, i64>(1)?.try_into().unwrap_or(0),
-        executions: r.get::<_, i64>(2)?.try_into().unwrap_or(0),
+        sessions_started: to_u64(r.get(1)?),
+        executions: to_u64(r.get(2)?),
         execution_seconds: r.get(3)?,
         cpu_seconds: r.get(4)?,
-        peak_memory_bytes: r.get::<_, i64>(5)?.try_into().unwrap_or(0),
+        peak_memory_bytes: to_u64(r.get(5)?),
     })
 }
 
@@ -138,78 +242,99 @@ const SESSION_COLS: &str = "id, key_id, started_at, expires_at, execute_count, l
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
     async fn keys(&self) -> Result<Vec<KeyRecord>> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys ORDER BY created_at"))
+            .prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys ORDER BY created_at, id"))
             .map_err(q("list keys"))?;
-        let rows = stmt.query_map([], key_row).map_err(q("list keys"))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(q("list keys"))
+        let rows = stmt.query_map([], raw_key).map_err(q("list keys"))?;
+        let raw = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(q("list keys"))?;
+        raw.into_iter().map(|k| k.typed("list keys")).collect()
     }
 
-    async fn add_key(&self, hash: [u8; 32], label: &str, options: &KeyOptions) -> Result<KeyRecord> {
-        let conn = self.conn();
-        let existing = conn
-            .query_row(&format!("SELECT {KEY_COLS} FROM api_keys WHERE hash = ?1"), params![hash.as_slice()], key_row)
-            .optional()
-            .map_err(q("find key"))?;
-        if let Some(rec) = existing {
-            return Ok(rec);
-        }
-        // The id is derived from the hash: stable, and reveals nothing
-        // usable (a prefix of a SHA-256 of a high-entropy secret).
-        let id = format!("key_{}", hash.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>());
+    async fn keys_version(&self) -> Result<u64> {
+        self.conn()
+            .prepare_cached("SELECT value FROM kiln_counters WHERE name = 'keys'")
+            .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
+            .map(to_u64)
+            .map_err(q("keys version"))
+    }
+
+    async fn add_key(
+        &self,
+        hash: [u8; 32],
+        origin: KeyOrigin,
+        label: &str,
+        options: &KeyOptions,
+    ) -> Result<KeyRecord> {
+        let id = key_id(&hash);
         let now = Utc::now();
+        let conn = self.conn();
+        // Insert-or-keep in one statement; the row read back is the stored
+        // one either way.
         conn.execute(
-            "INSERT INTO api_keys (id, hash, label, created_at, max_sessions, network, admin) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO api_keys (id, hash, origin, label, created_at, max_sessions, network, admin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (hash) DO NOTHING",
             params![
                 id,
                 hash.as_slice(),
+                origin.as_str(),
                 label,
                 micros(now),
-                options.max_sessions.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
-                options.network,
+                options.max_sessions.map(to_i64),
+                options.network.map(|n| n.as_str()),
                 options.admin
             ],
         )
         .map_err(q("add key"))?;
-        Ok(KeyRecord {
-            id,
-            hash,
-            label: label.to_string(),
-            created_at: now,
-            options: options.clone(),
-            revoked_at: None,
-        })
+        let raw = conn
+            .query_row(&format!("SELECT {KEY_COLS} FROM api_keys WHERE hash = ?1"), params![hash.as_slice()], raw_key)
+            .map_err(q("add key"))?;
+        raw.typed("add key")
     }
 
     async fn revoke_key(&self, id: &str) -> Result<bool> {
         let n = self
             .conn()
             .execute(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
                 params![id, micros(Utc::now())],
             )
             .map_err(q("revoke key"))?;
-        Ok(n > 0)
+        if n > 0 {
+            return Ok(true);
+        }
+        // Already revoked still counts as "there is such a key".
+        let exists = self
+            .conn()
+            .query_row("SELECT 1 FROM api_keys WHERE id = ?1", params![id], |_| Ok(()))
+            .optional()
+            .map_err(q("revoke key"))?;
+        Ok(exists.is_some())
     }
 
     async fn insert_session(&self, s: &SessionRecord) -> Result<()> {
         self.conn()
-            .execute(
-                "INSERT INTO sessions (id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
+            .prepare_cached(
+                "INSERT INTO sessions (id, key_id, node_id, started_at, expires_at, execute_count, last_execute_at, ended_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
                     s.id,
                     s.key_id,
+                    self.node_id,
                     micros(s.started_at),
                     micros(s.expires_at),
-                    i64::try_from(s.execute_count).unwrap_or(i64::MAX),
+                    to_i64(s.execute_count),
                     s.last_execute_at.map(micros),
                     s.ended_at.map(micros)
-                ],
-            )
+                ])
+            })
             .map_err(q("insert session"))?;
         Ok(())
     }
@@ -230,14 +355,7 @@ impl Store for SqliteStore {
                 "UPDATE sessions SET execution_seconds = execution_seconds + ?2, cpu_seconds = cpu_seconds + ?3,
                  peak_memory_bytes = MAX(peak_memory_bytes, ?4) WHERE id = ?1",
             )
-            .and_then(|mut st| {
-                st.execute(params![
-                    id,
-                    u.seconds,
-                    u.cpu_seconds,
-                    i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)
-                ])
-            })
+            .and_then(|mut st| st.execute(params![id, u.seconds, u.cpu_seconds, to_i64(u.peak_memory_bytes)]))
             .map_err(q("record usage"))?;
         Ok(())
     }
@@ -267,8 +385,8 @@ impl Store for SqliteStore {
 
     async fn session(&self, id: &str) -> Result<Option<SessionRecord>> {
         self.conn()
-            .query_row(&format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"), params![id], session_row)
-            .optional()
+            .prepare_cached(&format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"))
+            .and_then(|mut st| st.query_row(params![id], session_row).optional())
             .map_err(q("get session"))
     }
 
@@ -278,7 +396,7 @@ impl Store for SqliteStore {
             .prepare_cached(&format!(
                 "SELECT {SESSION_COLS} FROM sessions
                  WHERE key_id = ?1 AND ended_at IS NULL AND expires_at > ?2
-                 ORDER BY started_at"
+                 ORDER BY started_at, id"
             ))
             .map_err(q("list sessions"))?;
         let rows = stmt.query_map(params![key_id, micros(now)], session_row).map_err(q("list sessions"))?;
@@ -288,94 +406,11 @@ impl Store for SqliteStore {
     async fn end_all_open(&self, at: DateTime<Utc>) -> Result<u64> {
         let n = self
             .conn()
-            .execute("UPDATE sessions SET ended_at = ?1 WHERE ended_at IS NULL", params![micros(at)])
+            .execute(
+                "UPDATE sessions SET ended_at = ?1 WHERE ended_at IS NULL AND (node_id = ?2 OR node_id IS NULL)",
+                params![micros(at), self.node_id],
+            )
             .map_err(q("end open sessions"))?;
         Ok(n as u64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::Duration;
-
-    fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = SqliteStore::open(&dir.path().join("kiln.db")).unwrap_or_else(|e| panic!("{e}"));
-        (dir, s)
-    }
-
-    #[tokio::test]
-    async fn adding_the_same_key_twice_keeps_one_record() {
-        let (_d, s) = store();
-        let opts = KeyOptions { max_sessions: Some(3), network: Some("none".into()), admin: true };
-        let a = s.add_key([7; 32], "flag", &opts).await.unwrap_or_else(|e| panic!("{e}"));
-        let b = s.add_key([7; 32], "other", &KeyOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(a.id, b.id);
-        let keys = s.keys().await.unwrap_or_default();
-        assert_eq!(keys.len(), 1);
-        assert_eq!(keys[0].options, opts);
-        assert!(s.revoke_key(&a.id).await.unwrap_or(false));
-        assert!(!s.revoke_key("key_nope").await.unwrap_or(true));
-        assert!(s.keys().await.unwrap_or_default()[0].revoked_at.is_some());
-    }
-
-    #[tokio::test]
-    async fn sessions_are_listed_per_key_until_they_end_or_expire() {
-        let (_d, s) = store();
-        let now = Utc::now();
-        let mk = |id: &str, key: &str, ttl: i64| SessionRecord {
-            id: id.into(),
-            key_id: key.into(),
-            started_at: now,
-            expires_at: now + Duration::seconds(ttl),
-            execute_count: 0,
-            last_execute_at: None,
-            ended_at: None,
-        };
-        for r in [mk("a", "k1", 60), mk("b", "k1", 60), mk("c", "k2", 60), mk("d", "k1", -1)] {
-            s.insert_session(&r).await.unwrap_or_else(|e| panic!("{e}"));
-        }
-        s.record_execute("a", now).await.unwrap_or_else(|e| panic!("{e}"));
-        s.record_execute("a", now).await.unwrap_or_else(|e| panic!("{e}"));
-        s.end_session("b", now).await.unwrap_or_else(|e| panic!("{e}"));
-        let live = s.live_sessions("k1", now).await.unwrap_or_default();
-        assert_eq!(live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["a"]);
-        assert_eq!(live[0].execute_count, 2);
-        let u = ExecutionUsage { seconds: 1.5, cpu_seconds: 0.5, peak_memory_bytes: 100 };
-        s.record_usage("a", u).await.unwrap_or_else(|e| panic!("{e}"));
-        s.record_usage("a", ExecutionUsage { peak_memory_bytes: 50, ..u }).await.unwrap_or_else(|e| panic!("{e}"));
-        let usage = s.usage("k1").await.unwrap_or_default();
-        assert_eq!((usage.sessions_started, usage.executions, usage.peak_memory_bytes), (3, 2, 100));
-        assert!((usage.execution_seconds - 3.0).abs() < 1e-9 && (usage.cpu_seconds - 1.0).abs() < 1e-9);
-        assert_eq!(s.usage("nobody").await.map(|u| u.sessions_started).unwrap_or(1), 0);
-        assert_eq!(s.usage_all().await.map(|u| u.len()).unwrap_or(0), 2);
-        // a, c and d (expired but never torn down); b had ended.
-        assert_eq!(s.end_all_open(now).await.unwrap_or(0), 3);
-    }
-
-    #[tokio::test]
-    async fn an_upgraded_database_keeps_its_generated_key_as_the_admin() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().join("kiln.db");
-        {
-            // The schema before admin keys, with a generated and a created key.
-            let conn = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
-            for sql in &MIGRATIONS[..3] {
-                conn.execute_batch(sql).unwrap_or_else(|e| panic!("{e}"));
-            }
-            conn.pragma_update(None, "user_version", 3).unwrap_or_else(|e| panic!("{e}"));
-            for (id, hash, label) in [("key_g", [1u8; 32], "generated"), ("key_c", [2u8; 32], "created")] {
-                conn.execute(
-                    "INSERT INTO api_keys (id, hash, label, created_at) VALUES (?1, ?2, ?3, 0)",
-                    params![id, hash.as_slice(), label],
-                )
-                .unwrap_or_else(|e| panic!("{e}"));
-            }
-        }
-        let s = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        let admin: Vec<(String, bool)> =
-            s.keys().await.unwrap_or_default().into_iter().map(|k| (k.id, k.options.admin)).collect();
-        assert_eq!(admin, vec![("key_g".to_string(), true), ("key_c".to_string(), false)]);
     }
 }

@@ -1,0 +1,449 @@
+//! The PostgreSQL store, shared by every node of a cluster.
+//!
+//! tokio-postgres with a deadpool pool: plain async SQL with prepared
+//! statements cached per connection (the two statements of every execute
+//! cost one round trip each), no compile-time database, no ORM. A dead
+//! connection (the server restarted) is dropped when the pool next hands it
+//! out, and a new one is made, so the store recovers by itself; meanwhile
+//! every call fails fast as [`StoreError::Unavailable`], and no call, a
+//! connect or a wait for a pooled connection included, outlasts the store's
+//! time limit.
+//!
+//! Counters are updated in place (`execute_count = execute_count + 1`), so
+//! nodes that share the database add up instead of overwriting each other.
+//! Migrations are numbered in `kiln_migrations`, and each runs in its own
+//! transaction under an advisory lock, so nodes that start together apply
+//! each exactly once.
+
+use crate::{
+    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin,
+    KeyRecord, OpenOptions, Result, SessionRecord, Store, StoreError, Usage,
+};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use std::future::Future;
+use std::time::Duration;
+use tokio_postgres::{NoTls, Row};
+
+/// Schema migrations, applied in order; version N is `MIGRATIONS[N - 1]`.
+/// The session table is keyed by node so that node leases and ownership can
+/// be added by a later migration without rewriting it.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE api_keys (
+    id            TEXT PRIMARY KEY,
+    hash          BYTEA NOT NULL UNIQUE CHECK (octet_length(hash) = 32),
+    origin        TEXT NOT NULL CHECK (origin IN ('configured', 'generated', 'created')),
+    label         TEXT NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL,
+    revoked_at    TIMESTAMPTZ,
+    max_sessions  BIGINT CHECK (max_sessions >= 0),
+    network       TEXT CHECK (network IN ('none', 'pypi', 'full')),
+    admin         BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE TABLE sessions (
+    id                 TEXT PRIMARY KEY,
+    key_id             TEXT NOT NULL,
+    node_id            TEXT,
+    started_at         TIMESTAMPTZ NOT NULL,
+    expires_at         TIMESTAMPTZ NOT NULL,
+    execute_count      BIGINT NOT NULL DEFAULT 0 CHECK (execute_count >= 0),
+    last_execute_at    TIMESTAMPTZ,
+    ended_at           TIMESTAMPTZ,
+    execution_seconds  DOUBLE PRECISION NOT NULL DEFAULT 0,
+    cpu_seconds        DOUBLE PRECISION NOT NULL DEFAULT 0,
+    peak_memory_bytes  BIGINT NOT NULL DEFAULT 0 CHECK (peak_memory_bytes >= 0)
+);
+CREATE INDEX sessions_by_key ON sessions (key_id, ended_at);
+CREATE INDEX sessions_open_by_node ON sessions (node_id) WHERE ended_at IS NULL;
+CREATE TABLE kiln_counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+INSERT INTO kiln_counters (name, value) VALUES ('keys', 1);
+CREATE FUNCTION kiln_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE kiln_counters SET value = value + 1 WHERE name = 'keys';
+    RETURN NULL;
+END $$;
+CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OR DELETE ON api_keys
+    FOR EACH ROW EXECUTE FUNCTION kiln_keys_changed();
+"];
+
+/// The advisory lock migrations hold (any constant unique to kiln: "kiln"
+/// in ASCII).
+const MIGRATION_LOCK: i64 = 0x6b69_6c6e;
+
+/// PostgreSQL-backed [`Store`].
+#[derive(Debug)]
+pub struct PgStore {
+    pool: Pool,
+    node_id: String,
+    timeout: Duration,
+}
+
+impl PgStore {
+    /// Connect to `url` and bring its schema up to date.
+    pub async fn connect(url: &str, opts: &OpenOptions) -> Result<Self> {
+        let mut cfg: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Config(format!("--database is not a valid PostgreSQL URL: {e}")))?;
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(opts.timeout);
+        }
+        if cfg.get_application_name().is_none() {
+            cfg.application_name(format!("kiln {}", opts.node_id));
+        }
+        // Notice a peer that vanished without closing the connection.
+        cfg.keepalives(true).keepalives_idle(Duration::from_secs(10));
+        let manager =
+            Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(opts.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(opts.timeout))
+            .create_timeout(Some(opts.timeout))
+            .recycle_timeout(Some(opts.timeout))
+            .build()
+            .map_err(|e| StoreError::Config(format!("could not set up the PostgreSQL pool: {e}")))?;
+        let store = PgStore { pool, node_id: opts.node_id.clone(), timeout: opts.timeout };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Apply the migrations the database lacks, each in its own transaction
+    /// that first takes the migration lock and then reads the version.
+    async fn migrate(&self) -> Result<()> {
+        let what = "migrate";
+        let mut client = self.bounded(what, async { self.pool.get().await.map_err(pool_err(what)) }).await?;
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let version = i64::try_from(i + 1).unwrap_or(i64::MAX);
+            // Migrations may take longer than one query; the lock wait and
+            // the DDL are bounded by a generous multiple of the time limit.
+            let step = async {
+                let tx = client.transaction().await.map_err(pg(what))?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg(what))?;
+                tx.batch_execute(
+                    "CREATE TABLE IF NOT EXISTS kiln_migrations (
+                         version     BIGINT PRIMARY KEY,
+                         applied_at  TIMESTAMPTZ NOT NULL DEFAULT now())",
+                )
+                .await
+                .map_err(pg(what))?;
+                let newest: Option<i64> =
+                    tx.query_one("SELECT max(version) FROM kiln_migrations", &[]).await.map_err(pg(what))?.get(0);
+                let newest = newest.unwrap_or(0);
+                if usize::try_from(newest).unwrap_or(usize::MAX) > MIGRATIONS.len() {
+                    return Err(StoreError::Config(format!(
+                        "the database's schema is version {newest}, newer than this kiln knows ({}): upgrade kiln",
+                        MIGRATIONS.len()
+                    )));
+                }
+                if newest < version {
+                    tx.batch_execute(sql).await.map_err(pg(what))?;
+                    tx.execute("INSERT INTO kiln_migrations (version) VALUES ($1)", &[&version])
+                        .await
+                        .map_err(pg(what))?;
+                }
+                tx.commit().await.map_err(pg(what))
+            };
+            match tokio::time::timeout(self.timeout * 12, step).await {
+                Ok(r) => r?,
+                Err(_) => return Err(timed_out(what, self.timeout * 12)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Run one store call within the time limit; past it the call is
+    /// abandoned (its connection stays usable: tokio-postgres discards the
+    /// late answer) and reported as unavailable.
+    async fn bounded<T>(&self, what: &'static str, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(timed_out(what, self.timeout)),
+        }
+    }
+
+    /// Run one statement on a pooled connection, within the time limit.
+    async fn execute(
+        &self,
+        what: &'static str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64> {
+        self.bounded(what, async {
+            let client = self.pool.get().await.map_err(pool_err(what))?;
+            let stmt = client.prepare_cached(sql).await.map_err(pg(what))?;
+            client.execute(&stmt, params).await.map_err(pg(what))
+        })
+        .await
+    }
+
+    /// Run one query on a pooled connection, within the time limit.
+    async fn query(
+        &self,
+        what: &'static str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        self.bounded(what, async {
+            let client = self.pool.get().await.map_err(pool_err(what))?;
+            let stmt = client.prepare_cached(sql).await.map_err(pg(what))?;
+            client.query(&stmt, params).await.map_err(pg(what))
+        })
+        .await
+    }
+}
+
+fn timed_out(what: &'static str, limit: Duration) -> StoreError {
+    StoreError::Unavailable { what, detail: format!("no answer from PostgreSQL within {limit:?}") }
+}
+
+/// Classify a PostgreSQL error. Retryable conditions (the server shutting
+/// down or starting, a lost connection, too many connections, a standby that
+/// refuses writes, a cancelled statement) are "unavailable"; integrity
+/// violations are constraints; the rest are failed queries.
+fn pg(what: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
+    move |e| {
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code();
+            let detail = format!("{code}: {}", db.message());
+            return if code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "57014"
+                || code == "25006"
+            {
+                StoreError::Unavailable { what, detail }
+            } else if code.starts_with("23") {
+                StoreError::Constraint { what, detail }
+            } else {
+                StoreError::Query { what, detail }
+            };
+        }
+        let mut detail = e.to_string();
+        let mut io = false;
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            io |= s.is::<std::io::Error>();
+            detail.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        if e.is_closed() || io {
+            StoreError::Unavailable { what, detail }
+        } else {
+            StoreError::Query { what, detail }
+        }
+    }
+}
+
+fn pool_err(what: &'static str) -> impl Fn(PoolError) -> StoreError {
+    move |e| match e {
+        PoolError::Backend(e) => match pg(what)(e) {
+            // Connecting failed for a reason the server gave (a wrong
+            // password, a missing database): not worth retrying, but the
+            // request still failed for lack of a database.
+            StoreError::Query { detail, .. } => StoreError::Unavailable { what, detail },
+            other => other,
+        },
+        other => StoreError::Unavailable { what, detail: other.to_string() },
+    }
+}
+
+const KEY_COLS: &str = "id, hash, origin, label, created_at, max_sessions, network, revoked_at, admin";
+
+fn key_row(what: &'static str, r: &Row) -> Result<KeyRecord> {
+    let get = |e: tokio_postgres::Error| StoreError::Query { what, detail: e.to_string() };
+    let id: String = r.try_get(0).map_err(get)?;
+    Ok(KeyRecord {
+        hash: parse_hash(what, &id, r.try_get(1).map_err(get)?)?,
+        origin: parse_origin(what, &id, r.try_get(2).map_err(get)?)?,
+        label: r.try_get(3).map_err(get)?,
+        created_at: r.try_get(4).map_err(get)?,
+        options: KeyOptions {
+            max_sessions: r.try_get::<_, Option<i64>>(5).map_err(get)?.map(to_u64),
+            network: parse_network(what, &id, r.try_get(6).map_err(get)?)?,
+            admin: r.try_get(8).map_err(get)?,
+        },
+        revoked_at: r.try_get(7).map_err(get)?,
+        id,
+    })
+}
+
+const SESSION_COLS: &str = "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at";
+
+fn session_row(what: &'static str, r: &Row) -> Result<SessionRecord> {
+    let get = |e: tokio_postgres::Error| StoreError::Query { what, detail: e.to_string() };
+    Ok(SessionRecord {
+        id: r.try_get(0).map_err(get)?,
+        key_id: r.try_get(1).map_err(get)?,
+        started_at: r.try_get(2).map_err(get)?,
+        expires_at: r.try_get(3).map_err(get)?,
+        execute_count: to_u64(r.try_get(4).map_err(get)?),
+        last_execute_at: r.try_get(5).map_err(get)?,
+        ended_at: r.try_get(6).map_err(get)?,
+    })
+}
+
+const USAGE_SQL: &str = "SELECT key_id, COUNT(*)::BIGINT, COALESCE(SUM(execute_count), 0)::BIGINT,
+     COALESCE(SUM(execution_seconds), 0)::DOUBLE PRECISION, COALESCE(SUM(cpu_seconds), 0)::DOUBLE PRECISION,
+     COALESCE(MAX(peak_memory_bytes), 0)::BIGINT FROM sessions";
+
+fn usage_row(what: &'static str, r: &Row) -> Result<Usage> {
+    let get = |e: tokio_postgres::Error| StoreError::Query { what, detail: e.to_string() };
+    Ok(Usage {
+        key_id: r.try_get(0).map_err(get)?,
+        sessions_started: to_u64(r.try_get(1).map_err(get)?),
+        executions: to_u64(r.try_get(2).map_err(get)?),
+        execution_seconds: r.try_get(3).map_err(get)?,
+        cpu_seconds: r.try_get(4).map_err(get)?,
+        peak_memory_bytes: to_u64(r.try_get(5).map_err(get)?),
+    })
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>> {
+        let what = "list keys";
+        let rows = self.query(what, &format!("SELECT {KEY_COLS} FROM api_keys ORDER BY created_at, id"), &[]).await?;
+        rows.iter().map(|r| key_row(what, r)).collect()
+    }
+
+    async fn keys_version(&self) -> Result<u64> {
+        let what = "keys version";
+        let rows = self.query(what, "SELECT value FROM kiln_counters WHERE name = 'keys'", &[]).await?;
+        let row = rows.first().ok_or(StoreError::Invalid { what, detail: "no keys counter".into() })?;
+        row.try_get::<_, i64>(0).map(to_u64).map_err(|e| StoreError::Query { what, detail: e.to_string() })
+    }
+
+    async fn add_key(
+        &self,
+        hash: [u8; 32],
+        origin: KeyOrigin,
+        label: &str,
+        options: &KeyOptions,
+    ) -> Result<KeyRecord> {
+        let what = "add key";
+        let id = key_id(&hash);
+        let max_sessions = options.max_sessions.map(to_i64);
+        let network = options.network.map(|n| n.as_str());
+        let hash_bytes = hash.as_slice();
+        // Insert-or-keep; a concurrent insert of the same key by another
+        // node is the "keep" case, not an error.
+        self.execute(
+            what,
+            "INSERT INTO api_keys (id, hash, origin, label, created_at, max_sessions, network, admin)
+             VALUES ($1, $2, $3, $4, now(), $5, $6, $7) ON CONFLICT (hash) DO NOTHING",
+            &[&id, &hash_bytes, &origin.as_str(), &label, &max_sessions, &network, &options.admin],
+        )
+        .await?;
+        let rows = self.query(what, &format!("SELECT {KEY_COLS} FROM api_keys WHERE hash = $1"), &[&hash_bytes]).await?;
+        let row = rows.first().ok_or(StoreError::Query { what, detail: "the key vanished after its insert".into() })?;
+        key_row(what, row)
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<bool> {
+        let what = "revoke key";
+        let n = self
+            .execute(what, "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", &[&id])
+            .await?;
+        if n > 0 {
+            return Ok(true);
+        }
+        Ok(!self.query(what, "SELECT 1 FROM api_keys WHERE id = $1", &[&id]).await?.is_empty())
+    }
+
+    async fn insert_session(&self, s: &SessionRecord) -> Result<()> {
+        self.execute(
+            "insert session",
+            "INSERT INTO sessions (id, key_id, node_id, started_at, expires_at, execute_count, last_execute_at, ended_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &s.id,
+                &s.key_id,
+                &self.node_id,
+                &s.started_at,
+                &s.expires_at,
+                &to_i64(s.execute_count),
+                &s.last_execute_at,
+                &s.ended_at,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn record_execute(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
+        self.execute(
+            "record execute",
+            "UPDATE sessions SET execute_count = execute_count + 1,
+             last_execute_at = GREATEST(last_execute_at, $2) WHERE id = $1",
+            &[&id, &at],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn record_usage(&self, id: &str, u: ExecutionUsage) -> Result<()> {
+        self.execute(
+            "record usage",
+            "UPDATE sessions SET execution_seconds = execution_seconds + $2, cpu_seconds = cpu_seconds + $3,
+             peak_memory_bytes = GREATEST(peak_memory_bytes, $4) WHERE id = $1",
+            &[&id, &u.seconds, &u.cpu_seconds, &to_i64(u.peak_memory_bytes)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn usage(&self, key_id: &str) -> Result<Usage> {
+        let what = "usage";
+        let rows = self.query(what, &format!("{USAGE_SQL} WHERE key_id = $1 GROUP BY key_id"), &[&key_id]).await?;
+        match rows.first() {
+            Some(r) => usage_row(what, r),
+            None => Ok(Usage { key_id: key_id.to_string(), ..Usage::default() }),
+        }
+    }
+
+    async fn usage_all(&self) -> Result<Vec<Usage>> {
+        let what = "usage";
+        let rows = self.query(what, &format!("{USAGE_SQL} GROUP BY key_id ORDER BY key_id"), &[]).await?;
+        rows.iter().map(|r| usage_row(what, r)).collect()
+    }
+
+    async fn end_session(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
+        self.execute("end session", "UPDATE sessions SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL", &[&id, &at])
+            .await?;
+        Ok(())
+    }
+
+    async fn session(&self, id: &str) -> Result<Option<SessionRecord>> {
+        let what = "get session";
+        let rows = self.query(what, &format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1"), &[&id]).await?;
+        rows.first().map(|r| session_row(what, r)).transpose()
+    }
+
+    async fn live_sessions(&self, key_id: &str, now: DateTime<Utc>) -> Result<Vec<SessionRecord>> {
+        let what = "list sessions";
+        let rows = self
+            .query(
+                what,
+                &format!(
+                    "SELECT {SESSION_COLS} FROM sessions
+                     WHERE key_id = $1 AND ended_at IS NULL AND expires_at > $2
+                     ORDER BY started_at, id"
+                ),
+                &[&key_id, &now],
+            )
+            .await?;
+        rows.iter().map(|r| session_row(what, r)).collect()
+    }
+
+    async fn end_all_open(&self, at: DateTime<Utc>) -> Result<u64> {
+        self.execute(
+            "end open sessions",
+            "UPDATE sessions SET ended_at = $1 WHERE ended_at IS NULL AND (node_id = $2 OR node_id IS NULL)",
+            &[&at, &self.node_id],
+        )
+        .await
+    }
+}

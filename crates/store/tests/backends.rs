@@ -1,0 +1,282 @@
+//! One store test suite, run against both backends: the embedded SQLite
+//! file and a real PostgreSQL server that each test starts for itself
+//! (kiln-testpg). Each test is written once against `&dyn Store` and
+//! instantiated twice by `suite!`; what differs (raw SQL access to break a
+//! rule on purpose) sits behind the small `Backend` trait.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{Duration, Utc};
+use kiln_store::{
+    Database, ExecutionUsage, KeyOptions, KeyOrigin, NetworkPolicy, OpenOptions, SessionRecord, Store, StoreError,
+};
+use std::sync::Arc;
+
+/// What a test needs from a backend beyond the `Store` trait.
+#[async_trait::async_trait]
+trait Backend: Send + Sync {
+    /// The database.
+    fn database(&self) -> Database;
+    /// Open a store on it for `node`.
+    async fn open(&self, node: &str) -> Arc<dyn Store> {
+        kiln_store::open(&self.database(), &OpenOptions::new(node)).await.unwrap_or_else(|e| panic!("open: {e}"))
+    }
+    /// Run SQL directly (as an operator or another program would).
+    fn sql(&self, sql: &str) -> Result<(), String>;
+    /// Run SQL with the CHECK constraints of `api_keys` out of the way.
+    fn sql_unchecked(&self, sql: &str);
+}
+
+struct Sqlite {
+    dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    fn new() -> Self {
+        Sqlite { dir: tempfile::tempdir().unwrap() }
+    }
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("kiln.db")
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Sqlite {
+    fn database(&self) -> Database {
+        Database::Sqlite(self.path())
+    }
+    fn sql(&self, sql: &str) -> Result<(), String> {
+        let conn = rusqlite::Connection::open(self.path()).unwrap();
+        conn.execute_batch(sql).map_err(|e| e.to_string())
+    }
+    fn sql_unchecked(&self, sql: &str) {
+        let conn = rusqlite::Connection::open(self.path()).unwrap();
+        conn.pragma_update(None, "ignore_check_constraints", true).unwrap();
+        conn.execute_batch(sql).unwrap();
+    }
+}
+
+struct Postgres {
+    pg: kiln_testpg::PgServer,
+}
+
+impl Postgres {
+    fn new() -> Self {
+        Postgres { pg: kiln_testpg::PgServer::start() }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Postgres {
+    fn database(&self) -> Database {
+        Database::Postgres(self.pg.url())
+    }
+    fn sql(&self, sql: &str) -> Result<(), String> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pg.psql(sql))).map(drop).map_err(|e| {
+            e.downcast_ref::<String>().cloned().unwrap_or_else(|| "psql failed".into())
+        })
+    }
+    fn sql_unchecked(&self, sql: &str) {
+        self.pg.psql(&format!(
+            "ALTER TABLE api_keys DROP CONSTRAINT api_keys_network_check, DROP CONSTRAINT api_keys_origin_check; {sql}"
+        ));
+    }
+}
+
+fn session(id: &str, key: &str, ttl_secs: i64) -> SessionRecord {
+    let now = Utc::now();
+    SessionRecord {
+        id: id.into(),
+        key_id: key.into(),
+        started_at: now,
+        expires_at: now + Duration::seconds(ttl_secs),
+        execute_count: 0,
+        last_execute_at: None,
+        ended_at: None,
+    }
+}
+
+async fn adding_the_same_key_twice_keeps_one_record(b: &dyn Backend) {
+    let s = b.open("n1").await;
+    let opts = KeyOptions { max_sessions: Some(3), network: Some(NetworkPolicy::None), admin: true };
+    let a = s.add_key([7; 32], KeyOrigin::Created, "flag", &opts).await.unwrap();
+    let again = s.add_key([7; 32], KeyOrigin::Configured, "other", &KeyOptions::default()).await.unwrap();
+    assert_eq!(a, again, "the first record stays");
+    let keys = s.keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!((keys[0].origin, keys[0].label.as_str(), &keys[0].options), (KeyOrigin::Created, "flag", &opts));
+    assert!(s.revoke_key(&a.id).await.unwrap());
+    assert!(s.revoke_key(&a.id).await.unwrap(), "revoking twice still finds the key");
+    assert!(!s.revoke_key("key_nope").await.unwrap());
+    assert!(s.keys().await.unwrap()[0].revoked_at.is_some());
+}
+
+async fn every_network_policy_and_origin_round_trips_typed(b: &dyn Backend) {
+    let s = b.open("n1").await;
+    for (i, (origin, network)) in KeyOrigin::ALL
+        .into_iter()
+        .flat_map(|o| [None, Some(NetworkPolicy::None), Some(NetworkPolicy::Pypi), Some(NetworkPolicy::Full)].map(|n| (o, n)))
+        .enumerate()
+    {
+        // A label that looks like an origin is only a name.
+        let opts = KeyOptions { max_sessions: None, network, admin: i % 2 == 0 };
+        let rec = s.add_key([i as u8; 32], origin, "configured", &opts).await.unwrap();
+        assert_eq!((rec.origin, rec.options.network, rec.options.admin), (origin, network, i % 2 == 0));
+    }
+    let keys = s.keys().await.unwrap();
+    assert_eq!(keys.len(), 12);
+    let created_as_configured = keys.iter().filter(|k| k.origin == KeyOrigin::Created).count();
+    assert_eq!(created_as_configured, 4, "the label `configured` did not make a key configured");
+}
+
+async fn a_policy_the_store_cannot_read_is_an_error_not_the_server_default(b: &dyn Backend) {
+    let s = b.open("n1").await;
+    let rec = s.add_key([1; 32], KeyOrigin::Created, "k", &KeyOptions::default()).await.unwrap();
+    let id = &rec.id;
+    let refused = b.sql(&format!("UPDATE api_keys SET network = 'everything' WHERE id = '{id}'"));
+    assert!(refused.is_err_and(|e| e.contains("check") || e.contains("CHECK")), "the CHECK constraint holds");
+    let refused = b.sql(&format!("UPDATE api_keys SET origin = 'magic' WHERE id = '{id}'"));
+    assert!(refused.is_err(), "origins are checked too");
+    // Past the constraint (an old schema, a manual edit): reading fails.
+    b.sql_unchecked(&format!("UPDATE api_keys SET network = 'everything' WHERE id = '{id}'"));
+    match s.keys().await {
+        Err(StoreError::Invalid { detail, .. }) => assert!(detail.contains("everything"), "{detail}"),
+        other => panic!("an unreadable policy must be an error, got {other:?}"),
+    }
+}
+
+async fn sessions_are_listed_per_key_until_they_end_or_expire(b: &dyn Backend) {
+    let s = b.open("n1").await;
+    // Both backends keep microseconds.
+    let now = chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    for r in [session("a", "k1", 60), session("b", "k1", 60), session("c", "k2", 60), session("d", "k1", -1)] {
+        s.insert_session(&r).await.unwrap();
+    }
+    s.record_execute("a", now).await.unwrap();
+    s.record_execute("a", now).await.unwrap();
+    s.end_session("b", now).await.unwrap();
+    let live = s.live_sessions("k1", Utc::now()).await.unwrap();
+    assert_eq!(live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["a"]);
+    assert_eq!(live[0].execute_count, 2);
+    assert_eq!(live[0].last_execute_at, Some(now));
+    let u = ExecutionUsage { seconds: 1.5, cpu_seconds: 0.5, peak_memory_bytes: 100 };
+    s.record_usage("a", u).await.unwrap();
+    s.record_usage("a", ExecutionUsage { peak_memory_bytes: 50, ..u }).await.unwrap();
+    let usage = s.usage("k1").await.unwrap();
+    assert_eq!((usage.sessions_started, usage.executions, usage.peak_memory_bytes), (3, 2, 100));
+    assert!((usage.execution_seconds - 3.0).abs() < 1e-9 && (usage.cpu_seconds - 1.0).abs() < 1e-9);
+    assert_eq!(s.usage("nobody").await.unwrap().sessions_started, 0);
+    assert_eq!(s.usage_all().await.unwrap().len(), 2);
+    let b_rec = s.session("b").await.unwrap().unwrap();
+    assert!(b_rec.ended_at.is_some() && !b_rec.is_live(Utc::now()));
+    assert_eq!(s.session("zzz").await.unwrap(), None);
+    // a, c and d (expired but never torn down); b had ended.
+    assert_eq!(s.end_all_open(now).await.unwrap(), 3);
+}
+
+async fn a_restarting_node_ends_only_its_own_sessions(b: &dyn Backend) {
+    let (n1, n2) = (b.open("node-1").await, b.open("node-2").await);
+    assert_eq!((n1.node_id(), n2.node_id()), ("node-1", "node-2"));
+    n1.insert_session(&session("one", "k", 60)).await.unwrap();
+    n2.insert_session(&session("two", "k", 60)).await.unwrap();
+    // node-1 restarts.
+    let n1 = b.open("node-1").await;
+    assert_eq!(n1.end_all_open(Utc::now()).await.unwrap(), 1);
+    let live = n2.live_sessions("k", Utc::now()).await.unwrap();
+    assert_eq!(live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["two"], "node-2's session lives on");
+}
+
+async fn usage_adds_up_across_nodes_writing_at_once(b: &dyn Backend) {
+    let nodes = [b.open("node-1").await, b.open("node-2").await, b.open("node-3").await];
+    nodes[0].insert_session(&session("shared", "k", 60)).await.unwrap();
+    nodes[1].insert_session(&session("other", "k", 60)).await.unwrap();
+    let mut tasks = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for _ in 0..50 {
+            let node = node.clone();
+            let id = if i == 1 { "other" } else { "shared" };
+            tasks.push(tokio::spawn(async move {
+                node.record_execute(id, Utc::now()).await.unwrap();
+                let u = ExecutionUsage { seconds: 0.25, cpu_seconds: 0.125, peak_memory_bytes: 10 * (i as u64 + 1) };
+                node.record_usage(id, u).await.unwrap();
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let u = nodes[2].usage("k").await.unwrap();
+    assert_eq!((u.sessions_started, u.executions, u.peak_memory_bytes), (2, 150, 30));
+    assert!((u.execution_seconds - 37.5).abs() < 1e-9 && (u.cpu_seconds - 18.75).abs() < 1e-9, "{u:?}");
+    assert_eq!(nodes[0].session("shared").await.unwrap().unwrap().execute_count, 100);
+}
+
+async fn the_keys_version_changes_with_keys_and_only_with_keys(b: &dyn Backend) {
+    let (s, other) = (b.open("n1").await, b.open("n2").await);
+    let v0 = s.keys_version().await.unwrap();
+    s.insert_session(&session("a", "k", 60)).await.unwrap();
+    s.record_execute("a", Utc::now()).await.unwrap();
+    assert_eq!(s.keys_version().await.unwrap(), v0, "sessions do not touch it");
+    let rec = other.add_key([2; 32], KeyOrigin::Created, "", &KeyOptions::default()).await.unwrap();
+    let v1 = s.keys_version().await.unwrap();
+    assert!(v1 > v0, "another node's new key shows");
+    other.add_key([2; 32], KeyOrigin::Created, "", &KeyOptions::default()).await.unwrap();
+    assert_eq!(s.keys_version().await.unwrap(), v1, "an existing key added again changes nothing");
+    other.revoke_key(&rec.id).await.unwrap();
+    assert!(s.keys_version().await.unwrap() > v1, "a revocation shows");
+}
+
+async fn a_duplicate_session_is_a_constraint_error(b: &dyn Backend) {
+    let s = b.open("n1").await;
+    s.insert_session(&session("a", "k", 60)).await.unwrap();
+    match s.insert_session(&session("a", "k", 60)).await {
+        Err(e @ StoreError::Constraint { .. }) => assert!(!e.is_unavailable()),
+        other => panic!("expected a constraint error, got {other:?}"),
+    }
+}
+
+async fn nodes_opening_a_new_database_at_once_migrate_it_once(b: &dyn Backend) {
+    let db = b.database();
+    let opens: Vec<_> = (0..4)
+        .map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move { kiln_store::open(&db, &OpenOptions::new(format!("node-{i}"))).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(o.await.unwrap().unwrap_or_else(|e| panic!("a concurrent open failed: {e}")));
+    }
+    stores[0].add_key([3; 32], KeyOrigin::Generated, "", &KeyOptions::default()).await.unwrap();
+    assert_eq!(stores[3].keys().await.unwrap().len(), 1);
+    // And again, on the migrated database.
+    assert_eq!(b.open("late").await.keys().await.unwrap().len(), 1);
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                super::$name(&super::Sqlite::new()).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                super::$name(&super::Postgres::new()).await
+            })*
+        }
+    };
+}
+
+suite!(
+    adding_the_same_key_twice_keeps_one_record,
+    every_network_policy_and_origin_round_trips_typed,
+    a_policy_the_store_cannot_read_is_an_error_not_the_server_default,
+    sessions_are_listed_per_key_until_they_end_or_expire,
+    a_restarting_node_ends_only_its_own_sessions,
+    usage_adds_up_across_nodes_writing_at_once,
+    the_keys_version_changes_with_keys_and_only_with_keys,
+    a_duplicate_session_is_a_constraint_error,
+    nodes_opening_a_new_database_at_once_migrate_it_once,
+);

@@ -1,0 +1,78 @@
+//! PostgreSQL only: what the store does while its database is restarting or
+//! hanging. Calls fail as `Unavailable` (never a hang past the store's time
+//! limit, never a "query failed"), and the same store works again once the
+//! database is back, without being reopened.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::Utc;
+use kiln_store::{Database, KeyOptions, KeyOrigin, OpenOptions, SessionRecord, StoreError};
+use std::time::{Duration, Instant};
+
+fn opts(timeout: Duration) -> OpenOptions {
+    OpenOptions { timeout, ..OpenOptions::new("node-1") }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_restart_is_unavailable_meanwhile_and_the_same_store_recovers() {
+    let mut pg = kiln_testpg::PgServer::start();
+    eprintln!("postgres started in {:?}", pg.started_in());
+    let limit = Duration::from_secs(2);
+    let s = kiln_store::open(&Database::Postgres(pg.url()), &opts(limit)).await.unwrap();
+    s.add_key([1; 32], KeyOrigin::Created, "", &KeyOptions::default()).await.unwrap();
+    pg.stop();
+    for _ in 0..3 {
+        let began = Instant::now();
+        match s.keys().await {
+            Err(e @ StoreError::Unavailable { .. }) => assert!(e.is_unavailable()),
+            other => panic!("a stopped database must be unavailable, got {other:?}"),
+        }
+        assert!(began.elapsed() < limit + Duration::from_secs(1), "took {:?}", began.elapsed());
+    }
+    pg.start_again();
+    // The pool drops the dead connections and makes new ones.
+    assert_eq!(s.keys().await.unwrap().len(), 1);
+    let now = Utc::now();
+    let rec = SessionRecord {
+        id: "s".into(),
+        key_id: "k".into(),
+        started_at: now,
+        expires_at: now + chrono::Duration::seconds(60),
+        execute_count: 0,
+        last_execute_at: None,
+        ended_at: None,
+    };
+    s.insert_session(&rec).await.unwrap();
+    s.record_execute("s", now).await.unwrap();
+    assert_eq!(s.usage("k").await.unwrap().executions, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_does_not_answer_is_unavailable_within_the_time_limit() {
+    let pg = kiln_testpg::PgServer::start();
+    let limit = Duration::from_millis(500);
+    let s = kiln_store::open(&Database::Postgres(pg.url()), &opts(limit)).await.unwrap();
+    // Another client holds the table for 4 s: every write waits behind it.
+    let mut hold = pg.psql_command("BEGIN; LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;");
+    let holder = std::thread::spawn(move || hold.status());
+    // Until the lock is held, writes may still go through.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut i = 0u8;
+    let began = loop {
+        i += 1;
+        let began = Instant::now();
+        match s.add_key([i; 32], KeyOrigin::Created, "", &KeyOptions::default()).await {
+            Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(_) => panic!("the lock was never taken"),
+            Err(StoreError::Unavailable { detail, .. }) => {
+                assert!(detail.contains("within"), "{detail}");
+                break began;
+            }
+            Err(e) => panic!("expected unavailable, got {e}"),
+        }
+    };
+    let took = began.elapsed();
+    assert!(took >= limit && took < limit + Duration::from_millis(500), "took {took:?} for a limit of {limit:?}");
+    assert!(holder.join().unwrap().unwrap().success());
+    // Once the lock is gone the same store works.
+    assert!(s.keys().await.unwrap().len() >= 1);
+}
