@@ -1,12 +1,14 @@
-//! Operator commands that work on the data directory's store directly:
-//! `kiln keys create|list|revoke` and `kiln usage`. A running server picks
-//! up key changes within seconds.
+//! Operator commands that work on the store directly: `kiln keys
+//! create|list|revoke` and `kiln usage`, on the data directory's SQLite
+//! file or on the PostgreSQL a cluster shares (`--database`). Running
+//! servers pick up key changes within about a second.
 
 use crate::table::print_table;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use kiln_store::{KeyOptions, SqliteStore, Store};
+use kiln_store::{Database, KeyOptions, KeyOrigin, NetworkPolicy, Store};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Where the store is.
 #[derive(Debug, Args)]
@@ -14,6 +16,10 @@ pub struct DataDir {
     /// kiln's data directory [default: <user data dir>/kiln]
     #[arg(long, env = "KILN_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// The PostgreSQL the servers share (`postgres://...`), as given to
+    /// `kiln serve --database`; unset for the data directory's SQLite file
+    #[arg(long, env = "KILN_DATABASE_URL", global = true, hide_env_values = true)]
+    database: Option<String>,
 }
 
 impl DataDir {
@@ -24,14 +30,19 @@ impl DataDir {
         }
     }
 
-    fn store(&self) -> anyhow::Result<SqliteStore> {
-        let path = self.path()?.join("kiln.db");
-        anyhow::ensure!(
-            path.exists(),
-            "no kiln database at {}: start `kiln serve` once, or pass the --data-dir it uses",
-            path.display()
-        );
-        Ok(SqliteStore::open(&path)?)
+    async fn store(&self) -> anyhow::Result<Arc<dyn Store>> {
+        let db = Database::from_setting(self.database.as_deref(), &self.path()?)?;
+        if let Database::Sqlite(path) = &db {
+            anyhow::ensure!(
+                path.exists(),
+                "no kiln database at {}: start `kiln serve` once, or pass the --data-dir (or --database) it uses",
+                path.display()
+            );
+        }
+        // This command writes no sessions, so its node name is only a label
+        // (PostgreSQL shows it as the connection's application name).
+        let opts = kiln_store::OpenOptions::new(format!("{}/admin", crate::config::default_node_id()?));
+        kiln_store::open(&db, &opts).await.with_context(|| format!("could not open kiln's database ({})", db.redacted()))
     }
 }
 
@@ -47,8 +58,8 @@ pub enum KeysCommand {
         #[arg(long)]
         max_sessions: Option<u64>,
         /// Its sessions' network policy: none, pypi or full.
-        #[arg(long, value_parser = ["none", "pypi", "full"])]
-        network: Option<String>,
+        #[arg(long)]
+        network: Option<NetworkPolicy>,
         /// Make it an admin key: it may list, create and revoke keys through
         /// the API (/v1/admin/keys) and the console page.
         #[arg(long)]
@@ -76,22 +87,22 @@ pub enum KeysCommand {
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Create { label, max_sessions, network, admin, data } => {
-            let store = data.store()?;
+            let store = data.store().await?;
             let key = kiln_server::generate_key();
-            let rec = store
-                .add_key(kiln_server::hash_key(&key), &label, &KeyOptions { max_sessions, network, admin })
-                .await?;
+            let options = KeyOptions { max_sessions, network, admin };
+            let rec = store.add_key(kiln_server::hash_key(&key), KeyOrigin::Created, &label, &options).await?;
             println!("{key}");
             eprintln!("created {} ({}); store the key now: kiln keeps only its hash", rec.id, rec.label);
         }
         KeysCommand::List { json, data } => {
-            let keys = data.store()?.keys().await?;
+            let keys = data.store().await?.keys().await?;
             if json {
                 let rows: Vec<_> = keys
                     .iter()
                     .map(|k| {
                         serde_json::json!({
-                            "id": k.id, "label": k.label, "created_at": k.created_at.to_rfc3339(),
+                            "id": k.id, "origin": k.origin.as_str(), "label": k.label,
+                            "created_at": k.created_at.to_rfc3339(),
                             "max_sessions": k.options.max_sessions, "network": k.options.network,
                             "admin": k.options.admin,
                             "revoked_at": k.revoked_at.map(|t| t.to_rfc3339()),
@@ -105,20 +116,21 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     .map(|k| {
                         vec![
                             k.id.clone(),
+                            k.origin.to_string(),
                             k.label.clone(),
                             k.created_at.format("%Y-%m-%d %H:%M").to_string(),
-                            k.options.network.clone().unwrap_or_else(|| "server".into()),
+                            k.options.network.map_or_else(|| "server".into(), |n| n.to_string()),
                             k.options.max_sessions.map_or_else(|| "server".into(), |n| n.to_string()),
                             if k.options.admin { "yes".into() } else { "no".into() },
                             if k.revoked_at.is_some() { "revoked".into() } else { "active".into() },
                         ]
                     })
                     .collect();
-                print_table(&["ID", "LABEL", "CREATED", "NETWORK", "MAX SESSIONS", "ADMIN", "STATUS"], rows);
+                print_table(&["ID", "ORIGIN", "LABEL", "CREATED", "NETWORK", "MAX SESSIONS", "ADMIN", "STATUS"], rows);
             }
         }
         KeysCommand::Revoke { id, data } => {
-            anyhow::ensure!(data.store()?.revoke_key(&id).await?, "no key {id}; `kiln keys list` shows the ids");
+            anyhow::ensure!(data.store().await?.revoke_key(&id).await?, "no key {id}; `kiln keys list` shows the ids");
             eprintln!("revoked {id}");
         }
     }
@@ -127,7 +139,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
 
 /// `kiln usage`: what every key has used.
 pub async fn usage(json: bool, data: DataDir) -> anyhow::Result<()> {
-    let all = data.store()?.usage_all().await?;
+    let all = data.store().await?.usage_all().await?;
     if json {
         let rows: Vec<_> = all
             .iter()

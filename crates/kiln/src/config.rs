@@ -24,6 +24,16 @@ pub struct ServeArgs {
     /// [default: <user data dir>/kiln]
     #[arg(long, env = "KILN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The database keys, sessions and usage are kept in: unset for SQLite
+    /// in the data directory (one node), or `postgres://user:password@host:port/dbname`
+    /// for a PostgreSQL that several kiln nodes share (`?host=/run/postgresql`
+    /// for a Unix socket). Tables are created and migrated at start.
+    #[arg(long, env = "KILN_DATABASE_URL", hide_env_values = true)]
+    pub database: Option<String>,
+    /// This node's name in a shared database: its sessions are marked with
+    /// it, and a restart ends only its own [default: the host name]
+    #[arg(long, env = "KILN_NODE_ID")]
+    pub node_id: Option<String>,
     /// Where the Python runtime is built and cached [default: <user cache dir>/kiln]
     #[arg(long, env = "KILN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -145,6 +155,8 @@ impl RuntimeArgs {
 pub struct Settings {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub database: kiln_store::Database,
+    pub node_id: String,
     pub api_keys: Vec<String>,
     pub runtime: kiln_runtime::RuntimeConfig,
     pub sessions: kiln_sessions::Config,
@@ -166,6 +178,15 @@ impl Settings {
             Some(d) => d,
             None => dirs::data_dir().context("no user data directory; pass --data-dir")?.join("kiln"),
         };
+        let database = kiln_store::Database::from_setting(cli.database.or(file.database).as_deref(), &data_dir)?;
+        let node_id = match cli.node_id.or(file.node_id) {
+            Some(n) => n,
+            None => default_node_id()?,
+        };
+        anyhow::ensure!(
+            !node_id.is_empty() && node_id.len() <= 128 && !node_id.chars().any(char::is_control),
+            "--node-id must be 1 to 128 printable characters"
+        );
         let cache_dir = match cli.cache_dir.or(file.cache_dir) {
             Some(d) => d,
             None => default_cache_dir()?,
@@ -241,6 +262,8 @@ impl Settings {
             shutdown_grace: pick!(shutdown_grace, Duration::from_secs(30)),
             api_keys,
             data_dir,
+            database,
+            node_id,
             log_format,
         })
     }
@@ -263,6 +286,12 @@ fn zygote_library(kiln: &std::path::Path) -> Option<PathBuf> {
         );
         None
     }
+}
+
+/// The host name: unique per machine, and the pod name in Kubernetes.
+pub fn default_node_id() -> anyhow::Result<String> {
+    let host = nix::unistd::gethostname().context("could not read the host name; pass --node-id")?;
+    host.into_string().map_err(|_| anyhow::anyhow!("the host name is not UTF-8; pass --node-id"))
 }
 
 fn default_cache_dir() -> anyhow::Result<PathBuf> {

@@ -5,7 +5,7 @@ use crate::config::Settings;
 use anyhow::Context;
 use kiln_server::{app, hash_key, normalize_path, AppState, KeyEntry, KeyRing};
 use kiln_sessions::{Manager, Readiness};
-use kiln_store::{KeyOptions, SqliteStore, Store};
+use kiln_store::{KeyOptions, KeyOrigin, Store};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -37,27 +37,14 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     }
     create_private_dir(&s.data_dir)?;
     create_private_dir(&s.sessions.sessions_dir)?;
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&s.data_dir.join("kiln.db")).context("could not open kiln's database")?);
+    let store = kiln_store::open(&s.database, &kiln_store::OpenOptions::new(s.node_id.clone()))
+        .await
+        .with_context(|| format!("could not open kiln's database ({})", s.database.redacted()))?;
+    tracing::info!(database = %s.database.redacted(), node = %s.node_id, "store opened");
+    let version = store.keys_version().await?;
     let configured = settle_keys(&s, store.as_ref()).await?;
     let keys = Arc::new(KeyRing::new(accepted_keys(&configured, store.as_ref()).await?));
-    // Keys created or revoked with `kiln keys` apply to a running server
-    // within seconds.
-    {
-        let (keys, store) = (keys.clone(), store.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                // A key created or revoked through the API while the store
-                // is read is not undone by this (possibly older) list.
-                let since = keys.changes();
-                match accepted_keys(&configured, store.as_ref()).await {
-                    Ok(k) => keys.replace_unless_changed(since, k),
-                    Err(e) => tracing::warn!(error = %e, "could not reload API keys"),
-                }
-            }
-        });
-    }
+    tokio::spawn(reload_keys(keys.clone(), configured, store.clone(), version));
 
     let manager = Manager::new(s.sessions.clone(), store.clone());
     manager.recover().await.context("could not clean up after a previous run")?;
@@ -137,6 +124,47 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     }
 }
 
+/// Keys created or revoked with `kiln keys` (or on another node) apply
+/// within about a second: the store's keys version is polled (one tiny
+/// query), and the keys are read again only when it moved. While the
+/// database is unavailable the last keys stay in force.
+async fn reload_keys(keys: Arc<KeyRing>, configured: Vec<KeyEntry>, store: Arc<dyn Store>, mut seen: u64) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        // The version is read before the keys: a change in between is
+        // picked up by the next round, never lost.
+        // A key created or revoked through the API while the store is read
+        // is not undone by this (possibly older) list.
+        let since = keys.changes();
+        let reloaded = match store.keys_version().await {
+            Ok(v) if v == seen => Ok(None),
+            Ok(v) => accepted_keys(&configured, store.as_ref()).await.map(|k| Some((v, k))),
+            Err(e) => Err(e.into()),
+        };
+        match reloaded {
+            Ok(found) => {
+                if failing {
+                    tracing::info!("API keys can be read again");
+                }
+                failing = false;
+                if let Some((v, k)) = found {
+                    // Skipped after an API change: that change moved the
+                    // version too, so the next round reads the keys again.
+                    keys.replace_unless_changed(since, k);
+                    seen = v;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %format!("{e:#}"), "could not reload API keys; the last ones stay in force");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
 /// Register the configured keys in the store and, on a first start with no
 /// key at all, generate one, save it (0600) and show it once. Returns the
 /// configured keys (with their policies). The operator's key is an admin
@@ -145,17 +173,17 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<Vec<KeyE
     let mut configured = Vec::new();
     for (i, k) in s.api_keys.iter().enumerate() {
         let (key, network) = split_policy(k);
-        let rec = store.add_key(hash_key(key), "configured", &KeyOptions::default()).await?;
+        let rec = store.add_key(hash_key(key), KeyOrigin::Configured, "configured", &KeyOptions::default()).await?;
         configured.push(KeyEntry { id: rec.id, hash: rec.hash, network, max_sessions: None, admin: i == 0 });
     }
-    let managed = store.keys().await?.into_iter().filter(|r| r.label != "configured" && r.revoked_at.is_none()).count();
+    let managed = store.keys().await?.into_iter().filter(|r| r.origin.is_managed() && r.revoked_at.is_none()).count();
     if !configured.is_empty() || managed > 0 {
         return Ok(configured);
     }
     let key = kiln_server::generate_key();
     let path = s.data_dir.join("api-key");
     write_secret(&path, &key).with_context(|| format!("could not save the API key to {}", path.display()))?;
-    store.add_key(hash_key(&key), "generated", &KeyOptions { admin: true, ..KeyOptions::default() }).await?;
+    store.add_key(hash_key(&key), KeyOrigin::Generated, "generated", &KeyOptions { admin: true, ..KeyOptions::default() }).await?;
     let url = format!("http://{}", s.listen);
     println!(
         "Created an API key (saved in {path}, mode 0600; only its hash is in the database):\n\n    {key}\n\n\
@@ -172,10 +200,10 @@ pub async fn accepted_keys(configured: &[KeyEntry], store: &dyn Store) -> anyhow
     let stored = store.keys().await?;
     let revoked = |id: &str| stored.iter().any(|r| r.id == id && r.revoked_at.is_some());
     let mut keys: Vec<KeyEntry> = configured.iter().filter(|k| !revoked(&k.id)).cloned().collect();
-    keys.extend(stored.iter().filter(|r| r.label != "configured" && r.revoked_at.is_none()).map(|r| KeyEntry {
+    keys.extend(stored.iter().filter(|r| r.origin.is_managed() && r.revoked_at.is_none()).map(|r| KeyEntry {
         id: r.id.clone(),
         hash: r.hash,
-        network: r.options.network.as_deref().and_then(|n| n.parse().ok()),
+        network: r.options.network,
         max_sessions: r.options.max_sessions,
         admin: r.options.admin,
     }));

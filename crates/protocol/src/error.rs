@@ -47,6 +47,9 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// The server is shutting down.
     ShuttingDown,
+    /// kiln's database is unreachable for now (restarting, failing over,
+    /// overloaded); nothing was done. Retry after `Retry-After` seconds.
+    StoreUnavailable,
     /// A bug or an unexpected failure inside kiln.
     InternalError,
     /// The key is valid but may not do this (an admin endpoint called with a
@@ -69,7 +72,11 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::TooManySessions => 429,
             ErrorCode::InternalError => 500,
-            ErrorCode::NoCapacity | ErrorCode::KernelUnavailable | ErrorCode::NotReady | ErrorCode::ShuttingDown => 503,
+            ErrorCode::NoCapacity
+            | ErrorCode::KernelUnavailable
+            | ErrorCode::NotReady
+            | ErrorCode::ShuttingDown
+            | ErrorCode::StoreUnavailable => 503,
         }
     }
 
@@ -91,6 +98,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::KeyNotFound => "key_not_found",
@@ -245,6 +253,7 @@ mod tests {
             ErrorCode::FileNotFound,
             ErrorCode::MethodNotAllowed,
             ErrorCode::ShuttingDown,
+            ErrorCode::StoreUnavailable,
             ErrorCode::InternalError,
             ErrorCode::Forbidden,
             ErrorCode::KeyNotFound,

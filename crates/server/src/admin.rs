@@ -19,7 +19,7 @@ use kiln_protocol::{
     ApiError, CreateKey, CreatedKey, Envelope, ErrorCode, ErrorEnvelope, KeyInfo, KeyList, NetworkPolicy, RevokedKey,
 };
 use kiln_sessions::{Caller, SessionError};
-use kiln_store::{KeyOptions, KeyRecord};
+use kiln_store::{KeyOptions, KeyOrigin, KeyRecord};
 use rand::distr::{Alphanumeric, SampleString};
 
 /// Labels kiln gives keys itself; the server treats them specially.
@@ -115,10 +115,10 @@ pub(crate) async fn create(State(state): State<AppState>, body: Body) -> Result<
     let key = generate_key();
     let options = KeyOptions {
         max_sessions: req.max_sessions,
-        network: req.network.map(|n| n.as_str().to_string()),
+        network: req.network,
         admin: req.admin,
     };
-    let record = state.manager.store().add_key(hash_key(&key), &label, &options).await.map_err(SessionError::from)?;
+    let record = state.manager.store().add_key(hash_key(&key), KeyOrigin::Created, &label, &options).await.map_err(SessionError::from)?;
     state.keys.insert(KeyEntry {
         id: record.id.clone(),
         hash: record.hash,
@@ -178,7 +178,7 @@ fn info(state: &AppState, r: &KeyRecord) -> KeyInfo {
         admin: live.as_ref().map_or(r.options.admin, |k| k.admin),
         network: match &live {
             Some(k) => k.network,
-            None => r.options.network.as_deref().and_then(|n| n.parse::<NetworkPolicy>().ok()),
+            None => r.options.network,
         },
         max_sessions: live.as_ref().map_or(r.options.max_sessions, |k| k.max_sessions),
         revoked_at: r.revoked_at,

@@ -35,7 +35,12 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let api = self.to_api();
         let status = StatusCode::from_u16(api.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if api.is_server_side() {
+        // A database that is restarting is a condition, not a failure of
+        // this request: one line per request at error level would bury the
+        // store's own warning.
+        if api.code == ErrorCode::StoreUnavailable {
+            tracing::warn!(code = %api.code, error = %self, "request refused");
+        } else if api.is_server_side() {
             tracing::error!(code = %api.code, error = %self, "request failed");
         } else {
             tracing::debug!(code = %api.code, error = %self, "request refused");
@@ -46,7 +51,7 @@ impl IntoResponse for AppError {
         let headers = resp.headers_mut();
         match api.code {
             // Worth retrying soon: say when.
-            ErrorCode::NotReady | ErrorCode::NoCapacity | ErrorCode::TooManySessions => {
+            ErrorCode::NotReady | ErrorCode::NoCapacity | ErrorCode::TooManySessions | ErrorCode::StoreUnavailable => {
                 headers.insert("retry-after", HeaderValue::from_static("2"));
             }
             // Retrying will not help: tell the clients that retry 5xx.

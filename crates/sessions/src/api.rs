@@ -44,6 +44,11 @@ impl SessionError {
                     ApiError::new(ErrorCode::InvalidFile, msg).with_param("path")
                 }
             },
+            SessionError::Store(e) if e.is_unavailable() => ApiError::new(
+                ErrorCode::StoreUnavailable,
+                "kiln's database is unavailable right now (it may be restarting); nothing was done. This is a \
+                 server-side condition, not an error of your code: retry after the Retry-After delay.",
+            ),
             SessionError::Store(_) => ApiError::new(
                 ErrorCode::InternalError,
                 "kiln's metadata store failed; this is a server-side failure. Retry later.",
@@ -70,5 +75,15 @@ mod tests {
         assert_eq!(SessionError::NotFound("ses_x".into()).to_api().param.as_deref(), Some("session_id"));
         assert_eq!(SessionError::BadTimeout { max: 60 }.to_api().param.as_deref(), Some("timeout"));
         assert_eq!(SessionError::Expired("ses_x".into()).to_api().code, ErrorCode::SessionExpired);
+    }
+
+    #[test]
+    fn a_database_that_is_down_is_retryable_and_a_broken_query_is_not() {
+        let down = kiln_store::StoreError::Unavailable { what: "list sessions", detail: "connection refused".into() };
+        let api = SessionError::Store(down).to_api();
+        assert_eq!(api.code, ErrorCode::StoreUnavailable);
+        assert!(!api.message.contains("refused"), "{}", api.message);
+        let broken = kiln_store::StoreError::Query { what: "usage", detail: "syntax error".into() };
+        assert_eq!(SessionError::Store(broken).to_api().code, ErrorCode::InternalError);
     }
 }

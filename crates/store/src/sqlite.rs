@@ -74,7 +74,7 @@ CREATE TABLE api_keys_v4 (
 INSERT INTO api_keys_v4 (id, hash, origin, label, created_at, revoked_at, max_sessions, network, admin)
     SELECT id, hash,
            CASE label WHEN 'configured' THEN 'configured' WHEN 'generated' THEN 'generated' ELSE 'created' END,
-           CASE label WHEN 'configured' THEN '' WHEN 'generated' THEN '' ELSE label END,
+           label,
            created_at, revoked_at, max_sessions, network, admin
     FROM api_keys;
 DROP TABLE api_keys;

@@ -51,8 +51,8 @@ async fn a_database_from_the_previous_release_keeps_its_keys_with_typed_origins(
     assert_eq!(
         seen,
         vec![
-            ("key_0", KeyOrigin::Configured, "", None, false),
-            ("key_1", KeyOrigin::Generated, "", None, true),
+            ("key_0", KeyOrigin::Configured, "configured", None, false),
+            ("key_1", KeyOrigin::Generated, "generated", None, true),
             ("key_2", KeyOrigin::Created, "ci", Some(NetworkPolicy::None), false),
             ("key_3", KeyOrigin::Created, "bulk", Some(NetworkPolicy::Full), false),
         ]
