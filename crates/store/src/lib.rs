@@ -17,6 +17,7 @@
 //! refused write and from a bug.
 #![forbid(unsafe_code)]
 
+mod backlog;
 mod database;
 mod postgres;
 mod sqlite;

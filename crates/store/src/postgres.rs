@@ -11,10 +11,13 @@
 //!
 //! Counters are updated in place (`execute_count = execute_count + 1`), so
 //! nodes that share the database add up instead of overwriting each other.
+//! An execution counted while no connection can be had goes to the
+//! [`Backlog`] and is written when the database is back.
 //! Migrations are numbered in `kiln_migrations`, and each runs in its own
 //! transaction under an advisory lock, so nodes that start together apply
 //! each exactly once.
 
+use crate::backlog::{Backlog, Tally};
 use crate::{
     key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin,
     KeyRecord, OpenOptions, Result, SessionRecord, Store, StoreError, Usage,
@@ -22,6 +25,7 @@ use crate::{
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::{NoTls, Row};
 
@@ -76,6 +80,66 @@ pub struct PgStore {
     pool: Pool,
     node_id: String,
     timeout: Duration,
+    backlog: Arc<Backlog>,
+}
+
+/// One statement adds a [`Tally`] to a session: both per-execute writes
+/// and the backlog's late ones (sums and maxima, so order does not matter).
+const TALLY_SQL: &str = "UPDATE sessions SET execute_count = execute_count + $2,
+     last_execute_at = GREATEST(last_execute_at, $3), execution_seconds = execution_seconds + $4,
+     cpu_seconds = cpu_seconds + $5, peak_memory_bytes = GREATEST(peak_memory_bytes, $6) WHERE id = $1";
+
+/// Write a tally with a client of the pool.
+async fn write_tally(client: &deadpool_postgres::Client, id: &str, t: &Tally) -> Result<()> {
+    let what = "record usage";
+    let stmt = client.prepare_cached(TALLY_SQL).await.map_err(pg(what))?;
+    client
+        .execute(
+            &stmt,
+            &[&id, &to_i64(t.executions), &t.last_execute_at, &t.seconds, &t.cpu_seconds, &to_i64(t.peak_memory_bytes)],
+        )
+        .await
+        .map_err(pg(what))?;
+    Ok(())
+}
+
+/// Write the backlog every second while there is one; stops when the store
+/// is dropped.
+async fn flush_backlog(pool: Pool, backlog: std::sync::Weak<Backlog>, timeout: Duration) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(backlog) = backlog.upgrade() else { return };
+        if backlog.len() == 0 {
+            continue;
+        }
+        let pending = backlog.take();
+        let mut written = 0usize;
+        let mut left = pending.into_iter();
+        for (id, t) in left.by_ref() {
+            // No connection: certainly not written, so kept for the next
+            // round. A write that fails once sent may or may not have
+            // landed: it is dropped (and logged) rather than risk counting
+            // it twice, as a direct write would be.
+            let client = match tokio::time::timeout(timeout, pool.get()).await {
+                Ok(Ok(c)) => c,
+                _ => {
+                    backlog.add(&id, t);
+                    break;
+                }
+            };
+            match tokio::time::timeout(timeout, write_tally(&client, &id, &t)).await {
+                Ok(Ok(())) => written += 1,
+                Ok(Err(e)) => tracing::warn!(session = %id, error = %e, "could not write usage kept meanwhile"),
+                Err(_) => tracing::warn!(session = %id, "could not write usage kept meanwhile: no answer in time"),
+            }
+        }
+        for (id, t) in left {
+            backlog.add(&id, t);
+        }
+        if written > 0 && backlog.len() == 0 {
+            tracing::info!(sessions = written, "the database is back: usage counted meanwhile is written");
+        }
+    }
 }
 
 impl PgStore {
@@ -101,8 +165,10 @@ impl PgStore {
             .recycle_timeout(Some(opts.timeout))
             .build()
             .map_err(|e| StoreError::Config(format!("could not set up the PostgreSQL pool: {e}")))?;
-        let store = PgStore { pool, node_id: opts.node_id.clone(), timeout: opts.timeout };
+        let backlog = Arc::new(Backlog::default());
+        let store = PgStore { pool, node_id: opts.node_id.clone(), timeout: opts.timeout, backlog };
         store.migrate().await?;
+        tokio::spawn(flush_backlog(store.pool.clone(), Arc::downgrade(&store.backlog), store.timeout));
         Ok(store)
     }
 
@@ -188,6 +254,25 @@ impl PgStore {
             client.query(&stmt, params).await.map_err(pg(what))
         })
         .await
+    }
+}
+
+impl PgStore {
+    /// Add a tally to a session now, or, when no connection can be had
+    /// (so nothing reached the database), to the backlog.
+    async fn record(&self, id: &str, t: Tally) -> Result<()> {
+        let what = "record usage";
+        let client = match self.bounded(what, async { self.pool.get().await.map_err(pool_err(what)) }).await {
+            Ok(c) => c,
+            Err(e) if e.is_unavailable() => {
+                if self.backlog.add(id, t) {
+                    tracing::warn!(error = %e, "usage is kept in memory until the database is back");
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        self.bounded(what, write_tally(&client, id, &t)).await
     }
 }
 
@@ -374,25 +459,11 @@ impl Store for PgStore {
     }
 
     async fn record_execute(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
-        self.execute(
-            "record execute",
-            "UPDATE sessions SET execute_count = execute_count + 1,
-             last_execute_at = GREATEST(last_execute_at, $2) WHERE id = $1",
-            &[&id, &at],
-        )
-        .await?;
-        Ok(())
+        self.record(id, Tally::execute(at)).await
     }
 
     async fn record_usage(&self, id: &str, u: ExecutionUsage) -> Result<()> {
-        self.execute(
-            "record usage",
-            "UPDATE sessions SET execution_seconds = execution_seconds + $2, cpu_seconds = cpu_seconds + $3,
-             peak_memory_bytes = GREATEST(peak_memory_bytes, $4) WHERE id = $1",
-            &[&id, &u.seconds, &u.cpu_seconds, &to_i64(u.peak_memory_bytes)],
-        )
-        .await?;
-        Ok(())
+        self.record(id, Tally::usage(u)).await
     }
 
     async fn usage(&self, key_id: &str) -> Result<Usage> {

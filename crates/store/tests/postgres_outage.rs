@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::Utc;
-use kiln_store::{Database, KeyOptions, KeyOrigin, OpenOptions, SessionRecord, StoreError};
+use kiln_store::{Database, ExecutionUsage, KeyOptions, KeyOrigin, OpenOptions, SessionRecord, StoreError};
 use std::time::{Duration, Instant};
 
 fn opts(timeout: Duration) -> OpenOptions {
@@ -75,4 +75,43 @@ async fn a_database_that_does_not_answer_is_unavailable_within_the_time_limit() 
     assert!(holder.join().unwrap().unwrap().success());
     // Once the lock is gone the same store works.
     assert!(s.keys().await.unwrap().len() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn executions_counted_while_the_database_is_down_are_written_when_it_is_back() {
+    let mut pg = kiln_testpg::PgServer::start();
+    let s = kiln_store::open(&Database::Postgres(pg.url()), &opts(Duration::from_secs(2))).await.unwrap();
+    let now = Utc::now();
+    let rec = SessionRecord {
+        id: "s".into(),
+        key_id: "k".into(),
+        started_at: now,
+        expires_at: now + chrono::Duration::seconds(60),
+        execute_count: 0,
+        last_execute_at: None,
+        ended_at: None,
+    };
+    s.insert_session(&rec).await.unwrap();
+    s.record_execute("s", now).await.unwrap();
+    pg.stop();
+    // The code ran and was answered: its usage is kept, not failed.
+    for _ in 0..3 {
+        s.record_execute("s", Utc::now()).await.unwrap();
+        s.record_usage("s", ExecutionUsage { seconds: 1.0, cpu_seconds: 0.5, peak_memory_bytes: 7 }).await.unwrap();
+    }
+    assert!(s.usage("k").await.is_err_and(|e| e.is_unavailable()));
+    pg.start_again();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let u = loop {
+        let u = s.usage("k").await.unwrap();
+        if u.executions == 4 || Instant::now() > deadline {
+            break u;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((u.executions, u.peak_memory_bytes), (4, 7), "{u:?}");
+    assert!((u.execution_seconds - 3.0).abs() < 1e-9 && (u.cpu_seconds - 1.5).abs() < 1e-9, "{u:?}");
+    // Written once: nothing more arrives later.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(s.usage("k").await.unwrap().executions, 4);
 }
