@@ -42,7 +42,9 @@ impl DataDir {
         // This command writes no sessions, so its node name is only a label
         // (PostgreSQL shows it as the connection's application name).
         let opts = kiln_store::OpenOptions::new(format!("{}/admin", crate::config::default_node_id()?));
-        kiln_store::open(&db, &opts).await.with_context(|| format!("could not open kiln's database ({})", db.redacted()))
+        kiln_store::open(&db, &opts)
+            .await
+            .with_context(|| format!("could not open kiln's database ({})", db.redacted()))
     }
 }
 

@@ -2,6 +2,7 @@
 //! test starts (kiln-testpg): a database restart while kiln serves, keys
 //! managed from the command line on the shared database, and usage that
 //! adds up across two nodes, one of them SIGKILLed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -134,8 +135,14 @@ async fn cli_keys_apply_to_a_running_server(s: &common::Server, store_args: Vec<
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(accepted < Duration::from_secs(2), "a new key took {accepted:?} to apply");
-    let r = send(s, reqwest::Method::POST, "/tci/execute", &key, execute("import os; print(os.environ['KILN_NETWORK'])", None))
-        .await;
+    let r = send(
+        s,
+        reqwest::Method::POST,
+        "/tci/execute",
+        &key,
+        execute("import os; print(os.environ['KILN_NETWORK'])", None),
+    )
+    .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(common::text_of(&r.body["data"], "stdout"), "none\n", "its typed policy applies");
 

@@ -38,7 +38,12 @@ impl Tally {
 
     /// One execution's resource use.
     pub fn usage(u: ExecutionUsage) -> Self {
-        Tally { seconds: u.seconds, cpu_seconds: u.cpu_seconds, peak_memory_bytes: u.peak_memory_bytes, ..Tally::default() }
+        Tally {
+            seconds: u.seconds,
+            cpu_seconds: u.cpu_seconds,
+            peak_memory_bytes: u.peak_memory_bytes,
+            ..Tally::default()
+        }
     }
 
     fn merge(&mut self, other: Tally) {
@@ -99,7 +104,13 @@ mod tests {
         let all = b.take();
         assert_eq!(
             all.get("s").copied(),
-            Some(Tally { executions: 2, last_execute_at: Some(t1), seconds: 3.0, cpu_seconds: 1.0, peak_memory_bytes: 9 })
+            Some(Tally {
+                executions: 2,
+                last_execute_at: Some(t1),
+                seconds: 3.0,
+                cpu_seconds: 1.0,
+                peak_memory_bytes: 9
+            })
         );
         assert_eq!(b.len(), 0);
     }

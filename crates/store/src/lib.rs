@@ -227,8 +227,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn keys_version(&self) -> Result<u64>;
     /// Add a key unless one with the same hash exists; returns the stored
     /// record (the existing one on a duplicate).
-    async fn add_key(&self, hash: [u8; 32], origin: KeyOrigin, label: &str, options: &KeyOptions)
-        -> Result<KeyRecord>;
+    async fn add_key(&self, hash: [u8; 32], origin: KeyOrigin, label: &str, options: &KeyOptions) -> Result<KeyRecord>;
     /// Revoke a key; false if there is no such key.
     async fn revoke_key(&self, id: &str) -> Result<bool>;
     /// Record a new session of this node.

@@ -19,8 +19,8 @@
 
 use crate::backlog::{Backlog, Tally};
 use crate::{
-    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin,
-    KeyRecord, OpenOptions, Result, SessionRecord, Store, StoreError, Usage,
+    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin, KeyRecord,
+    OpenOptions, Result, SessionRecord, Store, StoreError, Usage,
 };
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -155,8 +155,7 @@ impl PgStore {
         }
         // Notice a peer that vanished without closing the connection.
         cfg.keepalives(true).keepalives_idle(Duration::from_secs(10));
-        let manager =
-            Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(opts.pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -401,13 +400,7 @@ impl Store for PgStore {
         row.try_get::<_, i64>(0).map(to_u64).map_err(|e| StoreError::Query { what, detail: e.to_string() })
     }
 
-    async fn add_key(
-        &self,
-        hash: [u8; 32],
-        origin: KeyOrigin,
-        label: &str,
-        options: &KeyOptions,
-    ) -> Result<KeyRecord> {
+    async fn add_key(&self, hash: [u8; 32], origin: KeyOrigin, label: &str, options: &KeyOptions) -> Result<KeyRecord> {
         let what = "add key";
         let id = key_id(&hash);
         let max_sessions = options.max_sessions.map(to_i64);
@@ -422,7 +415,8 @@ impl Store for PgStore {
             &[&id, &hash_bytes, &origin.as_str(), &label, &max_sessions, &network, &options.admin],
         )
         .await?;
-        let rows = self.query(what, &format!("SELECT {KEY_COLS} FROM api_keys WHERE hash = $1"), &[&hash_bytes]).await?;
+        let rows =
+            self.query(what, &format!("SELECT {KEY_COLS} FROM api_keys WHERE hash = $1"), &[&hash_bytes]).await?;
         let row = rows.first().ok_or(StoreError::Query { what, detail: "the key vanished after its insert".into() })?;
         key_row(what, row)
     }
@@ -482,8 +476,12 @@ impl Store for PgStore {
     }
 
     async fn end_session(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
-        self.execute("end session", "UPDATE sessions SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL", &[&id, &at])
-            .await?;
+        self.execute(
+            "end session",
+            "UPDATE sessions SET ended_at = $2 WHERE id = $1 AND ended_at IS NULL",
+            &[&id, &at],
+        )
+        .await?;
         Ok(())
     }
 

@@ -8,8 +8,8 @@
 //! another process's write lock.
 
 use crate::{
-    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin,
-    KeyRecord, Result, SessionRecord, Store, StoreError, Usage,
+    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin, KeyRecord,
+    Result, SessionRecord, Store, StoreError, Usage,
 };
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -264,13 +264,7 @@ impl Store for SqliteStore {
             .map_err(q("keys version"))
     }
 
-    async fn add_key(
-        &self,
-        hash: [u8; 32],
-        origin: KeyOrigin,
-        label: &str,
-        options: &KeyOptions,
-    ) -> Result<KeyRecord> {
+    async fn add_key(&self, hash: [u8; 32], origin: KeyOrigin, label: &str, options: &KeyOptions) -> Result<KeyRecord> {
         let id = key_id(&hash);
         let now = Utc::now();
         let conn = self.conn();

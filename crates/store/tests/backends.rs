@@ -71,9 +71,9 @@ impl Backend for Postgres {
         Database::Postgres(self.pg.url())
     }
     fn sql(&self, sql: &str) -> Result<(), String> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pg.psql(sql))).map(drop).map_err(|e| {
-            e.downcast_ref::<String>().cloned().unwrap_or_else(|| "psql failed".into())
-        })
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pg.psql(sql)))
+            .map(drop)
+            .map_err(|e| e.downcast_ref::<String>().cloned().unwrap_or_else(|| "psql failed".into()))
     }
     fn sql_unchecked(&self, sql: &str) {
         self.pg.psql(&format!(
@@ -114,7 +114,9 @@ async fn every_network_policy_and_origin_round_trips_typed(b: &dyn Backend) {
     let s = b.open("n1").await;
     for (i, (origin, network)) in KeyOrigin::ALL
         .into_iter()
-        .flat_map(|o| [None, Some(NetworkPolicy::None), Some(NetworkPolicy::Pypi), Some(NetworkPolicy::Full)].map(|n| (o, n)))
+        .flat_map(|o| {
+            [None, Some(NetworkPolicy::None), Some(NetworkPolicy::Pypi), Some(NetworkPolicy::Full)].map(|n| (o, n))
+        })
         .enumerate()
     {
         // A label that looks like an origin is only a name.

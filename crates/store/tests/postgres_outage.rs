@@ -74,7 +74,7 @@ async fn a_database_that_does_not_answer_is_unavailable_within_the_time_limit() 
     assert!(took >= limit && took < limit + Duration::from_millis(500), "took {took:?} for a limit of {limit:?}");
     assert!(holder.join().unwrap().unwrap().success());
     // Once the lock is gone the same store works.
-    assert!(s.keys().await.unwrap().len() >= 1);
+    assert!(!s.keys().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
