@@ -147,6 +147,13 @@ impl PgStore {
     pub async fn connect(url: &str, opts: &OpenOptions) -> Result<Self> {
         let mut cfg: tokio_postgres::Config =
             url.parse().map_err(|e| StoreError::Config(format!("--database is not a valid PostgreSQL URL: {e}")))?;
+        if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(StoreError::Config(
+                "--database asks for sslmode=require, but kiln does not speak TLS to PostgreSQL yet: reach it over a \
+                 private network or a Unix socket (sslmode=disable or prefer)"
+                    .into(),
+            ));
+        }
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(opts.timeout);
         }

@@ -115,3 +115,12 @@ async fn executions_counted_while_the_database_is_down_are_written_when_it_is_ba
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(s.usage("k").await.unwrap().executions, 4);
 }
+
+#[tokio::test]
+async fn a_url_that_asks_for_tls_is_refused_with_a_clear_message() {
+    let url = "postgres://kiln@db.invalid/kiln?sslmode=require";
+    match kiln_store::open(&Database::Postgres(url.into()), &opts(Duration::from_secs(1))).await {
+        Err(StoreError::Config(msg)) => assert!(msg.contains("TLS") && msg.contains("sslmode"), "{msg}"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}
