@@ -183,7 +183,14 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<Vec<KeyE
     let key = kiln_server::generate_key();
     let path = s.data_dir.join("api-key");
     write_secret(&path, &key).with_context(|| format!("could not save the API key to {}", path.display()))?;
-    store.add_key(hash_key(&key), KeyOrigin::Generated, "generated", &KeyOptions { admin: true, ..KeyOptions::default() }).await?;
+    store
+        .add_key(
+            hash_key(&key),
+            KeyOrigin::Generated,
+            "generated",
+            &KeyOptions { admin: true, ..KeyOptions::default() },
+        )
+        .await?;
     let url = format!("http://{}", s.listen);
     println!(
         "Created an API key (saved in {path}, mode 0600; only its hash is in the database):\n\n    {key}\n\n\

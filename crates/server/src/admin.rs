@@ -16,7 +16,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::{Extension, Json};
 use kiln_protocol::{
-    ApiError, CreateKey, CreatedKey, Envelope, ErrorCode, ErrorEnvelope, KeyInfo, KeyList, NetworkPolicy, RevokedKey,
+    ApiError, CreateKey, CreatedKey, Envelope, ErrorCode, ErrorEnvelope, KeyInfo, KeyList, RevokedKey,
 };
 use kiln_sessions::{Caller, SessionError};
 use kiln_store::{KeyOptions, KeyOrigin, KeyRecord};
@@ -113,12 +113,13 @@ pub(crate) async fn create(State(state): State<AppState>, body: Body) -> Result<
             .into());
     }
     let key = generate_key();
-    let options = KeyOptions {
-        max_sessions: req.max_sessions,
-        network: req.network,
-        admin: req.admin,
-    };
-    let record = state.manager.store().add_key(hash_key(&key), KeyOrigin::Created, &label, &options).await.map_err(SessionError::from)?;
+    let options = KeyOptions { max_sessions: req.max_sessions, network: req.network, admin: req.admin };
+    let record = state
+        .manager
+        .store()
+        .add_key(hash_key(&key), KeyOrigin::Created, &label, &options)
+        .await
+        .map_err(SessionError::from)?;
     state.keys.insert(KeyEntry {
         id: record.id.clone(),
         hash: record.hash,

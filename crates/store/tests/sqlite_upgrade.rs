@@ -43,10 +43,8 @@ async fn a_database_from_the_previous_release_keeps_its_keys_with_typed_origins(
     }
     let s = SqliteStore::open(&path, "node-a").unwrap();
     let keys = s.keys().await.unwrap();
-    let seen: Vec<_> = keys
-        .iter()
-        .map(|k| (k.id.as_str(), k.origin, k.label.as_str(), k.options.network, k.options.admin))
-        .collect();
+    let seen: Vec<_> =
+        keys.iter().map(|k| (k.id.as_str(), k.origin, k.label.as_str(), k.options.network, k.options.admin)).collect();
     // The generated key was the operator's: it stays the admin.
     assert_eq!(
         seen,
