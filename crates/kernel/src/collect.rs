@@ -8,8 +8,9 @@
 //! endless `print` loop cannot grow the server's memory.
 
 use jupyter_protocol::{JupyterMessageContent, Stdio};
-use kiln_protocol::Output;
+use kiln_protocol::{ExecEvent, Output};
 use serde_json::{Map, Value};
+use tokio::sync::mpsc::UnboundedSender;
 
 /// Collects one execution's outputs.
 #[derive(Debug)]
@@ -20,11 +21,30 @@ pub(crate) struct Collector {
     truncated: bool,
     clear_pending: bool,
     pub(crate) saw_error: bool,
+    /// Where each output is also sent the moment it is taken in (a
+    /// streamed execution). Bounded by the output limit like the outputs.
+    events: Option<UnboundedSender<ExecEvent>>,
 }
 
 impl Collector {
-    pub(crate) fn new(limit: usize) -> Self {
-        Collector { outputs: Vec::new(), bytes: 0, limit, truncated: false, clear_pending: false, saw_error: false }
+    pub(crate) fn new(limit: usize, events: Option<UnboundedSender<ExecEvent>>) -> Self {
+        Collector {
+            outputs: Vec::new(),
+            bytes: 0,
+            limit,
+            truncated: false,
+            clear_pending: false,
+            saw_error: false,
+            events,
+        }
+    }
+
+    fn emit(&self, event: ExecEvent) {
+        if let Some(tx) = &self.events {
+            // A receiver gone is a client gone: the execution is being
+            // cancelled through its own path.
+            let _ = tx.send(event);
+        }
     }
 
     /// Take in one iopub message already known to belong to this execution.
@@ -46,6 +66,7 @@ impl Collector {
                 } else {
                     self.clear();
                 }
+                self.emit(ExecEvent::Clear { wait: c.wait });
                 return;
             }
             _ => return,
@@ -66,16 +87,19 @@ impl Collector {
             // Errors of kiln's own always get through; user output stops.
             if !self.truncated {
                 self.truncated = true;
-                self.outputs.push(Output::Stderr(format!(
+                let marker = Output::Stderr(format!(
                     "\n[kiln] output limit of {} bytes reached: the rest of this execution's output was discarded\n",
                     self.limit
-                )));
+                ));
+                self.emit(ExecEvent::Output(marker.clone()));
+                self.outputs.push(marker);
             }
             if !matches!(out, Output::Error(_)) {
                 return;
             }
         }
         self.bytes += size;
+        self.emit(ExecEvent::Output(out.clone()));
         match (self.outputs.last_mut(), out) {
             (Some(Output::Stdout(prev)), Output::Stdout(s)) if !self.truncated => prev.push_str(&s),
             (Some(Output::Stderr(prev)), Output::Stderr(s)) if !self.truncated => prev.push_str(&s),
@@ -129,7 +153,7 @@ mod tests {
 
     #[test]
     fn consecutive_chunks_of_a_stream_merge() {
-        let mut c = Collector::new(1 << 20);
+        let mut c = Collector::new(1 << 20, None);
         c.accept(&stdout("a\n"));
         c.accept(&stdout("b\n"));
         c.push(Output::Stderr("w\n".into()));
@@ -142,7 +166,7 @@ mod tests {
 
     #[test]
     fn tracebacks_lose_their_colours() {
-        let mut c = Collector::new(1 << 20);
+        let mut c = Collector::new(1 << 20, None);
         c.accept(&JupyterMessageContent::ErrorOutput(ErrorOutput {
             ename: "ZeroDivisionError".into(),
             evalue: "division by zero".into(),
@@ -157,7 +181,7 @@ mod tests {
 
     #[test]
     fn clear_output_with_wait_clears_at_the_next_output() {
-        let mut c = Collector::new(1 << 20);
+        let mut c = Collector::new(1 << 20, None);
         c.accept(&stdout("frame 1\n"));
         c.accept(&JupyterMessageContent::ClearOutput(ClearOutput { wait: true }));
         c.accept(&stdout("frame 2\n"));
@@ -165,8 +189,31 @@ mod tests {
     }
 
     #[test]
+    fn a_streamed_execution_sends_each_output_as_it_is_taken_in() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut c = Collector::new(12, Some(tx));
+        c.accept(&stdout("a\n"));
+        c.accept(&JupyterMessageContent::ClearOutput(ClearOutput { wait: true }));
+        c.accept(&stdout("b\n"));
+        c.accept(&stdout("0123456789"));
+        c.push(Output::Error("TimeoutError".into()));
+        let mut events = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        assert_eq!(events[0], ExecEvent::Output(Output::Stdout("a\n".into())));
+        assert_eq!(events[1], ExecEvent::Clear { wait: true });
+        assert_eq!(events[2], ExecEvent::Output(Output::Stdout("b\n".into())));
+        assert!(matches!(&events[3], ExecEvent::Output(Output::Stderr(m)) if m.contains("output limit")));
+        assert_eq!(events[4], ExecEvent::Output(Output::Error("TimeoutError".into())));
+        assert_eq!(events.len(), 5, "nothing past the limit is streamed");
+        // The final outputs are what the events add up to.
+        assert_eq!(c.finish().len(), 3);
+    }
+
+    #[test]
     fn output_past_the_limit_is_dropped_with_one_marker() {
-        let mut c = Collector::new(10);
+        let mut c = Collector::new(10, None);
         for _ in 0..100 {
             c.accept(&stdout("123456"));
         }

@@ -5,10 +5,11 @@ use crate::collect::Collector;
 use crate::Kernel;
 use jupyter_protocol::{ExecuteRequest, ExecutionState, JupyterMessageContent};
 use jupyter_zmq_client::JupyterMessage;
-use kiln_protocol::Output;
+use kiln_protocol::{ExecEvent, Output};
 use kiln_sandbox::Exit;
 use std::future::Future;
 use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::{sleep_until, Instant};
 
 /// Limits of one execution.
@@ -75,9 +76,16 @@ enum Why {
 
 impl Kernel {
     /// Run `code` as one cell. `cancelled` resolves when the requester no
-    /// longer wants the answer (its connection closed).
-    pub async fn execute(&mut self, code: &str, limits: &ExecLimits, cancelled: impl Future<Output = ()>) -> Execution {
-        let mut out = Collector::new(limits.max_output_bytes);
+    /// longer wants the answer (its connection closed). With `events`, each
+    /// output is also sent there the moment it arrives.
+    pub async fn execute(
+        &mut self,
+        code: &str,
+        limits: &ExecLimits,
+        cancelled: impl Future<Output = ()>,
+        events: Option<UnboundedSender<ExecEvent>>,
+    ) -> Execution {
+        let mut out = Collector::new(limits.max_output_bytes, events);
         let request: JupyterMessage = ExecuteRequest {
             code: code.to_string(),
             silent: false,

@@ -106,8 +106,15 @@ impl Backend {
                 let who = caller(ctx)?;
                 let files = decode_files(&files)?;
                 let timeout = kiln_protocol::timeout_from_seconds(timeout)?;
-                let exec =
-                    Exec { session_id, code, files, timeout, network: who.network, max_sessions: who.max_sessions };
+                let exec = Exec {
+                    session_id,
+                    code,
+                    files,
+                    timeout,
+                    network: who.network,
+                    max_sessions: who.max_sessions,
+                    events: None,
+                };
                 m.execute(&who.key_id, exec).await.map_err(api)
             }
             Backend::Remote(r) => {

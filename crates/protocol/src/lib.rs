@@ -53,6 +53,10 @@ pub struct ExecuteRequest {
     /// Per-request time limit in seconds (kiln extension; capped by the server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<f64>,
+    /// Stream the outputs as Server-Sent Events while the code runs (kiln
+    /// extension; also chosen by `Accept: text/event-stream`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
 }
 
 /// One thing the kernel showed, in the order it showed it.
@@ -77,6 +81,17 @@ pub enum Output {
 }
 
 impl Output {
+    /// The output's `type` on the wire.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Output::Stdout(_) => "stdout",
+            Output::Stderr(_) => "stderr",
+            Output::Error(_) => "error",
+            Output::DisplayData(_) => "display_data",
+            Output::ExecuteResult(_) => "execute_result",
+        }
+    }
+
     /// Bytes this output adds to a response, for output limits.
     pub fn size_hint(&self) -> usize {
         match self {
@@ -84,6 +99,62 @@ impl Output {
             Output::DisplayData(m) | Output::ExecuteResult(m) => {
                 m.iter().map(|(k, v)| k.len() + v.as_str().map_or_else(|| v.to_string().len(), str::len)).sum()
             }
+        }
+    }
+}
+
+/// One event of a streamed execution (`"stream": true`), in the order the
+/// kernel produced them. Served as Server-Sent Events: `event:` is
+/// [`ExecEvent::name`], `data:` its JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecEvent {
+    /// The session the execution runs in (first, before any output).
+    Session {
+        /// Pass it back to reuse the session.
+        session_id: String,
+    },
+    /// An output, as it will appear in the final `outputs` (a stream may
+    /// arrive in several chunks, which the final answer merges).
+    Output(Output),
+    /// The cell cleared what it showed so far (`clear_output`); with
+    /// `wait`, at its next output.
+    Clear {
+        /// Clear when the next output arrives rather than now.
+        wait: bool,
+    },
+}
+
+impl ExecEvent {
+    /// The SSE event name: `session`, the output's type, or `clear_output`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExecEvent::Session { .. } => "session",
+            ExecEvent::Output(o) => o.type_name(),
+            ExecEvent::Clear { .. } => "clear_output",
+        }
+    }
+
+    /// The event an SSE `event:` name and `data:` JSON stand for; `None`
+    /// for names that are not execution events (`done`, `failed`) or data
+    /// that does not fit the name.
+    pub fn from_sse(name: &str, data: &str) -> Option<ExecEvent> {
+        let v: Value = serde_json::from_str(data).ok()?;
+        match name {
+            "session" => Some(ExecEvent::Session { session_id: v["session_id"].as_str()?.to_string() }),
+            "clear_output" => Some(ExecEvent::Clear { wait: v["wait"].as_bool().unwrap_or(false) }),
+            _ => {
+                let o: Output = serde_json::from_value(v).ok()?;
+                (o.type_name() == name).then_some(ExecEvent::Output(o))
+            }
+        }
+    }
+
+    /// The SSE event's data.
+    pub fn data(&self) -> Value {
+        match self {
+            ExecEvent::Session { session_id } => serde_json::json!({ "session_id": session_id }),
+            ExecEvent::Output(o) => serde_json::to_value(o).unwrap_or(Value::Null),
+            ExecEvent::Clear { wait } => serde_json::json!({ "wait": wait }),
         }
     }
 }
@@ -250,6 +321,31 @@ mod tests {
                 {"type": "error", "data": "Traceback"},
             ])
         );
+    }
+
+    #[test]
+    fn every_output_s_event_name_is_its_wire_type() {
+        for o in [
+            Output::Stdout("a".into()),
+            Output::Stderr("b".into()),
+            Output::Error("c".into()),
+            Output::DisplayData(Map::new()),
+            Output::ExecuteResult(Map::new()),
+        ] {
+            let event = ExecEvent::Output(o.clone());
+            assert_eq!(json!(event.name()), serde_json::to_value(&o).unwrap_or_default()["type"]);
+            assert_eq!(event.data(), serde_json::to_value(&o).unwrap_or_default());
+        }
+        assert_eq!(ExecEvent::Session { session_id: "ses_x".into() }.data(), json!({"session_id": "ses_x"}));
+        for e in [
+            ExecEvent::Session { session_id: "ses_x".into() },
+            ExecEvent::Clear { wait: true },
+            ExecEvent::Output(Output::Stderr("w".into())),
+        ] {
+            assert_eq!(ExecEvent::from_sse(e.name(), &e.data().to_string()), Some(e));
+        }
+        assert_eq!(ExecEvent::from_sse("stdout", r#"{"type": "stderr", "data": "x"}"#), None);
+        assert_eq!(ExecEvent::from_sse("done", "{}"), None);
     }
 
     #[test]

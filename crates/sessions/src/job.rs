@@ -10,8 +10,8 @@
 
 use crate::SessionError;
 use kiln_kernel::{End, ExecLimits};
-use kiln_protocol::{ExecuteData, ExecuteStatus, Output, ValidFile};
-use tokio::sync::oneshot;
+use kiln_protocol::{ExecEvent, ExecuteData, ExecuteStatus, Output, ValidFile};
+use tokio::sync::{mpsc, oneshot};
 
 /// One queued execute request.
 #[derive(Debug)]
@@ -24,6 +24,8 @@ pub(crate) struct Job {
     pub(crate) limits: ExecLimits,
     /// Where the answer goes; closed when the caller has gone away.
     pub(crate) reply: oneshot::Sender<Result<ExecuteData, SessionError>>,
+    /// Where each output also goes as it happens, for a streamed execution.
+    pub(crate) events: Option<mpsc::UnboundedSender<ExecEvent>>,
 }
 
 /// How an execution ended, as the user's code is concerned.

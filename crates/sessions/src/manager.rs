@@ -11,7 +11,7 @@ use crate::worker::Worker;
 use crate::{Config, NetworkPolicy, Readiness, SessionError};
 use chrono::Utc;
 use kiln_kernel::ExecLimits;
-use kiln_protocol::{ExecuteData, SessionInfo, ValidFile};
+use kiln_protocol::{ExecEvent, ExecuteData, SessionInfo, ValidFile};
 use kiln_runtime::Runtime;
 use kiln_store::{SessionRecord, Store};
 use rand::distr::{Alphanumeric, SampleString};
@@ -55,6 +55,9 @@ pub struct Exec {
     pub network: Option<NetworkPolicy>,
     /// The caller's own live-session limit, when it has one.
     pub max_sessions: Option<u64>,
+    /// Stream the execution here as it runs: the session first, then each
+    /// output as the kernel produces it (see [`ExecEvent`]).
+    pub events: Option<mpsc::UnboundedSender<ExecEvent>>,
 }
 
 impl Manager {
@@ -153,20 +156,21 @@ impl Manager {
         let limits =
             ExecLimits { timeout, interrupt_grace: cfg.interrupt_grace, max_output_bytes: cfg.max_output_bytes };
         let (reply, answer) = oneshot::channel();
-        let job = Job { code: req.code, files: req.files, limits, reply };
-        let id = match req.session_id {
+        let (id, jobs) = match req.session_id {
             Some(id) => {
                 let (_, jobs) = self.lookup(key_id, &id).await?;
-                jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
-                id
+                (id, jobs)
             }
             None => {
                 let network = req.network.unwrap_or(self.inner.kernels.default_network());
-                let (id, jobs) = self.create(key_id, network, req.max_sessions).await?;
-                jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
-                id
+                self.create(key_id, network, req.max_sessions).await?
             }
         };
+        if let Some(events) = &req.events {
+            let _ = events.send(ExecEvent::Session { session_id: id.clone() });
+        }
+        let job = Job { code: req.code, files: req.files, limits, reply, events: req.events };
+        jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
         answer.await.map_err(|_| SessionError::Expired(id))?
     }
 

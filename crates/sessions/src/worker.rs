@@ -13,7 +13,7 @@ use crate::registry::Registry;
 use crate::{write_files, NetworkPolicy, Readiness, SessionError};
 use chrono::Utc;
 use kiln_kernel::Kernel;
-use kiln_protocol::ExecuteData;
+use kiln_protocol::{ExecEvent, ExecuteData};
 use kiln_store::Store;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
@@ -70,7 +70,7 @@ impl Worker {
         stop: &mut watch::Receiver<bool>,
         cpu_seen: &mut f64,
     ) -> After {
-        let Job { code, files, limits, mut reply } = job;
+        let Job { code, files, limits, mut reply, events } = job;
         if reply.is_closed() {
             return After::Next;
         }
@@ -101,7 +101,7 @@ impl Worker {
                     _ = async { let _ = stopping.wait_for(|s| *s).await; } => {}
                 }
             };
-            kernel.execute(&code, &limits, cancelled).await
+            kernel.execute(&code, &limits, cancelled, events.clone()).await
         };
         if *stop.borrow() {
             let _ = reply.send(Err(self.ended()));
@@ -123,6 +123,7 @@ impl Worker {
             tracing::warn!(session = %self.id, error = %e, "could not record usage");
         }
         let mut outputs = exec.outputs;
+        let first_own = outputs.len();
         outputs.extend(verdict.note);
         let mut after = After::Next;
         if let Some(reason) = verdict.restart {
@@ -142,6 +143,12 @@ impl Worker {
                 }
             };
             outputs.push(restarted(&reason, replaced));
+        }
+        // kiln's own messages reach a streaming caller too.
+        if let Some(events) = &events {
+            for o in &outputs[first_own..] {
+                let _ = events.send(ExecEvent::Output(o.clone()));
+            }
         }
         let _ = reply.send(Ok(ExecuteData { session_id: self.id.clone(), status: verdict.status, outputs }));
         after
