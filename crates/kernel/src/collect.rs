@@ -112,6 +112,10 @@ impl Collector {
         self.bytes = 0;
         self.clear_pending = false;
         self.saw_error = false;
+        // What is cleared no longer counts: output may fill the limit anew
+        // (the kernel counts the same way), and a second overflow gets its
+        // own marker.
+        self.truncated = false;
     }
 
     pub(crate) fn truncated(&self) -> bool {
@@ -189,9 +193,25 @@ mod tests {
     }
 
     #[test]
+    fn output_after_a_clear_counts_afresh_and_overflows_with_its_own_marker() {
+        let mut c = Collector::new(10, None);
+        for _ in 0..3 {
+            c.accept(&stdout("123456"));
+        }
+        c.accept(&JupyterMessageContent::ClearOutput(ClearOutput { wait: false }));
+        for _ in 0..3 {
+            c.accept(&stdout("abcdef"));
+        }
+        let outs = c.finish();
+        assert_eq!(outs[0], Output::Stdout("abcdef".into()));
+        assert!(matches!(&outs[1], Output::Stderr(m) if m.contains("output limit")));
+        assert_eq!(outs.len(), 2);
+    }
+
+    #[test]
     fn a_streamed_execution_sends_each_output_as_it_is_taken_in() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut c = Collector::new(12, Some(tx));
+        let mut c = Collector::new(11, Some(tx));
         c.accept(&stdout("a\n"));
         c.accept(&JupyterMessageContent::ClearOutput(ClearOutput { wait: true }));
         c.accept(&stdout("b\n"));

@@ -61,7 +61,7 @@ fn an_interrupted_build_is_never_used_and_the_next_one_completes() {
     assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
     assert_eq!(out.stdout, other.stdout, "both builds must report the same runtime");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let root = stdout.trim().strip_prefix("runtime ready: ").unwrap().to_string();
+    let root = stdout.lines().find_map(|l| l.strip_prefix("runtime ready: ")).unwrap().to_string();
     assert!(std::path::Path::new(&root).join("kiln-runtime.json").is_file());
     let imports = Command::new(std::path::Path::new(&root).join("bin/python"))
         .args(["-c", "import ipykernel, matplotlib, numpy, pandas; print('ok')"])
