@@ -48,6 +48,17 @@ async def exercise(s: ClientSession):
     r = await s.call_tool("run_code", {"code": "print(x)", "session_id": sid})
     check("state persists in the session", texts(r).startswith("40"), texts(r))
 
+    progress = []
+
+    async def on_progress(done, total, message):
+        progress.append((done, message))
+
+    code = "import time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')"
+    r = await s.call_tool("run_code", {"code": code, "session_id": sid}, progress_callback=on_progress)
+    messages = "".join(m or "" for _, m in progress)
+    check("run_code reports outputs as progress while it runs", "first" in messages and "second" in messages, progress)
+    check("progress counts up", [d for d, _ in progress] == sorted(d for d, _ in progress), progress)
+
     plot = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]);"
     r = await s.call_tool("run_code", {"code": plot, "session_id": sid})
     images = [c for c in r.content if c.type == "image"]

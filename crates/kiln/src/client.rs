@@ -5,7 +5,8 @@ use crate::table::print_table;
 use anyhow::Context;
 use base64::Engine as _;
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use kiln_client::{Client, ClientError};
+use kiln_protocol::{ExecEvent, ExecuteRequest, ExecuteStatus, FileUpload, Output};
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
@@ -33,22 +34,17 @@ impl Endpoint {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.url.trim_end_matches('/'));
-        let mut req = reqwest::Client::new().request(method, &url).bearer_auth(self.key()?);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp =
-            req.send().await.with_context(|| format!("could not reach kiln at {url}; is it running? (--url)"))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.with_context(|| format!("{url} answered {status} without JSON"))?;
-        if !status.is_success() {
-            let msg = v["errors"][0]["message"].as_str().unwrap_or("request failed");
-            let code = v["errors"][0]["code"].as_str().unwrap_or("error");
-            anyhow::bail!("{code} ({status}): {msg}");
-        }
-        Ok(v["data"].clone())
+    fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(&self.url, &self.key()?))
+    }
+}
+
+/// A client failure for a person at a terminal.
+fn explain(e: ClientError, url: &str) -> anyhow::Error {
+    match e {
+        ClientError::Api(api) => anyhow::anyhow!("{}: {}", api.code, api.message),
+        ClientError::Unreachable { .. } => anyhow::anyhow!("{e}; is kiln running there? (--url {url})"),
+        other => anyhow::anyhow!(other),
     }
 }
 
@@ -76,8 +72,8 @@ pub struct ExecArgs {
     endpoint: Endpoint,
 }
 
-/// Run code; print outputs like a terminal notebook. Returns the exit code:
-/// 0 when the code ran cleanly, 1 when it raised.
+/// Run code; print outputs like a terminal notebook as they arrive.
+/// Returns the exit code: 0 when the code ran cleanly, 1 when it raised.
 pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
     let code = if args.code == "-" {
         let mut s = String::new();
@@ -91,57 +87,80 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
         let (name, path) = spec.split_once('=').context("--file takes NAME=PATH, e.g. --file data.csv=./data.csv")?;
         let bytes = std::fs::read(path).with_context(|| format!("could not read {path}"))?;
         let content = base64::engine::general_purpose::STANDARD.encode(bytes);
-        files.push(json!({"name": name, "encoding": "base64", "content": content}));
+        files.push(FileUpload { name: name.to_string(), encoding: "base64".into(), content });
     }
-    let mut body = json!({"language": "python", "code": code});
-    if let Some(s) = &args.session {
-        body["session_id"] = json!(s);
-    }
-    if !files.is_empty() {
-        body["files"] = json!(files);
-    }
-    if let Some(t) = args.timeout {
-        body["timeout"] = json!(t);
-    }
-    let data = args.endpoint.call(reqwest::Method::POST, "/v1/tci/execute", Some(body)).await?;
-    if args.json {
+    let req = ExecuteRequest {
+        code,
+        language: Some("python".into()),
+        session_id: args.session.clone(),
+        files: (!files.is_empty()).then_some(files),
+        timeout: args.timeout,
+        stream: None,
+    };
+    let client = args.endpoint.client()?;
+    let data = if args.json {
+        let data = client.execute(&req).await.map_err(|e| explain(e, &args.endpoint.url))?;
         println!("{}", serde_json::to_string_pretty(&data)?);
+        data
     } else {
-        show(&data, &args.out_dir)?;
-    }
-    let session = data["session_id"].as_str().unwrap_or_default();
+        // Printed as the kernel produces it; the final answer repeats it.
+        let mut shown = Shown { out_dir: args.out_dir.clone(), session: String::new(), images: 0, failed: None };
+        let data = client
+            .execute_streamed(&req, |event| match event {
+                ExecEvent::Session { session_id } => shown.session = session_id,
+                ExecEvent::Output(o) => {
+                    if let Err(e) = shown.show(&o) {
+                        shown.failed.get_or_insert(e);
+                    }
+                }
+                ExecEvent::Clear { .. } => {}
+            })
+            .await
+            .map_err(|e| explain(e, &args.endpoint.url))?;
+        if let Some(e) = shown.failed {
+            return Err(e);
+        }
+        data
+    };
+    let session = &data.session_id;
     if std::io::stderr().is_terminal() {
         eprintln!("\u{1b}[2msession {session} (reuse with --session {session})\u{1b}[0m");
     } else if !args.json {
         eprintln!("session {session}");
     }
-    Ok(if data["status"] == "error" { 1 } else { 0 })
+    Ok(if data.status == ExecuteStatus::Error { 1 } else { 0 })
 }
 
-fn show(data: &Value, out_dir: &std::path::Path) -> anyhow::Result<()> {
-    let mut out = std::io::stdout();
-    let mut n = 0;
-    for o in data["outputs"].as_array().into_iter().flatten() {
-        let d = &o["data"];
-        match o["type"].as_str().unwrap_or_default() {
-            "stdout" => write!(out, "{}", d.as_str().unwrap_or_default())?,
-            "stderr" | "error" => {
+/// Prints outputs as they arrive, saving images beside.
+struct Shown {
+    out_dir: PathBuf,
+    session: String,
+    images: usize,
+    failed: Option<anyhow::Error>,
+}
+
+impl Shown {
+    fn show(&mut self, o: &Output) -> anyhow::Result<()> {
+        let mut out = std::io::stdout();
+        match o {
+            Output::Stdout(s) => write!(out, "{s}")?,
+            Output::Stderr(s) => {
                 out.flush()?;
-                eprint!("{}", d.as_str().unwrap_or_default());
-                if o["type"] == "error" {
-                    eprintln!();
-                }
+                eprint!("{s}");
             }
-            _ => {
+            Output::Error(s) => {
+                out.flush()?;
+                eprintln!("{s}");
+            }
+            Output::DisplayData(d) | Output::ExecuteResult(d) => {
                 let image =
                     [("image/png", "png"), ("image/jpeg", "jpg"), ("image/gif", "gif"), ("image/svg+xml", "svg")]
                         .into_iter()
-                        .find(|(mime, _)| d[*mime].is_string());
-                if let Some((mime, ext)) = image {
-                    n += 1;
-                    let sid = data["session_id"].as_str().unwrap_or("session");
-                    let path = out_dir.join(format!("{sid}-{n}.{ext}"));
-                    let text = d[mime].as_str().unwrap_or_default();
+                        .find_map(|(mime, ext)| d.get(mime).and_then(|v| v.as_str()).map(|t| (mime, ext, t)));
+                if let Some((mime, ext, text)) = image {
+                    self.images += 1;
+                    let name = if self.session.is_empty() { "session" } else { &self.session };
+                    let path = self.out_dir.join(format!("{name}-{}.{ext}", self.images));
                     let bytes = if ext == "svg" {
                         text.as_bytes().to_vec()
                     } else {
@@ -149,14 +168,14 @@ fn show(data: &Value, out_dir: &std::path::Path) -> anyhow::Result<()> {
                     };
                     std::fs::write(&path, bytes).with_context(|| format!("could not save {}", path.display()))?;
                     writeln!(out, "[{mime} saved to {}]", path.display())?;
-                } else if let Some(t) = d["text/plain"].as_str() {
+                } else if let Some(t) = d.get("text/plain").and_then(|v| v.as_str()) {
                     writeln!(out, "{t}")?;
                 }
             }
         }
+        out.flush()?;
+        Ok(())
     }
-    out.flush()?;
-    Ok(())
 }
 
 /// `kiln sessions ...`
@@ -183,33 +202,32 @@ pub enum SessionsCommand {
 pub async fn sessions(cmd: SessionsCommand) -> anyhow::Result<()> {
     match cmd {
         SessionsCommand::Ls { json, endpoint } => {
-            let data = endpoint.call(reqwest::Method::GET, "/v1/tci/sessions", None).await?;
+            let sessions = endpoint.client()?.sessions().await.map_err(|e| explain(e, &endpoint.url))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&data["sessions"])?);
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
                 return Ok(());
             }
-            let rows = data["sessions"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let t = |v: Option<chrono::DateTime<chrono::Utc>>| {
+                v.map_or_else(|| "-".to_string(), |v| v.format("%Y-%m-%d %H:%M:%S").to_string())
+            };
+            let rows = sessions
+                .iter()
                 .map(|s| {
-                    let t = |f: &str| {
-                        s[f].as_str().map(|v| v.get(..19).unwrap_or(v).replace('T', " ")).unwrap_or("-".into())
-                    };
                     vec![
-                        s["id"].as_str().unwrap_or_default().to_string(),
-                        t("started_at"),
-                        s["execute_count"].to_string(),
-                        t("last_execute_at"),
-                        t("expires_at"),
+                        s.id.clone(),
+                        t(Some(s.started_at)),
+                        s.execute_count.to_string(),
+                        t(s.last_execute_at),
+                        t(Some(s.expires_at)),
                     ]
                 })
                 .collect();
             print_table(&["ID", "STARTED", "EXECUTIONS", "LAST EXECUTE", "EXPIRES"], rows);
         }
         SessionsCommand::Rm { ids, endpoint } => {
+            let client = endpoint.client()?;
             for id in ids {
-                endpoint.call(reqwest::Method::DELETE, &format!("/v1/tci/sessions/{id}"), None).await?;
+                client.end(&id).await.map_err(|e| explain(e, &endpoint.url))?;
                 eprintln!("ended {id}");
             }
         }

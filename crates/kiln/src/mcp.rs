@@ -29,7 +29,7 @@ pub struct McpArgs {
 pub async fn run(args: McpArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.url {
         let key = args.api_key.clone().context("--url needs an API key: pass --api-key or set KILN_API_KEY")?;
-        let backend = kiln_mcp::Backend::Remote(kiln_mcp::Remote::new(url, key.split(',').next().unwrap_or_default()));
+        let backend = kiln_mcp::Backend::Remote(kiln_mcp::Client::new(url, key.split(',').next().unwrap_or_default()));
         return kiln_mcp::serve_stdio(backend).await.map_err(anyhow::Error::msg);
     }
     // The embedded kiln: our own binary, its output away from stdout.
@@ -54,7 +54,7 @@ pub async fn run(args: McpArgs) -> anyhow::Result<()> {
     .await?
     .context("the embedded kiln stopped before it was ready (its log is above)")?;
     tracing::info!(%url, "embedded kiln ready");
-    let served = kiln_mcp::serve_stdio(kiln_mcp::Backend::Remote(kiln_mcp::Remote::new(&url, &key))).await;
+    let served = kiln_mcp::serve_stdio(kiln_mcp::Backend::Remote(kiln_mcp::Client::new(&url, &key))).await;
     // End the embedded server cleanly (SIGTERM: its sessions are torn down).
     if let Ok(pid) = i32::try_from(child.id()) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);

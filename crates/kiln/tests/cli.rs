@@ -166,3 +166,31 @@ async fn usage_is_accounted_per_key_and_survives_a_restart() {
     assert_eq!(all[0]["sessions_started"], 2);
     assert_eq!(all[0]["executions"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_prints_outputs_as_they_arrive() {
+    let s = start(&[]);
+    let (url, data) = (s.url.clone(), s.data.path().to_path_buf());
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["exec", "import time\nprint('first')\ntime.sleep(2)\nprint('second')"])
+            .env("KILN_URL", url)
+            .env("KILN_API_KEY", KEY)
+            .env("KILN_DATA_DIR", data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let lines: Vec<(String, std::time::Instant)> =
+            out.lines().map(|l| (l.unwrap(), std::time::Instant::now())).collect();
+        assert!(child.wait().unwrap().success());
+        lines
+    })
+    .await
+    .unwrap();
+    assert_eq!(lines.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(), ["first", "second"]);
+    let gap = lines[1].1.duration_since(lines[0].1);
+    assert!(gap >= std::time::Duration::from_secs(1), "'first' was printed only with 'second' ({gap:?} apart)");
+}

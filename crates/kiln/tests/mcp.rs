@@ -25,7 +25,7 @@ fn run(mode: &str, url: &str, envs: &[(&str, &str)]) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "mcp {mode}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.lines().last().unwrap_or_default().starts_with("16 passed, 0 failed"), "{stdout}");
+    assert!(stdout.lines().last().unwrap_or_default().starts_with("18 passed, 0 failed"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

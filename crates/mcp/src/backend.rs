@@ -6,12 +6,14 @@
 //! a remote server's as it reported it. So an MCP client sees the same
 //! stable codes and messages as an HTTP client, and never kiln's internals.
 
-use kiln_protocol::{decode_files, session_path, ApiError, ErrorCode, ExecuteData, FileUpload, SessionInfo};
-use kiln_sessions::SessionError;
-use kiln_sessions::{Caller, Exec, Manager};
+use kiln_client::Client;
+use kiln_protocol::{
+    decode_files, session_path, ApiError, ErrorCode, ExecEvent, ExecuteData, ExecuteRequest, FileUpload, SessionInfo,
+};
+use kiln_sessions::{Caller, Exec, Manager, SessionError};
 use rmcp::service::RequestContext;
 use rmcp::RoleServer;
-use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedSender;
 
 /// How the tools reach sessions.
 #[derive(Debug, Clone)]
@@ -20,54 +22,7 @@ pub enum Backend {
     /// request (put in the request's extensions by the auth middleware).
     Local(Manager),
     /// A kiln server over HTTP.
-    Remote(Remote),
-}
-
-/// A kiln server's HTTP API.
-#[derive(Debug, Clone)]
-pub struct Remote {
-    url: String,
-    key: String,
-    http: reqwest::Client,
-}
-
-impl Remote {
-    /// The server at `url` (no trailing path), with `key`.
-    pub fn new(url: &str, key: &str) -> Self {
-        Remote { url: url.trim_end_matches('/').to_string(), key: key.to_string(), http: reqwest::Client::new() }
-    }
-
-    fn unreachable(&self, e: reqwest::Error) -> ApiError {
-        ApiError::new(ErrorCode::InternalError, format!("kiln is unreachable at {}: {e}", self.url))
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
-        let resp = req.bearer_auth(&self.key).send().await.map_err(|e| self.unreachable(e))?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or_default();
-        let code = serde_json::from_value(v["errors"][0]["code"].clone()).unwrap_or(ErrorCode::InternalError);
-        let message =
-            v["errors"][0]["message"].as_str().map_or_else(|| format!("kiln answered {status}"), str::to_string);
-        Err(ApiError::new(code, message))
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, ApiError> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let v: Value = self.send(req).await?.json().await.map_err(|e| self.unreachable(e))?;
-        Ok(v["data"].clone())
-    }
-
-    async fn download(&self, id: &str, path: &str) -> Result<Vec<u8>, ApiError> {
-        let url = format!("{}/v1/tci/sessions/{id}/files/{}", self.url, path.trim_start_matches('/'));
-        let resp = self.send(self.http.get(url)).await?;
-        resp.bytes().await.map(|b| b.to_vec()).map_err(|e| self.unreachable(e))
-    }
+    Remote(Client),
 }
 
 /// A session failure as the API shows it, logged with its detail when it is
@@ -80,8 +35,8 @@ fn api(e: SessionError) -> ApiError {
     shown
 }
 
-fn unexpected(what: &str, e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorCode::InternalError, format!("kiln answered {what} in an unexpected shape: {e}"))
+fn remote(e: kiln_client::ClientError) -> ApiError {
+    e.to_api()
 }
 
 fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ApiError> {
@@ -93,6 +48,8 @@ fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ApiError> {
 }
 
 impl Backend {
+    /// Run code; with `events`, each output is also sent there as the
+    /// kernel produces it.
     pub(crate) async fn execute(
         &self,
         ctx: &RequestContext<RoleServer>,
@@ -100,6 +57,7 @@ impl Backend {
         session_id: Option<String>,
         files: Vec<FileUpload>,
         timeout: Option<f64>,
+        events: Option<UnboundedSender<ExecEvent>>,
     ) -> Result<ExecuteData, ApiError> {
         match self {
             Backend::Local(m) => {
@@ -113,20 +71,28 @@ impl Backend {
                     timeout,
                     network: who.network,
                     max_sessions: who.max_sessions,
-                    events: None,
+                    events,
                 };
                 m.execute(&who.key_id, exec).await.map_err(api)
             }
-            Backend::Remote(r) => {
-                let mut body = json!({"language": "python", "code": code, "files": files});
-                if let Some(s) = session_id {
-                    body["session_id"] = json!(s);
+            Backend::Remote(c) => {
+                let req = ExecuteRequest {
+                    code,
+                    language: Some("python".into()),
+                    session_id,
+                    files: Some(files),
+                    timeout,
+                    stream: None,
+                };
+                match events {
+                    Some(tx) => c
+                        .execute_streamed(&req, |e| {
+                            let _ = tx.send(e);
+                        })
+                        .await
+                        .map_err(remote),
+                    None => c.execute(&req).await.map_err(remote),
                 }
-                if let Some(t) = timeout {
-                    body["timeout"] = json!(t);
-                }
-                let data = r.call(reqwest::Method::POST, "/v1/tci/execute", Some(body)).await?;
-                serde_json::from_value(data).map_err(|e| unexpected("an execution", e))
             }
         }
     }
@@ -134,10 +100,7 @@ impl Backend {
     pub(crate) async fn list(&self, ctx: &RequestContext<RoleServer>) -> Result<Vec<SessionInfo>, ApiError> {
         match self {
             Backend::Local(m) => m.list(&caller(ctx)?.key_id).await.map_err(api),
-            Backend::Remote(r) => {
-                let data = r.call(reqwest::Method::GET, "/v1/tci/sessions", None).await?;
-                serde_json::from_value(data["sessions"].clone()).map_err(|e| unexpected("the session list", e))
-            }
+            Backend::Remote(c) => c.sessions().await.map_err(remote),
         }
     }
 
@@ -152,11 +115,7 @@ impl Backend {
                 let files = decode_files(&files)?;
                 m.upload(&caller(ctx)?.key_id, id, files).await.map_err(api)
             }
-            Backend::Remote(r) => {
-                r.call(reqwest::Method::POST, &format!("/v1/tci/sessions/{id}/files"), Some(json!({"files": files})))
-                    .await?;
-                Ok(())
-            }
+            Backend::Remote(c) => c.upload(id, &files).await.map_err(remote),
         }
     }
 
@@ -166,25 +125,18 @@ impl Backend {
         id: &str,
         path: &str,
     ) -> Result<Vec<u8>, ApiError> {
+        // Checked here for both: a URL would resolve `..` before kiln saw it.
+        let components = session_path(path)?;
         match self {
-            Backend::Local(m) => {
-                let components = session_path(path)?;
-                m.read_file(&caller(ctx)?.key_id, id, components, 100 << 20).await.map_err(api)
-            }
-            Backend::Remote(r) => {
-                // Checked here too: a URL would resolve `..` before kiln saw it.
-                session_path(path)?;
-                r.download(id, path).await
-            }
+            Backend::Local(m) => m.read_file(&caller(ctx)?.key_id, id, components, 100 << 20).await.map_err(api),
+            Backend::Remote(c) => c.download(id, path).await.map_err(remote),
         }
     }
 
     pub(crate) async fn end(&self, ctx: &RequestContext<RoleServer>, id: &str) -> Result<(), ApiError> {
         match self {
             Backend::Local(m) => m.end(&caller(ctx)?.key_id, id).await.map_err(api),
-            Backend::Remote(r) => {
-                r.call(reqwest::Method::DELETE, &format!("/v1/tci/sessions/{id}"), None).await.map(|_| ())
-            }
+            Backend::Remote(c) => c.end(id).await.map_err(remote),
         }
     }
 }

@@ -14,7 +14,8 @@
 
 mod backend;
 
-pub use backend::{Backend, Remote};
+pub use backend::Backend;
+pub use kiln_client::Client;
 
 use base64::Engine as _;
 use kiln_protocol::{ExecuteData, FileUpload, Output};
@@ -124,7 +125,27 @@ impl KilnMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let files = uploads(args.files);
-        match self.backend.execute(&ctx, args.code, args.session_id, files, args.timeout).await {
+        // A client that asked for progress gets each output as it happens.
+        let (events, progress) = match ctx.meta.get_progress_token() {
+            Some(token) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (Some(tx), Some(tokio::spawn(report_progress(ctx.peer.clone(), token, rx))))
+            }
+            None => (None, None),
+        };
+        let run = self.backend.execute(&ctx, args.code, args.session_id, files, args.timeout, events);
+        // A cancelled call drops the execution, which interrupts the cell.
+        let result = tokio::select! {
+            result = run => result,
+            _ = ctx.ct.cancelled() => Err(kiln_protocol::ApiError::new(
+                kiln_protocol::ErrorCode::InvalidRequest,
+                "the call was cancelled; its cell was interrupted",
+            )),
+        };
+        if let Some(p) = progress {
+            let _ = p.await;
+        }
+        match result {
             Ok(data) => Ok(render(&data)),
             Err(e) => Ok(failed(e)),
         }
@@ -190,6 +211,33 @@ impl ServerHandler for KilnMcp {
             "A Python code interpreter with stateful, sandboxed sessions. Use run_code; keep the \
                 session_id it returns to continue in the same session.",
         )
+    }
+}
+
+/// Send each output of a running cell as a progress notification (its text,
+/// or what kind of rich output it is), until the execution drops its sender.
+async fn report_progress(
+    peer: rmcp::Peer<RoleServer>,
+    token: rmcp::model::ProgressToken,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<kiln_protocol::ExecEvent>,
+) {
+    let mut n = 0.0;
+    while let Some(event) = events.recv().await {
+        let kiln_protocol::ExecEvent::Output(o) = event else { continue };
+        let message = match &o {
+            Output::Stdout(s) => s.clone(),
+            Output::Stderr(s) => format!("[stderr] {s}"),
+            Output::Error(s) => format!("[error] {s}"),
+            Output::DisplayData(b) | Output::ExecuteResult(b) => match b.get("text/plain").and_then(|v| v.as_str()) {
+                Some(t) => t.to_string(),
+                None => format!("[{}: {}]", o.type_name(), b.keys().cloned().collect::<Vec<_>>().join(", ")),
+            },
+        };
+        n += 1.0;
+        let note = rmcp::model::ProgressNotificationParam::new(token.clone(), n).with_message(message);
+        if peer.notify_progress(note).await.is_err() {
+            return;
+        }
     }
 }
 
