@@ -128,6 +128,8 @@ export interface ExecuteHooks {
   onSession?(id: string): void;
   /** An output, the moment it arrives (streamed responses only). */
   onOutput?(output: Output): void;
+  /** The cell cleared what it showed (`clear_output`); with `wait`, at its next output. */
+  onClear?(wait: boolean): void;
   signal?: AbortSignal;
 }
 
@@ -170,8 +172,9 @@ async function readStream(resp: Response, hooks: ExecuteHooks): Promise<ExecuteD
       }
       if (name === 'session') hooks.onSession?.(String(data.session_id));
       else if (OUTPUT_EVENTS.has(name)) hooks.onOutput?.(data as Output);
+      else if (name === 'clear_output') hooks.onClear?.(Boolean(data.wait));
       else if (name === 'done') result = data.data as ExecuteData;
-      else if (name === 'error') {
+      else if (name === 'failed') {
         const item = data?.errors?.[0] ?? {};
         failed = new ApiError(resp.status, String(item.code ?? 'internal_error'), String(item.message ?? 'the execution failed'));
       }

@@ -114,14 +114,23 @@ class Cell {
       const started = performance.now();
       const session = await ensure();
       this.outputs.replaceChildren();
-      const streamed: Output[] = [];
+      let streamed: Output[] = [];
       let tail: { type: string; el: HTMLElement } | null = null;
+      let clearAtNext = false;
+      const clear = () => {
+        this.outputs.replaceChildren();
+        streamed = [];
+        tail = null;
+        clearAtNext = false;
+      };
       const data = await execute(
         { code: this.editor.state.doc.toString(), language: currentLanguage(), session_id: session },
         {
           signal: controller.signal,
           onSession: adopt,
+          onClear: (wait) => (wait ? (clearAtNext = true) : clear()),
           onOutput: (o) => {
+            if (clearAtNext) clear();
             streamed.push(o);
             if (tail && (o.type === 'stdout' || o.type === 'stderr') && tail.type === o.type) {
               appendText(tail.el, o.data);
