@@ -67,6 +67,7 @@ async fn only_admin_keys_manage_keys_and_their_changes_apply_at_once() {
         (json!({"label": "configured"}), "label"),
         (json!({"label": ""}), "label"),
         (json!({"max_sessions": 0}), "max_sessions"),
+        (json!({"label": "tab\there"}), "label"),
     ] {
         let (status, err) = call(&s, reqwest::Method::POST, "/v1/admin/keys", KEY, Some(body)).await;
         assert_eq!((status, err["error"]["param"].as_str()), (400, Some(param)), "{err}");
@@ -79,7 +80,8 @@ async fn only_admin_keys_manage_keys_and_their_changes_apply_at_once() {
     // Revoked: refused at once. An admin cannot revoke the key it uses.
     let admin_id = keys[0]["id"].as_str().unwrap();
     let (status, err) = call(&s, reqwest::Method::DELETE, &format!("/v1/admin/keys/{admin_id}"), KEY, None).await;
-    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("id")));
+    assert_eq!((status, err["errors"][0]["code"].as_str()), (409, Some("key_in_use")));
+    assert_eq!(err["error"]["param"].as_str(), Some("id"));
     let (status, err) = call(&s, reqwest::Method::DELETE, "/v1/admin/keys/key_nope", KEY, None).await;
     assert_eq!((status, err["errors"][0]["code"].as_str()), (404, Some("key_not_found")));
     let (status, _) = call(&s, reqwest::Method::DELETE, &format!("/v1/admin/keys/{new_id}"), KEY, None).await;

@@ -128,12 +128,19 @@ async fn unsafe_or_broken_files_are_refused_and_nothing_is_written() {
         (json!({"name": "b64", "encoding": "base64", "content": "!!!not base64"}), "base64"),
         (json!({"name": "enc", "encoding": "rot13", "content": "x"}), "encoding"),
         (json!({"name": "adir", "encoding": "string", "content": "x"}), "folder"),
+        (json!({"name": "good.txt/x", "encoding": "string", "content": "x"}), "good.txt"),
     ];
     for (bad, needle) in bad_files {
         let (st, v) = s
             .post("/tci/execute", Some(KEY), json!({"code": "print('ran')", "session_id": id, "files": [good, bad]}))
             .await;
-        assert_error(st, &v, 400, "invalid_file");
+        // A name that collides (with another entry, or with what is in the
+        // working directory) is a conflict; any other bad entry is invalid.
+        if needle == "folder" || needle == "good.txt" {
+            assert_error(st, &v, 409, "file_conflict");
+        } else {
+            assert_error(st, &v, 400, "invalid_file");
+        }
         let msg = v["errors"][0]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
         assert_eq!(v["error"]["param"].as_str().map(|p| p.starts_with("files[1]")), Some(true), "{v}");
@@ -160,7 +167,7 @@ async fn an_upload_never_follows_a_symlink_planted_by_code() {
                 json!({"code": "1", "session_id": id, "files": [{"name": name, "encoding": "string", "content": "x"}]}),
             )
             .await;
-        assert_error(st, &v, 400, "invalid_file");
+        assert_error(st, &v, 409, "file_conflict");
         assert!(v["errors"][0]["message"].as_str().unwrap().contains("symbolic link"), "{v}");
     }
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);

@@ -78,11 +78,13 @@ async fn file_endpoints_never_leave_the_working_directory() {
         async move { s.raw(Method::GET, &path, Some(KEY), vec![]).await }
     };
     for (path, status, code) in [
-        (format!("/tci/sessions/{id}/files/link"), 400, "invalid_file"),
-        (format!("/tci/sessions/{id}/files/dirlink/passwd"), 400, "invalid_file"),
-        (format!("/tci/sessions/{id}/files?path=dirlink"), 400, "invalid_file"),
+        // A link the code planted, or a folder asked for as a file, is a
+        // conflict with what is there; a path that escapes is invalid.
+        (format!("/tci/sessions/{id}/files/link"), 409, "file_conflict"),
+        (format!("/tci/sessions/{id}/files/dirlink/passwd"), 409, "file_conflict"),
+        (format!("/tci/sessions/{id}/files?path=dirlink"), 409, "file_conflict"),
         (format!("/tci/sessions/{id}/files?path=../../.."), 400, "invalid_file"),
-        (format!("/tci/sessions/{id}/files/d"), 400, "invalid_file"),
+        (format!("/tci/sessions/{id}/files/d"), 409, "file_conflict"),
         (format!("/tci/sessions/{id}/files/missing.txt"), 404, "file_not_found"),
         ("/tci/sessions/ses_nope/files".to_string(), 404, "session_not_found"),
     ] {
@@ -106,7 +108,7 @@ async fn file_endpoints_never_leave_the_working_directory() {
             json!({"files": [{"name": "dirlink/x", "encoding": "string", "content": "x"}]}),
         )
         .await;
-    assert_eq!((st, v["errors"][0]["code"].clone()), (400, json!("invalid_file")), "{v}");
+    assert_eq!((st, v["errors"][0]["code"].clone()), (409, json!("file_conflict")), "{v}");
     let (st, _) = s.raw(Method::GET, &format!("/tci/sessions/{id}/files"), Some(OTHER_KEY), vec![]).await;
     assert_eq!(st, 404);
 }

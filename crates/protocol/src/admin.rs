@@ -40,8 +40,10 @@ pub struct KeyList {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
-    /// A name to recognise it by (default `created`).
+    /// A name to recognise it by (default `created`): 1 to 100 characters,
+    /// no control character, not `configured` or `generated` (kiln's own).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 100, pattern = r"^(?!(?:configured|generated)$)[^\x00-\x1f\x7f-\x9f]+$")]
     pub label: Option<String>,
     /// Whether the new key may use the admin endpoints (default false).
     #[serde(default)]
@@ -51,8 +53,23 @@ pub struct CreateKey {
     #[serde(default)]
     pub network: Option<NetworkPolicy>,
     /// Its own live-session limit (default: the server's per-key limit).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_sessions: Option<u64>,
+}
+
+/// The largest per-key session limit a key may be given.
+pub const MAX_KEY_SESSIONS: u64 = 1_000_000;
+
+/// An optional whole number as JSON Schema counts one: `3` and `3.0` alike.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<f64>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) if n.fract() == 0.0 && n >= 0.0 && n <= MAX_KEY_SESSIONS as f64 => Ok(Some(n as u64)),
+        Some(n) => Err(serde::de::Error::custom(format!(
+            "max_sessions must be a whole number from 1 to {MAX_KEY_SESSIONS}, not {n}"
+        ))),
+    }
 }
 
 /// `data` of `POST /v1/admin/keys`.

@@ -57,6 +57,12 @@ pub enum ErrorCode {
     Forbidden,
     /// No API key with that id (admin endpoints).
     KeyNotFound,
+    /// An uploaded file's name collides with another entry of the request or
+    /// with what is in the working directory (a folder, a link, a file where
+    /// a folder is needed); nothing was written.
+    FileConflict,
+    /// The key cannot be revoked: it is the one making the request.
+    KeyInUse,
 }
 
 impl ErrorCode {
@@ -68,6 +74,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::FileNotFound | ErrorCode::KeyNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::FileConflict | ErrorCode::KeyInUse => 409,
             ErrorCode::SessionExpired => 410,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::TooManySessions => 429,
@@ -102,6 +109,8 @@ impl ErrorCode {
             ErrorCode::InternalError => "internal_error",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::KeyNotFound => "key_not_found",
+            ErrorCode::FileConflict => "file_conflict",
+            ErrorCode::KeyInUse => "key_in_use",
         }
     }
 
@@ -257,6 +266,8 @@ mod tests {
             ErrorCode::InternalError,
             ErrorCode::Forbidden,
             ErrorCode::KeyNotFound,
+            ErrorCode::FileConflict,
+            ErrorCode::KeyInUse,
         ] {
             assert!(code.http_status() >= 400, "{code}");
             let wire = serde_json::to_value(code).unwrap_or_default();

@@ -14,19 +14,32 @@ use base64::{alphabet, Engine as _};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
-/// Longest accepted path component, as on Linux filesystems.
+/// Longest accepted path component in bytes, as on Linux filesystems.
 const MAX_COMPONENT: usize = 255;
-/// Longest accepted relative name.
-const MAX_NAME: usize = 4096;
+/// Longest accepted relative name, in characters (at most 4 KiB of UTF-8).
+const MAX_NAME: usize = 1024;
+
+/// The rules of a name, as a regular expression (for the OpenAPI document:
+/// a schema-valid name is one this module accepts). Not absolute, no NUL,
+/// no `..` component, and at least one component that is not empty or `.`.
+pub const NAME_PATTERN: &str =
+    r"^(?![/\\])(?!(?:.*/)?\.\.(?:/|$))(?=(?:.*/)?(?:[^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)(?:/|$))[^\x00]+$";
+
+/// The rules of a path inside a session's working directory: like a name,
+/// but a leading `/` is the working directory itself and an empty path or
+/// `.` is allowed (the directory itself).
+pub const PATH_PATTERN: &str = r"^(?!/*\\)(?!(?:.*/)?\.\.(?:/|$))[^\x00]*$";
 
 /// Base64 as clients produce it: standard alphabet, padding optional.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
     &alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
 );
 
 /// One entry of `files` in an execute request.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 pub struct FileUpload {
     /// Path relative to the working directory.
     pub name: String,
@@ -40,6 +53,60 @@ pub struct FileUpload {
 fn default_encoding() -> String {
     "string".to_string()
 }
+
+/// The encodings `encoding` accepts (the first two are documented; the
+/// others are what clients send for text).
+const TEXT_ENCODINGS: &[&str] = &["string", "utf-8", "utf8", "text"];
+
+/// The white space a base64 content may contain anywhere (line breaks of
+/// encoders that wrap, indentation): ASCII space, tab, line feed, carriage
+/// return, vertical tab, form feed.
+const BASE64_SPACE: &[char] = &[' ', '\t', '\n', '\r', '\x0b', '\x0c'];
+
+/// A base64 text as [`decode_files`] decodes it: groups of four symbols,
+/// a final group of two or three with optional padding, white space
+/// ([`BASE64_SPACE`]) anywhere.
+const BASE64_PATTERN: &str = concat!(
+    r"^[ \t\n\r\x0b\x0c]*(?:(?:[A-Za-z0-9+/][ \t\n\r\x0b\x0c]*){4})*",
+    r"(?:(?:[A-Za-z0-9+/][ \t\n\r\x0b\x0c]*){2}(?:=[ \t\n\r\x0b\x0c]*){0,2}",
+    r"|(?:[A-Za-z0-9+/][ \t\n\r\x0b\x0c]*){3}(?:=[ \t\n\r\x0b\x0c]*)?)?$"
+);
+
+impl utoipa::PartialSchema for FileUpload {
+    /// Exactly what [`decode_files`] accepts for one entry: either text
+    /// (`encoding` absent or a text encoding) or base64 (then `content` must
+    /// decode).
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let name = serde_json::json!({
+            "type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": NAME_PATTERN,
+            "description": "Path relative to the working directory, sub-folders allowed (\"data/raw.csv\"); \
+                no `..`, not absolute, at most 255 bytes of UTF-8 per component",
+        });
+        let schema = serde_json::json!({
+            "oneOf": [
+                {
+                    "type": "object", "title": "text file", "required": ["name", "content"],
+                    "properties": {
+                        "name": name,
+                        "encoding": {"type": "string", "enum": TEXT_ENCODINGS, "default": "string"},
+                        "content": {"type": "string", "description": "The file's text (written as UTF-8)"},
+                    },
+                },
+                {
+                    "type": "object", "title": "binary file", "required": ["name", "encoding", "content"],
+                    "properties": {
+                        "name": name,
+                        "encoding": {"type": "string", "enum": ["base64"]},
+                        "content": {"type": "string", "pattern": BASE64_PATTERN, "description": "The file's bytes, base64"},
+                    },
+                },
+            ],
+        });
+        serde_json::from_value(schema).unwrap_or_else(|_| utoipa::openapi::RefOr::T(Default::default()))
+    }
+}
+
+impl utoipa::ToSchema for FileUpload {}
 
 /// A file that passed every check: its path split into safe components, and
 /// its decoded bytes.
@@ -74,7 +141,10 @@ pub enum FileError {
     #[error("files[{index}].name {name:?} contains \"..\": files must stay inside the working directory")]
     ParentDir { index: usize, name: String },
     /// The name or one of its components is too long.
-    #[error("files[{index}].name is too long (at most {MAX_NAME} bytes, {MAX_COMPONENT} per component)")]
+    #[error(
+        "files[{index}].name is too long (at most {MAX_NAME} characters, and {MAX_COMPONENT} bytes of UTF-8 per \
+         component)"
+    )]
     TooLong { index: usize },
     /// `encoding` is neither `string` nor `base64`.
     #[error("files[{index}].encoding {encoding:?} is not supported: use \"string\" or \"base64\"")]
@@ -107,8 +177,11 @@ impl FileError {
 impl From<FileError> for crate::ApiError {
     /// A refused upload as the API reports it, naming the entry at fault.
     fn from(e: FileError) -> Self {
-        crate::ApiError::new(crate::ErrorCode::InvalidFile, format!("{e}; nothing was written"))
-            .with_param(format!("files[{}]", e.index()))
+        let code = match e {
+            FileError::Conflict { .. } => crate::ErrorCode::FileConflict,
+            _ => crate::ErrorCode::InvalidFile,
+        };
+        crate::ApiError::new(code, format!("{e}; nothing was written")).with_param(format!("files[{}]", e.index()))
     }
 }
 
@@ -120,9 +193,9 @@ pub fn decode_files(files: &[FileUpload]) -> Result<Vec<ValidFile>, FileError> {
     for (index, f) in files.iter().enumerate() {
         let components = split_name(index, &f.name)?;
         let bytes = match f.encoding.as_str() {
-            "string" | "utf-8" | "utf8" | "text" => f.content.as_bytes().to_vec(),
+            e if TEXT_ENCODINGS.contains(&e) => f.content.as_bytes().to_vec(),
             "base64" => {
-                let compact: String = f.content.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+                let compact: String = f.content.chars().filter(|c| !BASE64_SPACE.contains(c)).collect();
                 BASE64.decode(compact.as_bytes()).map_err(|e| FileError::BadBase64 { index, reason: e.to_string() })?
             }
             other => return Err(FileError::BadEncoding { index, encoding: other.to_string() }),
@@ -169,7 +242,7 @@ fn split_name(index: usize, name: &str) -> Result<Vec<String>, FileError> {
     if name.starts_with('/') || name.starts_with('\\') {
         return Err(FileError::Absolute { index, name: name.to_string() });
     }
-    if name.len() > MAX_NAME {
+    if name.chars().count() > MAX_NAME {
         return Err(FileError::TooLong { index });
     }
     let mut components = Vec::new();
@@ -190,6 +263,70 @@ fn split_name(index: usize, name: &str) -> Result<Vec<String>, FileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pattern in the OpenAPI document agrees with the code, case by case.
+    #[test]
+    fn the_documented_name_rules_are_the_enforced_ones() {
+        let name_re = fancy_regex::Regex::new(NAME_PATTERN).unwrap_or_else(|e| panic!("{e}"));
+        let path_re = fancy_regex::Regex::new(PATH_PATTERN).unwrap_or_else(|e| panic!("{e}"));
+        let documented = |name: &str| {
+            let by_pattern = name_re.is_match(name).unwrap_or(false);
+            assert_eq!(by_pattern, split_name(0, name).is_ok(), "pattern and code disagree on {name:?}");
+            assert_eq!(
+                path_re.is_match(name).unwrap_or(false),
+                session_path(name).is_ok(),
+                "path pattern and code disagree on {name:?}"
+            );
+            by_pattern
+        };
+        for (name, ok) in [
+            ("a", true),
+            ("data/raw.csv", true),
+            ("./a", true),
+            ("a//b", true),
+            ("...", true),
+            ("..a", true),
+            (".a", true),
+            ("a/.", true),
+            ("", false),
+            (".", false),
+            ("./", false),
+            ("/a", false),
+            ("\\a", false),
+            ("..", false),
+            ("a/../b", false),
+            ("a/..", false),
+            ("a\0b", false),
+        ] {
+            assert_eq!(documented(name), ok, "{name:?}");
+        }
+        // Every short name over a small alphabet, both ways.
+        let alphabet = ['a', '.', '/', '\\'];
+        let mut names = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> =
+                names.iter().flat_map(|n| alphabet.iter().map(move |c| format!("{n}{c}"))).collect();
+            names.extend(longer);
+        }
+        names.sort();
+        names.dedup();
+        for n in &names {
+            documented(n);
+        }
+    }
+
+    #[test]
+    fn base64_with_or_without_padding_and_loose_trailing_bits_decodes_as_documented() {
+        let pattern = fancy_regex::Regex::new(BASE64_PATTERN).unwrap_or_else(|e| panic!("{e}"));
+        for ok in ["", "QQ", "QQ=", "QQ==", "QUI", "QUI=", "QUJD", "QR", " QU JD\n", "Q\x0bQ\x0c=\t=", "QUJDQQ="] {
+            assert!(decode_files(&[up("f", "base64", ok)]).is_ok(), "{ok:?}");
+            assert!(pattern.is_match(ok).unwrap_or(false), "{ok:?}");
+        }
+        for bad in ["Q", "QUJDR", "Q===", "@@@@", "QQ\u{a0}", "QQ===", "QUJD=", "QUI==", "=", "Q=Q="] {
+            assert!(decode_files(&[up("f", "base64", bad)]).is_err(), "{bad:?}");
+            assert!(!pattern.is_match(bad).unwrap_or(true), "{bad:?}");
+        }
+    }
 
     fn up(name: &str, encoding: &str, content: &str) -> FileUpload {
         FileUpload { name: name.into(), encoding: encoding.into(), content: content.into() }

@@ -22,13 +22,21 @@ mod time;
 pub use admin::{CreateKey, CreatedKey, KeyInfo, KeyList, RevokedKey};
 pub use console::{LanguageList, PoolLevel, ServerStatus, SessionCount};
 pub use error::{ApiError, ErrorCode, ErrorEnvelope, ErrorItem, OpenAiStyleError};
-pub use files::{decode_files, session_path, FileError, FileUpload, ValidFile};
+pub use files::{decode_files, session_path, FileError, FileUpload, ValidFile, NAME_PATTERN, PATH_PATTERN};
 pub use network::{NetworkPolicy, PolicyAboveCeiling, UnknownPolicy};
 pub use time::rfc3339;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
+
+/// A language code can be written in (the `language` of a request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    /// Python 3, in IPython (`!cmd`, `%magic`, top-level `await`).
+    Python,
+}
 
 /// The languages this server offers. `language` defaults to the first one.
 pub const LANGUAGES: &[&str] = &["python"];
@@ -41,8 +49,9 @@ pub const LANGUAGES: &[&str] = &["python"];
 pub struct ExecuteRequest {
     /// The code to run, as one notebook cell.
     pub code: String,
-    /// Only `"python"` today; absent means python.
+    /// The language of `code`; absent means python.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Language>)]
     pub language: Option<String>,
     /// Reuse this live session instead of starting a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,8 +59,10 @@ pub struct ExecuteRequest {
     /// Files written into the session's working directory before the code runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<Vec<FileUpload>>,
-    /// Per-request time limit in seconds (kiln extension; capped by the server).
+    /// Per-request time limit in seconds (kiln extension; capped by the
+    /// server's `--max-exec-timeout`, the `maximum` here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0)]
     pub timeout: Option<f64>,
     /// Stream the outputs as Server-Sent Events while the code runs (kiln
     /// extension; also chosen by `Accept: text/event-stream`).
@@ -163,7 +174,11 @@ impl ExecEvent {
 pub fn timeout_from_seconds(t: Option<f64>) -> Result<Option<std::time::Duration>, ApiError> {
     match t {
         None => Ok(None),
-        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Ok(Some(std::time::Duration::from_secs_f64(t))),
+        // At least a nanosecond: a positive limit too small to represent is
+        // the smallest one, not none.
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => {
+            Ok(Some(std::time::Duration::from_secs_f64(t).max(std::time::Duration::from_nanos(1))))
+        }
         Some(_) => Err(ApiError::new(ErrorCode::InvalidRequest, "timeout must be a positive number of seconds")
             .with_param("timeout")),
     }

@@ -8,9 +8,9 @@
 //! within seconds, and to this server's key ring at once.
 
 use crate::auth::{hash_key, KeyEntry};
+use crate::body::BoundedJson;
 use crate::error::AppError;
 use crate::state::AppState;
-use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -24,9 +24,6 @@ use rand::distr::{Alphanumeric, SampleString};
 
 /// Labels kiln gives keys itself; the server treats them specially.
 const RESERVED_LABELS: [&str; 2] = ["configured", "generated"];
-/// A create request is a few fields.
-const MAX_BODY: usize = 16 << 10;
-
 /// A new API key: `kiln_` and 40 random alphanumerics (238 bits).
 pub fn generate_key() -> String {
     format!("kiln_{}", Alphanumeric.sample_string(&mut rand::rng(), 40))
@@ -79,25 +76,19 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<Envelope<
     ),
     security(("bearer" = []))
 )]
-pub(crate) async fn create(State(state): State<AppState>, body: Body) -> Result<Json<Envelope<CreatedKey>>, AppError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        ApiError::new(ErrorCode::InvalidRequest, format!("the body could not be read or is over {MAX_BODY} bytes"))
-    })?;
-    let req: CreateKey = if bytes.iter().all(u8::is_ascii_whitespace) {
-        CreateKey::default()
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::new(
-                ErrorCode::InvalidRequest,
-                format!("the body must be {{\"label\", \"admin\", \"network\", \"max_sessions\"}}, all optional ({e})"),
-            )
-        })?
-    };
-    let label = req.label.as_deref().map(str::trim).unwrap_or("created").to_string();
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    BoundedJson(req): BoundedJson<CreateKey>,
+) -> Result<Json<Envelope<CreatedKey>>, AppError> {
+    // The rules the OpenAPI document states for `label` (kiln_protocol::LABEL_PATTERN).
+    let label = req.label.clone().unwrap_or_else(|| "created".to_string());
     if label.is_empty() || label.chars().count() > 100 || label.chars().any(char::is_control) {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "label must be 1 to 100 printable characters")
-            .with_param("label")
-            .into());
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "label must be 1 to 100 characters, none a control character",
+        )
+        .with_param("label")
+        .into());
     }
     if RESERVED_LABELS.contains(&label.as_str()) {
         return Err(ApiError::new(
@@ -137,7 +128,7 @@ pub(crate) async fn create(State(state): State<AppState>, body: Body) -> Result<
     params(("id" = String, Path, description = "The key's id (`key_...`)")),
     responses(
         (status = 200, description = "Revoked (or already revoked)", body = Envelope<RevokedKey>),
-        (status = 400, description = "The key making the request", body = ErrorEnvelope),
+        (status = 409, description = "The key making the request (revoke it with another admin key)", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 403, description = "Not an admin key", body = ErrorEnvelope),
         (status = 404, description = "No key with this id", body = ErrorEnvelope),
@@ -151,7 +142,7 @@ pub(crate) async fn revoke(
 ) -> Result<Json<Envelope<RevokedKey>>, AppError> {
     if id == caller.key_id {
         return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
+            ErrorCode::KeyInUse,
             "this is the key making the request: revoke it with another admin key, or with `kiln keys revoke`",
         )
         .with_param("id")

@@ -10,7 +10,7 @@
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use kiln_protocol::{ApiError, ErrorCode, ExecuteRequest, UploadRequest};
+use kiln_protocol::{ApiError, CreateKey, ErrorCode, ExecuteRequest, UploadRequest};
 use serde::de::DeserializeOwned;
 
 /// A request body the endpoint can describe to a caller who got it wrong.
@@ -30,6 +30,12 @@ impl Described for ExecuteRequest {
 impl Described for UploadRequest {
     const WHAT: &'static str = "an upload request";
     const SHAPE: &'static str = "{\"files\": [{\"name\", \"encoding\", \"content\"}]}";
+}
+
+impl Described for CreateKey {
+    const WHAT: &'static str = "a key to create";
+    const SHAPE: &'static str = "{\"label\", \"admin\", \"network\", \"max_sessions\"}, all optional: send {} for the \
+                                 defaults";
 }
 
 /// A JSON body of at most `--max-body-bytes`, parsed as `T`.

@@ -55,6 +55,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
         (status = 400, description = "Bad JSON, fields, language, files or timeout", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "No such session for this key", body = ErrorEnvelope),
+        (status = 409, description = "A file name collides with another entry or with what is in the working directory; nothing was written", body = ErrorEnvelope),
         (status = 410, description = "The session has ended: start a new one", body = ErrorEnvelope),
         (status = 413, description = "Body over the limit", body = ErrorEnvelope),
         (status = 429, description = "This key is at its session limit", body = ErrorEnvelope),

@@ -25,10 +25,12 @@ pub(crate) struct ListQuery {
 /// List a directory of the session's working directory.
 #[utoipa::path(get, path = "/v1/tci/sessions/{id}/files", tag = "files",
     params(("id" = String, Path, description = "Session id"),
-           ("path" = Option<String>, Query, description = "Directory, relative to the working directory")),
+           ("path" = Option<String>, Query,
+            description = "Directory, relative to the working directory (no `..`)")),
     responses(
         (status = 200, description = "The entries", body = Envelope<FileList>),
-        (status = 400, description = "Path escapes, goes through a link, or is not a directory", body = ErrorEnvelope),
+        (status = 400, description = "The path escapes the working directory", body = ErrorEnvelope),
+        (status = 409, description = "The path goes through a link, or is not a directory", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "No such session for this key", body = ErrorEnvelope),
         (status = 410, description = "The session has ended", body = ErrorEnvelope),
@@ -48,10 +50,12 @@ pub(crate) async fn list(
 /// Download a file of the session's working directory.
 #[utoipa::path(get, path = "/v1/tci/sessions/{id}/files/{path}", tag = "files",
     params(("id" = String, Path, description = "Session id"),
-           ("path" = String, Path, description = "File, relative to the working directory")),
+           ("path" = String, Path,
+            description = "File, relative to the working directory (no `..`)")),
     responses(
         (status = 200, description = "The file's bytes", content_type = "application/octet-stream"),
-        (status = 400, description = "Path escapes, goes through a link, or is a directory", body = ErrorEnvelope),
+        (status = 400, description = "The path escapes the working directory", body = ErrorEnvelope),
+        (status = 409, description = "The path goes through a link, or is a directory", body = ErrorEnvelope),
         (status = 413, description = "Larger than the download limit", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "No such session for this key", body = ErrorEnvelope),
@@ -99,6 +103,7 @@ fn content_disposition(name: &str) -> String {
     responses(
         (status = 200, description = "Written", body = Envelope<Uploaded>),
         (status = 400, description = "Bad body or unsafe file names; nothing was written", body = ErrorEnvelope),
+        (status = 409, description = "A file name collides with another entry or with what is in the working directory; nothing was written", body = ErrorEnvelope),
         (status = 413, description = "Body over the limit", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "No such session for this key", body = ErrorEnvelope),

@@ -1,8 +1,11 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and
 //! the wire types (utoipa), and a docs page that renders it.
 
+use crate::state::AppState;
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use serde_json::json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -54,17 +57,58 @@ impl Modify for Bearer {
     }
 }
 
-/// The document.
+/// The document, without the server's own limits.
 pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
+}
+
+/// The document as this server serves it: every constraint the server
+/// enforces is stated, so that a request the schema allows is one the
+/// server accepts (schemathesis checks both ways). What the annotations
+/// cannot say is set here: the path rules (one pattern, shared with the
+/// code that enforces it), this server's largest `timeout`, and the shape of
+/// a streamed execution's events.
+pub fn document_for(max_timeout: std::time::Duration) -> serde_json::Value {
+    let mut doc = serde_json::to_value(document()).unwrap_or_default();
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for op in paths.values_mut().filter_map(|p| p.as_object_mut()).flat_map(|p| p.values_mut()) {
+            // `get_mut`, not indexing: indexing a missing key would add it.
+            for param in op.get_mut("parameters").and_then(|p| p.as_array_mut()).into_iter().flatten() {
+                if param["name"] == "path" {
+                    param["schema"]["pattern"] = json!(kiln_protocol::PATH_PATTERN);
+                }
+            }
+        }
+    }
+    doc["components"]["schemas"]["ExecuteRequest"]["properties"]["timeout"]["maximum"] =
+        json!(max_timeout.as_secs_f64());
+    let events = json!({
+        "type": "object",
+        "description": "One Server-Sent Event; `data` is JSON text: {session_id} for `session`, an output \
+            ({type, data}, as in `outputs`) for the output events, {wait} for `clear_output`, the complete \
+            execute envelope for `done`, an error envelope for `failed`.",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": [
+                "session", "stdout", "stderr", "display_data", "execute_result", "error", "clear_output",
+                "done", "failed",
+            ]},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+    });
+    doc["paths"]["/v1/tci/execute"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"] = events;
+    doc
 }
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
     (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")
 ))]
-pub(crate) async fn json() -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], document().to_pretty_json().unwrap_or_default())
+pub(crate) async fn json(State(state): State<AppState>) -> Response {
+    let doc = document_for(state.manager.max_exec_timeout());
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], serde_json::to_string_pretty(&doc).unwrap_or_default())
         .into_response()
 }
 

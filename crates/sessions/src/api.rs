@@ -27,10 +27,11 @@ impl SessionError {
             SessionError::NotReady => ApiError::new(ErrorCode::NotReady, msg),
             SessionError::ShuttingDown => ApiError::new(ErrorCode::ShuttingDown, msg),
             SessionError::Files(f) => {
-                let index = match f {
-                    FileWriteError::Collision { index, .. } | FileWriteError::Io { index, .. } => *index,
+                let (code, index) = match f {
+                    FileWriteError::Collision { index, .. } => (ErrorCode::FileConflict, *index),
+                    FileWriteError::Io { index, .. } => (ErrorCode::InvalidFile, *index),
                 };
-                ApiError::new(ErrorCode::InvalidFile, msg).with_param(format!("files[{index}].name"))
+                ApiError::new(code, msg).with_param(format!("files[{index}].name"))
             }
             SessionError::BadTimeout { .. } => ApiError::new(ErrorCode::InvalidRequest, msg).with_param("timeout"),
             SessionError::Browse(b) => match b {
@@ -40,8 +41,10 @@ impl SessionError {
                     ErrorCode::InternalError,
                     "kiln could not read the session's files; this is a server-side failure.",
                 ),
+                // What is there (a link the code planted, a folder where a
+                // file is asked for) conflicts with the request.
                 BrowseError::Symlink(_) | BrowseError::WrongKind(..) => {
-                    ApiError::new(ErrorCode::InvalidFile, msg).with_param("path")
+                    ApiError::new(ErrorCode::FileConflict, msg).with_param("path")
                 }
             },
             SessionError::Store(e) if e.is_unavailable() => ApiError::new(

@@ -286,6 +286,11 @@ impl Manager {
         self.inner.cfg.max_sessions
     }
 
+    /// The largest time limit a request may ask for.
+    pub fn max_exec_timeout(&self) -> Duration {
+        self.inner.cfg.max_exec_timeout
+    }
+
     /// The store this manager records sessions in (the admin endpoints
     /// manage keys in it).
     pub fn store(&self) -> Arc<dyn Store> {
