@@ -1,7 +1,7 @@
 //! kiln's own Python package in the runtime: `kiln_kernel`, the lean
 //! kernel (`kiln_kernel.kernel`, run as `python -m kiln_kernel`, with its
-//! modules `wire`, `publisher`, `streams`, `display`, `shell` and
-//! `handlers`), the zygote that forks kernels (`kiln_kernel.zygote`) and the
+//! modules `wire`, `publisher`, `streams`, `flusher`, `display`, `shell`
+//! and `handlers`), the zygote that forks kernels (`kiln_kernel.zygote`) and the
 //! fidelity check that compares the lean kernel with ipykernel
 //! (`kiln_kernel.fidelity`).
 //!
@@ -23,6 +23,7 @@ const FILES: &[(&str, &str)] = &[
     ("wire.py", include_str!("../python/kiln_kernel/wire.py")),
     ("publisher.py", include_str!("../python/kiln_kernel/publisher.py")),
     ("streams.py", include_str!("../python/kiln_kernel/streams.py")),
+    ("flusher.py", include_str!("../python/kiln_kernel/flusher.py")),
     ("display.py", include_str!("../python/kiln_kernel/display.py")),
     ("shell.py", include_str!("../python/kiln_kernel/shell.py")),
     ("handlers.py", include_str!("../python/kiln_kernel/handlers.py")),

@@ -1,13 +1,16 @@
-"""A lean, single-threaded Jupyter kernel for Python.
+"""A lean Jupyter kernel for Python: one thread runs the requests.
 
 Same user-visible behaviour as ipykernel 7 for what kiln uses (IPython's
 ``InteractiveShell`` does the real work: magics, ``!cmd``, display hooks,
 tracebacks, ``_``/``Out``/``In``, top-level await, matplotlib-inline), but with
 a synchronous wire-protocol loop instead of tornado + four threads:
 
-* one thread; one ``zmq.Poller`` over shell (ROUTER), control (ROUTER),
-  heartbeat (REP, echoed from the loop) and stdin (ROUTER, bound only);
-  iopub is a PUB socket written directly;
+* one thread handles every request; one ``zmq.Poller`` over shell (ROUTER),
+  control (ROUTER), heartbeat (REP, echoed from the loop) and stdin (ROUTER,
+  bound only); iopub is a PUB socket written directly;
+* while a cell runs, a helper thread (:mod:`kiln_kernel.flusher`) publishes
+  what it prints, within ~10 ms, without waiting for the end of the cell; a
+  cell shorter than that never wakes it;
 * messages are signed and verified as the Jupyter wire protocol 5.3 asks
   (:mod:`kiln_kernel.wire`);
 * every iopub message leaves through one
@@ -16,7 +19,7 @@ a synchronous wire-protocol loop instead of tornado + four threads:
   shell, its display publisher and hook, and the comms;
 * ``sys.stdout``/``sys.stderr`` publish ``stream`` messages, and what is
   written to file descriptors 1 and 2 is captured too
-  (:mod:`kiln_kernel.streams`);
+  (:mod:`kiln_kernel.streams`), by forked children as well;
 * displays, results and comms go out through :mod:`kiln_kernel.display`; the
   shell and what makes it look like ipykernel's to libraries is
   :mod:`kiln_kernel.shell`; the requests other than ``execute_request`` are
@@ -31,14 +34,13 @@ Deliberate limits of the single thread (documented, acceptable for kiln):
 * while a cell runs, control, heartbeat and shell requests wait until the cell
   ends; interrupt running cells with SIGINT to the process group (what kiln
   does). ``interrupt_request`` on control is answered while idle;
-* fd-level output written during a long blocking call (no Python-level write
-  in between) shows up at the next flush point or at the end of the cell;
 * ``input()``/``getpass`` only support ``allow_stdin=False`` (raise
   ``StdinNotImplementedError`` like ipykernel does). With ``allow_stdin=True``
   they are forwarded over the stdin channel synchronously.
 
-* threads: the kernel starts none; libzmq's context has its own two
-  (``ZMQbg/Reaper``, ``ZMQbg/IO/0``), so /proc/self/task shows 3 after boot;
+* threads: the kernel starts one, the flusher; libzmq's context has its own
+  two (``ZMQbg/Reaper``, ``ZMQbg/IO/0``), so /proc/self/task shows 4 after
+  boot;
 * deliberate differences from ipykernel: ``supported_features`` is empty (no
   debugger, no subshells); no ``iopub_welcome``; child processes are not
   terminated progressively at shutdown (kiln kills the sandbox).
@@ -58,13 +60,13 @@ import logging
 import os
 import signal
 import sys
-import time
 from io import FileIO, TextIOWrapper
 
 import zmq
 from IPython.core.error import StdinNotImplementedError
 
 from .display import install_comm
+from .flusher import Flusher
 from .handlers import RequestHandlers
 from .publisher import Publisher, output_limit
 from .shell import XCachingCompiler, ZMQInteractiveShell, adopt_ipykernel_input, register_compat_modules
@@ -154,6 +156,8 @@ class Kernel(RequestHandlers):
         self._bind(self.hb_sock, "hb_port")
 
     def close_sockets(self):
+        with self.publisher.lock:  # not while the flusher sends
+            self.publisher.socket = None
         for s in (self.shell_sock, self.control_sock, self.stdin_sock, self.iopub, self.hb_sock):
             try:
                 s.close(linger=1000)
@@ -330,11 +334,12 @@ class Kernel(RequestHandlers):
         saved_input, saved_getpass = builtins.input, getpass.getpass
         builtins.input = self.raw_input
         getpass.getpass = self.getpass
-        # The flush interval starts with the cell: a burst of writes at its
-        # start goes out as one stream message, not the first write alone.
-        now = time.monotonic()
-        for s in publisher.streams:
-            s._last = now
+        # While the cell runs, the flusher publishes its output (a timer
+        # armed: no thread is woken unless the cell outlasts a tick).
+        flusher = publisher.flusher
+        if flusher is not None:
+            with publisher.lock:
+                flusher.watch()
         # SIGINT interrupts cells only (KeyboardInterrupt); ignored while idle.
         saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
@@ -342,6 +347,9 @@ class Kernel(RequestHandlers):
         finally:
             signal.signal(signal.SIGINT, saved_sigint)
             builtins.input, getpass.getpass = saved_input, saved_getpass
+            if flusher is not None:
+                with publisher.lock:
+                    flusher.unwatch()
         err = res.error_before_exec if res.error_before_exec is not None else res.error_in_exec
         reply = {}
         if res.success and not shell._last_traceback_during_displayhook:
@@ -364,9 +372,12 @@ class Kernel(RequestHandlers):
         pm = shell.payload_manager
         reply["payload"] = pm.read_payload()
         pm.clear_payload()
-        publisher.flush_streams()
-        for cap in self.captures:
-            cap.reset()
+        # Everything the cell wrote goes out before its reply and idle; the
+        # captures are emptied in the same step (nothing read in between).
+        with publisher.lock:
+            publisher.flush_streams()
+            for cap in self.captures:
+                cap.reset()
         metadata["status"] = reply["status"]
         if reply["status"] == "error" and reply["ename"] == "UnmetDependency":
             metadata["dependencies_met"] = False
@@ -494,6 +505,10 @@ def main(connection_file: str) -> None:
     sys.stderr = OutStream(publisher, "stderr", cap_err)
     publisher.streams = (sys.stdout, sys.stderr)
     patch_faulthandler(sys.__stderr__)
+    # A process the cell forks prints through fd 1/2, never the sockets.
+    os.register_at_fork(after_in_child=publisher.after_fork_in_child)
+    flusher = Flusher(publisher)
+    flusher.start()
     try:
         if not prepared:
             register_compat_modules()
@@ -507,6 +522,7 @@ def main(connection_file: str) -> None:
             publisher.flush_streams()
         except Exception:
             pass
+        flusher.stop()
         kernel.close_sockets()
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         for cap in kernel.captures:

@@ -17,8 +17,19 @@ holds what they need and nothing else:
   ``register_hook``: a hook sees a message before it is sent and may change
   or swallow it);
 * the kernel's standard streams, flushed before anything that must come
-  after the text printed so far;
-* the :class:`OutputBudget` of the request.
+  after the text printed so far, and while a cell runs by the kernel's
+  :class:`~kiln_kernel.flusher.Flusher` thread (:meth:`Publisher.publish_due`);
+* the :class:`OutputBudget` of the request;
+* the lock that every send on the iopub socket holds (:attr:`Publisher.lock`).
+
+Two threads publish: the kernel's main thread and the flusher. A zmq socket
+is not thread-safe, and text must leave in the order it was written, so the
+iopub socket is used, and the streams' buffers are changed, only under the
+publisher's one lock (re-entrant: a hook may print). Stream text leaves
+oldest first: before one stream's text is sent, the other stream's text that
+began before it is (``print(1); print(2, file=sys.stderr)`` shows 1 then 2,
+even when stderr is flushed first). As under ipykernel, the writes of one
+stream between two flushes go out as one message.
 
 Output size. No stream message holds more than :data:`MAX_STREAM_BYTES` of
 text: longer text is split on UTF-8 character boundaries. And a request's
@@ -39,13 +50,23 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
+import time
 
 from .wire import json_default
 
-__all__ = ["MAX_STREAM_BYTES", "HookChannel", "OutputBudget", "Publisher", "output_limit"]
+__all__ = ["MAX_STREAM_BYTES", "PARTIAL_WAIT", "TICK", "HookChannel", "OutputBudget", "Publisher",
+           "output_limit"]
 
 #: The most text one ``stream`` message carries, in UTF-8 bytes.
 MAX_STREAM_BYTES = 1 << 16
+
+#: How often, while a cell runs, the flusher has pending output sent (seconds).
+TICK = 0.01
+#: How long a line still being written (no newline yet) may wait for its end
+#: before the flusher sends it anyway (ipykernel's flush interval): the ``1``
+#: and the ``\n`` that ``print(1)`` writes one after the other stay together.
+PARTIAL_WAIT = 0.2
 
 _UNLIMITED = sys.maxsize
 
@@ -196,6 +217,9 @@ class Publisher:
         self.streams = ()
         self.budget = OutputBudget(limit)
         self._hooks: dict[str, list] = {}
+        self.lock = threading.RLock()
+        # The kernel's Flusher once its thread runs; None without one.
+        self.flusher = None
         self.adopt(session, ident)
 
     def adopt(self, session, ident: str):
@@ -212,11 +236,12 @@ class Publisher:
     # -- the current request ------------------------------------------
     def set_parent(self, idents, msg):
         """Parent what follows to ``msg``; its output starts a fresh budget."""
-        self.parent = msg
-        self.parent_header = msg["header"]
-        self.parent_raw = msg["_raw_header"]
-        self.parent_ident = idents
-        self.budget.reset()
+        with self.lock:
+            self.parent = msg
+            self.parent_header = msg["header"]
+            self.parent_raw = msg["_raw_header"]
+            self.parent_ident = idents
+            self.budget.reset()
 
     # -- hooks ---------------------------------------------------------
     def register_hook(self, channel: str, hook):
@@ -247,20 +272,87 @@ class Publisher:
     def send(self, msg_type, content, topic, parent=None, metadata=None, buffers=None):
         """Send one message as is (no hooks, no budget), parented to the
         current request unless ``parent`` (raw header bytes) says otherwise."""
-        sock = self.socket
-        if sock is None:
-            return
-        self.session.send(sock, msg_type, content, self.parent_raw if parent is None else parent,
-                          idents=(topic,), metadata=metadata, buffers=buffers)
+        with self.lock:
+            sock = self.socket
+            if sock is None:
+                return
+            self.session.send(sock, msg_type, content, self.parent_raw if parent is None else parent,
+                              idents=(topic,), metadata=metadata, buffers=buffers)
 
+    # -- the standard streams -----------------------------------------
     def flush_streams(self):
-        """Publish what the kernel's stdout and stderr hold, in that order."""
+        """Publish what the kernel's stdout and stderr hold, the text
+        written first first."""
+        with self.lock:
+            self.flush_through(None)
+
+    def flush_through(self, last):
+        """Publish the pending text of stream ``last`` (an
+        :class:`~kiln_kernel.streams.OutStream`), after the other streams'
+        text that began before it; of every stream if ``last`` is None.
+        Called with the lock held."""
+        streams = self.streams
+        for s in streams:
+            s.collect()
+        if last is None:
+            for s in _oldest_first(streams):
+                if s.pending:
+                    s.send_pending()
+            return
+        if not last.pending:
+            return
+        for s in _oldest_first(streams):
+            if s is last:
+                break
+            if s.pending and s.since <= last.since:
+                s.send_pending()
+        last.send_pending()
+
+    def publish_due(self) -> float | None:
+        """Publish the streams' text that is due: complete lines, and a
+        line begun :data:`PARTIAL_WAIT` ago (with any text that began before
+        it). The flusher's tick; called with the lock held. Returns the
+        seconds until what is still pending is due, or None if nothing is."""
+        if self.socket is None:
+            return None
+        streams = self.streams
+        for s in streams:
+            s.collect()
+        now = time.monotonic()
+        due = None
+        for s in _oldest_first(streams):
+            if s.pending and (s.line_done() or now - s.since >= PARTIAL_WAIT):
+                due = s
+        if due is not None:
+            self.flush_through(due)
+        wait = None
+        for s in streams:
+            if s.pending:
+                w = max(TICK, s.since + PARTIAL_WAIT - now)
+                wait = w if wait is None else min(wait, w)
+        return wait
+
+    def after_fork_in_child(self):
+        """In a process forked from the kernel (``os.fork``,
+        ``multiprocessing``): a fresh lock (the flusher may have held this
+        one at the fork), no socket (the kernel's zmq sockets are the
+        kernel's), no flusher (its thread is not in the child), and streams
+        that write to file descriptors 1 and 2, which the kernel captures."""
+        self.lock = threading.RLock()
+        self.socket = None
+        flusher, self.flusher = self.flusher, None
+        if flusher is not None:
+            flusher.forget()
         for s in self.streams:
-            s.flush()
+            s.detach()
 
     def stream(self, name: str, text: str):
         """Publish ``text`` written to stream ``name``, in pieces of at most
         :data:`MAX_STREAM_BYTES`, up to the budget."""
+        with self.lock:
+            self._stream(name, text)
+
+    def _stream(self, name: str, text: str):
         budget = self.budget
         if self.socket is None or budget.spent:
             return
@@ -289,6 +381,10 @@ class Publisher:
     def rich(self, channel: str, msg_type: str, content: dict, topic: bytes):
         """Publish a ``display_data``, ``update_display_data`` or
         ``execute_result`` after ``channel``'s hooks, within the budget."""
+        with self.lock:
+            self._rich(channel, msg_type, content, topic)
+
+    def _rich(self, channel: str, msg_type: str, content: dict, topic: bytes):
         if self.socket is None:
             return
         content = self.run_hooks(channel, msg_type, content)
@@ -316,14 +412,25 @@ class Publisher:
     def clear_output(self, wait: bool):
         """Publish ``clear_output``; what is shown is emptied, and so the
         budget starts again."""
-        if self.socket is None:
-            return
-        content = self.run_hooks("display", "clear_output", {"wait": wait})
-        if content is None:
-            return
-        self.session.send(self.socket, "clear_output", content, self.parent_raw,
-                          idents=(b"display_data",))
-        self.budget.reset()
+        with self.lock:
+            if self.socket is None:
+                return
+            content = self.run_hooks("display", "clear_output", {"wait": wait})
+            if content is None:
+                return
+            self.session.send(self.socket, "clear_output", content, self.parent_raw,
+                              idents=(b"display_data",))
+            self.budget.reset()
+
+
+def _oldest_first(streams):
+    """The streams in the order their pending text began (stdout first on
+    a tie, and when none is pending: as ipykernel flushes at a cell's end)."""
+    if len(streams) == 2:
+        a, b = streams
+        if b.pending and (not a.pending or b.since < a.since):
+            return (b, a)
+    return streams
 
 
 def _stand_in(content: dict, size: int, counted: int) -> dict:

@@ -3,17 +3,26 @@
 While a kernel runs, ``sys.stdout`` and ``sys.stderr`` are :class:`OutStream`
 objects: buffered text streams that hand what a cell writes to the kernel's
 :class:`~kiln_kernel.publisher.Publisher` (which sends it as ``stream``
-messages of at most 64 KiB) at most every 50 ms (or every 64 Ki characters)
-and at each flush point: before a display, a result, an error or an input
-request, and at the end of every request.
+messages of at most 64 KiB): while a cell runs, within a tick of the
+kernel's :class:`~kiln_kernel.flusher.Flusher` thread (a complete line at
+once, a partial one after a while); every 64 Ki characters; at each flush
+point: before a display, a result, an error or an input request, and at the
+end of every request; and when the cell calls ``flush()``. A write only
+appends to a buffer, under the publisher's lock; it sends nothing itself
+(but past 64 Ki characters).
 
 Writes that bypass Python (``os.system``, subprocesses, C code) go to file
 descriptors 1 and 2. :class:`FdCapture` redirects each of them to a memfd,
-which never blocks a writer (a pipe blocks once full, and this kernel has no
-thread to drain one); an :class:`OutStream` reads the new bytes at each of its
-writes and flushes, and the kernel at the end of each cell. Output written at
-fd level during a long blocking call (no Python-level write in between) thus
-shows up at the next flush point or at the end of the cell.
+which never blocks a writer (a pipe blocks once full, and is one more thing
+to drain); an :class:`OutStream` reads the new bytes at each of its writes
+(so that they come before the text written after them), and at each flush
+and tick. Output written at fd level during a long blocking call thus shows
+up within a tick or two.
+
+In a process forked from the kernel, an :class:`OutStream` writes straight
+to file descriptor 1 or 2 (:meth:`OutStream.detach`): the child's text comes
+out through the kernel's capture, and nothing is buffered that ``os._exit``
+would lose.
 
 Neither keeps more than the request's output budget still allows (see
 :class:`~kiln_kernel.publisher.OutputBudget`): the rest of a huge write, from
@@ -107,9 +116,11 @@ class FdCapture:
 
 
 class OutStream(HookChannel, TextIOBase):
-    """sys.stdout / sys.stderr replacement publishing ``stream`` messages."""
+    """sys.stdout / sys.stderr replacement publishing ``stream`` messages.
 
-    flush_interval = 0.05
+    Its buffer is changed only under the publisher's lock: the flusher
+    thread takes it from there (:meth:`collect`, :meth:`send_pending`)."""
+
     max_buffer = 1 << 16
     encoding = "UTF-8"
 
@@ -118,15 +129,19 @@ class OutStream(HookChannel, TextIOBase):
         self.name = name
         self.hook_channel = name
         self._capture = capture
+        # What fileno() answers: the real stream (the log), as ipykernel's
+        # OutStream answers its copy of the original descriptor.
+        self._fileno = None if capture is None else capture.orig
         self._buf: list[str] = []
         self._size = 0
-        self._last = 0.0  # last flush (reset at cell start)
+        self.since = 0.0  # when the pending text began (time.monotonic)
         self._closed = False
+        self._direct = -1  # in a forked child: the descriptor written to
 
     # file-like API
     def fileno(self):
-        if self._capture is not None:
-            return self._capture.orig
+        if self._fileno is not None:
+            return self._fileno
         raise UnsupportedOperation("fileno")
 
     def isatty(self):
@@ -160,19 +175,24 @@ class OutStream(HookChannel, TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(string)}")
         if self._closed:
             raise ValueError("I/O operation on closed file")
+        if self._direct >= 0:
+            return self._write_direct(string)
         n = len(string)
-        # Keep no more than can still be shown (what passes the cap included).
-        room = self.publisher.budget.room() - self._size
-        cap = self._capture
-        if cap is not None:
-            fdtext = cap.read(room + _SLACK if room > 0 else 0)
-            if fdtext:
-                self._append(fdtext)
-                room -= len(fdtext)
-        if string and room > 0:
-            self._append(string if n <= room else string[:room])
-            if self._size >= self.max_buffer or time.monotonic() - self._last >= self.flush_interval:
-                self.flush()
+        publisher = self.publisher
+        with publisher.lock:
+            idle = not self._buf
+            # fd-level text written before this write comes before it.
+            self.collect()
+            # Keep no more than can still be shown (what passes the cap included).
+            room = publisher.budget.room() - self._size
+            if string and room > 0:
+                self._append(string if n <= room else string[:room])
+            if idle and self._buf:
+                flusher = publisher.flusher
+                if flusher is not None:
+                    flusher.poke()  # between cells; a cell has its ticks already
+            if self._size >= self.max_buffer:
+                publisher.flush_through(self)
         return n
 
     def writelines(self, sequence):
@@ -180,23 +200,63 @@ class OutStream(HookChannel, TextIOBase):
             self.write(s)
 
     def _append(self, s):
+        if not self._buf:
+            self.since = time.monotonic()
         self._buf.append(s)
         self._size += len(s)
 
-    def flush(self):
+    # -- under the publisher's lock -----------------------------------
+    @property
+    def pending(self) -> bool:
+        """Whether text waits to be sent."""
+        return bool(self._buf)
+
+    def line_done(self) -> bool:
+        """Whether the pending text ends with a complete line."""
+        return self._buf[-1][-1] == "\n"
+
+    def collect(self):
+        """Take in the text written at fd level since the last time, as
+        much as the budget still allows."""
         cap = self._capture
         if cap is not None:
             room = self.publisher.budget.room() - self._size
             fdtext = cap.read(room + _SLACK if room > 0 else 0)
             if fdtext:
                 self._append(fdtext)
-        self._last = time.monotonic()
-        if not self._buf:
-            return
+
+    def send_pending(self):
+        """Publish the pending text."""
         data = "".join(self._buf)
         self._buf = []
         self._size = 0
         self.publisher.stream(self.name, data)
+
+    # -- public -------------------------------------------------------
+    def flush(self):
+        """Publish the pending text now, after the other stream's text that
+        began before it."""
+        if self._direct >= 0:
+            return
+        publisher = self.publisher
+        with publisher.lock:
+            publisher.flush_through(self)
+
+    # -- in a forked child --------------------------------------------
+    def detach(self):
+        """Write straight to file descriptor 1 or 2 from now on (in a
+        process forked from the kernel); the parent's pending text is the
+        parent's to send."""
+        self._buf = []
+        self._size = 0
+        cap, self._capture = self._capture, None  # the parent reads it, not this process
+        self._direct = cap.fd if cap is not None else (2 if self.name == "stderr" else 1)
+
+    def _write_direct(self, string):
+        data = memoryview(string.encode("utf-8", "replace"))
+        while data:
+            data = data[os.write(self._direct, data):]
+        return len(string)
 
 
 def patch_faulthandler(stderr_file):

@@ -14,6 +14,7 @@ as base64), so that a client sees the same messages as from ipykernel.
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -105,7 +106,10 @@ class Session:
         self.session = "-".join(os.urandom(16).hex()[i:j] for i, j in ((0, 8), (8, 32)))
         self.username = os.environ.get("USER", "username")
         self.pid = os.getpid()
-        self.count = 0
+        # One number per message, also when two threads sign at once (the
+        # flusher on iopub, the main thread on shell): next() on a count is
+        # atomic.
+        self._count = itertools.count()
 
     def sign(self, parts) -> bytes:
         if self.auth is None:
@@ -116,8 +120,7 @@ class Session:
         return h.hexdigest().encode("ascii")
 
     def header(self, msg_type: str) -> dict:
-        n = self.count
-        self.count = n + 1
+        n = next(self._count)
         return {
             "msg_id": f"{self.session}_{self.pid}_{n}",
             "msg_type": msg_type,

@@ -29,7 +29,6 @@ import argparse
 import ctypes
 import gc
 import importlib
-import io
 import json
 import os
 import selectors

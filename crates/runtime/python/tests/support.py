@@ -1,5 +1,7 @@
 """What the kernel's unit tests share: a real lean kernel in this process,
-driven over real zmq sockets by a small client.
+driven over real zmq sockets by a small client; and a real kernel in a
+process of its own (:class:`KernelProcess`), for what needs its own file
+descriptors 1 and 2, its flusher thread and its signals.
 
 :func:`live_kernel` builds one :class:`~kiln_kernel.kernel.Kernel` (IPython's
 shell is a per-process singleton) bound on ipc sockets in a temporary
@@ -12,6 +14,7 @@ would), and returns the reply and the iopub messages it parented.
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import shutil
 import sys
@@ -20,6 +23,7 @@ import time
 import uuid
 
 import zmq
+from kiln_kernel.fidelity import KILN_CMD, Client
 from kiln_kernel.kernel import Kernel
 from kiln_kernel.publisher import Publisher
 from kiln_kernel.shell import adopt_ipykernel_input, register_compat_modules
@@ -73,8 +77,6 @@ class Harness:
         self.stdout = OutStream(self.publisher, "stdout", None)
         self.stderr = OutStream(self.publisher, "stderr", None)
         self.publisher.streams = (self.stdout, self.stderr)
-        for s in self.publisher.streams:
-            s._last = time.monotonic()  # as at the start of a cell
         self.parent = request(self.session, "execute_request", {"code": ""})
         self.publisher.set_parent([b"client"], self.parent)
 
@@ -167,3 +169,106 @@ def live_kernel() -> LiveKernel:
     if _live is None:
         _live = LiveKernel()
     return _live
+
+
+def _output(msg: dict) -> dict:
+    return {"msg_type": msg["header"]["msg_type"], "content": msg["content"]}
+
+
+class KernelProcess:
+    """``python -m kiln_kernel`` in a process of its own, as kiln runs it
+    (its fd captures, its flusher thread, SIGINT for interrupts), driven
+    over ipc by the fidelity harness's client.
+
+    A cell can wait at a *gate* (a FIFO: ``open(GATE).read()`` blocks in one
+    system call) until the test lets it go (:meth:`release`), so a test can
+    look at what the kernel published while the cell was still blocked, with no
+    bound on time but a generous deadline for failures.
+    """
+
+    #: How long a test waits for what must come (only a failing kernel waits this long).
+    DEADLINE = 20.0
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="kiln-kernel-proc-")
+        self.gate = os.path.join(self.dir, "gate")
+        os.mkfifo(self.gate)
+        self.client = Client("kiln", KILN_CMD, self.dir)
+        self.client.connect()
+        self.pid = self.client.proc.pid
+        # Messages parented by an earlier request, seen while waiting for a later one.
+        self.strays: list[dict] = []
+
+    def close(self):
+        self.client.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start(self, code: str) -> str:
+        """Send an execute_request; its msg_id."""
+        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": False}
+        return self.client.send(self.client.shell, "execute_request", content)
+
+    def _next(self, mid: str, deadline: float):
+        """The next iopub message of request ``mid`` (None past the deadline)."""
+        c = self.client
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not c.iopub.poll(left * 1000):
+                return None
+            msg = c.parse(c.iopub.recv_multipart())
+            if msg["parent_header"].get("msg_id") == mid:
+                return msg
+            self.strays.append(msg)
+
+    def outputs_until(self, mid: str, done, what: str) -> list[dict]:
+        """Outputs of ``mid`` (``msg_type`` and ``content``) as they arrive,
+        until ``done(outputs)`` holds; fails if the request goes idle first
+        (what had to come came only at the end) or nothing more comes."""
+        outs: list[dict] = []
+        deadline = time.monotonic() + self.DEADLINE
+        while not done(outs):
+            msg = self._next(mid, deadline)
+            if msg is None:
+                raise AssertionError(f"{what}: not published while the cell ran; got {outs}")
+            t = msg["header"]["msg_type"]
+            if t == "status" and msg["content"]["execution_state"] == "idle":
+                raise AssertionError(f"{what}: the cell ended first; got {outs}")
+            if t not in ("status", "execute_input"):
+                outs.append(_output(msg))
+        return outs
+
+    def finish(self, mid: str) -> tuple[dict, list[dict]]:
+        """The reply to ``mid`` and its remaining outputs, through idle."""
+        c = self.client
+        reply = c.recv_reply(c.shell, mid, timeout=self.DEADLINE)
+        outs: list[dict] = []
+        deadline = time.monotonic() + self.DEADLINE
+        while True:
+            msg = self._next(mid, deadline)
+            if msg is None:
+                raise AssertionError(f"no idle for {mid}; got {outs}")
+            t = msg["header"]["msg_type"]
+            if t == "status" and msg["content"]["execution_state"] == "idle":
+                return reply["content"], outs
+            if t not in ("status", "execute_input"):
+                outs.append(_output(msg))
+
+    def execute(self, code: str) -> tuple[dict, list[dict]]:
+        return self.finish(self.start(code))
+
+    def release(self):
+        """Let a cell waiting at the gate go on (nothing happens if none
+        comes to it within the deadline)."""
+        deadline = time.monotonic() + self.DEADLINE
+        while True:
+            try:
+                fd = os.open(self.gate, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                    return
+                time.sleep(0.005)  # no reader yet
+                continue
+            os.write(fd, b"go")
+            os.close(fd)
+            return

@@ -92,11 +92,15 @@ class PublisherTest(unittest.TestCase):
         self.assertEqual(msg["header"]["msg_type"], "display_data")
         self.assertEqual(len(self.h.messages()), 1)
 
-    def test_flush_streams_sends_stdout_then_stderr(self):
-        self.h.stderr.write("2")
+    def test_flush_streams_sends_the_text_written_first_first(self):
         self.h.stdout.write("1")
+        self.h.stderr.write("2")
         self.p.flush_streams()
         self.assertEqual([m["content"]["name"] for m in self.h.messages()], ["stdout", "stderr"])
+        self.h.stderr.write("3")
+        self.h.stdout.write("4")
+        self.p.flush_streams()
+        self.assertEqual([m["content"]["name"] for m in self.h.messages()], ["stderr", "stdout"])
 
     def test_a_new_request_starts_a_fresh_budget(self):
         self.p.budget.limit = 10
