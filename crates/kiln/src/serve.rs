@@ -35,12 +35,15 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     if s.sessions.sandbox.is_none() {
         tracing::warn!("--sandbox none: sessions run WITHOUT isolation; never run untrusted code like this");
     }
+    crate::fds::ensure(&crate::fds::Budget::of(&s))?;
     create_private_dir(&s.data_dir)?;
     create_private_dir(&s.sessions.sessions_dir)?;
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&s.data_dir.join("kiln.db")).context("could not open kiln's database")?);
     let configured = settle_keys(&s, store.as_ref()).await?;
-    let keys = Arc::new(KeyRing::new(accepted_keys(&configured, store.as_ref()).await?));
+    crate::ceiling::record(&s.data_dir, s.network)?;
+    let clamp = Arc::new(crate::ceiling::Clamp::new(s.network));
+    let keys = Arc::new(KeyRing::new(clamp.apply(accepted_keys(&configured, store.as_ref()).await?)));
     // Keys created or revoked with `kiln keys` apply to a running server
     // within seconds.
     {
@@ -52,7 +55,7 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
                 // is read is not undone by this (possibly older) list.
                 let since = keys.changes();
                 match accepted_keys(&configured, store.as_ref()).await {
-                    Ok(k) => keys.replace_unless_changed(since, k),
+                    Ok(k) => keys.replace_unless_changed(since, clamp.apply(k)),
                     Err(e) => tracing::warn!(error = %e, "could not reload API keys"),
                 }
             }
@@ -66,6 +69,7 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("could not listen on {}; is another kiln running? (--listen)", s.listen))?;
     let addr = listener.local_addr()?;
+    let listener = crate::http::Listener::new(listener, s.http);
 
     // Provision in the background so /healthz can say "starting" meanwhile.
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
@@ -125,7 +129,7 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
             }
         }
     };
-    axum::serve(listener, tower::make::Shared::new(service))
+    axum::serve(listener, crate::http::MakeTracked::new(service))
         .with_graceful_shutdown(shutdown)
         .await
         .context("the HTTP server failed")?;
@@ -143,6 +147,12 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
 /// key: the first configured one, or the generated one.
 async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<Vec<KeyEntry>> {
     let mut configured = Vec::new();
+    // All checked before any is registered.
+    for (i, k) in s.api_keys.iter().enumerate() {
+        if let (_, Some(asked)) = split_policy(k) {
+            crate::ceiling::check(&format!("--api-key number {}", i + 1), asked, s.network)?;
+        }
+    }
     for (i, k) in s.api_keys.iter().enumerate() {
         let (key, network) = split_policy(k);
         let rec = store.add_key(hash_key(key), "configured", &KeyOptions::default()).await?;
