@@ -157,7 +157,97 @@ async fn without_network_pip_fails_fast_and_says_so() {
     assert!(out.starts_with("none\n"), "{out}");
     assert!(out.contains("ERROR: No matching distribution found for tabulate"), "{out}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{:?}", t0.elapsed());
-    assert!(!s.data.path().join("egress.sock").exists(), "no proxy under the none policy");
+    // No proxy at all: no egress socket on the host (the same check finds
+    // one per kernel under `pypi`, see below), none bound into the session.
+    assert_eq!(egress_sockets(s.data.path()), Vec::<std::path::PathBuf>::new());
+    assert_eq!(s.exec(SOCKET_INSIDE, None).await["outputs"][0]["data"], "False\n");
+}
+
+/// Python that says whether the session has an egress socket.
+const SOCKET_INSIDE: &str = "import os; print(os.path.exists('/run/kiln-egress.sock'))";
+
+/// The egress sockets (Unix sockets named `*.egress`) under `dir`.
+fn egress_sockets(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() && !t.is_symlink() {
+                todo.push(e.path());
+            } else if t.is_socket() && e.path().extension().is_some_and(|x| x == "egress") {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env_remove("KILN_CONFIG")
+        .env_remove("KILN_NETWORK")
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configured_key_cannot_ask_for_more_network_than_the_server_allows() {
+    let data = tempfile::tempdir().unwrap();
+    let key = format!("{KEY}:full");
+    let args = ["serve", "--listen", "127.0.0.1:0", "--profile", "minimal", "--data-dir"];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(args).arg(data.path()).args(["--network", "none", "--api-key", "other", "--api-key", &key]);
+    let out = cmd.env_remove("KILN_CONFIG").env_remove("KILN_API_KEY").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kiln started: {err}");
+    assert!(err.contains("--api-key number 2 asks for network policy full"), "{err}");
+    assert!(err.contains("wider than this server's --network none"), "{err}");
+    assert!(!err.contains(KEY), "the key itself was printed: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_keys_create_refuses_more_network_than_the_server_s_and_a_narrowed_server_clamps_stored_keys() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_path_buf();
+    let mut s = common::start_in(data, &["--network", "full"], true);
+    let d = dir.to_str().unwrap();
+    let created = kiln(&["keys", "create", "--network", "full", "--label", "wide", "--data-dir", d]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let wide = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    // A running server takes new keys up within seconds.
+    let code = json!({"code": "import os; print(os.environ['KILN_NETWORK'])"});
+    let mut answer = s.post("/tci/execute", Some(&wide), code.clone()).await;
+    for _ in 0..50 {
+        if answer.0 != 401 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        answer = s.post("/tci/execute", Some(&wide), code.clone()).await;
+    }
+    let (st, v) = answer;
+    assert_eq!((st, text_of(&v["data"], "stdout")), (200, "full\n".to_string()), "{v}");
+    s.stop();
+    let data = std::mem::replace(&mut s.data, tempfile::tempdir().unwrap());
+    drop(s);
+
+    // The same data dir under a narrower server: the stored key is clamped.
+    let s = common::start_in(data, &["--network", "none"], true);
+    let code = format!("import os\nprint(os.environ['KILN_NETWORK'])\n{SOCKET_INSIDE}");
+    let (st, v) = s.post("/tci/execute", Some(&wide), json!({ "code": code })).await;
+    assert_eq!((st, text_of(&v["data"], "stdout")), (200, "none\nFalse\n".to_string()), "{v}");
+    assert_eq!(egress_sockets(s.data.path()), Vec::<std::path::PathBuf>::new());
+    // And a new key cannot ask for more than this server's policy.
+    let refused = kiln(&["keys", "create", "--network", "pypi", "--data-dir", d]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("this key asks for network policy pypi") && err.contains("--network none"), "{err}");
+    assert!(String::from_utf8_lossy(&refused.stdout).trim().is_empty(), "a key was printed");
+    let narrow = kiln(&["keys", "create", "--network", "none", "--data-dir", d]);
+    assert!(narrow.status.success(), "{}", String::from_utf8_lossy(&narrow.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,4 +263,20 @@ async fn a_key_can_have_its_own_network_policy() {
     assert_eq!(text_of(&mine["data"], "stdout"), "pypi proxy\n", "{mine}");
     let (_, theirs) = s.post("/tci/execute", Some(common::OTHER_KEY), json!({"code": code})).await;
     assert_eq!(text_of(&theirs["data"], "stdout"), "none no proxy\n", "{theirs}");
+    // Each kernel with egress has a socket of its own, bound into its
+    // sandbox; the `none` key's session has none.
+    let (_, mine) = s
+        .post("/tci/execute", Some(KEY), json!({"code": SOCKET_INSIDE, "session_id": mine["data"]["session_id"]}))
+        .await;
+    assert_eq!(text_of(&mine["data"], "stdout"), "True\n", "{mine}");
+    let theirs_id = &theirs["data"]["session_id"];
+    let (_, theirs) =
+        s.post("/tci/execute", Some(common::OTHER_KEY), json!({"code": SOCKET_INSIDE, "session_id": theirs_id})).await;
+    assert_eq!(text_of(&theirs["data"], "stdout"), "False\n", "{theirs}");
+    let sockets = egress_sockets(s.data.path());
+    assert!(!sockets.is_empty());
+    for socket in &sockets {
+        let kernel_dir = socket.parent().unwrap();
+        assert_eq!(kernel_dir.parent(), Some(s.sessions_dir().as_path()), "{socket:?}");
+    }
 }

@@ -28,10 +28,24 @@ pub fn start(extra: &[&str]) -> Server {
 }
 
 pub fn start_in(data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    start_via(&[], "127.0.0.1:0", data, extra, with_keys)
+}
+
+/// Like [`start_in`], listening on `listen`, started through `prefix`: a
+/// command that ends by exec'ing the rest of its arguments (such as
+/// `nsenter --net=... --`), so that the child is still kiln itself.
+pub fn start_via(prefix: &[&str], listen: &str, data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Server {
+    let mut cmd = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(env!("CARGO_BIN_EXE_kiln"));
+            cmd
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_kiln")),
+    };
     cmd.arg("serve")
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--data-dir")
         .arg(data.path())
         .args(extra)
