@@ -17,11 +17,12 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 /// zygote, listeners, the async runtime.
 const BASE: u64 = 256;
 
-/// Descriptors one live kernel costs the server beyond its egress: its
-/// ZeroMQ `ipc://` sockets and process handles. Measured with the lean
-/// kernel and the zygote: 3 (44 live kernels held 60 more than 24 did);
-/// the rest is headroom.
-const PER_KERNEL: u64 = 8;
+/// Descriptors one live kernel costs the server beyond its egress tunnels:
+/// its ZeroMQ `ipc://` sockets, the frame-size guard's listeners and relays,
+/// its egress socket, process handles. Measured with the lean kernel and the
+/// zygote: about 9 (44 live kernels held 387 more than none did); the rest
+/// is headroom.
+const PER_KERNEL: u64 = 16;
 
 /// What the configured limits add up to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,8 +118,8 @@ mod tests {
 
     #[test]
     fn the_need_adds_up_sessions_their_egress_and_connections() {
-        let b = Budget { sessions: 256, per_session: 8 + 130, connections: 1024 };
-        assert_eq!(b.total(), 256 + 1024 + 256 * 138);
+        let b = Budget { sessions: 256, per_session: 16 + 130, connections: 1024 };
+        assert_eq!(b.total(), 256 + 1024 + 256 * 146);
         assert!(b.explain().starts_with(&format!("{} = 256 for the server", b.total())));
     }
 }
