@@ -419,8 +419,8 @@ busy, quiet = tunnel(), tunnel()
 t = time.monotonic()
 for i in range(6):
     time.sleep(1); busy.sendall(b'.'); assert busy.recv(1) == b'.'
-print('busy open after', round(time.monotonic() - t))
+print('busy open after', time.monotonic() - t >= 6)
 print('quiet closed', quiet.recv(1) == b'')"#;
     let (st, v) = s.post("/tci/execute", Some(KEY), json!({"code": idle, "session_id": attacker})).await;
-    assert_eq!((st, text_of(&v["data"], "stdout")), (200, "busy open after 6\nquiet closed True\n".into()), "{v}");
+    assert_eq!((st, text_of(&v["data"], "stdout")), (200, "busy open after True\nquiet closed True\n".into()), "{v}");
 }
