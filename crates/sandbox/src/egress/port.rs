@@ -140,7 +140,13 @@ fn refuse_over_cap(conn: UnixStream, cap: usize) {
         "HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: {}\r\n\r\nkiln: {why}",
         why.len() + 6
     );
-    let _ = conn.try_write(msg.as_bytes());
+    // Written on the descriptor itself: a fresh socket's buffer is empty,
+    // so a non-blocking write takes it all (tokio's `try_write` would wait
+    // for the reactor to have seen the socket writable).
+    if let Ok(std_conn) = conn.into_std() {
+        use std::io::Write;
+        let _ = (&std_conn).write(msg.as_bytes());
+    }
     tracing::debug!(cap, "egress connection refused: the session is at its cap");
 }
 
