@@ -3,7 +3,7 @@
 //! its own and "the internet" is another namespace behind a veth:
 //!
 //! ```text
-//! test (host netns) --10.254.N.0/24-- kiln netns --198.51.100.0/24, 2001:db8:1::/64-- internet netns
+//! test (host netns) --10.254.X.0/24-- kiln netns --198.51.100.0/24, 2001:db8:1::/64-- internet netns
 //!                                     203.0.113.7, 2001:db8::7,                       198.51.100.2, 2001:db8:1::2
 //!                                     kiln's API on :443,                             a listener on :80
 //!                                     a host-only listener on :80
@@ -15,6 +15,7 @@
 
 mod common;
 
+use common::netns::{free_subnet, ip};
 use common::{start_via, text_of, KEY, OTHER_KEY};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -32,11 +33,6 @@ struct Net {
     dir: tempfile::TempDir,
     /// kiln's API, as the test reaches it.
     api: String,
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().unwrap();
-    assert!(st.success(), "ip {args:?}");
 }
 
 /// A TCP listener on port 80 of every address of `ns` that greets each
@@ -75,11 +71,12 @@ while True:
 }
 
 impl Net {
-    fn new(n: u8) -> Net {
-        let id = std::process::id() % 10000;
-        let (kiln_ns, inet_ns) = (format!("kiln-egress-{id}-{n}"), format!("kiln-inet-{id}-{n}"));
-        let (host_if, kiln_if) = (format!("eh{id}{n}"), format!("ek{id}{n}"));
-        let (kiln_inet_if, inet_if) = (format!("ei{id}{n}"), format!("ej{id}{n}"));
+    fn new(slot: u8) -> Net {
+        let id = std::process::id();
+        let x = free_subnet(254, slot);
+        let (kiln_ns, inet_ns) = (format!("kiln-egress-{id}-{slot}"), format!("kiln-inet6-{id}-{slot}"));
+        let (host_if, kiln_if) = (format!("eh{id}{slot}"), format!("ek{id}{slot}"));
+        let (kiln_inet_if, inet_if) = (format!("ei{id}{slot}"), format!("ej{id}{slot}"));
         let dir = tempfile::tempdir().unwrap();
         let mut net = Net {
             kiln_ns: kiln_ns.clone(),
@@ -88,18 +85,18 @@ impl Net {
             kiln_if: kiln_if.clone(),
             listeners: Vec::new(),
             dir,
-            api: format!("http://10.254.{n}.2:443"),
+            api: format!("http://10.254.{x}.2:443"),
         };
         ip(&["netns", "add", &kiln_ns]);
         ip(&["netns", "add", &inet_ns]);
         // The test's way to the API.
         ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &kiln_if]);
         ip(&["link", "set", &kiln_if, "netns", &kiln_ns]);
-        ip(&["addr", "add", &format!("10.254.{n}.1/24"), "dev", &host_if]);
+        ip(&["addr", "add", &format!("10.254.{x}.1/24"), "dev", &host_if]);
         ip(&["link", "set", &host_if, "up"]);
         let k = |args: &[&str]| ip(&[&["-n", kiln_ns.as_str()][..], args].concat());
         k(&["link", "set", "lo", "up"]);
-        k(&["addr", "add", &format!("10.254.{n}.2/24"), "dev", &kiln_if]);
+        k(&["addr", "add", &format!("10.254.{x}.2/24"), "dev", &kiln_if]);
         // This host's public addresses, as a machine on the internet has.
         k(&["addr", "add", "203.0.113.7/32", "dev", &kiln_if]);
         k(&["addr", "add", "2001:db8::7/128", "dev", &kiln_if, "nodad"]);
@@ -220,10 +217,11 @@ async fn lines_of(s: &common::Server, key: &str, code: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn under_full_egress_every_address_of_this_host_is_refused_and_the_internet_is_reached() {
-    let net = Net::new(81);
+    let net = Net::new(0);
     let s = net.kiln(&["--network", "full"]);
     // An address that appears after kiln started counts as well.
     net.add_address("203.0.113.8/32");
+    let api = net.api.trim_start_matches("http://").to_string();
     let refused = [
         "203.0.113.7:80",
         "[2001:db8::7]:80",
@@ -233,7 +231,7 @@ async fn under_full_egress_every_address_of_this_host_is_refused_and_the_interne
         "203.0.113.8:80",
         "198.51.100.1:80", // this host's side of the link to the internet
         "[2001:db8:1::1]:80",
-        "10.254.81.2:443",
+        api.as_str(), // the address the test reaches the API at
     ];
     let reached = ["198.51.100.2:80", "[2001:db8:1::2]:80", "internet.test:80"];
     let requests: Vec<String> = refused.iter().chain(reached.iter()).map(|t| connect(t)).collect();
@@ -348,7 +346,7 @@ print('started')"#
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_session_flooding_its_egress_cannot_take_egress_or_the_api_from_others() {
-    let net = Net::new(82);
+    let net = Net::new(1);
     let cap = 32;
     let s = net.kiln(&["--network", "full", "--egress-connections", &cap.to_string(), "--egress-idle-timeout", "3s"]);
     let kiln_fds = || std::fs::read_dir(format!("/proc/{}/fd", s.pid())).unwrap().count();

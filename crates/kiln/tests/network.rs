@@ -6,59 +6,63 @@
 
 mod common;
 
+use common::netns::{free_subnet, ip};
 use common::{start, text_of, KEY};
 use serde_json::json;
 use std::process::Command;
 
 /// A network namespace with a veth link to the host and an HTTP listener
-/// on 10.251.<n>.2:8080, removed on drop.
+/// on `10.251.<free>.2:8080`, removed on drop (also when set-up fails
+/// half-way).
 struct FakeInternet {
     ns: String,
-    listener: std::process::Child,
+    host_if: String,
+    listener: Option<std::process::Child>,
     addr: String,
     log: std::path::PathBuf,
 }
 
 impl FakeInternet {
-    fn new(n: u8) -> FakeInternet {
-        let ns = format!("kiln-inet-{}-{n}", std::process::id());
-        let (host_if, ns_if) =
-            (format!("kh{}{n}", std::process::id() % 10000), format!("kn{}{n}", std::process::id() % 10000));
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().unwrap();
-            assert!(st.success(), "ip {args:?}");
-        };
+    fn new(slot: u8) -> FakeInternet {
+        let pid = std::process::id();
+        let x = free_subnet(251, slot);
+        let ns = format!("kiln-inet-{pid}-{slot}");
+        let (host_if, ns_if) = (format!("kh{pid}{slot}"), format!("kn{pid}{slot}"));
+        let log = std::env::temp_dir().join(format!("{ns}.log"));
+        let addr = format!("10.251.{x}.2");
+        let mut inet = FakeInternet { ns: ns.clone(), host_if: host_if.clone(), listener: None, addr, log };
         ip(&["netns", "add", &ns]);
         ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
         ip(&["link", "set", &ns_if, "netns", &ns]);
-        ip(&["addr", "add", &format!("10.251.{n}.1/24"), "dev", &host_if]);
+        ip(&["addr", "add", &format!("10.251.{x}.1/24"), "dev", &host_if]);
         ip(&["link", "set", &host_if, "up"]);
-        ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("10.251.{n}.2/24"), "dev", &ns_if]);
-        ip(&["netns", "exec", &ns, "ip", "link", "set", &ns_if, "up"]);
-        ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
-        let log = std::env::temp_dir().join(format!("{ns}.log"));
-        let addr = format!("10.251.{n}.2");
-        let listener = Command::new("ip")
-            .args(["netns", "exec", &ns, "python3", "-u", "-c"])
+        ip(&["-n", &ns, "addr", "add", &format!("{}/24", inet.addr), "dev", &ns_if]);
+        ip(&["-n", &ns, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let listener = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["--", "python3", "-u", "-c"])
             .arg(format!(
                 "import socket\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
                  s.bind(('{addr}', 8080)); s.listen()\nwhile True:\n    c, a = s.accept(); open({log:?}, 'a').write(f'{{a}}\\n'); c.close()",
-                log = log.display().to_string()
+                addr = inet.addr,
+                log = inet.log.display().to_string()
             ))
             .spawn()
             .unwrap();
+        inet.listener = Some(listener);
         // The host itself reaches it: the stand-in works.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect((addr.as_str(), 8080)).is_err() {
+        while std::net::TcpStream::connect((inet.addr.as_str(), 8080)).is_err() {
             assert!(std::time::Instant::now() < deadline, "fake internet did not come up");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         // Our own probe is logged once; count only what comes after it.
-        while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 1 {
+        while std::fs::read_to_string(&inet.log).map(|t| t.lines().count()).unwrap_or(0) < 1 {
             assert!(std::time::Instant::now() < deadline, "fake internet does not log");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        FakeInternet { ns, listener, addr, log }
+        inet
     }
 
     fn connections(&self) -> usize {
@@ -68,8 +72,12 @@ impl FakeInternet {
 
 impl Drop for FakeInternet {
     fn drop(&mut self) {
-        let _ = self.listener.kill();
-        let _ = self.listener.wait();
+        if let Some(mut l) = self.listener.take() {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        // Deleting either end of the veth deletes both.
+        let _ = Command::new("ip").args(["link", "delete", &self.host_if]).stderr(std::process::Stdio::null()).status();
         let _ = Command::new("ip").args(["netns", "delete", &self.ns]).status();
         let _ = std::fs::remove_file(&self.log);
     }
@@ -96,7 +104,7 @@ except OSError as e:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pypi_policy_reaches_nothing_but_the_package_index() {
-    let inet = FakeInternet::new(71);
+    let inet = FakeInternet::new(0);
     let s = start(&["--network", "pypi"]);
     let d = s.exec(&probe(&inet.addr), None).await;
     let out = text_of(&d, "stdout");
@@ -111,7 +119,7 @@ async fn the_pypi_policy_reaches_nothing_but_the_package_index() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_full_policy_still_refuses_private_networks_and_this_host() {
-    let inet = FakeInternet::new(72);
+    let inet = FakeInternet::new(1);
     let s = start(&["--network", "full"]);
     let d = s.exec(&probe(&inet.addr).replace("8080", "443"), None).await;
     let out = text_of(&d, "stdout");

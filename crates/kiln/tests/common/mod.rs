@@ -5,6 +5,8 @@
 //! and the shared runtime cache, and is stopped with SIGTERM when dropped.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod netns;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -171,7 +173,14 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        // After a failed assertion, a second panic here would abort the
+        // whole test binary (and leak what other tests' drops clean up).
+        if std::thread::panicking() {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        } else if self.child.is_some() {
             let _ = self.stop();
         }
     }
