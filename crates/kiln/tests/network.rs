@@ -256,6 +256,12 @@ async fn kiln_keys_create_refuses_more_network_than_the_server_s_and_a_narrowed_
     assert!(String::from_utf8_lossy(&refused.stdout).trim().is_empty(), "a key was printed");
     let narrow = kiln(&["keys", "create", "--network", "none", "--data-dir", d]);
     assert!(narrow.status.success(), "{}", String::from_utf8_lossy(&narrow.stderr));
+    // Nor through the API (the first configured key is an admin key).
+    let (st, v) = s.post("/v1/admin/keys", Some(KEY), json!({"network": "full"})).await;
+    assert_eq!((st, v["errors"][0]["code"].as_str()), (400, Some("invalid_request")), "{v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains("--network none"), "{v}");
+    let (st, v) = s.post("/v1/admin/keys", Some(KEY), json!({"network": "none"})).await;
+    assert_eq!(st, 200, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
