@@ -59,7 +59,8 @@ pub enum KeysCommand {
         /// Live sessions it may have (below the server's per-key limit).
         #[arg(long)]
         max_sessions: Option<u64>,
-        /// Its sessions' network policy: none, pypi or full.
+        /// Its sessions' network policy: none, pypi or full; never wider
+        /// than the server's --network.
         #[arg(long)]
         network: Option<NetworkPolicy>,
         /// Make it an admin key: it may list, create and revoke keys through
@@ -89,6 +90,10 @@ pub enum KeysCommand {
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Create { label, max_sessions, network, admin, data } => {
+            if let Some(asked) = network {
+                let ceiling = server_network(&data.path()?)?;
+                crate::ceiling::check("this key", asked, ceiling)?;
+            }
             let store = data.store().await?;
             let key = kiln_server::generate_key();
             let options = KeyOptions { max_sessions, network, admin };
@@ -137,6 +142,20 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The network policy of the server on `data_dir`: what its last start
+/// recorded there, or else what `kiln serve` would start with now (the
+/// config file and `KILN_NETWORK` over the default).
+fn server_network(data_dir: &std::path::Path) -> anyhow::Result<kiln_protocol::NetworkPolicy> {
+    if let Some(p) = crate::ceiling::recorded(data_dir)? {
+        return Ok(p);
+    }
+    use clap::{Args as _, FromArgMatches as _};
+    let matches =
+        crate::config::ServeArgs::augment_args(clap::Command::new("serve")).try_get_matches_from(["serve"])?;
+    let args = crate::config::ServeArgs::from_arg_matches(&matches)?;
+    Ok(crate::config::Settings::resolve(args)?.network)
 }
 
 /// `kiln usage`: what every key has used.

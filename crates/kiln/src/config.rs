@@ -116,6 +116,33 @@ pub struct ServeArgs {
     /// [default: pypi]
     #[arg(long, env = "KILN_NETWORK")]
     pub network: Option<String>,
+    /// Connections a session may have open through the egress proxy at
+    /// once [default: 64]
+    #[arg(long, env = "KILN_EGRESS_CONNECTIONS")]
+    pub egress_connections: Option<usize>,
+    /// An egress tunnel with no traffic either way for this long is closed
+    /// [default: 2m]
+    #[arg(long, env = "KILN_EGRESS_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub egress_idle_timeout: Option<Duration>,
+    /// An egress tunnel is closed after this long, busy or not [default: 1h]
+    #[arg(long, env = "KILN_EGRESS_MAX_DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub egress_max_duration: Option<Duration>,
+    /// Open connections to the API at once; more wait to be accepted
+    /// [default: 1024]
+    #[arg(long, env = "KILN_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's headers once it started, and
+    /// the longest pause allowed while it sends a body [default: 10s]
+    #[arg(long, env = "KILN_HTTP_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub http_header_timeout: Option<Duration>,
+    /// An API connection with no request in flight is closed after this
+    /// long (a running execution is never cut) [default: 30s]
+    #[arg(long, env = "KILN_HTTP_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub http_idle_timeout: Option<Duration>,
     /// On SIGTERM, how long running executions may finish before every
     /// session is torn down [default: 30s]
     #[arg(long, env = "KILN_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
@@ -161,6 +188,9 @@ pub struct Settings {
     pub runtime: kiln_runtime::RuntimeConfig,
     pub sessions: kiln_sessions::Config,
     pub max_body_bytes: usize,
+    /// What sessions may reach: the ceiling of every key's own policy.
+    pub network: kiln_sessions::NetworkPolicy,
+    pub http: crate::http::HttpLimits,
     pub log_format: String,
     pub shutdown_grace: Duration,
 }
@@ -214,6 +244,15 @@ impl Settings {
         let max_exec_timeout = pick!(max_exec_timeout, Duration::from_secs(3600));
         let kernel: kiln_kernel::KernelKind = pick!(kernel, "lean".to_string()).parse().map_err(anyhow::Error::msg)?;
         let helper = std::env::current_exe().context("cannot find the kiln binary itself")?;
+        let egress = {
+            let d = kiln_sandbox::egress::Limits::default();
+            kiln_sandbox::egress::Limits {
+                connections: positive("--egress-connections", pick!(egress_connections, d.connections))?,
+                idle_timeout: nonzero("--egress-idle-timeout", pick!(egress_idle_timeout, d.idle_timeout))?,
+                max_duration: nonzero("--egress-max-duration", pick!(egress_max_duration, d.max_duration))?,
+                ..d
+            }
+        };
         let zygote_library = match pick!(zygote, "on".to_string()).as_str() {
             "on" => zygote_library(&helper),
             "off" => None,
@@ -256,9 +295,15 @@ impl Settings {
                     }
                 },
                 network,
-                egress_dir: data_dir.clone(),
+                egress,
             },
             max_body_bytes: pick!(max_body_bytes, 50 << 20),
+            network,
+            http: crate::http::HttpLimits {
+                max_connections: positive("--max-connections", pick!(max_connections, 1024))?,
+                header_timeout: nonzero("--http-header-timeout", pick!(http_header_timeout, Duration::from_secs(10)))?,
+                idle_timeout: nonzero("--http-idle-timeout", pick!(http_idle_timeout, Duration::from_secs(30)))?,
+            },
             shutdown_grace: pick!(shutdown_grace, Duration::from_secs(30)),
             api_keys,
             data_dir,
@@ -267,6 +312,16 @@ impl Settings {
             log_format,
         })
     }
+}
+
+fn positive(flag: &str, n: usize) -> anyhow::Result<usize> {
+    anyhow::ensure!(n > 0, "{flag} must be at least 1");
+    Ok(n)
+}
+
+fn nonzero(flag: &str, d: Duration) -> anyhow::Result<Duration> {
+    anyhow::ensure!(!d.is_zero(), "{flag} must be longer than zero");
+    Ok(d)
 }
 
 /// The sandbox as a shared library, built beside the kiln binary; the

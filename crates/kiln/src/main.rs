@@ -7,8 +7,11 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod ceiling;
 mod client;
 mod config;
+mod fds;
+mod http;
 mod mcp;
 mod serve;
 mod table;

@@ -35,6 +35,7 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     if s.sessions.sandbox.is_none() {
         tracing::warn!("--sandbox none: sessions run WITHOUT isolation; never run untrusted code like this");
     }
+    crate::fds::ensure(&crate::fds::Budget::of(&s))?;
     create_private_dir(&s.data_dir)?;
     create_private_dir(&s.sessions.sessions_dir)?;
     let store = kiln_store::open(&s.database, &kiln_store::OpenOptions::new(s.node_id.clone()))
@@ -43,8 +44,10 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     tracing::info!(database = %s.database.redacted(), node = %s.node_id, "store opened");
     let version = store.keys_version().await?;
     let configured = settle_keys(&s, store.as_ref()).await?;
-    let keys = Arc::new(KeyRing::new(accepted_keys(&configured, store.as_ref()).await?));
-    tokio::spawn(reload_keys(keys.clone(), configured, store.clone(), version));
+    crate::ceiling::record(&s.data_dir, s.network)?;
+    let clamp = Arc::new(crate::ceiling::Clamp::new(s.network));
+    let keys = Arc::new(KeyRing::new(clamp.apply(accepted_keys(&configured, store.as_ref()).await?)));
+    tokio::spawn(reload_keys(keys.clone(), configured, store.clone(), version, clamp));
 
     let manager = Manager::new(s.sessions.clone(), store.clone());
     manager.recover().await.context("could not clean up after a previous run")?;
@@ -53,6 +56,7 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("could not listen on {}; is another kiln running? (--listen)", s.listen))?;
     let addr = listener.local_addr()?;
+    let listener = crate::http::Listener::new(listener, s.http);
 
     // Provision in the background so /healthz can say "starting" meanwhile.
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
@@ -112,7 +116,7 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
             }
         }
     };
-    axum::serve(listener, tower::make::Shared::new(service))
+    axum::serve(listener, crate::http::MakeTracked::new(service))
         .with_graceful_shutdown(shutdown)
         .await
         .context("the HTTP server failed")?;
@@ -128,7 +132,13 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
 /// within about a second: the store's keys version is polled (one tiny
 /// query), and the keys are read again only when it moved. While the
 /// database is unavailable the last keys stay in force.
-async fn reload_keys(keys: Arc<KeyRing>, configured: Vec<KeyEntry>, store: Arc<dyn Store>, mut seen: u64) {
+async fn reload_keys(
+    keys: Arc<KeyRing>,
+    configured: Vec<KeyEntry>,
+    store: Arc<dyn Store>,
+    mut seen: u64,
+    clamp: Arc<crate::ceiling::Clamp>,
+) {
     let mut failing = false;
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -151,7 +161,7 @@ async fn reload_keys(keys: Arc<KeyRing>, configured: Vec<KeyEntry>, store: Arc<d
                 if let Some((v, k)) = found {
                     // Skipped after an API change: that change moved the
                     // version too, so the next round reads the keys again.
-                    keys.replace_unless_changed(since, k);
+                    keys.replace_unless_changed(since, clamp.apply(k));
                     seen = v;
                 }
             }
@@ -171,6 +181,12 @@ async fn reload_keys(keys: Arc<KeyRing>, configured: Vec<KeyEntry>, store: Arc<d
 /// key: the first configured one, or the generated one.
 async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<Vec<KeyEntry>> {
     let mut configured = Vec::new();
+    // All checked before any is registered.
+    for (i, k) in s.api_keys.iter().enumerate() {
+        if let (_, Some(asked)) = split_policy(k) {
+            crate::ceiling::check(&format!("--api-key number {}", i + 1), asked, s.network)?;
+        }
+    }
     for (i, k) in s.api_keys.iter().enumerate() {
         let (key, network) = split_policy(k);
         let rec = store.add_key(hash_key(key), KeyOrigin::Configured, "configured", &KeyOptions::default()).await?;

@@ -6,59 +6,63 @@
 
 mod common;
 
+use common::netns::{free_subnet, ip};
 use common::{start, text_of, KEY};
 use serde_json::json;
 use std::process::Command;
 
 /// A network namespace with a veth link to the host and an HTTP listener
-/// on 10.251.<n>.2:8080, removed on drop.
+/// on `10.251.<free>.2:8080`, removed on drop (also when set-up fails
+/// half-way).
 struct FakeInternet {
     ns: String,
-    listener: std::process::Child,
+    host_if: String,
+    listener: Option<std::process::Child>,
     addr: String,
     log: std::path::PathBuf,
 }
 
 impl FakeInternet {
-    fn new(n: u8) -> FakeInternet {
-        let ns = format!("kiln-inet-{}-{n}", std::process::id());
-        let (host_if, ns_if) =
-            (format!("kh{}{n}", std::process::id() % 10000), format!("kn{}{n}", std::process::id() % 10000));
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().unwrap();
-            assert!(st.success(), "ip {args:?}");
-        };
+    fn new(slot: u8) -> FakeInternet {
+        let pid = std::process::id();
+        let x = free_subnet(251, slot);
+        let ns = format!("kiln-inet-{pid}-{slot}");
+        let (host_if, ns_if) = (format!("kh{pid}{slot}"), format!("kn{pid}{slot}"));
+        let log = std::env::temp_dir().join(format!("{ns}.log"));
+        let addr = format!("10.251.{x}.2");
+        let mut inet = FakeInternet { ns: ns.clone(), host_if: host_if.clone(), listener: None, addr, log };
         ip(&["netns", "add", &ns]);
         ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
         ip(&["link", "set", &ns_if, "netns", &ns]);
-        ip(&["addr", "add", &format!("10.251.{n}.1/24"), "dev", &host_if]);
+        ip(&["addr", "add", &format!("10.251.{x}.1/24"), "dev", &host_if]);
         ip(&["link", "set", &host_if, "up"]);
-        ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("10.251.{n}.2/24"), "dev", &ns_if]);
-        ip(&["netns", "exec", &ns, "ip", "link", "set", &ns_if, "up"]);
-        ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
-        let log = std::env::temp_dir().join(format!("{ns}.log"));
-        let addr = format!("10.251.{n}.2");
-        let listener = Command::new("ip")
-            .args(["netns", "exec", &ns, "python3", "-u", "-c"])
+        ip(&["-n", &ns, "addr", "add", &format!("{}/24", inet.addr), "dev", &ns_if]);
+        ip(&["-n", &ns, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let listener = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["--", "python3", "-u", "-c"])
             .arg(format!(
                 "import socket\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
                  s.bind(('{addr}', 8080)); s.listen()\nwhile True:\n    c, a = s.accept(); open({log:?}, 'a').write(f'{{a}}\\n'); c.close()",
-                log = log.display().to_string()
+                addr = inet.addr,
+                log = inet.log.display().to_string()
             ))
             .spawn()
             .unwrap();
+        inet.listener = Some(listener);
         // The host itself reaches it: the stand-in works.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect((addr.as_str(), 8080)).is_err() {
+        while std::net::TcpStream::connect((inet.addr.as_str(), 8080)).is_err() {
             assert!(std::time::Instant::now() < deadline, "fake internet did not come up");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         // Our own probe is logged once; count only what comes after it.
-        while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 1 {
+        while std::fs::read_to_string(&inet.log).map(|t| t.lines().count()).unwrap_or(0) < 1 {
             assert!(std::time::Instant::now() < deadline, "fake internet does not log");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        FakeInternet { ns, listener, addr, log }
+        inet
     }
 
     fn connections(&self) -> usize {
@@ -68,8 +72,12 @@ impl FakeInternet {
 
 impl Drop for FakeInternet {
     fn drop(&mut self) {
-        let _ = self.listener.kill();
-        let _ = self.listener.wait();
+        if let Some(mut l) = self.listener.take() {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        // Deleting either end of the veth deletes both.
+        let _ = Command::new("ip").args(["link", "delete", &self.host_if]).stderr(std::process::Stdio::null()).status();
         let _ = Command::new("ip").args(["netns", "delete", &self.ns]).status();
         let _ = std::fs::remove_file(&self.log);
     }
@@ -96,7 +104,7 @@ except OSError as e:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pypi_policy_reaches_nothing_but_the_package_index() {
-    let inet = FakeInternet::new(71);
+    let inet = FakeInternet::new(0);
     let s = start(&["--network", "pypi"]);
     let d = s.exec(&probe(&inet.addr), None).await;
     let out = text_of(&d, "stdout");
@@ -111,7 +119,7 @@ async fn the_pypi_policy_reaches_nothing_but_the_package_index() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_full_policy_still_refuses_private_networks_and_this_host() {
-    let inet = FakeInternet::new(72);
+    let inet = FakeInternet::new(1);
     let s = start(&["--network", "full"]);
     let d = s.exec(&probe(&inet.addr).replace("8080", "443"), None).await;
     let out = text_of(&d, "stdout");
@@ -157,7 +165,103 @@ async fn without_network_pip_fails_fast_and_says_so() {
     assert!(out.starts_with("none\n"), "{out}");
     assert!(out.contains("ERROR: No matching distribution found for tabulate"), "{out}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{:?}", t0.elapsed());
-    assert!(!s.data.path().join("egress.sock").exists(), "no proxy under the none policy");
+    // No proxy at all: no egress socket on the host (the same check finds
+    // one per kernel under `pypi`, see below), none bound into the session.
+    assert_eq!(egress_sockets(s.data.path()), Vec::<std::path::PathBuf>::new());
+    assert_eq!(s.exec(SOCKET_INSIDE, None).await["outputs"][0]["data"], "False\n");
+}
+
+/// Python that says whether the session has an egress socket.
+const SOCKET_INSIDE: &str = "import os; print(os.path.exists('/run/kiln-egress.sock'))";
+
+/// The egress sockets (Unix sockets named `*.egress`) under `dir`.
+fn egress_sockets(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() && !t.is_symlink() {
+                todo.push(e.path());
+            } else if t.is_socket() && e.path().extension().is_some_and(|x| x == "egress") {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env_remove("KILN_CONFIG")
+        .env_remove("KILN_NETWORK")
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configured_key_cannot_ask_for_more_network_than_the_server_allows() {
+    let data = tempfile::tempdir().unwrap();
+    let key = format!("{KEY}:full");
+    let args = ["serve", "--listen", "127.0.0.1:0", "--profile", "minimal", "--data-dir"];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.args(args).arg(data.path()).args(["--network", "none", "--api-key", "other", "--api-key", &key]);
+    let out = cmd.env_remove("KILN_CONFIG").env_remove("KILN_API_KEY").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kiln started: {err}");
+    assert!(err.contains("--api-key number 2 asks for network policy full"), "{err}");
+    assert!(err.contains("wider than this server's --network none"), "{err}");
+    assert!(!err.contains(KEY), "the key itself was printed: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_keys_create_refuses_more_network_than_the_server_s_and_a_narrowed_server_clamps_stored_keys() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_path_buf();
+    let mut s = common::start_in(data, &["--network", "full"], true);
+    let d = dir.to_str().unwrap();
+    let created = kiln(&["keys", "create", "--network", "full", "--label", "wide", "--data-dir", d]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let wide = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    // A running server takes new keys up within seconds.
+    let code = json!({"code": "import os; print(os.environ['KILN_NETWORK'])"});
+    let mut answer = s.post("/tci/execute", Some(&wide), code.clone()).await;
+    for _ in 0..50 {
+        if answer.0 != 401 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        answer = s.post("/tci/execute", Some(&wide), code.clone()).await;
+    }
+    let (st, v) = answer;
+    assert_eq!((st, text_of(&v["data"], "stdout")), (200, "full\n".to_string()), "{v}");
+    s.stop();
+    let data = std::mem::replace(&mut s.data, tempfile::tempdir().unwrap());
+    drop(s);
+
+    // The same data dir under a narrower server: the stored key is clamped.
+    let s = common::start_in(data, &["--network", "none"], true);
+    let code = format!("import os\nprint(os.environ['KILN_NETWORK'])\n{SOCKET_INSIDE}");
+    let (st, v) = s.post("/tci/execute", Some(&wide), json!({ "code": code })).await;
+    assert_eq!((st, text_of(&v["data"], "stdout")), (200, "none\nFalse\n".to_string()), "{v}");
+    assert_eq!(egress_sockets(s.data.path()), Vec::<std::path::PathBuf>::new());
+    // And a new key cannot ask for more than this server's policy.
+    let refused = kiln(&["keys", "create", "--network", "pypi", "--data-dir", d]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("this key asks for network policy pypi") && err.contains("--network none"), "{err}");
+    assert!(String::from_utf8_lossy(&refused.stdout).trim().is_empty(), "a key was printed");
+    let narrow = kiln(&["keys", "create", "--network", "none", "--data-dir", d]);
+    assert!(narrow.status.success(), "{}", String::from_utf8_lossy(&narrow.stderr));
+    // Nor through the API (the first configured key is an admin key).
+    let (st, v) = s.post("/v1/admin/keys", Some(KEY), json!({"network": "full"})).await;
+    assert_eq!((st, v["errors"][0]["code"].as_str()), (400, Some("invalid_request")), "{v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains("--network none"), "{v}");
+    let (st, v) = s.post("/v1/admin/keys", Some(KEY), json!({"network": "none"})).await;
+    assert_eq!(st, 200, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,4 +277,20 @@ async fn a_key_can_have_its_own_network_policy() {
     assert_eq!(text_of(&mine["data"], "stdout"), "pypi proxy\n", "{mine}");
     let (_, theirs) = s.post("/tci/execute", Some(common::OTHER_KEY), json!({"code": code})).await;
     assert_eq!(text_of(&theirs["data"], "stdout"), "none no proxy\n", "{theirs}");
+    // Each kernel with egress has a socket of its own, bound into its
+    // sandbox; the `none` key's session has none.
+    let (_, mine) = s
+        .post("/tci/execute", Some(KEY), json!({"code": SOCKET_INSIDE, "session_id": mine["data"]["session_id"]}))
+        .await;
+    assert_eq!(text_of(&mine["data"], "stdout"), "True\n", "{mine}");
+    let theirs_id = &theirs["data"]["session_id"];
+    let (_, theirs) =
+        s.post("/tci/execute", Some(common::OTHER_KEY), json!({"code": SOCKET_INSIDE, "session_id": theirs_id})).await;
+    assert_eq!(text_of(&theirs["data"], "stdout"), "False\n", "{theirs}");
+    let sockets = egress_sockets(s.data.path());
+    assert!(!sockets.is_empty());
+    for socket in &sockets {
+        let kernel_dir = socket.parent().unwrap();
+        assert_eq!(kernel_dir.parent(), Some(s.sessions_dir().as_path()), "{socket:?}");
+    }
 }

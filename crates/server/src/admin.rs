@@ -103,6 +103,12 @@ pub(crate) async fn create(
             .with_param("max_sessions")
             .into());
     }
+    // The server's --network is the ceiling: a key can only narrow it.
+    if let Some(asked) = req.network {
+        asked
+            .within(state.manager.network())
+            .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.to_string()).with_param("network"))?;
+    }
     let key = generate_key();
     let options = KeyOptions { max_sessions: req.max_sessions, network: req.network, admin: req.admin };
     let record = state

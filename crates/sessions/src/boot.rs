@@ -1,6 +1,6 @@
 //! The kernel factory: everything needed to make a kernel for a session
 //! (its directories and storage, its sandbox, its environment and network
-//! policy, the zygote it is forked from, the egress proxies), and to
+//! policy, the zygote it is forked from, its egress socket), and to
 //! destroy one. The pool and the session workers use it; it knows nothing
 //! of sessions, keys or the store.
 
@@ -9,9 +9,8 @@ use kiln_kernel::{Kernel, KernelDirs, KernelSpec, INSIDE_HOME};
 use kiln_runtime::Runtime;
 use kiln_sandbox::{Sandboxes, Zygote, ZygoteSpec};
 use rand::distr::{Alphanumeric, SampleString};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
 
 /// Makes and destroys kernels.
 #[derive(Debug)]
@@ -22,8 +21,8 @@ pub(crate) struct Kernels {
     sandboxes: Sandboxes,
     /// The fork server kernels are started from, once started.
     zygote: tokio::sync::Mutex<ZygoteSlot>,
-    /// The egress proxies' tasks.
-    egress: Mutex<Vec<JoinHandle<()>>>,
+    /// The egress proxy, when the server's policy allows any egress.
+    egress: OnceLock<EgressProxy>,
 }
 
 /// The zygote of this server, and when it last failed to start.
@@ -50,7 +49,7 @@ impl Kernels {
             runtime: OnceLock::new(),
             sandboxes,
             zygote: tokio::sync::Mutex::new(ZygoteSlot::default()),
-            egress: Mutex::new(Vec::new()),
+            egress: OnceLock::new(),
         }
     }
 
@@ -71,7 +70,7 @@ impl Kernels {
                     )));
                 }
             }
-            self.start_egress(&runtime).await?;
+            self.start_egress(&runtime, owner).await?;
             // The session user must own the shared runtime for its
             // copy-on-write layer to accept writes (the runtime itself is
             // never written: it is read-only or overlaid in every sandbox).
@@ -98,13 +97,6 @@ impl Kernels {
     pub(crate) async fn destroy(&self, kernel: Kernel) {
         kernel.kill().await;
         destroy_dir(kernel.dirs().root.clone()).await;
-    }
-
-    /// Stop the egress proxies (at shutdown, once no kernel is left).
-    pub(crate) fn stop_egress(&self) {
-        for proxy in self.egress.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-            proxy.abort();
-        }
     }
 
     /// Leave nothing of the server's on the host (at shutdown, once no
@@ -140,10 +132,14 @@ impl Kernels {
         booted
     }
 
-    /// Boot a kernel in prepared `dirs`, with `network` as its policy.
+    /// Boot a kernel in prepared `dirs`, with `network` as its policy
+    /// (never wider than the server's: the operator's `--network` is the
+    /// ceiling of every key's).
     pub(crate) async fn boot_in(&self, dirs: KernelDirs, network: NetworkPolicy) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?;
         let isolated = self.cfg.sandbox.is_some();
+        let network = network.min(self.default_network());
+        let port = if isolated { self.egress_port(&dirs, network)? } else { None };
         // The runtime is shown copy-on-write (pip installs land in the
         // session's layer); its base interpreter read-only.
         let (home, mounts, shared) = if isolated {
@@ -154,7 +150,7 @@ impl Kernels {
                     .map(|p| kiln_sandbox::Bind { src: p.clone(), dst: p, writable: false })
                     .collect(),
                 overlay: None,
-                egress_socket: socket_name(network).map(|n| self.cfg.egress_dir.join(n)),
+                egress_socket: port.as_ref().map(|p| p.path().to_path_buf()),
             };
             (std::path::PathBuf::from(INSIDE_HOME), mounts, Some(runtime.root.clone()))
         } else {
@@ -194,9 +190,40 @@ impl Kernels {
             zygote,
             max_frame_bytes: max_frame_bytes(self.cfg.max_output_bytes),
         };
-        Kernel::start(&spec, dirs).await.map_err(|e| {
+        let kernel = Kernel::start(&spec, dirs).await.map_err(|e| {
             tracing::error!(error = %e, "kernel boot failed");
             SessionError::KernelUnavailable(e.to_string())
+        })?;
+        // The socket lives exactly as long as the sandbox that uses it.
+        if let Some(port) = port {
+            port.close_on_exit(kernel.sandbox().exit_watch());
+        }
+        Ok(kernel)
+    }
+
+    /// A new egress socket for the kernel about to boot in `dirs`, when
+    /// `network` allows egress. Its own socket per sandbox, so that one
+    /// session's connections are counted, capped and closed apart from
+    /// every other's. It lives beside the run directory (a restarted
+    /// kernel gets a new one), in the part of the kernel's directory only
+    /// the server can reach.
+    fn egress_port(
+        &self,
+        dirs: &KernelDirs,
+        network: NetworkPolicy,
+    ) -> Result<Option<kiln_sandbox::egress::Port>, SessionError> {
+        let policy = match network {
+            NetworkPolicy::None => return Ok(None),
+            NetworkPolicy::Pypi => self.egress.get().map(|e| e.pypi.clone()),
+            NetworkPolicy::Full => self.egress.get().map(|e| e.full.clone()),
+        };
+        let (Some(proxy), Some(policy)) = (self.egress.get(), policy) else {
+            return Err(SessionError::KernelUnavailable("the egress proxy is not running".into()));
+        };
+        let run = dirs.run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = dirs.root.join(format!("{run}.egress"));
+        proxy.egress.open(&path, policy).map(Some).map_err(|e| {
+            SessionError::KernelUnavailable(format!("could not open the egress socket {}: {e}", path.display()))
         })
     }
 
@@ -262,41 +289,41 @@ impl Kernels {
         self.sandboxes.file_owner()
     }
 
-    /// Serve an egress proxy for each policy that allows egress (sessions
-    /// may have their key's policy rather than the server's).
-    async fn start_egress(&self, runtime: &Runtime) -> Result<(), SessionError> {
-        for network in [NetworkPolicy::Pypi, NetworkPolicy::Full] {
-            self.start_proxy(runtime, network).await?;
+    /// Get the egress proxy ready when the server's policy allows any
+    /// egress: the package index hosts are read once, here. Under `none`
+    /// nothing runs at all, and no session gets a socket.
+    async fn start_egress(&self, runtime: &Runtime, owner: u32) -> Result<(), SessionError> {
+        if !self.cfg.network.allows_egress() || self.egress.get().is_some() {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    async fn start_proxy(&self, runtime: &Runtime, network: NetworkPolicy) -> Result<(), SessionError> {
-        let Some(name) = socket_name(network) else { return Ok(()) };
-        let socket = self.cfg.egress_dir.join(name);
-        let policy = match network {
-            NetworkPolicy::None => return Ok(()),
-            NetworkPolicy::Full => kiln_sandbox::egress::Policy::Full,
-            NetworkPolicy::Pypi => {
-                let rt = runtime.clone();
-                let hosts = tokio::task::spawn_blocking(move || rt.index_hosts())
-                    .await
-                    .map_err(|e| SessionError::Broken(e.to_string()))?
-                    .map_err(|e| SessionError::Broken(format!("could not read pip's index configuration: {e}")))?;
-                kiln_sandbox::egress::Policy::Hosts(hosts)
-            }
+        let rt = runtime.clone();
+        let hosts = tokio::task::spawn_blocking(move || rt.index_hosts())
+            .await
+            .map_err(|e| SessionError::Broken(e.to_string()))?
+            .map_err(|e| SessionError::Broken(format!("could not read pip's index configuration: {e}")))?;
+        let proxy = EgressProxy {
+            egress: kiln_sandbox::egress::Egress::new(self.cfg.egress, owner),
+            pypi: Arc::new(kiln_sandbox::egress::Policy::Hosts(hosts)),
+            full: Arc::new(kiln_sandbox::egress::Policy::Full),
         };
-        if network == self.cfg.network {
-            tracing::info!(policy = %policy.describe(), "session network policy");
-        }
-        let task = tokio::spawn(async move {
-            if let Err(e) = kiln_sandbox::egress::serve(&socket, policy).await {
-                tracing::error!(error = %e, "the egress proxy stopped");
-            }
-        });
-        self.egress.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+        let ceiling = if self.cfg.network == NetworkPolicy::Full { &proxy.full } else { &proxy.pypi };
+        tracing::info!(
+            policy = %ceiling.describe(),
+            connections_per_session = self.cfg.egress.connections,
+            idle_timeout = ?self.cfg.egress.idle_timeout,
+            "session network policy"
+        );
+        let _ = self.egress.set(proxy);
         Ok(())
     }
+}
+
+/// The egress proxy and the two policies sessions may have.
+#[derive(Debug)]
+struct EgressProxy {
+    egress: kiln_sandbox::egress::Egress,
+    pypi: Arc<kiln_sandbox::egress::Policy>,
+    full: Arc<kiln_sandbox::egress::Policy>,
 }
 
 /// The largest single message kiln reads from a kernel: the output limit
@@ -306,15 +333,6 @@ impl Kernels {
 /// kernel off before the server buffers it.
 fn max_frame_bytes(max_output_bytes: usize) -> u64 {
     (max_output_bytes as u64).saturating_mul(2).saturating_add(1 << 20)
-}
-
-/// The egress proxy socket serving `network`, if it allows egress.
-fn socket_name(network: NetworkPolicy) -> Option<&'static str> {
-    match network {
-        NetworkPolicy::None => None,
-        NetworkPolicy::Pypi => Some("egress-pypi.sock"),
-        NetworkPolicy::Full => Some("egress-full.sock"),
-    }
 }
 
 /// Remove a kernel's directory, unmounting its workspace first.

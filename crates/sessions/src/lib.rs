@@ -63,10 +63,11 @@ pub struct Config {
     pub kernel: kiln_kernel::KernelKind,
     /// Sandbox every kernel (`None`: plain processes, for development only).
     pub sandbox: Option<kiln_sandbox::SandboxSpec>,
-    /// What sessions may reach on the network (with a sandbox).
+    /// What sessions may reach on the network (with a sandbox): the
+    /// ceiling of every key's own policy.
     pub network: NetworkPolicy,
-    /// Where the egress proxies' sockets live (server-only directory).
-    pub egress_dir: PathBuf,
+    /// Bounds on each session's egress (connections, timeouts).
+    pub egress: kiln_sandbox::egress::Limits,
 }
 
 /// Whether the manager can serve sessions.

@@ -291,6 +291,12 @@ impl Manager {
         self.inner.cfg.max_exec_timeout
     }
 
+    /// The server's network policy (`--network`): the ceiling of every
+    /// key's own.
+    pub fn network(&self) -> NetworkPolicy {
+        self.inner.cfg.network
+    }
+
     /// The store this manager records sessions in (the admin endpoints
     /// manage keys in it).
     pub fn store(&self) -> Arc<dyn Store> {
@@ -320,8 +326,8 @@ impl Manager {
         for task in background {
             let _ = task.await;
         }
+        // Each session's egress socket closed with its sandbox.
         self.inner.pool.drain().await;
-        self.inner.kernels.stop_egress();
         self.inner.kernels.release().await;
     }
 

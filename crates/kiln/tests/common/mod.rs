@@ -5,6 +5,8 @@
 //! and the shared runtime cache, and is stopped with SIGTERM when dropped.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod netns;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -28,10 +30,24 @@ pub fn start(extra: &[&str]) -> Server {
 }
 
 pub fn start_in(data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    start_via(&[], "127.0.0.1:0", data, extra, with_keys)
+}
+
+/// Like [`start_in`], listening on `listen`, started through `prefix`: a
+/// command that ends by exec'ing the rest of its arguments (such as
+/// `nsenter --net=... --`), so that the child is still kiln itself.
+pub fn start_via(prefix: &[&str], listen: &str, data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Server {
+    let mut cmd = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(env!("CARGO_BIN_EXE_kiln"));
+            cmd
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_kiln")),
+    };
     cmd.arg("serve")
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--data-dir")
         .arg(data.path())
         .args(extra)
@@ -157,7 +173,14 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        // After a failed assertion, a second panic here would abort the
+        // whole test binary (and leak what other tests' drops clean up).
+        if std::thread::panicking() {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        } else if self.child.is_some() {
             let _ = self.stop();
         }
     }
