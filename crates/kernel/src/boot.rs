@@ -103,10 +103,17 @@ pub const INSIDE_HOME: &str = "/home/user";
 pub const INSIDE_RUN: &str = "/run/kiln";
 
 /// The directories of one kernel.
+///
+/// Every place a sandboxed session can write is bounded: `work`, `home`
+/// and the runtime layer are on `data`, the session's size-limited tmpfs;
+/// `run` (sockets, connection file, the kernel's log) is a tmpfs of
+/// [`kiln_sandbox::RUN_DIR_BYTES`] of its own, which the session user may write only
+/// while the kernel binds its sockets (see [`KernelDirs::lock_run`]).
+/// `root` itself is never shown inside.
 #[derive(Debug, Clone)]
 pub struct KernelDirs {
-    /// Holds everything below; only the server sees it (log, the
-    /// sandbox's own files). Removed at teardown.
+    /// Holds everything below; only the server sees it (the sandbox's
+    /// own files). Removed at teardown.
     pub root: PathBuf,
     /// The session's storage (a quota'd tmpfs when sandboxed).
     pub data: PathBuf,
@@ -143,9 +150,26 @@ impl KernelDirs {
         self.data.join(".layer").join("work")
     }
 
-    /// The kernel process's own log (startup messages, crashes).
+    /// The kernel process's own log (startup messages, crashes, and the
+    /// lean kernel's echo of fd-level output). In the run directory, so
+    /// bounded: the kernel keeps it open (its real stdout and stderr), so
+    /// code in the session can write to it.
     pub fn log(&self) -> PathBuf {
-        self.root.join("kernel.log")
+        self.run.join("kernel.log")
+    }
+
+    /// Take the run directory back from the session user, once the kernel
+    /// has bound its sockets and before any session code runs: it becomes
+    /// the server's again (the owner of `root`), mode 0700, so the session
+    /// can neither write there nor swap a socket for a link that the
+    /// server's ZeroMQ client would follow on a reconnect.
+    pub fn lock_run(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let server = std::fs::metadata(&self.root)?;
+        for p in [self.run.join("kernel.json"), self.run.clone()] {
+            std::os::unix::fs::chown(&p, Some(server.uid()), Some(server.gid()))?;
+        }
+        Ok(())
     }
 }
 
@@ -158,8 +182,7 @@ impl Kernel {
     /// and iopub channels. `dirs.work` and `dirs.home` must exist; the run
     /// directory is made here.
     pub async fn start(spec: &KernelSpec, dirs: KernelDirs) -> Result<Kernel, KernelError> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dirs.run).map_err(prepare(&dirs.run))?;
+        spec.sandboxes.create_run_dir(&dirs.run).map_err(prepare(&dirs.run))?;
         let info = connection_info(&dirs.run)?;
         let conn_file = dirs.run.join("kernel.json");
         // The kernel finds its sockets where the sandbox mounts them.
@@ -204,6 +227,12 @@ impl Kernel {
         let spawned = started.elapsed();
         let deadline = Instant::now() + spec.boot_timeout;
         let kernel = connect(sandbox, dirs, &info, spec.max_frame_bytes, deadline).await?;
+        if owner.is_some() {
+            if let Err(source) = kernel.dirs.lock_run() {
+                kernel.kill().await;
+                return Err(KernelError::Prepare { path: kernel.dirs.run.clone(), source });
+            }
+        }
         tracing::debug!(
             spawn_ms = spawned.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,

@@ -329,9 +329,14 @@ fn nonzero(flag: &str, d: Duration) -> anyhow::Result<Duration> {
 fn zygote_library(kiln: &std::path::Path) -> Option<PathBuf> {
     let dir = kiln.parent()?;
     // `cargo build` puts it beside the binary; `cargo test` leaves it in
-    // `deps/`.
+    // `deps/`, and a targeted `cargo test -p kiln` refreshes only that one:
+    // take the newer, or sessions would run stale sandbox code.
     let lib = dir.join("libkiln_sandbox.so");
-    let found = [lib.clone(), dir.join("deps").join("libkiln_sandbox.so")].into_iter().find(|p| p.is_file());
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let found = [lib.clone(), dir.join("deps").join("libkiln_sandbox.so")]
+        .into_iter()
+        .filter(|p| p.is_file())
+        .max_by_key(|p| modified(p));
     if found.is_some() {
         found
     } else {

@@ -136,12 +136,16 @@ async fn pip_installs_into_the_session_s_own_layer() {
     let out = text_of(&d, "stdout");
     assert!(out.contains("Successfully installed tabulate") && out.contains("imported tabulate"), "{d}");
     // Another session does not see it, and the shared runtime is untouched.
-    let d = s.exec("import importlib.util, sys\nprint(importlib.util.find_spec('tabulate'), sys.prefix)", None).await;
+    let d = s
+        .exec("import importlib.util, sysconfig\nprint(importlib.util.find_spec('tabulate'), sysconfig.get_paths()['purelib'])", None)
+        .await;
     let out = text_of(&d, "stdout");
     assert!(out.starts_with("None "), "{out}");
-    let prefix = out.trim().split(' ').nth(1).unwrap();
-    assert!(std::path::Path::new(prefix).join("lib/python3.11/site-packages").is_dir());
-    assert!(!std::path::Path::new(prefix).join("lib/python3.11/site-packages/tabulate").exists());
+    // The runtime's site-packages, as its interpreter names it (the same
+    // path inside and on the host).
+    let site_packages = std::path::Path::new(out.trim().split(' ').nth(1).unwrap());
+    assert!(site_packages.is_dir(), "{out}");
+    assert!(!site_packages.join("tabulate").exists());
     // A package that does not exist fails cleanly, and the session lives on.
     let d = s.exec("!pip install kiln-no-such-package-7f3a9\nprint('still here')", None).await;
     let all = format!("{}{}", text_of(&d, "stdout"), text_of(&d, "stderr"));

@@ -46,7 +46,7 @@ mod zygote;
 
 pub use init::main as helper_main;
 pub use jail::{Bind, Overlay};
-pub use sandboxes::{instance_cgroups, remove_storage, Sandbox, Sandboxes, Spawn};
+pub use sandboxes::{instance_cgroups, remove_storage, Sandbox, Sandboxes, Spawn, RUN_DIR_BYTES};
 pub use zygote::{Zygote, ZygoteError, ZygoteSpec};
 
 use serde::{Deserialize, Serialize};

@@ -2,13 +2,19 @@
 //! namespace: a fresh tmpfs root holding only what the runtime needs.
 //!
 //! Read-only: the system directories, the runtime and its base interpreter,
-//! a few `/etc` entries (linker cache, trust store). Written fresh: `/etc`
-//! identity files (no host users, no host name). Writable: the session's
-//! work and home directories (a size-limited tmpfs mounted by the server),
-//! its socket directory, a private size-limited `/tmp` and `/dev/shm`.
-//! `/dev` holds only null, zero, full, random, urandom and tty; `/proc` is
-//! the session's own pid namespace. Then `pivot_root`, detach the host's
-//! tree, and make the root itself read-only.
+//! a few `/etc` entries (linker cache, trust store), the egress socket.
+//! Written fresh: `/etc` identity files (no host users, no host name).
+//! Writable: the session's work and home directories (a size-limited tmpfs
+//! mounted by the server), the runtime's overlay (its upper layer on that
+//! same tmpfs), a private size-limited `/tmp` and `/dev/shm`, and a private
+//! `devpts` with a bounded number of terminals. The socket directory
+//! `/run/kiln` is writable only while the kernel binds its sockets (the
+//! server takes it back before any session code runs). `/dev` holds only
+//! null, zero, full, random, urandom and tty, and is read-only; `/proc` is
+//! the session's own pid namespace, with the entries in [`PROC_MASKED`]
+//! hidden and those in [`PROC_READ_ONLY`] read-only, as container runtimes
+//! do. Then `pivot_root`, detach the host's tree, and make the root itself
+//! read-only.
 
 use crate::jail::{Bind, Jail, ETC_BINDS, ETC_FILES, SYSTEM_DIRS};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -17,6 +23,58 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 type R = Result<(), String>;
+
+/// `/proc` entries hidden from the session, and why: a file reads as empty
+/// (`/dev/null` is bound over it), a directory as an empty read-only tmpfs.
+/// The first group is the default of runc, containerd, Docker and
+/// Kubernetes; the rest are kiln's choice: host information that nothing a
+/// session runs needs, and that an attacker would read first. Entries this
+/// kernel does not have are skipped.
+pub const PROC_MASKED: &[(&str, &str)] = &[
+    ("acpi", "host firmware tables (runc)"),
+    ("asound", "host sound devices (runc)"),
+    ("interrupts", "host devices and per-CPU interrupt counts, a timing side channel (Docker, Kubernetes)"),
+    ("kcore", "the host's physical memory as a core file (runc)"),
+    ("keys", "kernel keys visible to the uid; the keyring is not namespaced (runc)"),
+    ("latency_stats", "host scheduling latencies (runc)"),
+    ("timer_list", "host timers and the tasks that armed them (runc)"),
+    ("timer_stats", "host timer statistics (runc)"),
+    ("sched_debug", "every host task (runc)"),
+    ("scsi", "host disks (runc)"),
+    ("config.gz", "the host kernel's build configuration: which features and mitigations an exploit can count on"),
+    ("kallsyms", "the host kernel's symbols"),
+    ("modules", "the host kernel's loaded modules"),
+    ("iomem", "the host's physical memory map"),
+    ("ioports", "the host's I/O port map"),
+    ("mtrr", "the host's memory type registers"),
+    ("softirqs", "per-CPU soft interrupt counts, the same side channel as interrupts"),
+    ("cmdline", "the host kernel's command line (on a VM it names the hypervisor's control ports)"),
+    ("kmsg", "the host kernel's log"),
+    ("key-users", "keyring usage of every host user"),
+    ("buddyinfo", "the host's page allocator state, read by heap-shaping exploits"),
+    ("pagetypeinfo", "the host's page allocator state"),
+    ("zoneinfo", "the host's page allocator state"),
+    ("slabinfo", "the host's slab allocator state, read by heap-shaping exploits"),
+    ("vmallocinfo", "the host kernel's virtual memory layout"),
+    ("kpagecount", "physical page information (rowhammer-class attacks)"),
+    ("kpageflags", "physical page information"),
+    ("kpagecgroup", "physical page information"),
+];
+
+/// `/proc` entries that stay readable but not writable, and why (runc's
+/// read-only paths).
+pub const PROC_READ_ONLY: &[(&str, &str)] = &[
+    ("sys", "kernel parameters: reading is harmless, writing them is the host's business"),
+    ("sysrq-trigger", "magic SysRq commands"),
+    ("bus", "host buses (PCI configuration space)"),
+    ("fs", "filesystem parameters"),
+    ("irq", "interrupt routing"),
+];
+
+/// Pseudo-terminals one session may hold at once (`!cmd` takes one while it
+/// runs). The kernel's limit (`kernel.pty.max`) is shared by every devpts
+/// instance, so without this one session could take them all.
+pub const MAX_PTYS: u32 = 64;
 
 fn ctx<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> String {
     move |e| format!("{what}: {e}")
@@ -55,7 +113,8 @@ pub(crate) fn build(jail: &Jail) -> R {
             .map_err(ctx(format!("overlay on {}", o.lower.display())))?;
     }
     if let Some(sock) = &jail.mounts.egress_socket {
-        bind(root, &Bind { src: sock.clone(), dst: crate::jail::EGRESS_SOCKET.into(), writable: true })?;
+        // Read-only: connecting to a socket needs no writable mount.
+        bind(root, &Bind { src: sock.clone(), dst: crate::jail::EGRESS_SOCKET.into(), writable: false })?;
     }
 
     // /etc: identity files written fresh, a few host entries read-only.
@@ -91,23 +150,21 @@ pub(crate) fn build(jail: &Jail) -> R {
         std::os::unix::fs::symlink(target, dev.join(link)).map_err(ctx(link))?;
     }
     // A private devpts: pseudo-terminals for `!cmd` (IPython runs shell
-    // commands under a pty), none of the host's terminals.
+    // commands under a pty), none of the host's terminals, at most MAX_PTYS.
     let pts = dev.join("pts");
     std::fs::create_dir_all(&pts).map_err(ctx("mkdir /dev/pts"))?;
-    mount(
-        Some("devpts"),
-        &pts,
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
-    )
-    .map_err(ctx("mount /dev/pts"))?;
+    let pts_opts = format!("newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}");
+    mount(Some("devpts"), &pts, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some(pts_opts.as_str()))
+        .map_err(ctx("mount /dev/pts"))?;
     std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx")).map_err(ctx("ptmx"))?;
     let shm = dev.join("shm");
     let tmp_opts = format!("size={},mode=1777", jail.limits.tmp_bytes);
     std::fs::create_dir_all(&shm).map_err(ctx("mkdir /dev/shm"))?;
     mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(tmp_opts.as_str()))
         .map_err(ctx("tmpfs /dev/shm"))?;
+    // /dev itself is complete: nothing more may be created in it.
+    mount(none, &dev, none, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, none)
+        .map_err(ctx("remount /dev read-only"))?;
 
     // /tmp: private, size-limited.
     let tmp = root.join("tmp");
@@ -115,11 +172,12 @@ pub(crate) fn build(jail: &Jail) -> R {
     mount(Some("tmpfs"), &tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(tmp_opts.as_str()))
         .map_err(ctx("tmpfs /tmp"))?;
 
-    // /proc of this pid namespace.
+    // /proc of this pid namespace, minus what container runtimes hide.
     let proc = root.join("proc");
     std::fs::create_dir_all(&proc).map_err(ctx("mkdir /proc"))?;
     mount(Some("proc"), &proc, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, none)
         .map_err(ctx("mount /proc"))?;
+    mask_proc(&proc)?;
 
     // Swap roots; the old root is detached, so no host path stays reachable.
     nix::unistd::chdir(root).map_err(ctx("chdir new root"))?;
@@ -129,6 +187,38 @@ pub(crate) fn build(jail: &Jail) -> R {
     // The root tmpfs itself becomes read-only now that it is complete.
     mount(none, "/", none, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, none)
         .map_err(ctx("remount / read-only"))?;
+    Ok(())
+}
+
+/// Hide [`PROC_MASKED`] and write-protect [`PROC_READ_ONLY`] in the proc
+/// instance mounted at `proc`. These mounts belong to a mount namespace
+/// owned by the host's user namespace: nothing in the session can unmount
+/// them.
+fn mask_proc(proc: &Path) -> R {
+    let none: Option<&str> = None;
+    let locked = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for (name, _why) in PROC_MASKED {
+        let path = proc.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Err(_) => continue, // not in this kernel
+            Ok(m) if m.is_dir() => {
+                mount(Some("tmpfs"), &path, Some("tmpfs"), locked | MsFlags::MS_RDONLY, Some("size=4k,mode=0555"))
+            }
+            Ok(_) => mount(Some("/dev/null"), &path, none, MsFlags::MS_BIND, none),
+        }
+        .map_err(ctx(format!("mask /proc/{name}")))?;
+    }
+    for (name, _why) in PROC_READ_ONLY {
+        let path = proc.join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        mount(Some(&path), &path, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+            .and_then(|()| {
+                mount(none, &path, none, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | locked, none)
+            })
+            .map_err(ctx(format!("read-only /proc/{name}")))?;
+    }
     Ok(())
 }
 

@@ -69,6 +69,10 @@ pub fn remove_storage(dir: &Path) -> std::io::Result<()> {
     crate::workspace::unmount_workspace(dir)
 }
 
+/// Size of an isolated kernel's run directory: its sockets, connection
+/// file and log (the lean kernel echoes fd-level output there).
+pub const RUN_DIR_BYTES: u64 = 8 << 20;
+
 /// One kernel to start.
 #[derive(Debug)]
 pub struct Spawn<'a> {
@@ -204,6 +208,21 @@ impl Sandboxes {
             Some(spec) => crate::workspace::mount_workspace(dir, spec.limits.disk_bytes, crate::jail::host_user_id()),
             None => std::fs::create_dir_all(dir),
         }
+    }
+
+    /// Create a kernel's run directory at `dir` (its sockets, connection
+    /// file and log), mode 0700: when isolated, a tmpfs of
+    /// [`RUN_DIR_BYTES`] owned by the session user, so that what the kernel
+    /// writes there is bounded and never reaches the host's disk. Removed
+    /// with [`remove_storage`]. Blocking.
+    pub fn create_run_dir(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        if self.shared.spec.is_some() {
+            crate::workspace::mount_workspace(dir, RUN_DIR_BYTES, crate::jail::host_user_id())?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
     }
 
     /// Start a zygote for this server's kernels (isolated, with a zygote

@@ -8,14 +8,21 @@
 //!
 //! Two filters are installed, in this order:
 //! 1. the allowlist (mismatch → `EPERM`), with `clone` allowed only without
-//!    namespace flags;
+//!    namespace flags, and `socket`/`socketpair` only for the families in
+//!    [`SOCKET_FAMILIES`] / [`SOCKETPAIR_FAMILIES`];
 //! 2. `clone3` → `ENOSYS`. `clone3` passes its flags in memory, which BPF
 //!    cannot inspect, so it is refused; `ENOSYS` (not `EPERM`) makes glibc
 //!    fall back to `clone`, whose flags filter 1 can check. For equal-priority
 //!    errno results the filter installed last decides.
 //!
+//! Both filters check the architecture first: a syscall made through the
+//! 32-bit ABI (`int 0x80`) kills the process, because its numbers mean other
+//! syscalls. Numbers with the x32 bit ([`X32_SYSCALL_BIT`]) match no entry of
+//! the allowlist, so they get `EPERM` like any other unlisted syscall.
+//!
 //! [`filters`] is pure: it builds the BPF programs without installing them,
-//! so the policy is unit-tested here and applied by the sandbox init.
+//! so the policy is unit-tested here (by running the programs on sample
+//! syscalls) and applied by the sandbox init.
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
@@ -202,6 +209,11 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_rt_sigaction, "signal handlers"),
     (libc::SYS_rt_sigprocmask, "signal masks"),
     (libc::SYS_rt_sigreturn, "returning from handlers"),
+    (
+        libc::SYS_restart_syscall,
+        "the kernel resumes an interrupted timed wait (poll, epoll_wait, nanosleep) with it after a stop or a \
+         signal another thread took; refusing it aborts ZeroMQ",
+    ),
     (libc::SYS_rt_sigsuspend, "waiting for signals"),
     (libc::SYS_rt_sigpending, "pending signals"),
     (libc::SYS_rt_sigtimedwait, "waiting for signals"),
@@ -245,8 +257,8 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_eventfd2, "event notification (ZeroMQ)"),
     // Sockets: the kernel's ipc:// sockets, and whatever the network
     // namespace allows (nothing but loopback by default).
-    (libc::SYS_socket, "sockets (the network namespace decides what is reachable)"),
-    (libc::SYS_socketpair, "socket pairs (multiprocessing)"),
+    (libc::SYS_socket, "sockets, only of the families in SOCKET_FAMILIES (see the rule)"),
+    (libc::SYS_socketpair, "socket pairs (multiprocessing), only AF_UNIX (see the rule)"),
     (libc::SYS_bind, "binding (ZeroMQ ipc sockets)"),
     (libc::SYS_listen, "listening"),
     (libc::SYS_accept, "accepting"),
@@ -351,6 +363,86 @@ pub const DENIED: &[(i64, &str)] = &[
     (libc::SYS_vhangup, "terminals"),
 ];
 
+/// A socket family untrusted code may create, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFamily {
+    /// `socket()`'s first argument (`AF_*`).
+    pub domain: libc::c_int,
+    /// `Some(p)`: only protocol `p` of this family (its third argument).
+    pub protocol: Option<libc::c_int>,
+    /// Why the session needs it.
+    pub why: &'static str,
+}
+
+/// The socket families `socket()` accepts; every other family fails with
+/// `EPERM`. Families are not all isolated by network namespaces (vsock,
+/// for one, reaches the host and the hypervisor past both the namespace and
+/// the egress proxy), and each one is kernel code an attacker can reach, so
+/// only what the runtime needs is open.
+pub const SOCKET_FAMILIES: &[SocketFamily] = &[
+    SocketFamily {
+        domain: libc::AF_UNIX,
+        protocol: None,
+        why: "the kernel's ZeroMQ ipc sockets, the egress proxy's socket, multiprocessing",
+    },
+    SocketFamily {
+        domain: libc::AF_INET,
+        protocol: None,
+        why: "TCP/UDP on the session's own loopback, and the egress forwarder on 127.0.0.1",
+    },
+    SocketFamily { domain: libc::AF_INET6, protocol: None, why: "the same over IPv6 (::1)" },
+    SocketFamily {
+        domain: libc::AF_NETLINK,
+        protocol: Some(libc::NETLINK_ROUTE),
+        why: "glibc's getifaddrs and if_nameindex, and getaddrinfo's address sorting, read the \
+              namespace's interfaces (only lo) over NETLINK_ROUTE; changing them needs CAP_NET_ADMIN \
+              over the host-owned namespace",
+    },
+];
+
+/// The families `socketpair()` accepts (Linux implements it for Unix
+/// sockets only; the rule says so rather than trusting that).
+pub const SOCKETPAIR_FAMILIES: &[(libc::c_int, &str)] =
+    &[(libc::AF_UNIX, "connected pairs for subprocess and multiprocessing")];
+
+/// Notable refused families, with the reason (all are also simply absent
+/// from [`SOCKET_FAMILIES`]).
+pub const DENIED_FAMILIES: &[(libc::c_int, &str)] = &[
+    (libc::AF_VSOCK, "not isolated by network namespaces: shares the host's vsock ports and reaches the hypervisor"),
+    (libc::AF_PACKET, "raw link-layer frames"),
+    (libc::AF_ALG, "the kernel crypto API: a large, often exploited surface"),
+    (libc::AF_XDP, "express data path sockets"),
+    (libc::AF_BLUETOOTH, "host radios"),
+    (libc::AF_CAN, "host buses"),
+    (libc::AF_KEY, "IPsec key management"),
+    (libc::AF_RDS, "a protocol with a history of exploits"),
+    (libc::AF_TIPC, "cluster messaging, not namespaced by route"),
+    (libc::AF_LLC, "link-layer control"),
+    (libc::AF_PPPOX, "PPP tunnels"),
+    (libc::AF_NFC, "host radios"),
+    (libc::AF_IEEE802154, "host radios"),
+];
+
+/// Netlink protocols other than `NETLINK_ROUTE` are refused; these with
+/// the reason worth stating.
+pub const DENIED_NETLINK: &[(libc::c_int, &str)] = &[
+    (
+        libc::NETLINK_KOBJECT_UEVENT,
+        "the host's device events reach every network namespace owned by the host's user namespace",
+    ),
+    (libc::NETLINK_AUDIT, "the host's audit subsystem"),
+    (libc::NETLINK_SOCK_DIAG, "socket enumeration"),
+    (libc::NETLINK_NETFILTER, "firewall configuration"),
+    (libc::NETLINK_GENERIC, "a gateway to many kernel subsystems"),
+    (libc::NETLINK_XFRM, "IPsec configuration"),
+    (libc::NETLINK_CONNECTOR, "process events of the whole host"),
+];
+
+/// `__X32_SYSCALL_BIT` of the kernel's `asm/unistd.h`: x32-ABI syscall
+/// numbers are the x86_64 ones with this bit set (the `libc` crate defines it
+/// only for the x32 target).
+pub const X32_SYSCALL_BIT: i64 = 0x4000_0000;
+
 /// Why the policy could not be compiled.
 #[derive(Debug, thiserror::Error)]
 #[error("could not compile the seccomp policy: {0}")]
@@ -366,6 +458,23 @@ pub fn filters() -> Result<Vec<BpfProgram>, PolicyError> {
     // clone: allowed only when (flags & NAMESPACE_FLAGS) == 0.
     let no_namespaces = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(NAMESPACE_FLAGS), 0)?;
     rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![no_namespaces])?]);
+    // socket: one rule per allowed family (rules are alternatives). The
+    // arguments are C ints, which the kernel truncates to 32 bits: compare
+    // exactly those.
+    let int_eq = |arg: u8, value: libc::c_int| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, u64::from(value as u32))
+    };
+    let mut socket = Vec::new();
+    for family in SOCKET_FAMILIES {
+        let mut conditions = vec![int_eq(0, family.domain)?];
+        if let Some(protocol) = family.protocol {
+            conditions.push(int_eq(2, protocol)?);
+        }
+        socket.push(SeccompRule::new(conditions)?);
+    }
+    rules.insert(libc::SYS_socket, socket);
+    let pairs = SOCKETPAIR_FAMILIES.iter().map(|(domain, _)| SeccompRule::new(vec![int_eq(0, *domain)?]));
+    rules.insert(libc::SYS_socketpair, pairs.collect::<Result<_, _>>()?);
     let allowlist = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)?;
 
     let mut clone3 = BTreeMap::new();
@@ -414,6 +523,153 @@ mod tests {
         ] {
             assert!(!allowed.contains(&nr), "{nr} must not be allowed");
         }
+    }
+
+    /// `AUDIT_ARCH_X86_64` and `AUDIT_ARCH_I386` (linux/audit.h): the ELF
+    /// machine with the 64-bit and little-endian flags.
+    const ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+    const ARCH_I386: u32 = 3 | 0x4000_0000;
+
+    /// What the kernel would decide: run every filter on one syscall (as
+    /// classic BPF over `struct seccomp_data`) and combine their results as
+    /// `seccomp_run_filters` does.
+    fn verdict(nr: i64, arch: u32, args: [u64; 6]) -> u32 {
+        let progs = filters().unwrap_or_default();
+        assert_eq!(progs.len(), 2);
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&(nr as u32).to_ne_bytes());
+        data[4..8].copy_from_slice(&arch.to_ne_bytes());
+        for (i, a) in args.iter().enumerate() {
+            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_ne_bytes());
+        }
+        // The kernel runs the newest filter first and keeps a result only if
+        // its action (compared as a signed number: kill < trap < errno <
+        // allow) is strictly more restrictive: among equals the newest wins.
+        let action = |ret: u32| (ret & libc::SECCOMP_RET_ACTION_FULL) as i32;
+        let mut result = libc::SECCOMP_RET_ALLOW;
+        for prog in progs.iter().rev() {
+            let ret = run(prog, &data);
+            if action(ret) < action(result) {
+                result = ret;
+            }
+        }
+        result
+    }
+
+    /// A classic-BPF interpreter for the instructions seccompiler emits.
+    fn run(prog: &[seccompiler::sock_filter], data: &[u8; 64]) -> u32 {
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let ins = &prog[pc];
+            let (code, k) = (u32::from(ins.code), ins.k);
+            pc += 1;
+            match code & 0x07 {
+                libc::BPF_LD => {
+                    assert_eq!(code, libc::BPF_LD | libc::BPF_W | libc::BPF_ABS);
+                    let at = k as usize;
+                    acc = u32::from_ne_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
+                }
+                libc::BPF_ALU => {
+                    assert_eq!(code, libc::BPF_ALU | libc::BPF_AND | libc::BPF_K);
+                    acc &= k;
+                }
+                libc::BPF_JMP => {
+                    let taken = match code & 0xf0 {
+                        libc::BPF_JA => {
+                            pc += k as usize;
+                            continue;
+                        }
+                        libc::BPF_JEQ => acc == k,
+                        libc::BPF_JGT => acc > k,
+                        libc::BPF_JGE => acc >= k,
+                        libc::BPF_JSET => acc & k != 0,
+                        other => panic!("unexpected jump {other:#x}"),
+                    };
+                    pc += usize::from(if taken { ins.jt } else { ins.jf });
+                }
+                libc::BPF_RET => return k,
+                other => panic!("unexpected instruction class {other:#x}"),
+            }
+        }
+    }
+
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    const ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+
+    fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> u32 {
+        let [d, t, p] = [domain, kind, protocol].map(|v| u64::from(v as u32));
+        verdict(libc::SYS_socket, ARCH_X86_64, [d, t, p, 0, 0, 0])
+    }
+
+    #[test]
+    fn allowed_syscalls_pass_and_others_get_eperm() {
+        assert_eq!(verdict(libc::SYS_read, ARCH_X86_64, [0; 6]), ALLOW);
+        assert_eq!(verdict(libc::SYS_getpid, ARCH_X86_64, [0; 6]), ALLOW);
+        assert_eq!(verdict(libc::SYS_restart_syscall, ARCH_X86_64, [0; 6]), ALLOW);
+        for (nr, why) in DENIED {
+            let want = if *nr == libc::SYS_clone3 { ENOSYS } else { EPERM };
+            assert_eq!(verdict(*nr, ARCH_X86_64, [0; 6]), want, "{nr} ({why})");
+        }
+    }
+
+    #[test]
+    fn clone_is_allowed_only_without_namespace_flags() {
+        let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+        assert_eq!(verdict(libc::SYS_clone, ARCH_X86_64, [thread, 0, 0, 0, 0, 0]), ALLOW);
+        let user = thread | libc::CLONE_NEWUSER as u64;
+        assert_eq!(verdict(libc::SYS_clone, ARCH_X86_64, [user, 0, 0, 0, 0, 0]), EPERM);
+    }
+
+    #[test]
+    fn only_the_listed_socket_families_can_be_created() {
+        for kind in [libc::SOCK_STREAM, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC] {
+            for domain in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
+                assert_eq!(socket(domain, kind, 0), ALLOW, "family {domain}");
+            }
+        }
+        assert_eq!(socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE), ALLOW);
+        let listed: BTreeSet<libc::c_int> = SOCKET_FAMILIES.iter().map(|f| f.domain).collect();
+        // Every other family the kernel knows (AF_MAX is below 64).
+        for domain in (0..64).filter(|d| !listed.contains(d)) {
+            assert_eq!(socket(domain, libc::SOCK_STREAM, 0), EPERM, "family {domain}");
+            assert_eq!(socket(domain, libc::SOCK_DGRAM, 0), EPERM, "family {domain}");
+        }
+        for (domain, why) in DENIED_FAMILIES {
+            assert!(!listed.contains(domain), "{domain} is denied ({why}) but listed");
+        }
+        // Upper bits of an int argument are ignored by the kernel: a family
+        // with junk above bit 31 is still that family.
+        let vsock_high = (1u64 << 32) | u64::from(libc::AF_VSOCK as u32);
+        assert_eq!(verdict(libc::SYS_socket, ARCH_X86_64, [vsock_high, 1, 0, 0, 0, 0]), EPERM);
+    }
+
+    #[test]
+    fn netlink_is_limited_to_the_routing_protocol() {
+        // NETLINK_KOBJECT_UEVENT carries the host's device events.
+        for protocol in (0..32).filter(|p| *p != libc::NETLINK_ROUTE) {
+            assert_eq!(socket(libc::AF_NETLINK, libc::SOCK_DGRAM, protocol), EPERM, "protocol {protocol}");
+        }
+        assert!(DENIED_NETLINK.iter().all(|(p, _)| *p != libc::NETLINK_ROUTE));
+    }
+
+    #[test]
+    fn socketpair_is_for_unix_sockets_only() {
+        let pair =
+            |domain: libc::c_int| verdict(libc::SYS_socketpair, ARCH_X86_64, [u64::from(domain as u32), 1, 0, 0, 0, 0]);
+        assert_eq!(pair(libc::AF_UNIX), ALLOW);
+        assert_eq!(pair(libc::AF_VSOCK), EPERM);
+        assert_eq!(pair(libc::AF_INET), EPERM);
+    }
+
+    #[test]
+    fn other_abis_cannot_reach_the_kernel() {
+        // x32: the same numbers with a high bit; none is allowed.
+        for nr in [libc::SYS_getpid, libc::SYS_read, libc::SYS_unshare, libc::SYS_socket] {
+            assert_eq!(verdict(nr | X32_SYSCALL_BIT, ARCH_X86_64, [0; 6]), EPERM, "x32 {nr}");
+        }
+        // i386 (int 0x80): its numbers mean other syscalls; the process dies.
+        assert_eq!(verdict(libc::SYS_getpid, ARCH_I386, [0; 6]), libc::SECCOMP_RET_KILL_PROCESS);
     }
 
     #[test]

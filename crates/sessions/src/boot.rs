@@ -335,11 +335,17 @@ fn max_frame_bytes(max_output_bytes: usize) -> u64 {
     (max_output_bytes as u64).saturating_mul(2).saturating_add(1 << 20)
 }
 
-/// Remove a kernel's directory, unmounting its workspace first.
+/// Remove a kernel's directory (or one of its run directories), unmounting
+/// what was mounted there first: the workspace (`data`) and the run
+/// directories' tmpfs (`run*`, or `dir` itself).
 pub(crate) async fn destroy_dir(dir: std::path::PathBuf) {
     let result = tokio::task::spawn_blocking(move || {
-        if let Err(e) = kiln_sandbox::remove_storage(&dir.join("data")) {
-            return Err((dir, e));
+        let children = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path());
+        for point in children.chain([dir.clone()]) {
+            // Not a mount point: nothing to do.
+            if let Err(e) = kiln_sandbox::remove_storage(&point) {
+                return Err((point, e));
+            }
         }
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
