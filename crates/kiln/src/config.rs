@@ -1,6 +1,7 @@
 //! Settings of `kiln serve`: command line, `KILN_*` environment variables,
 //! and a TOML config file, in that order of precedence, then defaults.
 
+use crate::choices::{KernelChoice, LogFormat, ProfileChoice, SandboxMode, ZygoteMode};
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
@@ -75,22 +76,22 @@ pub struct ServeArgs {
     pub python: Option<PathBuf>,
     /// Runtime profile: `full` (the 30 documented packages) or `minimal`
     /// (kernel, matplotlib, numpy, pandas) [default: full]
-    #[arg(long, env = "KILN_PROFILE")]
-    pub profile: Option<String>,
+    #[arg(long, env = "KILN_PROFILE", value_enum)]
+    pub profile: Option<ProfileChoice>,
     /// Isolation of sessions: `namespaces` (needs root) or `none` (no
     /// isolation at all: for trusted code and development only)
     /// [default: namespaces]
-    #[arg(long, env = "KILN_SANDBOX")]
-    pub sandbox: Option<String>,
+    #[arg(long, env = "KILN_SANDBOX", value_enum)]
+    pub sandbox: Option<SandboxMode>,
     /// Kernel: `lean` (kiln's single-threaded kernel on IPython's shell,
     /// the same outputs several times faster) or `ipykernel` [default: lean]
-    #[arg(long, env = "KILN_KERNEL")]
-    pub kernel: Option<String>,
+    #[arg(long, env = "KILN_KERNEL", value_enum)]
+    pub kernel: Option<KernelChoice>,
     /// Fork kernels from a zygote that has the runtime's heavy packages
     /// imported (`on`), or start a new interpreter for each (`off`)
     /// [default: on]
-    #[arg(long, env = "KILN_ZYGOTE")]
-    pub zygote: Option<String>,
+    #[arg(long, env = "KILN_ZYGOTE", value_enum)]
+    pub zygote: Option<ZygoteMode>,
     /// Memory per session, e.g. 2GiB [default: 2GiB]
     #[arg(long, env = "KILN_MEMORY_LIMIT", value_parser = parse_bytes)]
     #[serde(default, with = "opt_bytes")]
@@ -114,8 +115,8 @@ pub struct ServeArgs {
     /// this machine's pip uses, through kiln's proxy) or `full` (public
     /// HTTP(S) through kiln's proxy; never this host or private networks)
     /// [default: pypi]
-    #[arg(long, env = "KILN_NETWORK")]
-    pub network: Option<String>,
+    #[arg(long, env = "KILN_NETWORK", value_parser = crate::choices::parse_network)]
+    pub network: Option<kiln_protocol::NetworkPolicy>,
     /// Connections a session may have open through the egress proxy at
     /// once [default: 64]
     #[arg(long, env = "KILN_EGRESS_CONNECTIONS")]
@@ -149,16 +150,16 @@ pub struct ServeArgs {
     #[serde(default, with = "opt_duration")]
     pub shutdown_grace: Option<Duration>,
     /// Log format: text or json [default: text]
-    #[arg(long, env = "KILN_LOG_FORMAT")]
-    pub log_format: Option<String>,
+    #[arg(long, env = "KILN_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Options of `kiln runtime build`.
 #[derive(Debug, Args)]
 pub struct RuntimeArgs {
     /// Runtime profile: full or minimal
-    #[arg(long, env = "KILN_PROFILE", default_value = "full")]
-    profile: String,
+    #[arg(long, env = "KILN_PROFILE", value_enum, default_value_t = ProfileChoice::Full)]
+    profile: ProfileChoice,
     /// Base Python [default: python3 on PATH]
     #[arg(long, env = "KILN_PYTHON")]
     python: Option<PathBuf>,
@@ -170,7 +171,7 @@ pub struct RuntimeArgs {
 impl RuntimeArgs {
     pub fn runtime_config(self) -> anyhow::Result<kiln_runtime::RuntimeConfig> {
         Ok(kiln_runtime::RuntimeConfig {
-            profile: self.profile.parse().map_err(anyhow::Error::msg)?,
+            profile: self.profile.into(),
             python: self.python,
             cache_dir: self.cache_dir.map_or_else(default_cache_dir, Ok)?,
         })
@@ -191,8 +192,11 @@ pub struct Settings {
     /// What sessions may reach: the ceiling of every key's own policy.
     pub network: kiln_sessions::NetworkPolicy,
     pub http: crate::http::HttpLimits,
-    pub log_format: String,
+    pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    /// What resolving found worth a warning; logged once logging is set up
+    /// (which needs `log_format`, so it cannot be set up before).
+    pub warnings: Vec<String>,
 }
 
 impl Settings {
@@ -221,8 +225,11 @@ impl Settings {
             Some(d) => d,
             None => default_cache_dir()?,
         };
-        let sandbox_mode = pick!(sandbox, "namespaces".to_string());
-        if let Some(hidden) = kiln_sandbox::hidden_inside(&cache_dir).filter(|_| sandbox_mode != "none") {
+        let mut warnings = Vec::new();
+        let sandbox_mode = pick!(sandbox, SandboxMode::Namespaces);
+        if let Some(hidden) =
+            kiln_sandbox::hidden_inside(&cache_dir).filter(|_| sandbox_mode == SandboxMode::Namespaces)
+        {
             anyhow::bail!(
                 "the cache directory {} (--cache-dir or KILN_CACHE_DIR) is inside {hidden}, which every session's \
                  sandbox replaces with its own, so kernels could not see the Python runtime kept there; \
@@ -230,19 +237,14 @@ impl Settings {
                 cache_dir.display()
             );
         }
-        let profile: kiln_runtime::Profile = pick!(profile, "full".to_string()).parse().map_err(anyhow::Error::msg)?;
+        let profile: kiln_runtime::Profile = pick!(profile, ProfileChoice::Full).into();
         let mut api_keys = if cli.api_keys.is_empty() { file.api_keys } else { cli.api_keys };
         api_keys.retain(|k| !k.trim().is_empty());
-        let log_format = pick!(log_format, "text".to_string());
-        anyhow::ensure!(
-            log_format == "text" || log_format == "json",
-            "--log-format must be `text` or `json`, not {log_format:?}"
-        );
+        let log_format = pick!(log_format, LogFormat::Text);
         let exec_timeout = pick!(exec_timeout, Duration::from_secs(600));
-        let network: kiln_sessions::NetworkPolicy =
-            pick!(network, "pypi".to_string()).parse().map_err(anyhow::Error::msg)?;
+        let network = pick!(network, kiln_sessions::NetworkPolicy::Pypi);
         let max_exec_timeout = pick!(max_exec_timeout, Duration::from_secs(3600));
-        let kernel: kiln_kernel::KernelKind = pick!(kernel, "lean".to_string()).parse().map_err(anyhow::Error::msg)?;
+        let kernel: kiln_kernel::KernelKind = pick!(kernel, KernelChoice::Lean).into();
         let helper = std::env::current_exe().context("cannot find the kiln binary itself")?;
         let egress = {
             let d = kiln_sandbox::egress::Limits::default();
@@ -253,10 +255,9 @@ impl Settings {
                 ..d
             }
         };
-        let zygote_library = match pick!(zygote, "on".to_string()).as_str() {
-            "on" => zygote_library(&helper),
-            "off" => None,
-            other => anyhow::bail!("--zygote must be `on` or `off`, not {other:?}"),
+        let zygote_library = match pick!(zygote, ZygoteMode::On) {
+            ZygoteMode::On => zygote_library(&helper, &mut warnings),
+            ZygoteMode::Off => None,
         };
         Ok(Settings {
             listen: pick!(listen, SocketAddr::from(([127, 0, 0, 1], 8787))),
@@ -273,9 +274,9 @@ impl Settings {
                 max_sessions_per_key: pick!(max_sessions_per_key, 64),
                 boot_timeout: Duration::from_secs(60),
                 kernel,
-                sandbox: match sandbox_mode.as_str() {
-                    "none" => None,
-                    "namespaces" => Some(kiln_sandbox::SandboxSpec {
+                sandbox: match sandbox_mode {
+                    SandboxMode::Unisolated => None,
+                    SandboxMode::Namespaces => Some(kiln_sandbox::SandboxSpec {
                         helper,
                         zygote_library,
                         limits: kiln_sandbox::Limits {
@@ -290,9 +291,6 @@ impl Settings {
                             nofile: 4096,
                         },
                     }),
-                    other => {
-                        anyhow::bail!("--sandbox must be `namespaces` or `none`, not {other:?}")
-                    }
                 },
                 network,
                 egress,
@@ -310,6 +308,7 @@ impl Settings {
             database,
             node_id,
             log_format,
+            warnings,
         })
     }
 }
@@ -326,7 +325,7 @@ fn nonzero(flag: &str, d: Duration) -> anyhow::Result<Duration> {
 
 /// The sandbox as a shared library, built beside the kiln binary; the
 /// zygote loads it. Without it kernels start as new interpreters.
-fn zygote_library(kiln: &std::path::Path) -> Option<PathBuf> {
+fn zygote_library(kiln: &std::path::Path, warnings: &mut Vec<String>) -> Option<PathBuf> {
     let dir = kiln.parent()?;
     // `cargo build` puts it beside the binary; `cargo test` leaves it in
     // `deps/`, and a targeted `cargo test -p kiln` refreshes only that one:
@@ -340,10 +339,10 @@ fn zygote_library(kiln: &std::path::Path) -> Option<PathBuf> {
     if found.is_some() {
         found
     } else {
-        tracing::warn!(
-            library = %lib.display(),
-            "no sandbox library beside the kiln binary: kernels start without the zygote (slower)"
-        );
+        warnings.push(format!(
+            "no sandbox library beside the kiln binary ({}): kernels start without the zygote (slower)",
+            lib.display()
+        ));
         None
     }
 }

@@ -8,6 +8,7 @@
 
 mod admin;
 mod ceiling;
+mod choices;
 mod client;
 mod config;
 mod fds;
@@ -73,11 +74,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = config::Settings::resolve(*args)?;
-            serve::init_logging(&settings.log_format);
+            serve::init_logging(settings.log_format);
+            for w in &settings.warnings {
+                tracing::warn!("{w}");
+            }
             rt.block_on(serve::serve(settings))
         }
         Command::Runtime(RuntimeCommand::Build(args)) => {
-            serve::init_logging("text");
+            serve::init_logging(choices::LogFormat::Text);
             let cfg = args.runtime_config()?;
             let mut progress = kiln_runtime::Progress::auto();
             let runtime = rt.block_on(async move {
@@ -95,7 +99,7 @@ fn main() -> anyhow::Result<()> {
         Command::Keys(cmd) => rt.block_on(admin::keys(cmd)),
         Command::Usage { json, data } => rt.block_on(admin::usage(json, data)),
         Command::Mcp(args) => {
-            serve::init_logging("text");
+            serve::init_logging(choices::LogFormat::Text);
             rt.block_on(mcp::run(args))
         }
     }

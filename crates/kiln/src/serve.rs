@@ -13,11 +13,11 @@ use tower::ServiceExt as _;
 
 /// Logs go to stderr; stdout carries only the ready line and the first-start
 /// key banner, so scripts can read them.
-pub fn init_logging(format: &str) {
+pub fn init_logging(format: crate::choices::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zeromq=error"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
+    if format == crate::choices::LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

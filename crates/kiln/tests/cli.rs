@@ -194,3 +194,47 @@ async fn exec_prints_outputs_as_they_arrive() {
     let gap = lines[1].1.duration_since(lines[0].1);
     assert!(gap >= std::time::Duration::from_secs(1), "'first' was printed only with 'second' ({gap:?} apart)");
 }
+
+#[test]
+fn a_value_outside_a_flags_choices_is_refused_with_the_choices_named() {
+    let data = tempfile::tempdir().unwrap();
+    for (flag, bad, valid) in [
+        ("--sandbox", "bogus", "namespaces"),
+        ("--kernel", "jupyter", "ipykernel"),
+        ("--zygote", "maybe", "off"),
+        ("--profile", "huge", "minimal"),
+        ("--log-format", "xml", "json"),
+        ("--network", "everything", "pypi"),
+    ] {
+        let out = kiln(&["serve", flag, bad], "http://127.0.0.1:9", data.path(), None);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {bad}: {err}");
+        assert!(err.contains(bad) && err.contains(valid), "{flag} {bad}: {err}");
+    }
+    // The config file is held to the same names.
+    let config = data.path().join("config.toml");
+    std::fs::write(&config, "sandbox = \"bogus\"\n").unwrap();
+    let out = kiln(&["serve", "--config", config.to_str().unwrap()], "http://127.0.0.1:9", data.path(), None);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("bogus") && err.contains("namespaces"), "{err}");
+}
+
+#[test]
+fn warnings_found_while_reading_the_configuration_reach_the_log() {
+    // A kiln binary with no sandbox library beside it warns that kernels
+    // start without the zygote; the start then fails on purpose, early
+    // (a database URL asking for TLS), once logging is set up.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("kiln");
+    std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &bin).unwrap();
+    let out = Command::new(&bin)
+        .args(["serve", "--sandbox", "none", "--database", "postgres://kiln@127.0.0.1:9/kiln?sslmode=require"])
+        .env("KILN_DATA_DIR", dir.path().join("data"))
+        .env_remove("KILN_API_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("WARN") && err.contains("no sandbox library beside the kiln binary"), "{err}");
+}
