@@ -292,6 +292,19 @@ async fn a_spinning_session_does_not_starve_its_neighbour() {
     let s = std::sync::Arc::new(start(&["--pool-size", "2", "--cpu-limit", "1"]));
     let spinner = s.exec("import time", None).await["session_id"].as_str().unwrap().to_string();
     let neighbour = s.exec("x = 0", None).await["session_id"].as_str().unwrap().to_string();
+    // The neighbour's warm executes, first on a quiet server, then while the
+    // spinner burns five threads: the median compared, as one slow round
+    // trip on a shared CI machine says nothing.
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut quiet = Vec::new();
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        assert_eq!(s.exec("x += 1", Some(&neighbour)).await["status"], "success");
+        quiet.push(t.elapsed());
+    }
     let spin = {
         let s = s.clone();
         tokio::spawn(async move {
@@ -304,14 +317,18 @@ async fn a_spinning_session_does_not_starve_its_neighbour() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut worst = Duration::ZERO;
+    let mut busy = Vec::new();
     for _ in 0..20 {
         let t = std::time::Instant::now();
         let d = s.exec("x += 1", Some(&neighbour)).await;
         assert_eq!(d["status"], "success");
-        worst = worst.max(t.elapsed());
+        busy.push(t.elapsed());
     }
-    eprintln!("neighbour's slowest warm execute while another session spins: {worst:?}");
+    let (quiet, busy) = (median(quiet), median(busy));
+    eprintln!("neighbour's median warm execute: {quiet:?} on a quiet server, {busy:?} while another session spins");
+    // Starved, it would wait for the spinner's time slices (tens of ms each,
+    // for five threads); with equal shares and the spinner's quota it does not.
+    assert!(busy <= quiet * 5 + Duration::from_millis(250), "quiet {quiet:?}, beside a spinner {busy:?}");
     let (st, _) = spin.await.unwrap();
     assert_eq!(st, 200);
     // The spinner is held to its CPU quota (1 core, as configured).

@@ -4,7 +4,7 @@
 //! execute request and its uploaded files, the outputs a kernel produced, the
 //! session listing, and the error envelope with its stable codes. The shapes
 //! come from the published clients (PyPI `together` 1.x and 2.x, npm
-//! `together-ai`), see `API.md` in the project's shared documents; a field
+//! `together-ai`), written down in `docs/API.md`; a field
 //! renamed here breaks real users, so the tests pin the JSON.
 //!
 //! This crate knows nothing of HTTP servers, kernels or storage: the lower
