@@ -217,3 +217,95 @@ async fn the_raw_messages_of_both_kernels_match() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the kernels differ:\n{text}");
 }
+
+/// Stream outputs merged as a notebook shows them: adjacent text of one
+/// stream is one output.
+fn merged(outputs: &[Value]) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for o in outputs {
+        let stream = o["type"] == "stdout" || o["type"] == "stderr";
+        match out.last_mut() {
+            Some(last) if stream && last["type"] == o["type"] => {
+                let joined = format!("{}{}", last["data"].as_str().unwrap(), o["data"].as_str().unwrap());
+                last["data"] = json!(joined);
+            }
+            _ => out.push(o.clone()),
+        }
+    }
+    out
+}
+
+/// The events of a whole `text/event-stream` body: (name, JSON data).
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            Some((name?, serde_json::from_str(&data).unwrap()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_execute_shows_and_ends_with_exactly_the_plain_answer_for_the_whole_corpus() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let server = start(&[]);
+    // Two sessions run the corpus in lockstep: one plainly, one streamed.
+    let (mut plain_id, mut streamed_id): (Option<String>, Option<String>) = (None, None);
+    let mut differences = Vec::new();
+    for Cell { code, timeout, .. } in CORPUS {
+        let mut body = json!({"language": "python", "code": code, "timeout": timeout});
+        if let Some(s) = &plain_id {
+            body["session_id"] = json!(s);
+        }
+        let (status, plain) = server.post("/v1/tci/execute", Some(common::KEY), body.clone()).await;
+        assert_eq!(status, 200, "{code}: {plain}");
+        plain_id = plain["data"]["session_id"].as_str().map(str::to_string);
+
+        body["stream"] = json!(true);
+        match &streamed_id {
+            Some(s) => body["session_id"] = json!(s),
+            None => drop(body.as_object_mut().unwrap().remove("session_id")),
+        }
+        let resp = server
+            .http
+            .post(format!("{}/v1/tci/execute", server.url))
+            .bearer_auth(common::KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{code}");
+        let events = sse_events(&resp.text().await.unwrap());
+        let (last, data) = events.last().unwrap();
+        assert_eq!(last, "done", "{code}: {events:?}");
+        streamed_id = data["data"]["session_id"].as_str().map(str::to_string);
+
+        // The final event is the plain answer (but for the session's id).
+        let summary = |v: &Value| normalise(&json!({"status": v["data"]["status"], "outputs": v["data"]["outputs"]}));
+        if summary(data) != summary(&plain) || data["errors"] != plain["errors"] {
+            differences.push(format!("cell {code:?}\n  plain:    {plain}\n  streamed: {data}"));
+        }
+        // And the output events, in order, show what it holds.
+        let mut shown = Vec::new();
+        for (name, d) in &events {
+            match name.as_str() {
+                "clear_output" => shown.clear(),
+                "stdout" | "stderr" | "display_data" | "execute_result" | "error" => shown.push(d.clone()),
+                _ => {}
+            }
+        }
+        let outputs = data["data"]["outputs"].as_array().unwrap();
+        if merged(&shown) != merged(outputs) {
+            differences.push(format!("cell {code:?}\n  events showed: {shown:?}\n  answer holds:  {outputs:?}"));
+        }
+    }
+    assert!(differences.is_empty(), "{} differences:\n{}", differences.len(), differences.join("\n"));
+}

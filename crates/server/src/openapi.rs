@@ -68,7 +68,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
 /// cannot say is set here: the path rules (one pattern, shared with the
 /// code that enforces it), this server's largest `timeout`, and the shape of
 /// a streamed execution's events.
-pub fn document_for(max_timeout: std::time::Duration) -> serde_json::Value {
+pub fn document_for(max_timeout: std::time::Duration, network: kiln_protocol::NetworkPolicy) -> serde_json::Value {
     let mut doc = serde_json::to_value(document()).unwrap_or_default();
     if let Some(paths) = doc["paths"].as_object_mut() {
         for op in paths.values_mut().filter_map(|p| p.as_object_mut()).flat_map(|p| p.values_mut()) {
@@ -82,6 +82,19 @@ pub fn document_for(max_timeout: std::time::Duration) -> serde_json::Value {
     }
     doc["components"]["schemas"]["ExecuteRequest"]["properties"]["timeout"]["maximum"] =
         json!(max_timeout.as_secs_f64());
+    // A key may only narrow the server's network policy: the policies it
+    // may ask for are those within this server's `--network`.
+    let within: Vec<&str> = kiln_protocol::NetworkPolicy::ALL
+        .into_iter()
+        .filter(|p| p.within(network).is_ok())
+        .map(|p| p.as_str())
+        .collect();
+    doc["components"]["schemas"]["CreateKey"]["properties"]["network"] = json!({
+        "description": format!(
+            "Its sessions' network policy (default: the server's); never wider than this server's `--network` ({network})"
+        ),
+        "oneOf": [{"type": "null"}, {"type": "string", "enum": within}],
+    });
     let events = json!({
         "type": "object",
         "description": "One Server-Sent Event; `data` is JSON text: {session_id} for `session`, an output \
@@ -107,7 +120,7 @@ pub fn document_for(max_timeout: std::time::Duration) -> serde_json::Value {
     (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")
 ))]
 pub(crate) async fn json(State(state): State<AppState>) -> Response {
-    let doc = document_for(state.manager.max_exec_timeout());
+    let doc = document_for(state.manager.max_exec_timeout(), state.manager.network());
     ([(axum::http::header::CONTENT_TYPE, "application/json")], serde_json::to_string_pretty(&doc).unwrap_or_default())
         .into_response()
 }

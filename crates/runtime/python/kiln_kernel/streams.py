@@ -180,6 +180,12 @@ class OutStream(HookChannel, TextIOBase):
         n = len(string)
         publisher = self.publisher
         with publisher.lock:
+            # The other stream's waiting text was written before this: it is
+            # sent first, so interleaved prints keep their order whenever the
+            # flusher's ticks fall (ipykernel shows them interleaved too).
+            for other in publisher.streams:
+                if other is not self and other.pending:
+                    publisher.flush_through(other)
             idle = not self._buf
             # fd-level text written before this write comes before it.
             self.collect()

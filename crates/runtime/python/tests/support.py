@@ -36,9 +36,14 @@ KEY = uuid.uuid4().hex
 def pair(ctx: zmq.Context):
     """A connected pair of inproc sockets: (sending, receiving)."""
     addr = "inproc://t-" + uuid.uuid4().hex
+    # No high-water mark: a test reads what was sent only at its end (a
+    # PAIR socket at its mark blocks the sender, where the kernel's PUB
+    # socket would drop).
     rx = ctx.socket(zmq.PAIR)
+    rx.setsockopt(zmq.RCVHWM, 0)
     rx.bind(addr)
     tx = ctx.socket(zmq.PAIR)
+    tx.setsockopt(zmq.SNDHWM, 0)
     tx.connect(addr)
     return tx, rx
 

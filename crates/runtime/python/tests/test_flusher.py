@@ -65,6 +65,20 @@ class TickTest(unittest.TestCase):
         self.assertIsNone(self.tick())
         self.assertEqual(streams(self.h.messages()), [("stdout", "partial "), ("stderr", "line\n")])
 
+    def test_interleaved_prints_keep_their_order_with_or_without_a_tick_between(self):
+        for tick_between in (False, True):
+            self.h.stdout.write("hello\n")
+            if tick_between:
+                self.tick()
+            self.h.stderr.write("to stderr\n")
+            self.h.stdout.write("back\n")
+            self.p.flush_streams()
+            self.assertEqual(
+                streams(self.h.messages()),
+                [("stdout", "hello\n"), ("stderr", "to stderr\n"), ("stdout", "back\n")],
+                f"tick between: {tick_between}",
+            )
+
     def test_an_explicit_flush_sends_the_other_streams_earlier_text_first(self):
         self.h.stdout.write("out\n")
         self.h.stderr.write("err\n")
