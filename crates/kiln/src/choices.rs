@@ -80,6 +80,7 @@ pub fn parse_network(s: &str) -> Result<kiln_protocol::NetworkPolicy, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
