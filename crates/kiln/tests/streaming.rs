@@ -155,3 +155,62 @@ async fn a_client_that_disconnects_interrupts_its_cell() {
     let after = s.exec("print(done, i < 100)", Some(&id)).await;
     assert_eq!(text_of(&after, "stdout"), "False True\n", "{after}");
 }
+
+/// Runs `program args…` and returns each line of its stdout with when it
+/// arrived.
+fn lines_as_they_come(program: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Vec<(String, Instant)> {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let lines: Vec<_> = out.lines().map(|l| (l.unwrap(), Instant::now())).collect();
+    assert!(child.wait().unwrap().success(), "{program:?} {args:?}: {lines:?}");
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readmes_python_example_prints_each_output_while_the_cell_runs() {
+    let s = start(&[]);
+    let python = common::clients_dir().join("sse/bin/python");
+    let script = common::repo().join("tests/clients/stream_sse.py");
+    let url = s.url.clone();
+    let lines = tokio::task::spawn_blocking(move || {
+        lines_as_they_come(&python, &[script.to_str().unwrap()], &[("KILN_URL", &url), ("KILN_API_KEY", KEY)])
+    })
+    .await
+    .unwrap();
+    let text: Vec<&str> = lines.iter().map(|(l, _)| l.as_str()).collect();
+    assert!(text[0].starts_with("session ses_"), "{text:?}");
+    assert_eq!(text[1..], ["stdout: tick 0", "stdout: tick 1", "stdout: tick 2", "status success"], "{text:?}");
+    // The cell sleeps a second after each line: the first came long before the last.
+    let gap = lines[3].1.duration_since(lines[1].1);
+    assert!(gap >= Duration::from_millis(1500), "the outputs were held back: {gap:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readmes_curl_example_streams_events() {
+    let s = start(&[]);
+    let body = json!({"code": "import time\nprint(1)\ntime.sleep(1.5)\nprint(2)", "stream": true}).to_string();
+    let url = format!("{}/v1/tci/execute", s.url);
+    let lines = tokio::task::spawn_blocking(move || {
+        let auth = format!("Authorization: Bearer {KEY}");
+        let args = ["-sN", &url, "-H", &auth, "-H", "Content-Type: application/json", "-d", &body];
+        lines_as_they_come(std::path::Path::new("curl"), &args, &[])
+    })
+    .await
+    .unwrap();
+    let at = |text: &str| {
+        let data = |l: &str| l.strip_prefix("data: ").and_then(|d| serde_json::from_str::<Value>(d).ok());
+        let want = json!({"type": "stdout", "data": text});
+        lines.iter().position(|(l, _)| data(l) == Some(want.clone())).unwrap_or_else(|| panic!("{text}: {lines:?}"))
+    };
+    let (first, second) = (at("1\n"), at("2\n"));
+    assert_eq!(lines[first - 1].0, "event: stdout");
+    assert!(lines[second].1.duration_since(lines[first].1) >= Duration::from_millis(900), "{lines:?}");
+    assert!(lines.iter().any(|(l, _)| l == "event: done"), "{lines:?}");
+}
