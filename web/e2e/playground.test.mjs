@@ -151,6 +151,20 @@ test('Tab indents and Shift+Enter runs, from the keyboard alone; Esc then Tab le
   assert.equal(inEditor, false, 'focus moved out of the editor');
 });
 
+test('output streams in while the cell still runs', T, async () => {
+  const n = await addCell("import time\nprint('first')\ntime.sleep(4)\nprint('second')");
+  const c = cell(page, n);
+  await c.locator('.cm-content').focus();
+  await page.keyboard.press('Shift+Enter');
+  // 'first' shows while the cell sleeps: the cell is still running then.
+  await c.locator('pre.stdout').filter({ hasText: 'first' }).waitFor({ timeout: SLOW });
+  assert.equal(await c.getAttribute('data-state'), 'running');
+  assert.equal(await c.locator('pre.stdout').textContent(), 'first\n');
+  await shot(page, 'playground-streaming');
+  await page.waitForFunction((i) => document.querySelectorAll('article.cell')[i].dataset.state === 'done', n, { timeout: SLOW });
+  assert.equal(await c.locator('pre.stdout').allTextContents().then((t) => t.join('')), 'first\nsecond\n');
+});
+
 test('Stop interrupts `while True: pass`, and the session lives on with its state', T, async () => {
   const before = await sessionId();
   const n = await addCell('x_before_stop = 41\nwhile True: pass');
