@@ -20,6 +20,7 @@ mod execute;
 mod files;
 pub mod openapi;
 mod ops;
+mod require;
 mod router;
 mod sessions;
 mod state;

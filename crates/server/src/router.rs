@@ -1,7 +1,7 @@
 //! The router: which handler serves which path, and the layers around them.
 //! It only composes; the handlers live in their own modules.
 
-use crate::auth::require_key;
+use crate::require::require_key;
 use crate::state::AppState;
 use crate::{admin, execute, files, ops, sessions};
 use axum::routing::{delete, get, post};
