@@ -45,6 +45,10 @@ pub async fn run(args: McpArgs) -> anyhow::Result<()> {
         cmd.arg("--data-dir").arg(d);
     }
     let mut child = cmd.spawn().context("could not start the embedded kiln")?;
+    // Held by a pidfd from the start: the signal below can only reach it.
+    let pidfd = rustix::process::Pid::from_child(&child);
+    let pidfd = rustix::process::pidfd_open(pidfd, rustix::process::PidfdFlags::empty())
+        .context("could not open a pidfd for the embedded kiln")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let url = tokio::task::spawn_blocking(move || {
         std::io::BufReader::new(stdout).lines().map_while(Result::ok).find_map(|line| {
@@ -56,9 +60,7 @@ pub async fn run(args: McpArgs) -> anyhow::Result<()> {
     tracing::info!(%url, "embedded kiln ready");
     let served = kiln_mcp::serve_stdio(kiln_mcp::Backend::Remote(kiln_mcp::Client::new(&url, &key))).await;
     // End the embedded server cleanly (SIGTERM: its sessions are torn down).
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-    }
+    let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::TERM);
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     served.map_err(anyhow::Error::msg)
 }
