@@ -366,6 +366,7 @@ impl Manager {
             execute_count: 0,
             last_execute_at: None,
             ended_at: None,
+            incarnation: None,
         };
         if let Err(e) = inner.store.insert_session(&record).await {
             inner.kernels.destroy(kernel).await;

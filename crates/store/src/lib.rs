@@ -19,10 +19,12 @@
 
 mod backlog;
 mod database;
+mod nodes;
 mod postgres;
 mod sqlite;
 
 pub use database::{open, Database, OpenOptions};
+pub use nodes::{Capacity, NodeRecord};
 pub use kiln_protocol::NetworkPolicy;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -175,6 +177,9 @@ pub struct SessionRecord {
     pub last_execute_at: Option<DateTime<Utc>>,
     /// When it was torn down, if it was.
     pub ended_at: Option<DateTime<Utc>>,
+    /// The incarnation of its node that runs it (see [`NodeRecord`]); a
+    /// session without one is live until it ends or expires.
+    pub incarnation: Option<String>,
 }
 
 impl SessionRecord {
@@ -232,6 +237,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn revoke_key(&self, id: &str) -> Result<bool>;
     /// Record a new session of this node.
     async fn insert_session(&self, s: &SessionRecord) -> Result<()>;
+    /// Record a new session of this node unless its key already has
+    /// `key_limit` live sessions on the whole cluster (sessions of lost
+    /// nodes do not count). The count and the insert are one atomic step
+    /// (a per-key lock), so nodes creating at once cannot overshoot.
+    /// Returns false, inserting nothing, at the limit.
+    async fn insert_session_within(&self, s: &SessionRecord, key_limit: u64) -> Result<bool>;
+    /// Register a node (insert or replace its row): a new incarnation
+    /// starts with a fresh lease. A tag another node holds is refused
+    /// ([`StoreError::Constraint`]).
+    async fn put_node(&self, n: &NodeRecord) -> Result<()>;
+    /// Renew a node's lease and publish its capacity and draining flag;
+    /// false if the row is no longer this incarnation's (another process
+    /// registered under the same node id).
+    async fn renew_node(&self, n: &NodeRecord) -> Result<bool>;
+    /// Every registered node, by id.
+    async fn nodes(&self) -> Result<Vec<NodeRecord>>;
     /// Count one execute request that started at `at`.
     async fn record_execute(&self, id: &str, at: DateTime<Utc>) -> Result<()>;
     /// Add one execution's resource use to its session.
@@ -244,7 +265,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn end_session(&self, id: &str, at: DateTime<Utc>) -> Result<()>;
     /// One session by id.
     async fn session(&self, id: &str) -> Result<Option<SessionRecord>>;
-    /// A key's live sessions at `now`, oldest first.
+    /// A key's live sessions at `now`, oldest first; sessions whose node
+    /// was lost (its lease expired, or it restarted) are not live.
     async fn live_sessions(&self, key_id: &str, now: DateTime<Utc>) -> Result<Vec<SessionRecord>>;
     /// Mark every session of THIS node not yet ended as ended at `at` (the
     /// node restarted: its kernels are gone; other nodes' are not).

@@ -19,7 +19,7 @@
 
 use crate::backlog::{Backlog, Tally};
 use crate::{
-    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin, KeyRecord,
+    key_id, Capacity, NodeRecord, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin, KeyRecord,
     OpenOptions, Result, SessionRecord, Store, StoreError, Usage,
 };
 use chrono::{DateTime, Utc};
@@ -68,7 +68,55 @@ BEGIN
 END $$;
 CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OR DELETE ON api_keys
     FOR EACH ROW EXECUTE FUNCTION kiln_keys_changed();
+", r"
+CREATE TABLE nodes (
+    id                      TEXT PRIMARY KEY,
+    tag                     TEXT NOT NULL UNIQUE,
+    incarnation             TEXT NOT NULL,
+    advertise               TEXT,
+    lease_expires_at        TIMESTAMPTZ NOT NULL,
+    draining                BOOLEAN NOT NULL DEFAULT FALSE,
+    ready_kernels           BIGINT NOT NULL DEFAULT 0 CHECK (ready_kernels >= 0),
+    live_sessions           BIGINT NOT NULL DEFAULT 0 CHECK (live_sessions >= 0),
+    max_sessions            BIGINT NOT NULL DEFAULT 0 CHECK (max_sessions >= 0),
+    memory_available_bytes  BIGINT NOT NULL DEFAULT 0 CHECK (memory_available_bytes >= 0)
+);
+ALTER TABLE sessions ADD COLUMN incarnation TEXT;
 "];
+
+/// The condition under which a session row (`s`) is live at `$2`: not
+/// ended, not past its lifetime, and its node's incarnation still holds its
+/// lease (rows from before incarnations were recorded are trusted).
+const LIVE: &str = "s.ended_at IS NULL AND s.expires_at > $2 AND (s.incarnation IS NULL OR EXISTS (
+     SELECT 1 FROM nodes n WHERE n.id = s.node_id AND n.incarnation = s.incarnation AND n.lease_expires_at > $2))";
+
+/// The first half of the per-key advisory lock of session inserts ("ks"):
+/// the two-integer lock space never meets the migration lock's.
+const KEY_LOCK_SPACE: i32 = 0x6b73;
+
+const INSERT_SESSION: &str = "INSERT INTO sessions (id, key_id, node_id, incarnation, started_at, expires_at,
+     execute_count, last_execute_at, ended_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+const NODE_COLS: &str = "id, tag, incarnation, advertise, lease_expires_at, draining, ready_kernels, live_sessions,
+     max_sessions, memory_available_bytes";
+
+fn node_row(what: &'static str, r: &Row) -> Result<NodeRecord> {
+    let get = |e: tokio_postgres::Error| StoreError::Query { what, detail: e.to_string() };
+    Ok(NodeRecord {
+        id: r.try_get(0).map_err(get)?,
+        tag: r.try_get(1).map_err(get)?,
+        incarnation: r.try_get(2).map_err(get)?,
+        advertise: r.try_get(3).map_err(get)?,
+        lease_expires_at: r.try_get(4).map_err(get)?,
+        draining: r.try_get(5).map_err(get)?,
+        capacity: Capacity {
+            ready_kernels: to_u64(r.try_get(6).map_err(get)?),
+            live_sessions: to_u64(r.try_get(7).map_err(get)?),
+            max_sessions: to_u64(r.try_get(8).map_err(get)?),
+            memory_available_bytes: to_u64(r.try_get(9).map_err(get)?),
+        },
+    })
+}
 
 /// The advisory lock migrations hold (any constant unique to kiln: "kiln"
 /// in ASCII).
@@ -172,7 +220,10 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Config(format!("could not set up the PostgreSQL pool: {e}")))?;
         let backlog = Arc::new(Backlog::default());
-        let store = PgStore { pool, node_id: opts.node_id.clone(), timeout: opts.timeout, backlog };
+        let store = PgStore {
+            pool,
+            node_id: opts.node_id.clone(),
+            timeout: opts.timeout, backlog };
         store.migrate().await?;
         tokio::spawn(flush_backlog(store.pool.clone(), Arc::downgrade(&store.backlog), store.timeout));
         Ok(store)
@@ -357,7 +408,8 @@ fn key_row(what: &'static str, r: &Row) -> Result<KeyRecord> {
     })
 }
 
-const SESSION_COLS: &str = "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at";
+const SESSION_COLS: &str =
+    "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at, incarnation";
 
 fn session_row(what: &'static str, r: &Row) -> Result<SessionRecord> {
     let get = |e: tokio_postgres::Error| StoreError::Query { what, detail: e.to_string() };
@@ -369,6 +421,7 @@ fn session_row(what: &'static str, r: &Row) -> Result<SessionRecord> {
         execute_count: to_u64(r.try_get(4).map_err(get)?),
         last_execute_at: r.try_get(5).map_err(get)?,
         ended_at: r.try_get(6).map_err(get)?,
+        incarnation: r.try_get(7).map_err(get)?,
     })
 }
 
@@ -442,12 +495,12 @@ impl Store for PgStore {
     async fn insert_session(&self, s: &SessionRecord) -> Result<()> {
         self.execute(
             "insert session",
-            "INSERT INTO sessions (id, key_id, node_id, started_at, expires_at, execute_count, last_execute_at, ended_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            INSERT_SESSION,
             &[
                 &s.id,
                 &s.key_id,
                 &self.node_id,
+                &s.incarnation,
                 &s.started_at,
                 &s.expires_at,
                 &to_i64(s.execute_count),
@@ -457,6 +510,103 @@ impl Store for PgStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn insert_session_within(&self, s: &SessionRecord, key_limit: u64) -> Result<bool> {
+        let what = "insert session";
+        self.bounded(what, async {
+            let mut client = self.pool.get().await.map_err(pool_err(what))?;
+            let tx = client.transaction().await.map_err(pg(what))?;
+            // Creates of one key serialize on its lock (held to the commit);
+            // other keys' do not wait.
+            tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&KEY_LOCK_SPACE, &s.key_id])
+                .await
+                .map_err(pg(what))?;
+            let count = tx
+                .prepare_cached(&format!("SELECT COUNT(*) FROM sessions s WHERE s.key_id = $1 AND {LIVE}"))
+                .await
+                .map_err(pg(what))?;
+            let live: i64 = tx.query_one(&count, &[&s.key_id, &Utc::now()]).await.map_err(pg(what))?.get(0);
+            if to_u64(live) >= key_limit {
+                return Ok(false);
+            }
+            let insert = tx.prepare_cached(INSERT_SESSION).await.map_err(pg(what))?;
+            tx.execute(
+                &insert,
+                &[
+                    &s.id,
+                    &s.key_id,
+                    &self.node_id,
+                    &s.incarnation,
+                    &s.started_at,
+                    &s.expires_at,
+                    &to_i64(s.execute_count),
+                    &s.last_execute_at,
+                    &s.ended_at,
+                ],
+            )
+            .await
+            .map_err(pg(what))?;
+            tx.commit().await.map_err(pg(what))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn put_node(&self, n: &NodeRecord) -> Result<()> {
+        self.execute(
+            "register node",
+            &format!(
+                "INSERT INTO nodes ({NODE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (id) DO UPDATE SET tag = EXCLUDED.tag, incarnation = EXCLUDED.incarnation,
+                 advertise = EXCLUDED.advertise, lease_expires_at = EXCLUDED.lease_expires_at,
+                 draining = EXCLUDED.draining, ready_kernels = EXCLUDED.ready_kernels,
+                 live_sessions = EXCLUDED.live_sessions, max_sessions = EXCLUDED.max_sessions,
+                 memory_available_bytes = EXCLUDED.memory_available_bytes"
+            ),
+            &[
+                &n.id,
+                &n.tag,
+                &n.incarnation,
+                &n.advertise,
+                &n.lease_expires_at,
+                &n.draining,
+                &to_i64(n.capacity.ready_kernels),
+                &to_i64(n.capacity.live_sessions),
+                &to_i64(n.capacity.max_sessions),
+                &to_i64(n.capacity.memory_available_bytes),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn renew_node(&self, n: &NodeRecord) -> Result<bool> {
+        let changed = self
+            .execute(
+                "renew node lease",
+                "UPDATE nodes SET lease_expires_at = $3, draining = $4, ready_kernels = $5, live_sessions = $6,
+                 max_sessions = $7, memory_available_bytes = $8, advertise = $9 WHERE id = $1 AND incarnation = $2",
+                &[
+                    &n.id,
+                    &n.incarnation,
+                    &n.lease_expires_at,
+                    &n.draining,
+                    &to_i64(n.capacity.ready_kernels),
+                    &to_i64(n.capacity.live_sessions),
+                    &to_i64(n.capacity.max_sessions),
+                    &to_i64(n.capacity.memory_available_bytes),
+                    &n.advertise,
+                ],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let what = "list nodes";
+        let rows = self.query(what, &format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"), &[]).await?;
+        rows.iter().map(|r| node_row(what, r)).collect()
     }
 
     async fn record_execute(&self, id: &str, at: DateTime<Utc>) -> Result<()> {
@@ -504,9 +654,8 @@ impl Store for PgStore {
             .query(
                 what,
                 &format!(
-                    "SELECT {SESSION_COLS} FROM sessions
-                     WHERE key_id = $1 AND ended_at IS NULL AND expires_at > $2
-                     ORDER BY started_at, id"
+                    "SELECT {SESSION_COLS} FROM sessions s WHERE s.key_id = $1 AND {LIVE}
+                     ORDER BY s.started_at, s.id"
                 ),
                 &[&key_id, &now],
             )

@@ -8,7 +8,7 @@
 //! another process's write lock.
 
 use crate::{
-    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin, KeyRecord,
+    key_id, Capacity, NodeRecord, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin, KeyRecord,
     Result, SessionRecord, Store, StoreError, Usage,
 };
 use chrono::{DateTime, Utc};
@@ -90,7 +90,50 @@ CREATE TRIGGER api_keys_updated AFTER UPDATE ON api_keys
 CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys
     BEGIN UPDATE kiln_counters SET value = value + 1 WHERE name = 'keys'; END;
 ",
+    // Nodes and their leases; a session names the incarnation of its node
+    // that created it (see `NodeRecord`).
+    r"
+CREATE TABLE nodes (
+    id                      TEXT PRIMARY KEY,
+    tag                     TEXT NOT NULL UNIQUE,
+    incarnation             TEXT NOT NULL,
+    advertise               TEXT,
+    lease_expires_at        INTEGER NOT NULL,
+    draining                INTEGER NOT NULL DEFAULT 0 CHECK (draining IN (0, 1)),
+    ready_kernels           INTEGER NOT NULL DEFAULT 0 CHECK (ready_kernels >= 0),
+    live_sessions           INTEGER NOT NULL DEFAULT 0 CHECK (live_sessions >= 0),
+    max_sessions            INTEGER NOT NULL DEFAULT 0 CHECK (max_sessions >= 0),
+    memory_available_bytes  INTEGER NOT NULL DEFAULT 0 CHECK (memory_available_bytes >= 0)
+);
+ALTER TABLE sessions ADD COLUMN incarnation TEXT;
+",
 ];
+
+/// The condition under which a session row (`s`) is live at `?2`: not
+/// ended, not past its lifetime, and its node's incarnation still holds its
+/// lease (rows from before incarnations were recorded are trusted).
+const LIVE: &str = "s.ended_at IS NULL AND s.expires_at > ?2 AND (s.incarnation IS NULL OR EXISTS (
+     SELECT 1 FROM nodes n WHERE n.id = s.node_id AND n.incarnation = s.incarnation AND n.lease_expires_at > ?2))";
+
+const NODE_COLS: &str = "id, tag, incarnation, advertise, lease_expires_at, draining, ready_kernels, live_sessions,
+     max_sessions, memory_available_bytes";
+
+fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+    Ok(NodeRecord {
+        id: r.get(0)?,
+        tag: r.get(1)?,
+        incarnation: r.get(2)?,
+        advertise: r.get(3)?,
+        lease_expires_at: from_micros(r.get(4)?),
+        draining: r.get(5)?,
+        capacity: Capacity {
+            ready_kernels: to_u64(r.get(6)?),
+            live_sessions: to_u64(r.get(7)?),
+            max_sessions: to_u64(r.get(8)?),
+            memory_available_bytes: to_u64(r.get(9)?),
+        },
+    })
+}
 
 /// SQLite-backed [`Store`].
 #[derive(Debug)]
@@ -174,6 +217,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         execute_count: to_u64(r.get(4)?),
         last_execute_at: r.get::<_, Option<i64>>(5)?.map(from_micros),
         ended_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
+        incarnation: r.get(7)?,
     })
 }
 
@@ -238,7 +282,31 @@ fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Usage> {
     })
 }
 
-const SESSION_COLS: &str = "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at";
+const SESSION_COLS: &str =
+    "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at, incarnation";
+
+/// Insert a session row of `node`'s `incarnation`.
+fn insert(conn: &Connection, node: &str, s: &SessionRecord) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO sessions (id, key_id, node_id, incarnation, started_at, expires_at, execute_count,
+         last_execute_at, ended_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            s.id,
+            s.key_id,
+            node,
+            s.incarnation,
+            micros(s.started_at),
+            micros(s.expires_at),
+            to_i64(s.execute_count),
+            s.last_execute_at.map(micros),
+            s.ended_at.map(micros)
+        ])
+    })
+    .map_err(q("insert session"))?;
+    Ok(())
+}
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
@@ -312,25 +380,85 @@ impl Store for SqliteStore {
     }
 
     async fn insert_session(&self, s: &SessionRecord) -> Result<()> {
+        insert(&self.conn(), &self.node_id, s)
+    }
+
+    async fn insert_session_within(&self, s: &SessionRecord, key_limit: u64) -> Result<bool> {
+        // One connection behind one lock: the count and the insert cannot
+        // interleave with another create of this process, and the
+        // IMMEDIATE transaction keeps other processes out.
+        let what = "insert session";
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(q(what))?;
+        let live: i64 = tx
+            .prepare_cached(&format!("SELECT COUNT(*) FROM sessions s WHERE s.key_id = ?1 AND {LIVE}"))
+            .and_then(|mut st| st.query_row(params![s.key_id, micros(Utc::now())], |r| r.get(0)))
+            .map_err(q(what))?;
+        if to_u64(live) >= key_limit {
+            return Ok(false);
+        }
+        insert(&tx, &self.node_id, s)?;
+        tx.commit().map_err(q(what))?;
+        Ok(true)
+    }
+
+    async fn put_node(&self, n: &NodeRecord) -> Result<()> {
         self.conn()
+            .execute(
+                &format!(
+                    "INSERT INTO nodes ({NODE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (id) DO UPDATE SET tag = excluded.tag, incarnation = excluded.incarnation,
+                     advertise = excluded.advertise, lease_expires_at = excluded.lease_expires_at,
+                     draining = excluded.draining, ready_kernels = excluded.ready_kernels,
+                     live_sessions = excluded.live_sessions, max_sessions = excluded.max_sessions,
+                     memory_available_bytes = excluded.memory_available_bytes"
+                ),
+                params![
+                    n.id,
+                    n.tag,
+                    n.incarnation,
+                    n.advertise,
+                    micros(n.lease_expires_at),
+                    n.draining,
+                    to_i64(n.capacity.ready_kernels),
+                    to_i64(n.capacity.live_sessions),
+                    to_i64(n.capacity.max_sessions),
+                    to_i64(n.capacity.memory_available_bytes)
+                ],
+            )
+            .map_err(q("register node"))?;
+        Ok(())
+    }
+
+    async fn renew_node(&self, n: &NodeRecord) -> Result<bool> {
+        let changed = self
+            .conn()
             .prepare_cached(
-                "INSERT INTO sessions (id, key_id, node_id, started_at, expires_at, execute_count, last_execute_at, ended_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "UPDATE nodes SET lease_expires_at = ?3, draining = ?4, ready_kernels = ?5, live_sessions = ?6,
+                 max_sessions = ?7, memory_available_bytes = ?8, advertise = ?9 WHERE id = ?1 AND incarnation = ?2",
             )
             .and_then(|mut st| {
                 st.execute(params![
-                    s.id,
-                    s.key_id,
-                    self.node_id,
-                    micros(s.started_at),
-                    micros(s.expires_at),
-                    to_i64(s.execute_count),
-                    s.last_execute_at.map(micros),
-                    s.ended_at.map(micros)
+                    n.id,
+                    n.incarnation,
+                    micros(n.lease_expires_at),
+                    n.draining,
+                    to_i64(n.capacity.ready_kernels),
+                    to_i64(n.capacity.live_sessions),
+                    to_i64(n.capacity.max_sessions),
+                    to_i64(n.capacity.memory_available_bytes),
+                    n.advertise
                 ])
             })
-            .map_err(q("insert session"))?;
-        Ok(())
+            .map_err(q("renew node lease"))?;
+        Ok(changed == 1)
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id")).map_err(q("list nodes"))?;
+        let rows = stmt.query_map([], node_row).map_err(q("list nodes"))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(q("list nodes"))
     }
 
     // The two statements of every execution: prepared once per connection
@@ -388,9 +516,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {SESSION_COLS} FROM sessions
-                 WHERE key_id = ?1 AND ended_at IS NULL AND expires_at > ?2
-                 ORDER BY started_at, id"
+                "SELECT {SESSION_COLS} FROM sessions s WHERE s.key_id = ?1 AND {LIVE} ORDER BY s.started_at, s.id"
             ))
             .map_err(q("list sessions"))?;
         let rows = stmt.query_map(params![key_id, micros(now)], session_row).map_err(q("list sessions"))?;

@@ -7,7 +7,8 @@
 
 use chrono::{Duration, Utc};
 use kiln_store::{
-    Database, ExecutionUsage, KeyOptions, KeyOrigin, NetworkPolicy, OpenOptions, SessionRecord, Store, StoreError,
+    Capacity, Database, ExecutionUsage, KeyOptions, KeyOrigin, NetworkPolicy, NodeRecord, OpenOptions, SessionRecord,
+    Store, StoreError,
 };
 use std::sync::Arc;
 
@@ -92,6 +93,7 @@ fn session(id: &str, key: &str, ttl_secs: i64) -> SessionRecord {
         execute_count: 0,
         last_execute_at: None,
         ended_at: None,
+        incarnation: None,
     }
 }
 
@@ -254,6 +256,79 @@ async fn nodes_opening_a_new_database_at_once_migrate_it_once(b: &dyn Backend) {
     assert_eq!(b.open("late").await.keys().await.unwrap().len(), 1);
 }
 
+fn node(id: &str, tag: &str, incarnation: &str, lease_secs: i64) -> NodeRecord {
+    NodeRecord {
+        id: id.into(),
+        tag: tag.into(),
+        incarnation: incarnation.into(),
+        advertise: Some(format!("http://{id}:8787")),
+        // Both backends keep microseconds.
+        lease_expires_at: chrono::DateTime::from_timestamp_micros(
+            (Utc::now() + Duration::seconds(lease_secs)).timestamp_micros(),
+        )
+        .unwrap(),
+        draining: false,
+        capacity: Capacity { ready_kernels: 2, live_sessions: 1, max_sessions: 8, memory_available_bytes: 1 << 30 },
+    }
+}
+
+async fn a_lease_is_renewed_only_by_its_own_incarnation(b: &dyn Backend) {
+    let s = b.open("node-a").await;
+    let first = node("node-a", "aaaa", "inc001", 6);
+    s.put_node(&first).await.unwrap();
+    let mut renewed = first.clone();
+    renewed.draining = true;
+    renewed.capacity.live_sessions = 5;
+    assert!(s.renew_node(&renewed).await.unwrap());
+    assert_eq!(s.nodes().await.unwrap(), vec![renewed.clone()]);
+    // The node restarts: a new incarnation takes the row; the old one can
+    // no longer renew it.
+    let second = node("node-a", "aaaa", "inc002", 6);
+    s.put_node(&second).await.unwrap();
+    assert!(!s.renew_node(&renewed).await.unwrap());
+    assert_eq!(s.nodes().await.unwrap(), vec![second]);
+    // Another node may not take a tag that is in use.
+    let clash = s.put_node(&node("node-b", "aaaa", "inc003", 6)).await;
+    assert!(matches!(clash, Err(StoreError::Constraint { .. })), "{clash:?}");
+}
+
+async fn sessions_of_a_lost_incarnation_are_not_live_and_do_not_count(b: &dyn Backend) {
+    let a = b.open("node-a").await;
+    let nb = b.open("node-b").await;
+    a.put_node(&node("node-a", "aaaa", "a1", 6)).await.unwrap();
+    nb.put_node(&node("node-b", "bbbb", "b1", 6)).await.unwrap();
+    let mine = |id: &str, inc: &str| SessionRecord { incarnation: Some(inc.into()), ..session(id, "key_1", 60) };
+    assert!(a.insert_session_within(&mine("ses_a1", "a1"), 2).await.unwrap());
+    assert!(nb.insert_session_within(&mine("ses_b1", "b1"), 2).await.unwrap());
+    // The limit counts both nodes' sessions.
+    assert!(!a.insert_session_within(&mine("ses_a2", "a1"), 2).await.unwrap());
+    assert!(a.session("ses_a2").await.unwrap().is_none(), "nothing inserted at the limit");
+    // node-b restarts (new incarnation): its old session is lost, not live,
+    // and no longer counts.
+    nb.put_node(&node("node-b", "bbbb", "b2", 6)).await.unwrap();
+    let live: Vec<String> = a.live_sessions("key_1", Utc::now()).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(live, vec!["ses_a1".to_string()]);
+    assert!(a.insert_session_within(&mine("ses_a2", "a1"), 2).await.unwrap());
+    // node-a's lease runs out: its sessions are lost too.
+    let mut expired = node("node-a", "aaaa", "a1", -1);
+    expired.capacity = Capacity::default();
+    assert!(a.renew_node(&expired).await.unwrap());
+    assert!(a.live_sessions("key_1", Utc::now()).await.unwrap().is_empty());
+    // A concurrent burst of creates on two nodes never overshoots.
+    a.put_node(&node("node-a", "aaaa", "a3", 6)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (store, inc) = if i % 2 == 0 { (a.clone(), "a3") } else { (nb.clone(), "b2") };
+        let rec = mine(&format!("ses_burst{i}"), inc);
+        tasks.push(tokio::spawn(async move { store.insert_session_within(&rec, 3).await.unwrap() }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 3);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -281,4 +356,6 @@ suite!(
     the_keys_version_changes_with_keys_and_only_with_keys,
     a_duplicate_session_is_a_constraint_error,
     nodes_opening_a_new_database_at_once_migrate_it_once,
+    a_lease_is_renewed_only_by_its_own_incarnation,
+    sessions_of_a_lost_incarnation_are_not_live_and_do_not_count,
 );

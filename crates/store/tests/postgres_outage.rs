@@ -40,6 +40,7 @@ async fn a_database_restart_is_unavailable_meanwhile_and_the_same_store_recovers
         execute_count: 0,
         last_execute_at: None,
         ended_at: None,
+        incarnation: None,
     };
     s.insert_session(&rec).await.unwrap();
     s.record_execute("s", now).await.unwrap();
@@ -90,6 +91,7 @@ async fn executions_counted_while_the_database_is_down_are_written_when_it_is_ba
         execute_count: 0,
         last_execute_at: None,
         ended_at: None,
+        incarnation: None,
     };
     s.insert_session(&rec).await.unwrap();
     s.record_execute("s", now).await.unwrap();
