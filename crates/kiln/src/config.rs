@@ -35,6 +35,24 @@ pub struct ServeArgs {
     /// it, and a restart ends only its own [default: the host name]
     #[arg(long, env = "KILN_NODE_ID")]
     pub node_id: Option<String>,
+    /// The URL this node's peers reach its API on, e.g.
+    /// `http://10.0.0.5:8787` (in Kubernetes, the pod IP from the downward
+    /// API). Setting it makes the node one of a cluster sharing --database:
+    /// it registers, renews a lease, and serves or forwards (one hop) any
+    /// request for any session.
+    #[arg(long, env = "KILN_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// The secret the nodes of a cluster sign forwarded requests with (the
+    /// same on every node, at least 16 characters); required with
+    /// --advertise
+    #[arg(long, env = "KILN_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// How long a node's lease lasts unrenewed (renewed every third of it):
+    /// a node that dies is known lost, and its sessions answer
+    /// session_lost, within it [default: 6s; 1s to 10s]
+    #[arg(long, env = "KILN_LEASE", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "opt_duration")]
+    pub lease: Option<Duration>,
     /// Where the Python runtime is built and cached [default: <user cache dir>/kiln]
     #[arg(long, env = "KILN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -197,6 +215,28 @@ pub struct Settings {
     /// What resolving found worth a warning; logged once logging is set up
     /// (which needs `log_format`, so it cannot be set up before).
     pub warnings: Vec<String>,
+    /// Set when this node is one of a cluster (`--advertise`).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// A cluster node's settings.
+#[derive(Debug)]
+pub struct ClusterSettings {
+    /// Where peers reach this node.
+    pub advertise: String,
+    /// Signs forwarded requests (never printed).
+    pub secret: Secret,
+    /// The node's lease.
+    pub lease: Duration,
+}
+
+/// A value that is never printed.
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 impl Settings {
@@ -221,6 +261,28 @@ impl Settings {
             !node_id.is_empty() && node_id.len() <= 128 && !node_id.chars().any(char::is_control),
             "--node-id must be 1 to 128 printable characters"
         );
+        let cluster = match cli.advertise.or(file.advertise).filter(|a| !a.trim().is_empty()) {
+            None => None,
+            Some(advertise) => {
+                let advertise = advertise.trim().trim_end_matches('/').to_string();
+                anyhow::ensure!(
+                    advertise.starts_with("http://") && advertise.len() > "http://".len(),
+                    "--advertise must be the http:// URL peers reach this node on, e.g. http://10.0.0.5:8787"
+                );
+                let secret = cli.cluster_secret.or(file.cluster_secret).unwrap_or_default();
+                anyhow::ensure!(
+                    secret.len() >= 16,
+                    "--advertise needs --cluster-secret (KILN_CLUSTER_SECRET): the same secret of at least 16 \
+                     characters on every node, which signs the requests nodes forward to each other"
+                );
+                let lease = cli.lease.or(file.lease).unwrap_or(Duration::from_secs(6));
+                anyhow::ensure!(
+                    (Duration::from_secs(1)..=Duration::from_secs(10)).contains(&lease),
+                    "--lease must be between 1s and 10s"
+                );
+                Some(ClusterSettings { advertise, secret: Secret(secret), lease })
+            }
+        };
         let cache_dir = match cli.cache_dir.or(file.cache_dir) {
             Some(d) => d,
             None => default_cache_dir()?,
@@ -309,6 +371,7 @@ impl Settings {
             node_id,
             log_format,
             warnings,
+            cluster,
         })
     }
 }

@@ -52,6 +52,24 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     let manager = Manager::new(s.sessions.clone(), store.clone());
     manager.recover().await.context("could not clean up after a previous run")?;
 
+    // One of a cluster: register (a fresh incarnation) and keep the lease.
+    let cluster = match &s.cluster {
+        None => None,
+        Some(c) => {
+            if s.database.is_sqlite() {
+                tracing::warn!(
+                    "--advertise with the SQLite store: only nodes on this host can share it; use --database \
+                    postgres://… for a real cluster"
+                );
+            }
+            let membership =
+                kiln_sessions::Membership::join(manager.clone(), store.clone(), Some(c.advertise.clone()), c.lease)
+                    .await
+                    .context("could not register this node in the database")?;
+            Some(Arc::new(kiln_server::Cluster::new(membership, &c.secret.0).map_err(anyhow::Error::msg)?))
+        }
+    };
+
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await
         .with_context(|| format!("could not listen on {}; is another kiln running? (--listen)", s.listen))?;
@@ -90,16 +108,23 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
         });
     }
 
-    let state = AppState { manager: manager.clone(), keys, max_body_bytes: s.max_body_bytes };
+    let state = AppState { manager: manager.clone(), keys, max_body_bytes: s.max_body_bytes, cluster: cluster.clone() };
     let service = app(state).map_request(normalize_path);
     let fatal = Arc::new(std::sync::Mutex::new(None::<anyhow::Error>));
     let grace = s.shutdown_grace;
     let shutdown = {
         let fatal = fatal.clone();
         let manager = manager.clone();
+        let cluster = cluster.clone();
         async move {
             tokio::select! {
                 _ = shutdown_signal() => {
+                    // Draining: the lease says so at once, so peers place
+                    // new sessions elsewhere; this node's sessions still
+                    // answer while running cells finish.
+                    if let Some(c) = &cluster {
+                        c.membership.drain().await;
+                    }
                     tracing::info!(grace = ?grace, "shutting down: no new connections; running executions may finish");
                     // Past the grace period, end every session: the requests
                     // still running get `shutting_down` and the server exits.
@@ -121,6 +146,9 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
         .await
         .context("the HTTP server failed")?;
     manager.shutdown().await;
+    if let Some(c) = &cluster {
+        c.membership.leave().await;
+    }
     let fatal = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
     match fatal {
         Some(e) => Err(e),

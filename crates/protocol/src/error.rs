@@ -63,6 +63,14 @@ pub enum ErrorCode {
     FileConflict,
     /// The key cannot be revoked: it is the one making the request.
     KeyInUse,
+    /// The session lived on a kiln node that was lost (it stopped, crashed,
+    /// restarted or was cut off): its state is gone. Start a new session.
+    /// An infrastructure failure, never the user's code.
+    SessionLost,
+    /// The node that holds the session cannot be reached right now, though
+    /// it is not known to be lost; nothing was done. Retry after
+    /// `Retry-After` seconds.
+    NodeUnreachable,
 }
 
 impl ErrorCode {
@@ -75,7 +83,7 @@ impl ErrorCode {
             ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::FileNotFound | ErrorCode::KeyNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::FileConflict | ErrorCode::KeyInUse => 409,
-            ErrorCode::SessionExpired => 410,
+            ErrorCode::SessionExpired | ErrorCode::SessionLost => 410,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::TooManySessions => 429,
             ErrorCode::InternalError => 500,
@@ -83,7 +91,8 @@ impl ErrorCode {
             | ErrorCode::KernelUnavailable
             | ErrorCode::NotReady
             | ErrorCode::ShuttingDown
-            | ErrorCode::StoreUnavailable => 503,
+            | ErrorCode::StoreUnavailable
+            | ErrorCode::NodeUnreachable => 503,
         }
     }
 
@@ -111,6 +120,8 @@ impl ErrorCode {
             ErrorCode::KeyNotFound => "key_not_found",
             ErrorCode::FileConflict => "file_conflict",
             ErrorCode::KeyInUse => "key_in_use",
+            ErrorCode::SessionLost => "session_lost",
+            ErrorCode::NodeUnreachable => "node_unreachable",
         }
     }
 
@@ -268,6 +279,8 @@ mod tests {
             ErrorCode::KeyNotFound,
             ErrorCode::FileConflict,
             ErrorCode::KeyInUse,
+            ErrorCode::SessionLost,
+            ErrorCode::NodeUnreachable,
         ] {
             assert!(code.http_status() >= 400, "{code}");
             let wire = serde_json::to_value(code).unwrap_or_default();

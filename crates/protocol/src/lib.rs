@@ -228,6 +228,10 @@ pub struct SessionInfo {
     #[serde(with = "rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// The kiln node that runs it (`--node-id`); shown by
+    /// `GET /v1/tci/sessions/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// `data` of `GET /tci/sessions`.
@@ -378,8 +382,14 @@ mod tests {
         let t = chrono::DateTime::parse_from_rfc3339("2025-03-12T10:34:22.125248Z")
             .unwrap_or_else(|e| panic!("{e}"))
             .with_timezone(&chrono::Utc);
-        let info =
-            SessionInfo { id: "ses_x".into(), started_at: t, execute_count: 2, last_execute_at: None, expires_at: t };
+        let info = SessionInfo {
+            id: "ses_x".into(),
+            started_at: t,
+            execute_count: 2,
+            last_execute_at: None,
+            expires_at: t,
+            node: None,
+        };
         let v = serde_json::to_value(&info).unwrap_or_default();
         assert_eq!(v["started_at"], json!("2025-03-12T10:34:22.125248Z"));
         assert_eq!(v["last_execute_at"], Value::Null);

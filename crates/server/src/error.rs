@@ -38,7 +38,7 @@ impl IntoResponse for AppError {
         // A database that is restarting is a condition, not a failure of
         // this request: one line per request at error level would bury the
         // store's own warning.
-        if api.code == ErrorCode::StoreUnavailable {
+        if matches!(api.code, ErrorCode::StoreUnavailable | ErrorCode::NodeUnreachable | ErrorCode::SessionLost) {
             tracing::warn!(code = %api.code, error = %self, "request refused");
         } else if api.is_server_side() {
             tracing::error!(code = %api.code, error = %self, "request failed");
@@ -51,7 +51,11 @@ impl IntoResponse for AppError {
         let headers = resp.headers_mut();
         match api.code {
             // Worth retrying soon: say when.
-            ErrorCode::NotReady | ErrorCode::NoCapacity | ErrorCode::TooManySessions | ErrorCode::StoreUnavailable => {
+            ErrorCode::NotReady
+            | ErrorCode::NoCapacity
+            | ErrorCode::TooManySessions
+            | ErrorCode::StoreUnavailable
+            | ErrorCode::NodeUnreachable => {
                 headers.insert("retry-after", HeaderValue::from_static("2"));
             }
             // Retrying will not help: tell the clients that retry 5xx.

@@ -14,6 +14,7 @@
 mod admin;
 mod auth;
 mod body;
+mod cluster;
 mod console;
 mod error;
 mod execute;
@@ -27,6 +28,7 @@ mod state;
 
 pub use admin::generate_key;
 pub use auth::{hash_key, KeyEntry, KeyRing};
+pub use cluster::Cluster;
 pub use error::AppError;
 pub use kiln_sessions::Caller;
 pub use state::AppState;

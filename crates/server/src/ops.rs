@@ -57,10 +57,21 @@ pub(crate) async fn count_errors(
 ))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let ready = state.manager.readiness() == Readiness::Ready && state.manager.has_capacity();
-    let (status, body) = if ready {
-        (StatusCode::OK, serde_json::json!({"status": "ready"}))
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "not ready"}))
+    // In a cluster: a node that cannot renew its lease, or is draining,
+    // takes no new sessions, and says so.
+    let cluster = state.cluster.as_ref().map(|c| &c.membership);
+    let refusal = match cluster {
+        Some(m) if !m.lease_holds() => Some(("lease_lost", "this node cannot renew its lease in the database".into())),
+        Some(m) if m.draining() => Some(("draining", "this node is draining before it stops".into())),
+        Some(m) => m.taking().err().map(|why| ("not_taking", why)),
+        None => None,
+    };
+    let (status, body) = match refusal {
+        Some((status, message)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": status, "message": message}))
+        }
+        None if ready => (StatusCode::OK, serde_json::json!({"status": "ready"})),
+        None => (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "not ready"})),
     };
     (status, Json(body)).into_response()
 }

@@ -15,6 +15,13 @@ pub(crate) async fn require_key(
     mut req: Request,
     next: Next,
 ) -> Result<Response, AppError> {
+    // A peer forwarding a request it authenticated (see `cluster`).
+    let target = req.uri().path_and_query().map_or_else(|| req.uri().path().to_string(), |pq| pq.as_str().to_string());
+    if let Some(caller) = crate::cluster::forwarded_caller(&state, req.headers(), req.method(), &target) {
+        req.extensions_mut().insert(caller?);
+        req.extensions_mut().insert(crate::cluster::Forwarded);
+        return Ok(next.run(req).await);
+    }
     let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim);
     let token = match header {
         None => {

@@ -20,7 +20,11 @@ pub(crate) fn router(state: AppState) -> Router {
             .route(&format!("{prefix}/sessions/{{id}}/files/{{*path}}"), get(files::download))
             .route(&format!("{prefix}/usage"), get(sessions::usage));
     }
-    let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
+    // Authenticated first, then served here or forwarded to the session's
+    // node (in a cluster).
+    let api = api
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::cluster::route))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     // Key management, for admin keys only (the key is checked first).
     let admin = Router::new()
         .route("/v1/admin/keys", get(admin::list).post(admin::create))

@@ -13,4 +13,6 @@ pub struct AppState {
     pub keys: Arc<KeyRing>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// This node's part in a cluster (`--advertise`); `None` alone.
+    pub cluster: Option<Arc<crate::Cluster>>,
 }

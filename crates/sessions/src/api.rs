@@ -18,7 +18,11 @@ impl SessionError {
             SessionError::NotFound(_) => ApiError::new(ErrorCode::SessionNotFound, msg).with_param("session_id"),
             SessionError::Expired(_) => ApiError::new(ErrorCode::SessionExpired, msg).with_param("session_id"),
             SessionError::TooManySessions(_) => ApiError::new(ErrorCode::TooManySessions, msg),
-            SessionError::NoCapacity(_) => ApiError::new(ErrorCode::NoCapacity, msg),
+            SessionError::NoCapacity(_) | SessionError::NotTaking(_) | SessionError::ClusterFull => {
+                ApiError::new(ErrorCode::NoCapacity, msg)
+            }
+            SessionError::Lost { .. } => ApiError::new(ErrorCode::SessionLost, msg).with_param("session_id"),
+            SessionError::NodeUnreachable { .. } => ApiError::new(ErrorCode::NodeUnreachable, msg),
             SessionError::KernelUnavailable(_) | SessionError::Broken(_) => ApiError::new(
                 ErrorCode::KernelUnavailable,
                 "kiln could not start a Python kernel for this session; this is a server-side failure, not an \

@@ -22,7 +22,9 @@ mod browse;
 mod files;
 mod job;
 mod manager;
+pub mod membership;
 pub mod metrics;
+pub mod node;
 mod pool;
 mod registry;
 mod worker;
@@ -31,7 +33,9 @@ pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
 pub use kiln_protocol::NetworkPolicy;
 pub use manager::{Exec, Manager};
+pub use membership::{Membership, Owner};
 pub use metrics::Metrics;
+pub use node::Identity;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -135,4 +139,35 @@ pub enum SessionError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] kiln_store::StoreError),
+    /// The caller's session lived on a node that was lost.
+    #[error(
+        "session {id} was lost with the kiln node that held it ({node}): that node stopped, crashed, restarted or \
+         was cut off, and the session's state is gone. This is an infrastructure failure, not an error of your \
+         code: start a new session by omitting session_id"
+    )]
+    Lost {
+        /// The session.
+        id: String,
+        /// The node it was on.
+        node: String,
+    },
+    /// The node holding the session is alive by its lease but does not
+    /// answer.
+    #[error(
+        "the kiln node holding session {id} ({node}) cannot be reached right now; nothing was done. This is a \
+         server-side condition, not an error of your code: retry after the Retry-After delay"
+    )]
+    NodeUnreachable {
+        /// The session.
+        id: String,
+        /// The node it is on.
+        node: String,
+    },
+    /// This node takes no new sessions now (draining, or cut off from the
+    /// store); existing sessions still run.
+    #[error("this kiln node takes no new sessions right now ({0}); retry shortly (another node may take it)")]
+    NotTaking(String),
+    /// No node of the cluster has room for a new session.
+    #[error("every kiln node of the cluster is full or draining; retry shortly")]
+    ClusterFull,
 }

@@ -14,7 +14,6 @@ use kiln_kernel::ExecLimits;
 use kiln_protocol::{ExecEvent, ExecuteData, SessionInfo, ValidFile};
 use kiln_runtime::Runtime;
 use kiln_store::{SessionRecord, Store};
-use rand::distr::{Alphanumeric, SampleString};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -38,6 +37,13 @@ struct Inner {
     stopping: watch::Sender<bool>,
     background: Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<crate::Metrics>,
+    /// The incarnation new session ids name (see [`crate::node`]).
+    identity: std::sync::RwLock<crate::Identity>,
+    /// Why this node takes no new sessions now, if it does not.
+    refusing: std::sync::RwLock<Option<String>>,
+    /// Whether this node is one of a cluster: its sessions then live only
+    /// as long as its incarnation holds its lease.
+    clustered: std::sync::atomic::AtomicBool,
 }
 
 /// One execute request, validated.
@@ -68,7 +74,6 @@ impl Manager {
         let pool = Arc::new(Pool::new(cfg.pool_size, kernels.clone()));
         Manager {
             inner: Arc::new(Inner {
-                store,
                 kernels,
                 pool,
                 registry: Arc::new(Registry::default()),
@@ -76,6 +81,10 @@ impl Manager {
                 stopping: watch::channel(false).0,
                 background: Mutex::new(Vec::new()),
                 metrics: Arc::new(crate::Metrics::new()),
+                identity: std::sync::RwLock::new(crate::Identity::new(store.node_id())),
+                refusing: std::sync::RwLock::new(None),
+                clustered: std::sync::atomic::AtomicBool::new(false),
+                store,
                 cfg,
             }),
         }
@@ -184,7 +193,8 @@ impl Manager {
     pub async fn get(&self, key_id: &str, id: &str) -> Result<SessionInfo, SessionError> {
         self.lookup(key_id, id).await?;
         match self.inner.store.session(id).await? {
-            Some(r) => Ok(info(r)),
+            // Served where the session runs: this node is its owner.
+            Some(r) => Ok(SessionInfo { node: Some(self.inner.store.node_id().to_string()), ..info(r) }),
             None => Err(SessionError::NotFound(id.to_string())),
         }
     }
@@ -308,6 +318,41 @@ impl Manager {
         (self.inner.pool.len().await, self.inner.pool.target())
     }
 
+    /// The incarnation new sessions belong to.
+    pub fn identity(&self) -> crate::Identity {
+        self.inner.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Serve as `identity`, one node of a cluster: new sessions belong to
+    /// this incarnation (called again with a new one after a lost lease).
+    pub fn join_cluster(&self, identity: crate::Identity) {
+        *self.inner.identity.write().unwrap_or_else(|p| p.into_inner()) = identity;
+        self.inner.clustered.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Take no new sessions, saying why (`Some`), or take them again
+    /// (`None`). Live sessions are not touched.
+    pub fn refuse_new_sessions(&self, why: Option<String>) {
+        *self.inner.refusing.write().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// Why this node takes no new sessions now, if it does not.
+    pub fn refusing(&self) -> Option<String> {
+        self.inner.refusing.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// End every live session now and wait for their teardown (the node
+    /// lost its lease: its peers already answer `session_lost` for them).
+    /// Returns how many.
+    pub async fn end_all(&self) -> usize {
+        let all = self.inner.registry.remove_all();
+        let n = all.len();
+        for l in all {
+            l.end().await;
+        }
+        n
+    }
+
     /// Stop every session and pooled kernel, and wait for their teardown.
     pub async fn shutdown(&self) {
         self.set_readiness(Readiness::Stopping);
@@ -342,6 +387,9 @@ impl Manager {
     ) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
         let inner = &self.inner;
         let cfg = &inner.cfg;
+        if let Some(why) = inner.refusing.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(SessionError::NotTaking(why));
+        }
         let key_max = key_limit.map_or(cfg.max_sessions_per_key, |l| (l as usize).min(cfg.max_sessions_per_key));
         let place = inner.registry.reserve(key_id, cfg.max_sessions, key_max).map_err(|full| {
             inner.metrics.limit(match full {
@@ -355,7 +403,8 @@ impl Manager {
             Some(k) => k,
             None => inner.kernels.boot_new(network).await?,
         };
-        let id = format!("ses_{}", Alphanumeric.sample_string(&mut rand::rng(), 24));
+        let identity = inner.identity.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let id = identity.mint();
         let now = Utc::now();
         let ttl = chrono::Duration::from_std(cfg.ttl).unwrap_or(chrono::Duration::hours(1));
         let record = SessionRecord {
@@ -366,11 +415,21 @@ impl Manager {
             execute_count: 0,
             last_execute_at: None,
             ended_at: None,
-            incarnation: None,
+            incarnation: inner.clustered.load(std::sync::atomic::Ordering::Relaxed).then_some(identity.incarnation),
+            lost: false,
         };
-        if let Err(e) = inner.store.insert_session(&record).await {
-            inner.kernels.destroy(kernel).await;
-            return Err(e.into());
+        // The key's limit holds across every node sharing the store.
+        match inner.store.insert_session_within(&record, key_max as u64).await {
+            Ok(true) => {}
+            Ok(false) => {
+                inner.kernels.destroy(kernel).await;
+                inner.metrics.limit("sessions_per_key");
+                return Err(SessionError::TooManySessions(key_max));
+            }
+            Err(e) => {
+                inner.kernels.destroy(kernel).await;
+                return Err(e.into());
+            }
         }
         let work = kernel.dirs().work.clone();
         let (jobs, queue) = mpsc::unbounded_channel();
@@ -402,6 +461,7 @@ fn info(r: SessionRecord) -> SessionInfo {
         execute_count: r.execute_count,
         last_execute_at: r.last_execute_at,
         expires_at: r.expires_at,
+        node: None,
     }
 }
 

@@ -24,8 +24,8 @@ mod postgres;
 mod sqlite;
 
 pub use database::{open, Database, OpenOptions};
-pub use nodes::{Capacity, NodeRecord};
 pub use kiln_protocol::NetworkPolicy;
+pub use nodes::{Capacity, NodeRecord};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -180,6 +180,9 @@ pub struct SessionRecord {
     /// The incarnation of its node that runs it (see [`NodeRecord`]); a
     /// session without one is live until it ends or expires.
     pub incarnation: Option<String>,
+    /// Ended because its node was lost (see [`Store::end_all_open`]), not
+    /// by its lifetime or a delete.
+    pub lost: bool,
 }
 
 impl SessionRecord {
@@ -268,8 +271,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A key's live sessions at `now`, oldest first; sessions whose node
     /// was lost (its lease expired, or it restarted) are not live.
     async fn live_sessions(&self, key_id: &str, now: DateTime<Utc>) -> Result<Vec<SessionRecord>>;
-    /// Mark every session of THIS node not yet ended as ended at `at` (the
-    /// node restarted: its kernels are gone; other nodes' are not).
+    /// Mark every session of THIS node not yet ended as ended at `at`, and
+    /// lost (the node restarted: its kernels are gone; other nodes' are not).
     /// Sessions from before nodes were recorded count as this node's.
     /// Returns how many.
     async fn end_all_open(&self, at: DateTime<Utc>) -> Result<u64>;

@@ -19,8 +19,8 @@
 
 use crate::backlog::{Backlog, Tally};
 use crate::{
-    key_id, Capacity, NodeRecord, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin, KeyRecord,
-    OpenOptions, Result, SessionRecord, Store, StoreError, Usage,
+    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, Capacity, ExecutionUsage, KeyOptions, KeyOrigin,
+    KeyRecord, NodeRecord, OpenOptions, Result, SessionRecord, Store, StoreError, Usage,
 };
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -32,7 +32,8 @@ use tokio_postgres::{NoTls, Row};
 /// Schema migrations, applied in order; version N is `MIGRATIONS[N - 1]`.
 /// The session table is keyed by node so that node leases and ownership can
 /// be added by a later migration without rewriting it.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE api_keys (
     id            TEXT PRIMARY KEY,
     hash          BYTEA NOT NULL UNIQUE CHECK (octet_length(hash) = 32),
@@ -68,7 +69,8 @@ BEGIN
 END $$;
 CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OR DELETE ON api_keys
     FOR EACH ROW EXECUTE FUNCTION kiln_keys_changed();
-", r"
+",
+    r"
 CREATE TABLE nodes (
     id                      TEXT PRIMARY KEY,
     tag                     TEXT NOT NULL UNIQUE,
@@ -82,7 +84,9 @@ CREATE TABLE nodes (
     memory_available_bytes  BIGINT NOT NULL DEFAULT 0 CHECK (memory_available_bytes >= 0)
 );
 ALTER TABLE sessions ADD COLUMN incarnation TEXT;
-"];
+ALTER TABLE sessions ADD COLUMN lost BOOLEAN NOT NULL DEFAULT FALSE;
+",
+];
 
 /// The condition under which a session row (`s`) is live at `$2`: not
 /// ended, not past its lifetime, and its node's incarnation still holds its
@@ -220,10 +224,7 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Config(format!("could not set up the PostgreSQL pool: {e}")))?;
         let backlog = Arc::new(Backlog::default());
-        let store = PgStore {
-            pool,
-            node_id: opts.node_id.clone(),
-            timeout: opts.timeout, backlog };
+        let store = PgStore { pool, node_id: opts.node_id.clone(), timeout: opts.timeout, backlog };
         store.migrate().await?;
         tokio::spawn(flush_backlog(store.pool.clone(), Arc::downgrade(&store.backlog), store.timeout));
         Ok(store)
@@ -409,7 +410,7 @@ fn key_row(what: &'static str, r: &Row) -> Result<KeyRecord> {
 }
 
 const SESSION_COLS: &str =
-    "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at, incarnation";
+    "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at, incarnation, lost";
 
 fn session_row(what: &'static str, r: &Row) -> Result<SessionRecord> {
     let get = |e: tokio_postgres::Error| StoreError::Query { what, detail: e.to_string() };
@@ -422,6 +423,7 @@ fn session_row(what: &'static str, r: &Row) -> Result<SessionRecord> {
         last_execute_at: r.try_get(5).map_err(get)?,
         ended_at: r.try_get(6).map_err(get)?,
         incarnation: r.try_get(7).map_err(get)?,
+        lost: r.try_get(8).map_err(get)?,
     })
 }
 
@@ -666,7 +668,7 @@ impl Store for PgStore {
     async fn end_all_open(&self, at: DateTime<Utc>) -> Result<u64> {
         self.execute(
             "end open sessions",
-            "UPDATE sessions SET ended_at = $1 WHERE ended_at IS NULL AND (node_id = $2 OR node_id IS NULL)",
+            "UPDATE sessions SET ended_at = $1, lost = TRUE WHERE ended_at IS NULL AND (node_id = $2 OR node_id IS NULL)",
             &[&at, &self.node_id],
         )
         .await

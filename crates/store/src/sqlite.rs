@@ -8,8 +8,8 @@
 //! another process's write lock.
 
 use crate::{
-    key_id, Capacity, NodeRecord, parse_hash, parse_network, parse_origin, to_i64, to_u64, ExecutionUsage, KeyOptions, KeyOrigin, KeyRecord,
-    Result, SessionRecord, Store, StoreError, Usage,
+    key_id, parse_hash, parse_network, parse_origin, to_i64, to_u64, Capacity, ExecutionUsage, KeyOptions, KeyOrigin,
+    KeyRecord, NodeRecord, Result, SessionRecord, Store, StoreError, Usage,
 };
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -106,6 +106,7 @@ CREATE TABLE nodes (
     memory_available_bytes  INTEGER NOT NULL DEFAULT 0 CHECK (memory_available_bytes >= 0)
 );
 ALTER TABLE sessions ADD COLUMN incarnation TEXT;
+ALTER TABLE sessions ADD COLUMN lost INTEGER NOT NULL DEFAULT 0 CHECK (lost IN (0, 1));
 ",
 ];
 
@@ -218,6 +219,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         last_execute_at: r.get::<_, Option<i64>>(5)?.map(from_micros),
         ended_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
         incarnation: r.get(7)?,
+        lost: r.get(8)?,
     })
 }
 
@@ -283,7 +285,7 @@ fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Usage> {
 }
 
 const SESSION_COLS: &str =
-    "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at, incarnation";
+    "id, key_id, started_at, expires_at, execute_count, last_execute_at, ended_at, incarnation, lost";
 
 /// Insert a session row of `node`'s `incarnation`.
 fn insert(conn: &Connection, node: &str, s: &SessionRecord) -> Result<()> {
@@ -456,7 +458,8 @@ impl Store for SqliteStore {
 
     async fn nodes(&self) -> Result<Vec<NodeRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id")).map_err(q("list nodes"))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id")).map_err(q("list nodes"))?;
         let rows = stmt.query_map([], node_row).map_err(q("list nodes"))?;
         rows.collect::<rusqlite::Result<_>>().map_err(q("list nodes"))
     }
@@ -527,7 +530,7 @@ impl Store for SqliteStore {
         let n = self
             .conn()
             .execute(
-                "UPDATE sessions SET ended_at = ?1 WHERE ended_at IS NULL AND (node_id = ?2 OR node_id IS NULL)",
+                "UPDATE sessions SET ended_at = ?1, lost = 1 WHERE ended_at IS NULL AND (node_id = ?2 OR node_id IS NULL)",
                 params![micros(at), self.node_id],
             )
             .map_err(q("end open sessions"))?;

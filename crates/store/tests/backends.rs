@@ -94,6 +94,7 @@ fn session(id: &str, key: &str, ttl_secs: i64) -> SessionRecord {
         last_execute_at: None,
         ended_at: None,
         incarnation: None,
+        lost: false,
     }
 }
 
@@ -187,6 +188,10 @@ async fn a_restarting_node_ends_only_its_own_sessions(b: &dyn Backend) {
     assert_eq!(n1.end_all_open(Utc::now()).await.unwrap(), 1);
     let live = n2.live_sessions("k", Utc::now()).await.unwrap();
     assert_eq!(live.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["two"], "node-2's session lives on");
+    // The ended one is marked lost, unlike one that was ended normally.
+    assert!(n1.session("one").await.unwrap().unwrap().lost);
+    n2.end_session("two", Utc::now()).await.unwrap();
+    assert!(!n2.session("two").await.unwrap().unwrap().lost);
 }
 
 async fn usage_adds_up_across_nodes_writing_at_once(b: &dyn Backend) {

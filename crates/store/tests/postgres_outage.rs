@@ -41,6 +41,7 @@ async fn a_database_restart_is_unavailable_meanwhile_and_the_same_store_recovers
         last_execute_at: None,
         ended_at: None,
         incarnation: None,
+        lost: false,
     };
     s.insert_session(&rec).await.unwrap();
     s.record_execute("s", now).await.unwrap();
@@ -92,6 +93,7 @@ async fn executions_counted_while_the_database_is_down_are_written_when_it_is_ba
         last_execute_at: None,
         ended_at: None,
         incarnation: None,
+        lost: false,
     };
     s.insert_session(&rec).await.unwrap();
     s.record_execute("s", now).await.unwrap();

@@ -1,0 +1,352 @@
+//! Routing in a cluster: any node accepts any request, authenticates it,
+//! and serves it itself or forwards it, in one hop, to the node that holds
+//! the session.
+//!
+//! A session id names its node and that node's incarnation
+//! ([`kiln_sessions::node`]), and every node keeps the cluster's lease table
+//! in memory ([`Membership`]), so routing costs no lookup. A request for a
+//! session on a lost node (lease run out, or restarted since) answers 410
+//! `session_lost`; a live owner that does not answer, 503
+//! `node_unreachable` with `Retry-After`. A new session stays here when this
+//! node has a ready kernel, else goes to the better of two random live,
+//! non-draining peers by free capacity; 503 `no_capacity` when none has
+//! room.
+//!
+//! A forwarded request carries the caller the first node authenticated
+//! (key id and the key's settings) in `x-kiln-forwarded-caller`, signed with
+//! the cluster secret (HMAC-SHA256 over a timestamp, the method, the path
+//! and the caller, valid for 30 s): the owner trusts it instead of asking
+//! for the key, and a client cannot forge it. A forwarded request is always
+//! served where it lands, never forwarded again. Streams (SSE executes,
+//! downloads, uploads) pass through as they come.
+
+use crate::body::read_body;
+use crate::error::AppError;
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+use hmac::{Hmac, Mac};
+use kiln_protocol::{ApiError, ErrorCode};
+use kiln_sessions::{Caller, Membership, NetworkPolicy, Owner, Readiness, SessionError};
+use kiln_store::NodeRecord;
+use rand::seq::SliceRandom;
+use sha2::Sha256;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The authenticated caller, as the forwarding node saw it.
+const CALLER: &str = "x-kiln-forwarded-caller";
+/// `<unix seconds>:<hex HMAC>` of the forwarded request.
+const SIGNATURE: &str = "x-kiln-forwarded-auth";
+/// The node that forwarded it (for logs).
+const BY: &str = "x-kiln-forwarded-by";
+/// How old (or how far ahead) a signature may be.
+const MAX_SKEW_SECS: i64 = 30;
+
+/// Headers that belong to one connection, not to the request.
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"];
+
+/// Marks a request that arrived forwarded from a peer: it is served here.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forwarded;
+
+/// This node's part in a cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The lease table and this node's place in it.
+    pub membership: Arc<Membership>,
+    /// HMAC-SHA256 keyed with the cluster secret, cloned for each use.
+    keyed: Hmac<Sha256>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Route with `membership`, signing forwarded requests with `secret`.
+    pub fn new(membership: Arc<Membership>, secret: &str) -> Result<Cluster, String> {
+        if secret.len() < 16 {
+            return Err("the cluster secret must be at least 16 characters".into());
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("could not set up the peer HTTP client: {e}"))?;
+        let keyed = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).map_err(|e| format!("cluster secret: {e}"))?;
+        Ok(Cluster { membership, keyed, http })
+    }
+
+    fn mac(&self, ts: i64, method: &Method, path: &str, caller: &str) -> Hmac<Sha256> {
+        let mut mac = self.keyed.clone();
+        mac.update(format!("kiln-forward-v1\n{ts}\n{method}\n{path}\n{caller}").as_bytes());
+        mac
+    }
+}
+
+fn encode_caller(c: &Caller) -> String {
+    let network = c.network.map_or("-", |n| n.as_str());
+    let max = c.max_sessions.map_or("-".to_string(), |m| m.to_string());
+    format!("{};{network};{max}", c.key_id)
+}
+
+fn decode_caller(s: &str) -> Option<Caller> {
+    let mut parts = s.split(';');
+    let key_id = parts.next().filter(|k| !k.is_empty())?.to_string();
+    let network = match parts.next()? {
+        "-" => None,
+        n => Some(n.parse::<NetworkPolicy>().ok()?),
+    };
+    let max_sessions = match parts.next()? {
+        "-" => None,
+        m => Some(m.parse().ok()?),
+    };
+    parts.next().is_none().then_some(Caller { key_id, network, max_sessions })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn forged(msg: &str) -> AppError {
+    AppError::Api(ApiError::new(ErrorCode::Unauthorized, msg))
+}
+
+/// The caller of a request forwarded by a peer, if it claims to be one:
+/// `None` for an ordinary request, an error for a claim that does not
+/// verify (no cluster, a bad or stale signature).
+pub(crate) fn forwarded_caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    method: &Method,
+    path: &str,
+) -> Option<Result<Caller, AppError>> {
+    let caller = headers.get(CALLER)?;
+    let Some(cluster) = &state.cluster else {
+        return Some(Err(forged("this kiln is not part of a cluster: it accepts no forwarded requests")));
+    };
+    let verify = || {
+        let caller_s = caller.to_str().ok()?;
+        let (ts, sig) = headers.get(SIGNATURE)?.to_str().ok()?.split_once(':')?;
+        let ts: i64 = ts.parse().ok()?;
+        if (chrono::Utc::now().timestamp() - ts).abs() > MAX_SKEW_SECS {
+            return None;
+        }
+        cluster.mac(ts, method, path, caller_s).verify_slice(&unhex(sig)?).ok()?;
+        decode_caller(caller_s)
+    };
+    Some(verify().ok_or_else(|| {
+        forged(
+            "a forwarded request whose signature does not verify (wrong cluster secret, \
+        or a clock more than 30 s off)",
+        )
+    }))
+}
+
+/// Where a path names a session: `/tci/sessions/{id}` and what is under it.
+fn session_in_path(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/tci/sessions/").or_else(|| path.strip_prefix("/tci/sessions/"))?;
+    let id = rest.split('/').next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+fn is_execute(path: &str) -> bool {
+    path == "/v1/tci/execute" || path == "/tci/execute"
+}
+
+#[derive(serde::Deserialize)]
+struct SessionRef {
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+/// Middleware on the API routes, after authentication: serve here or
+/// forward to the owner.
+pub(crate) async fn route(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, AppError> {
+    let Some(cluster) = state.cluster.clone() else {
+        return Ok(next.run(req).await);
+    };
+    if req.extensions().get::<Forwarded>().is_some() {
+        return Ok(next.run(req).await);
+    }
+    let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+        return Ok(next.run(req).await);
+    };
+    let path = req.uri().path().to_string();
+    if let Some(id) = session_in_path(&path) {
+        let id = id.to_string();
+        return to_owner(&state, &cluster, &caller, &id, req, next).await;
+    }
+    if is_execute(&path) && req.method() == Method::POST {
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(body, state.max_body_bytes).await?;
+        // A body that does not parse is the handler's to refuse.
+        let session = serde_json::from_slice::<SessionRef>(&bytes).ok().and_then(|r| r.session_id);
+        let req = Request::from_parts(parts, Body::from(bytes));
+        return match session {
+            Some(id) => to_owner(&state, &cluster, &caller, &id, req, next).await,
+            None => place(&state, &cluster, &caller, req, next).await,
+        };
+    }
+    Ok(next.run(req).await)
+}
+
+/// Serve a request for session `id` where the session is.
+async fn to_owner(
+    state: &AppState,
+    cluster: &Cluster,
+    caller: &Caller,
+    id: &str,
+    req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    match cluster.membership.owner(id) {
+        // An id of no known node is looked up here like any other: the
+        // answer is not found, or expired for the caller's own old one.
+        Owner::Local | Owner::Unknown => Ok(next.run(req).await),
+        Owner::Lost { node } => Err(lost(state, caller, id, node).await),
+        Owner::Peer(peer) => match forward(cluster, &peer, caller, req).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
+                tracing::warn!(peer = %peer.id, error = %e, "the owner of a session did not answer");
+                match cluster.membership.owner_fresh(id).await {
+                    Owner::Lost { node } => Err(lost(state, caller, id, node).await),
+                    _ => Err(SessionError::NodeUnreachable { id: id.to_string(), node: peer.id }.into()),
+                }
+            }
+        },
+    }
+}
+
+/// The answer for session `id` of a lost node: lost if it was the
+/// caller's and still running when its node was lost, expired if it had
+/// ended before, not found if it was never the caller's.
+async fn lost(state: &AppState, caller: &Caller, id: &str, node: String) -> AppError {
+    match state.manager.store().session(id).await {
+        Ok(Some(r)) if r.key_id == caller.key_id => {
+            if r.lost || (r.ended_at.is_none() && r.expires_at > chrono::Utc::now()) {
+                SessionError::Lost { id: id.to_string(), node }.into()
+            } else {
+                SessionError::Expired(id.to_string()).into()
+            }
+        }
+        Ok(_) => SessionError::NotFound(id.to_string()).into(),
+        Err(e) => SessionError::Store(e).into(),
+    }
+}
+
+/// A new session: here when a kernel is ready here, else on the better
+/// of two random peers with room (ready kernels first, then free places).
+async fn place(
+    state: &AppState,
+    cluster: &Cluster,
+    caller: &Caller,
+    req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    let manager = &state.manager;
+    let here = cluster.membership.taking().is_ok() && manager.readiness() == Readiness::Ready;
+    if here && manager.pool_level().await.0 > 0 && manager.has_capacity() {
+        return Ok(next.run(req).await);
+    }
+    let mut peers = cluster.membership.candidates();
+    peers.shuffle(&mut rand::rng());
+    let best = peers.into_iter().take(2).max_by_key(|n| (n.capacity.ready_kernels > 0, n.capacity.free_sessions()));
+    let here_has_room = here && manager.has_capacity();
+    match best {
+        Some(peer) if peer.capacity.ready_kernels > 0 || !here_has_room => {
+            let (parts, body) = req.into_parts();
+            // The body was read already (an execute's): keep it to fall
+            // back on this node if the peer does not answer.
+            let bytes = read_body(body, state.max_body_bytes).await?;
+            let again = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
+            match forward(cluster, &peer, caller, Request::from_parts(parts, Body::from(bytes))).await {
+                Ok(resp) => Ok(resp),
+                Err(e) if here_has_room => {
+                    tracing::warn!(peer = %peer.id, error = %e, "a peer did not take a new session; starting it here");
+                    Ok(next.run(again).await)
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer.id, error = %e, "a peer did not take a new session");
+                    Err(SessionError::ClusterFull.into())
+                }
+            }
+        }
+        _ if here_has_room => Ok(next.run(req).await),
+        _ => Err(SessionError::ClusterFull.into()),
+    }
+}
+
+/// Send `req` to `peer` as `caller`, and its answer back as it comes.
+async fn forward(cluster: &Cluster, peer: &NodeRecord, caller: &Caller, req: Request) -> Result<Response, String> {
+    let Some(base) = &peer.advertise else {
+        return Err("the peer advertises no address".into());
+    };
+    let (parts, body) = req.into_parts();
+    let pq = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |pq| pq.as_str().to_string());
+    let url = format!("{}{pq}", base.trim_end_matches('/'));
+    let caller_s = encode_caller(caller);
+    let ts = chrono::Utc::now().timestamp();
+    let sig = hex(&cluster.mac(ts, &parts.method, parts.uri.path(), &caller_s).finalize().into_bytes());
+    let mut out = cluster.http.request(parts.method.clone(), url);
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || n == "authorization" || n.starts_with("x-kiln-forwarded-") {
+            continue;
+        }
+        out = out.header(name, value);
+    }
+    out = out
+        .header(CALLER, caller_s)
+        .header(SIGNATURE, format!("{ts}:{sig}"))
+        .header(BY, cluster.membership.node_id())
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    let resp = out.send().await.map_err(|e| format!("{e:#}"))?;
+    let mut answer = Response::builder().status(resp.status());
+    if let Some(headers) = answer.headers_mut() {
+        for (name, value) in resp.headers() {
+            if !HOP_BY_HOP.contains(&name.as_str()) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&peer.id) {
+            headers.insert(HeaderName::from_static("x-kiln-node"), v);
+        }
+    }
+    answer.body(Body::from_stream(resp.bytes_stream())).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_round_trips_through_its_header_and_nothing_else_parses() {
+        for c in [
+            Caller { key_id: "key_0123".into(), network: None, max_sessions: None },
+            Caller { key_id: "key_0123".into(), network: Some(NetworkPolicy::None), max_sessions: Some(3) },
+        ] {
+            assert_eq!(decode_caller(&encode_caller(&c)), Some(c));
+        }
+        for bad in ["", ";-;-", "key;bogus;-", "key;-;x", "key;-;-;extra", "key;-"] {
+            assert_eq!(decode_caller(bad), None, "{bad}");
+        }
+        assert_eq!(unhex(&hex(&[0, 1, 0xab, 0xff])), Some(vec![0, 1, 0xab, 0xff]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(session_in_path("/v1/tci/sessions/ses_x/files/a/b"), Some("ses_x"));
+        assert_eq!(session_in_path("/tci/sessions/ses_y"), Some("ses_y"));
+        assert_eq!(session_in_path("/v1/tci/sessions"), None);
+    }
+}
