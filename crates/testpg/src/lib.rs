@@ -66,6 +66,14 @@ impl PgServer {
         write(&root.path().join("owner"), &std::process::id().to_string());
         let data = root.path().join("data");
         run(Command::new("cp").arg("-a").arg(&template).arg(&data), "copy the template cluster");
+        if opts.listen.is_some() {
+            // Clients on the listening address's own subnet (a test's
+            // network namespaces on its bridge) are trusted like local ones.
+            let hba = data.join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba).unwrap_or_default();
+            rules.push_str("host all all samenet trust\n");
+            write(&hba, &rules);
+        }
         give_to_postgres(root.path());
         let port = match opts.listen {
             Some(ip) => TcpListener::bind((ip, 0))

@@ -1,0 +1,385 @@
+//! Three `kiln serve` nodes, each in its own network namespace with its own
+//! address on a bridge the test creates, sharing one real PostgreSQL
+//! (kiln-testpg), behind Debian's HAProxy in round robin without
+//! stickiness. Sessions are reached through any node, a lost node's
+//! sessions answer `session_lost` within the lease (and stay lost after it
+//! restarts), key changes reach every node, and a full cluster says
+//! `no_capacity`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::netns::{free_subnet, ip};
+use common::{start_via, text_of, KEY};
+use kiln_testpg::{PgOptions, PgServer};
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+/// Sessions each node may run: the cluster holds three times as many.
+const PER_NODE: usize = 3;
+
+/// A bridge on a free `10.252.<x>.0/24` (the host is `.1`) and one network
+/// namespace per node, linked to it by a veth pair; all removed on drop,
+/// also when set-up fails half-way.
+struct Net {
+    bridge: String,
+    subnet: u8,
+    namespaces: Vec<String>,
+    host_ifs: Vec<String>,
+}
+
+impl Net {
+    fn new(nodes: usize) -> Net {
+        let pid = std::process::id();
+        let subnet = free_subnet(252, 0);
+        let mut net = Net { bridge: format!("kb{pid}"), subnet, namespaces: Vec::new(), host_ifs: Vec::new() };
+        ip(&["link", "add", &net.bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{}/24", net.host()), "dev", &net.bridge]);
+        ip(&["link", "set", &net.bridge, "up"]);
+        for i in 1..=nodes {
+            let ns = format!("kiln-cl-{pid}-{i}");
+            ip(&["netns", "add", &ns]);
+            net.namespaces.push(ns.clone());
+            let (host_if, ns_if) = (format!("kc{pid}h{i}"), format!("kc{pid}n{i}"));
+            ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+            net.host_ifs.push(host_if.clone());
+            ip(&["link", "set", &host_if, "master", &net.bridge]);
+            ip(&["link", "set", &host_if, "up"]);
+            ip(&["link", "set", &ns_if, "netns", &ns]);
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", net.node(i)), "dev", &ns_if]);
+            ip(&["-n", &ns, "link", "set", &ns_if, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    fn host(&self) -> String {
+        format!("10.252.{}.1", self.subnet)
+    }
+
+    fn node(&self, i: usize) -> String {
+        format!("10.252.{}.{}", self.subnet, 10 + i)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        };
+        for h in &self.host_ifs {
+            quiet(&["link", "delete", h]);
+        }
+        for ns in &self.namespaces {
+            quiet(&["netns", "delete", ns]);
+        }
+        quiet(&["link", "delete", &self.bridge]);
+    }
+}
+
+/// HAProxy in front of the nodes: round robin, no stickiness, health checks
+/// on `/healthz` every 500 ms; stopped on drop.
+struct Haproxy {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    fn start(nodes: &[String]) -> Haproxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let servers: String =
+            nodes.iter().enumerate().map(|(i, addr)| format!("    server node{} {addr}:8787 check\n", i + 1)).collect();
+        let cfg = format!(
+            "global\n    maxconn 512\n\
+             defaults\n    mode http\n    timeout connect 2s\n    timeout client 120s\n    timeout server 120s\n    \
+             retries 3\n    option redispatch\n\
+             frontend api\n    bind 127.0.0.1:{port}\n    default_backend kiln\n\
+             backend kiln\n    balance roundrobin\n    option httpchk GET /healthz\n    \
+             default-server inter 500ms fall 2 rise 2\n{servers}"
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let child = Command::new("haproxy").arg("-db").arg("-f").arg(&path).stdout(Stdio::null()).spawn().unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "haproxy did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Haproxy { child, url, _dir: dir }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    retry_after: Option<String>,
+    body: Value,
+}
+
+impl Reply {
+    fn code(&self) -> &str {
+        self.body["errors"][0]["code"].as_str().unwrap_or_default()
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(120)).no_proxy().build().unwrap()
+}
+
+async fn send(base: &str, method: reqwest::Method, path: &str, key: &str, body: Option<Value>) -> Reply {
+    let mut req = http().request(method, format!("{base}{path}")).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{base}{path}: {e}"));
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().get("retry-after").map(|v| v.to_str().unwrap_or_default().to_string());
+    let text = resp.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }));
+    Reply { status, retry_after, body }
+}
+
+async fn exec(base: &str, key: &str, code: &str, session: Option<&str>) -> Reply {
+    let mut body = json!({"language": "python", "code": code});
+    if let Some(s) = session {
+        body["session_id"] = json!(s);
+    }
+    send(base, reqwest::Method::POST, "/v1/tci/execute", key, Some(body)).await
+}
+
+/// Run `code` in `session` through `base`; panics unless it answered 200.
+async fn stdout(base: &str, code: &str, session: &str) -> String {
+    let r = exec(base, KEY, code, Some(session)).await;
+    assert_eq!(r.status, 200, "{base}: {r:?}");
+    text_of(&r.body["data"], "stdout")
+}
+
+async fn new_session(base: &str, key: &str, code: &str) -> String {
+    let r = exec(base, key, code, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body["data"]["session_id"].as_str().unwrap().to_string()
+}
+
+async fn owner(base: &str, session: &str) -> String {
+    let r = send(base, reqwest::Method::GET, &format!("/v1/tci/sessions/{session}"), KEY, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body["data"]["node"].as_str().unwrap().to_string()
+}
+
+/// Start node `i` in its namespace (its data directory kept by the caller
+/// for a restart).
+fn node(net: &Net, i: usize, database: &str, data: tempfile::TempDir) -> common::Server {
+    let ns = format!("--net=/run/netns/{}", net.namespaces[i - 1]);
+    let listen = format!("{}:8787", net.node(i));
+    let advertise = format!("http://{listen}");
+    let node_id = format!("node-{i}");
+    let max = PER_NODE.to_string();
+    start_via(
+        &["nsenter", &ns, "--"],
+        &listen,
+        data,
+        &[
+            "--database",
+            database,
+            "--node-id",
+            &node_id,
+            "--advertise",
+            &advertise,
+            "--cluster-secret",
+            SECRET,
+            "--network",
+            "none",
+            "--max-sessions",
+            &max,
+        ],
+        true,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_behind_haproxy_share_sessions_lose_a_node_cleanly_and_fill_up() {
+    let net = Net::new(3);
+    let pg = PgServer::start_with(PgOptions { listen: Some(net.host().parse().unwrap()) });
+    let db = pg.url();
+    let mut nodes: Vec<common::Server> = std::thread::scope(|s| {
+        let (net, db) = (&net, &db);
+        let started: Vec<_> =
+            (1..=3).map(|i| s.spawn(move || node(net, i, db, tempfile::tempdir().unwrap()))).collect();
+        started.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let lb = Haproxy::start(&(1..=3).map(|i| net.node(i)).collect::<Vec<_>>());
+    let lb = lb.url.clone();
+
+    // A session keeps its variables whichever node a request lands on:
+    // through the balancer (round robin), and through each node directly.
+    let a = new_session(&lb, KEY, "x = 42").await;
+    for _ in 0..3 {
+        stdout(&lb, "x += 1", &a).await;
+    }
+    for url in &urls {
+        assert_eq!(stdout(url, "print(x)", &a).await, "45\n", "through {url}");
+    }
+    let a_owner = owner(&urls[0], &a).await;
+    for url in &urls[1..] {
+        assert_eq!(owner(url, &a).await, a_owner, "every node names the same owner");
+    }
+
+    // A streamed execute passes through a forwarding node unchanged.
+    let owner_index: usize = a_owner.trim_start_matches("node-").parse().unwrap();
+    let other = &urls[owner_index % 3];
+    let sse = http()
+        .post(format!("{other}/v1/tci/execute"))
+        .bearer_auth(KEY)
+        .json(&json!({"language": "python", "code": "print(x)", "session_id": a, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let events = sse.text().await.unwrap();
+    assert!(events.contains("event: stdout") && events.contains("45") && events.contains("event: done"), "{events}");
+
+    // A file uploaded through one node is downloaded through another.
+    let content: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    use base64::Engine as _;
+    let upload = json!({"files": [{"name": "data.bin", "encoding": "base64",
+        "content": base64::engine::general_purpose::STANDARD.encode(&content)}]});
+    let up = send(&urls[0], reqwest::Method::POST, &format!("/v1/tci/sessions/{a}/files"), KEY, Some(upload)).await;
+    assert_eq!(up.status, 200, "{up:?}");
+    for url in &urls[1..] {
+        let got =
+            http().get(format!("{url}/v1/tci/sessions/{a}/files/data.bin")).bearer_auth(KEY).send().await.unwrap();
+        assert_eq!(got.status(), 200);
+        assert_eq!(got.bytes().await.unwrap().as_ref(), content.as_slice(), "through {url}");
+    }
+
+    // A forwarded-caller header a client makes up is refused.
+    let forged = http()
+        .get(format!("{}/v1/tci/sessions/{a}", urls[1]))
+        .header("x-kiln-forwarded-caller", "key_0000000000000000;-;-")
+        .header("x-kiln-forwarded-auth", format!("{}:00", chrono::Utc::now().timestamp()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+
+    // A key's session limit holds across the cluster; a key revoked on one
+    // node is refused by all of them within 2 s.
+    let made = send(&urls[0], reqwest::Method::POST, "/v1/admin/keys", KEY, Some(json!({"max_sessions": 2}))).await;
+    assert_eq!(made.status, 200, "{made:?}");
+    let limited = made.body["data"]["key"].as_str().unwrap().to_string();
+    let limited_id =
+        made.body["data"]["id"].as_str().or(made.body["data"]["record"]["id"].as_str()).unwrap().to_string();
+    let began = Instant::now();
+    for url in &urls {
+        while send(url, reqwest::Method::GET, "/v1/tci/sessions", &limited, None).await.status != 200 {
+            assert!(began.elapsed() < Duration::from_secs(2), "a new key took over 2 s to reach {url}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    new_session(&urls[0], &limited, "1").await;
+    new_session(&urls[1], &limited, "1").await;
+    let third = exec(&urls[2], &limited, "1", None).await;
+    assert_eq!((third.status, third.code()), (429, "too_many_sessions"), "{third:?}");
+    let revoked = send(&urls[1], reqwest::Method::DELETE, &format!("/v1/admin/keys/{limited_id}"), KEY, None).await;
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+    let began = Instant::now();
+    for url in &urls {
+        while send(url, reqwest::Method::GET, "/v1/tci/sessions", &limited, None).await.status != 401 {
+            assert!(began.elapsed() < Duration::from_secs(2), "a revoked key still worked on {url} after 2 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // A session on another node than a's, to outlive a's node.
+    let b = loop {
+        let s = new_session(&lb, KEY, "y = 7").await;
+        if owner(&lb, &s).await != a_owner {
+            break s;
+        }
+    };
+
+    // SIGKILL a's node: within the lease its session answers session_lost
+    // through the others (node_unreachable at most, meanwhile), the other
+    // session still works, and new sessions succeed.
+    let dead = owner_index - 1;
+    nodes[dead].crash();
+    let killed = Instant::now();
+    let living: Vec<&String> = urls.iter().enumerate().filter(|(i, _)| *i != dead).map(|(_, u)| u).collect();
+    for url in living.iter().copied().chain([&lb]) {
+        loop {
+            let r = exec(url, KEY, "print(x)", Some(&a)).await;
+            if r.status == 410 {
+                assert_eq!(r.code(), "session_lost", "{r:?}");
+                let msg = r.body["errors"][0]["message"].as_str().unwrap();
+                assert!(msg.contains("node") && msg.contains("lost") && msg.contains(&a_owner), "{msg}");
+                break;
+            }
+            assert_eq!((r.status, r.code()), (503, "node_unreachable"), "only node_unreachable meanwhile: {r:?}");
+            assert!(r.retry_after.is_some(), "{r:?}");
+            assert!(killed.elapsed() < Duration::from_secs(10), "still not lost after 10 s: {r:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    assert_eq!(stdout(&lb, "print(y)", &b).await, "7\n");
+    for _ in 0..2 {
+        let s = new_session(&lb, KEY, "print('fresh')").await;
+        assert_ne!(owner(&lb, &s).await, a_owner, "no session goes to the lost node");
+    }
+
+    // It comes back (same node id, same data): a new incarnation, and the
+    // old ids stay lost, on it too.
+    let data = std::mem::replace(&mut nodes[dead].data, tempfile::tempdir().unwrap());
+    nodes[dead] = node(&net, dead + 1, &db, data);
+    for url in urls.iter().chain([&lb]) {
+        let r = exec(url, KEY, "print(x)", Some(&a)).await;
+        assert_eq!((r.status, r.code()), (410, "session_lost"), "through {url}: {r:?}");
+    }
+
+    // Fill the cluster: sessions go to every node until none has room, then
+    // 503 no_capacity with Retry-After. Published capacity lags by up to a
+    // renewal, so a refusal is trusted only once it persists.
+    let mut created = 0;
+    let full = loop {
+        let r = exec(&lb, KEY, "1", None).await;
+        if r.status == 200 {
+            created += 1;
+            assert!(created <= 3 * PER_NODE, "more sessions than the cluster has places");
+            continue;
+        }
+        assert_eq!((r.status, r.code()), (503, "no_capacity"), "{r:?}");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let again = exec(&lb, KEY, "1", None).await;
+        if again.status == 200 {
+            created += 1;
+            continue;
+        }
+        break again;
+    };
+    assert_eq!((full.status, full.code()), (503, "no_capacity"), "{full:?}");
+    assert_eq!(full.retry_after.as_deref(), Some("2"));
+    // Every key's live sessions on living incarnations fill every place.
+    let live = pg.psql(
+        "SELECT count(*) FROM sessions s JOIN nodes n ON n.id = s.node_id AND n.incarnation = s.incarnation \
+         WHERE s.ended_at IS NULL AND n.lease_expires_at > now()",
+    );
+    assert_eq!(live, (3 * PER_NODE).to_string(), "every place of every node is used");
+
+    // SIGTERM drains a node: its lease says draining and ends.
+    nodes[0].stop();
+    let row = pg.psql("SELECT draining, lease_expires_at <= now() FROM nodes WHERE id = 'node-1'");
+    assert!(row.contains('t') && !row.contains('f'), "{row}");
+}
