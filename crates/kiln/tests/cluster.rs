@@ -383,3 +383,97 @@ async fn three_nodes_behind_haproxy_share_sessions_lose_a_node_cleanly_and_fill_
     let row = pg.psql("SELECT draining, lease_expires_at <= now() FROM nodes WHERE id = 'node-1'");
     assert!(row.contains('t') && !row.contains('f'), "{row}");
 }
+
+/// One cluster node on loopback (its peers would reach it there), with a
+/// short lease.
+fn solo(db: &str, lease: &str) -> common::Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let advertise = format!("http://{listen}");
+    start_via(
+        &[],
+        &listen,
+        tempfile::tempdir().unwrap(),
+        &[
+            "--database",
+            db,
+            "--node-id",
+            "solo",
+            "--advertise",
+            &advertise,
+            "--cluster-secret",
+            SECRET,
+            "--lease",
+            lease,
+            "--network",
+            "none",
+        ],
+        true,
+    )
+}
+
+async fn readyz(s: &common::Server) -> (u16, String) {
+    let r = http().get(format!("{}/readyz", s.url)).send().await.unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    (status, v["status"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_cut_off_from_the_database_stops_taking_sessions_and_comes_back_as_a_new_incarnation() {
+    let mut pg = PgServer::start();
+    let s = solo(&pg.url(), "2s");
+    let before = new_session(&s.url, KEY, "v = 1").await;
+    assert_eq!(readyz(&s).await, (200, "ready".to_string()));
+
+    pg.stop();
+    // Within the lease (2 s) and a renewal, /readyz says why it is out.
+    let began = Instant::now();
+    while readyz(&s).await != (503, "lease_lost".to_string()) {
+        assert!(began.elapsed() < Duration::from_secs(6), "still {:?} after 6 s", readyz(&s).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = exec(&s.url, KEY, "1", None).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.retry_after.is_some(), "{refused:?}");
+    let msg = refused.body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("lease") || refused.code() == "store_unavailable", "{refused:?}");
+
+    pg.start_again();
+    // It registers again by itself, as a new incarnation: ready, taking
+    // sessions, and the session from before is lost (its peers said so).
+    let began = Instant::now();
+    while readyz(&s).await != (200, "ready".to_string()) {
+        assert!(began.elapsed() < Duration::from_secs(20), "not ready again: {:?}", readyz(&s).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = exec(&s.url, KEY, "print(v)", Some(&before)).await;
+    assert_eq!((r.status, r.code()), (410, "session_lost"), "{r:?}");
+    let after = new_session(&s.url, KEY, "print('new')").await;
+    assert_ne!(after[4..14], before[4..14], "a new incarnation names the new session");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_lease_says_so_and_a_running_cell_finishes() {
+    let pg = PgServer::start();
+    let mut s = solo(&pg.url(), "6s");
+    let id = new_session(&s.url, KEY, "import time").await;
+    let url = s.url.clone();
+    let id2 = id.clone();
+    let cell = tokio::spawn(async move { exec(&url, KEY, "time.sleep(4); print('finished')", Some(&id2)).await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let pid = nix::unistd::Pid::from_raw(s.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let began = Instant::now();
+    while pg.psql("SELECT draining FROM nodes WHERE id = 'solo'") != "t" {
+        assert!(began.elapsed() < Duration::from_secs(2), "the lease does not say draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!cell.is_finished(), "the cell was still running while the node drained");
+    let done = cell.await.unwrap();
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!(text_of(&done.body["data"], "stdout"), "finished\n");
+    assert!(s.stop().success());
+    // Gone: its lease ended at exit, not a lease later.
+    assert_eq!(pg.psql("SELECT lease_expires_at <= now() FROM nodes WHERE id = 'solo'"), "t");
+}

@@ -285,7 +285,12 @@ async fn place(
             }
         }
         _ if here_has_room => Ok(next.run(req).await),
-        _ => Err(SessionError::ClusterFull.into()),
+        // Alone and refusing (draining, lease lost): say why.
+        None => match cluster.membership.taking() {
+            Err(why) => Err(SessionError::NotTaking(why).into()),
+            Ok(()) => Err(SessionError::ClusterFull.into()),
+        },
+        Some(_) => Err(SessionError::ClusterFull.into()),
     }
 }
 
