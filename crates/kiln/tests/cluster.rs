@@ -477,3 +477,174 @@ async fn sigterm_drains_the_lease_says_so_and_a_running_cell_finishes() {
     // Gone: its lease ended at exit, not a lease later.
     assert_eq!(pg.psql("SELECT lease_expires_at <= now() FROM nodes WHERE id = 'solo'"), "t");
 }
+
+/// Latencies as "p50 / p99 ms".
+fn p50_p99(mut xs: Vec<Duration>) -> (f64, f64) {
+    xs.sort();
+    let at = |p: f64| xs[((p * (xs.len() - 1) as f64).round() as usize).min(xs.len() - 1)].as_secs_f64() * 1e3;
+    (at(0.50), at(0.99))
+}
+
+/// One execute on a kept-alive connection; returns the session id.
+async fn timed_exec(client: &reqwest::Client, base: &str, code: &str, session: Option<&str>) -> (String, Duration) {
+    let mut body = json!({"language": "python", "code": code});
+    if let Some(s) = session {
+        body["session_id"] = json!(s);
+    }
+    let began = Instant::now();
+    let r = client.post(format!("{base}/v1/tci/execute")).bearer_auth(KEY).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let took = began.elapsed();
+    (v["data"]["session_id"].as_str().unwrap().to_string(), took)
+}
+
+async fn end(client: &reqwest::Client, base: &str, id: &str) {
+    let r = client.delete(format!("{base}/v1/tci/sessions/{id}")).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// New session + `print(1)` (then ended, untimed), `n` times in a row.
+async fn bench_new(base: &str, n: usize) -> (f64, f64) {
+    let client = http();
+    let mut xs = Vec::new();
+    for _ in 0..n {
+        let (id, took) = timed_exec(&client, base, "print(1)", None).await;
+        xs.push(took);
+        end(&client, base, &id).await;
+    }
+    p50_p99(xs)
+}
+
+/// Fresh sessions per second (create + `print(1)` + end) from `clients`
+/// clients for `secs`.
+async fn bench_sustained(base: &str, clients: usize, secs: u64) -> f64 {
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let base = base.to_string();
+        tasks.push(tokio::spawn(async move {
+            let client = http();
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let (id, _) = timed_exec(&client, &base, "print(1)", None).await;
+                end(&client, &base, &id).await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / secs as f64
+}
+
+/// CPU seconds a node used so far: the server process and every sandbox
+/// of its instance (cpuacct).
+fn node_cpu(s: &common::Server) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid())).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let sandboxes = common::instance_cgroup(&s.sessions_dir(), "cpuacct")
+        .and_then(|d| std::fs::read_to_string(d.join("cpuacct.usage")).ok())
+        .and_then(|t| t.trim().parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9);
+    ticks / 100.0 + sandboxes
+}
+
+fn sessions_by_node(pg: &PgServer) -> std::collections::BTreeMap<String, u64> {
+    pg.psql("SELECT node_id, count(*) FROM sessions GROUP BY node_id")
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(n, c)| (n.to_string(), c.parse().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: KILN_BENCH_BIN=$PWD/target/release/kiln cargo test -p kiln --test cluster bench -- --ignored --nocapture"]
+async fn bench_one_node_direct_against_three_behind_haproxy() {
+    let quick = std::env::var_os("KILN_BENCH_QUICK").is_some();
+    let (n_new, n_warm, secs) = if quick { (20, 100, 5) } else { (200, 1000, 20) };
+    let net = Net::new(3);
+    let pg = PgServer::start_with(PgOptions { listen: Some(net.host().parse().unwrap()) });
+    let db = pg.url();
+    let flags = ["--pool-size", "8", "--max-sessions", "64"];
+    let start = |i: usize, cluster: bool| {
+        let ns = format!("--net=/run/netns/{}", net.namespaces[i - 1]);
+        let listen = format!("{}:8787", net.node(i));
+        let advertise = format!("http://{listen}");
+        let node_id = format!("node-{i}");
+        let mut args = vec!["--database", &db, "--node-id", &node_id, "--network", "none"];
+        args.extend(flags);
+        if cluster {
+            args.extend(["--advertise", &advertise, "--cluster-secret", SECRET]);
+        }
+        start_via(&["nsenter", &ns, "--"], &listen, tempfile::tempdir().unwrap(), &args, true)
+    };
+
+    // One node, direct.
+    let mut one = start(1, false);
+    tokio::time::sleep(Duration::from_secs(3)).await; // the pool fills
+    let (one_new50, one_new99) = bench_new(&one.url, n_new).await;
+    let client = http();
+    let (s, _) = timed_exec(&client, &one.url, "x = 0", None).await;
+    let mut warm = Vec::new();
+    for _ in 0..n_warm {
+        warm.push(timed_exec(&client, &one.url, "x = 1", Some(&s)).await.1);
+    }
+    let (one_warm50, _) = p50_p99(warm);
+    let cpu0 = node_cpu(&one);
+    let before = sessions_by_node(&pg).values().sum::<u64>();
+    let one_rate = bench_sustained(&one.url, 4, secs).await;
+    let one_cpu = (node_cpu(&one) - cpu0) / (sessions_by_node(&pg).values().sum::<u64>() - before) as f64;
+    one.stop();
+    pg.psql("DELETE FROM sessions; DELETE FROM nodes;");
+
+    // Three nodes behind HAProxy.
+    let nodes: Vec<common::Server> = std::thread::scope(|sc| {
+        let start = &start;
+        let started: Vec<_> = (1..=3).map(|i| sc.spawn(move || start(i, true))).collect();
+        started.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let proxy = Haproxy::start(&(1..=3).map(|i| net.node(i)).collect::<Vec<_>>());
+    let lb = proxy.url.clone();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (lb_new50, lb_new99) = bench_new(&lb, n_new).await;
+    // Warm executes on one session: on its owner, and through a peer that
+    // forwards (interleaved, so both see the same load).
+    let (s, _) = timed_exec(&client, &nodes[0].url, "x = 0", None).await;
+    let home = owner(&nodes[0].url, &s).await;
+    let owner_i: usize = home.trim_start_matches("node-").parse().unwrap();
+    let (direct_url, hop_url) = (nodes[owner_i - 1].url.clone(), nodes[owner_i % 3].url.clone());
+    let (mut direct, mut hop, mut via_lb) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n_warm {
+        direct.push(timed_exec(&client, &direct_url, "x = 1", Some(&s)).await.1);
+        hop.push(timed_exec(&client, &hop_url, "x = 1", Some(&s)).await.1);
+        via_lb.push(timed_exec(&client, &lb, "x = 1", Some(&s)).await.1);
+    }
+    let ((direct50, _), (hop50, _), (lb50, _)) = (p50_p99(direct), p50_p99(hop), p50_p99(via_lb));
+    let cpu0: Vec<f64> = nodes.iter().map(node_cpu).collect();
+    let before = sessions_by_node(&pg);
+    let lb_rate = bench_sustained(&lb, 4, secs).await;
+    let after = sessions_by_node(&pg);
+    let per_node: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let id = format!("node-{}", i + 1);
+            let made = after.get(&id).copied().unwrap_or(0) - before.get(&id).copied().unwrap_or(0);
+            let cpu = node_cpu(n) - cpu0[i];
+            format!("{id}: {made} sessions, {:.1} ms CPU each", cpu / made.max(1) as f64 * 1e3)
+        })
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("| scenario | 1 node, direct | 3 nodes behind HAProxy |");
+    println!("|---|---|---|");
+    println!("| new session + `print(1)`, p50 / p99 of {n_new} | {one_new50:.1} / {one_new99:.1} ms | {lb_new50:.1} / {lb_new99:.1} ms |");
+    println!("| warm execute `x = 1`, p50 of {n_warm} | {one_warm50:.2} ms | owner {direct50:.2} ms, through a forwarding peer {hop50:.2} ms (hop {:.2} ms), through HAProxy {lb50:.2} ms |", hop50 - direct50);
+    println!("| sustained fresh sessions (create + `print(1)` + end), 4 clients, {secs} s | {one_rate:.1}/s | {lb_rate:.1}/s |");
+    println!("| CPU per fresh session (server + its sandboxes) | {:.1} ms | {} |", one_cpu * 1e3, per_node.join("; "));
+    println!("cores on this machine: {cores}; one node's ceiling = {cores} cores / CPU per session = {:.0}/s", cores as f64 / one_cpu);
+}

@@ -40,10 +40,10 @@ pub fn start_via(prefix: &[&str], listen: &str, data: tempfile::TempDir, extra: 
     let mut cmd = match prefix.split_first() {
         Some((program, args)) => {
             let mut cmd = Command::new(program);
-            cmd.args(args).arg(env!("CARGO_BIN_EXE_kiln"));
+            cmd.args(args).arg(kiln_bin());
             cmd
         }
-        None => Command::new(env!("CARGO_BIN_EXE_kiln")),
+        None => Command::new(kiln_bin()),
     };
     cmd.arg("serve")
         .arg("--listen")
@@ -184,6 +184,12 @@ impl Drop for Server {
             let _ = self.stop();
         }
     }
+}
+
+/// The kiln binary the servers run: the one cargo built for the tests, or
+/// `KILN_BENCH_BIN` (benchmarks run a release build).
+pub fn kiln_bin() -> PathBuf {
+    std::env::var_os("KILN_BENCH_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")), PathBuf::from)
 }
 
 /// The repository root.
