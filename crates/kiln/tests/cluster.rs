@@ -646,5 +646,8 @@ async fn bench_one_node_direct_against_three_behind_haproxy() {
     println!("| warm execute `x = 1`, p50 of {n_warm} | {one_warm50:.2} ms | owner {direct50:.2} ms, through a forwarding peer {hop50:.2} ms (hop {:.2} ms), through HAProxy {lb50:.2} ms |", hop50 - direct50);
     println!("| sustained fresh sessions (create + `print(1)` + end), 4 clients, {secs} s | {one_rate:.1}/s | {lb_rate:.1}/s |");
     println!("| CPU per fresh session (server + its sandboxes) | {:.1} ms | {} |", one_cpu * 1e3, per_node.join("; "));
-    println!("cores on this machine: {cores}; one node's ceiling = {cores} cores / CPU per session = {:.0}/s", cores as f64 / one_cpu);
+    println!(
+        "cores on this machine: {cores}; one node's ceiling = {cores} cores / CPU per session = {:.0}/s",
+        cores as f64 / one_cpu
+    );
 }

@@ -422,7 +422,13 @@ impl Manager {
         match inner.store.insert_session_within(&record, key_max as u64).await {
             Ok(true) => {}
             Ok(false) => {
-                inner.kernels.destroy(kernel).await;
+                // The kernel ran nothing: it goes back to the pool, so a key
+                // at its limit on other nodes cannot drain this node's pool.
+                if network == inner.kernels.default_network() {
+                    inner.pool.put(kernel).await;
+                } else {
+                    inner.kernels.destroy(kernel).await;
+                }
                 inner.metrics.limit("sessions_per_key");
                 return Err(SessionError::TooManySessions(key_max));
             }
