@@ -181,11 +181,16 @@ async fn owner(base: &str, session: &str) -> String {
 /// Start node `i` in its namespace (its data directory kept by the caller
 /// for a restart).
 fn node(net: &Net, i: usize, database: &str, data: tempfile::TempDir) -> common::Server {
+    node_with(net, i, database, data, PER_NODE)
+}
+
+/// [`node`] with its own session limit.
+fn node_with(net: &Net, i: usize, database: &str, data: tempfile::TempDir, max: usize) -> common::Server {
     let ns = format!("--net=/run/netns/{}", net.namespaces[i - 1]);
     let listen = format!("{}:8787", net.node(i));
     let advertise = format!("http://{listen}");
     let node_id = format!("node-{i}");
-    let max = PER_NODE.to_string();
+    let max = max.to_string();
     start_via(
         &["nsenter", &ns, "--"],
         &listen,
@@ -650,4 +655,69 @@ async fn bench_one_node_direct_against_three_behind_haproxy() {
         "cores on this machine: {cores}; one node's ceiling = {cores} cores / CPU per session = {:.0}/s",
         cores as f64 / one_cpu
     );
+}
+
+/// Run one of the real clients' seed examples (tests/clients) against
+/// `url`, as tests/clients.rs does against one node.
+fn run_client(program: std::path::PathBuf, script: &str, url: &str) {
+    let out = Command::new(&program)
+        .arg(common::repo().join("tests/clients").join(script))
+        .env("KILN_BASE_URL", url)
+        .env("KILN_API_KEY", KEY)
+        .env("KILN_NODE_CLIENT_DIR", common::clients_dir().join("node"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed through the balancer:\n{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.ends_with(" 0 failed") && !last.starts_with("0 passed"), "{script}: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_clients_run_the_seed_examples_through_haproxy_and_a_database_restart_is_ridden_out() {
+    let dir = common::clients_dir();
+    let net = Net::new(3);
+    let mut pg = PgServer::start_with(PgOptions { listen: Some(net.host().parse().unwrap()) });
+    let db = pg.url();
+    let _nodes: Vec<common::Server> = std::thread::scope(|s| {
+        let (net, db) = (&net, &db);
+        let started: Vec<_> =
+            (1..=3).map(|i| s.spawn(move || node_with(net, i, db, tempfile::tempdir().unwrap(), 64))).collect();
+        started.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let proxy = Haproxy::start(&(1..=3).map(|i| net.node(i)).collect::<Vec<_>>());
+    let lb = proxy.url.clone();
+    let url = lb.clone();
+    tokio::task::spawn_blocking(move || {
+        run_client(dir.join("py1/bin/python"), "seeds_together_v1.py", &url);
+        run_client(dir.join("py2/bin/python"), "seeds_together_v2.py", &url);
+        run_client(std::path::PathBuf::from("node"), "seeds_together_ai.mjs", &url);
+    })
+    .await
+    .unwrap();
+
+    // PostgreSQL restarts (shorter than the lease): meanwhile no 5xx but
+    // store_unavailable, running sessions keep working, and everything
+    // resumes without restarting kiln.
+    let kept = new_session(&lb, KEY, "k = 5").await;
+    pg.stop();
+    for _ in 0..3 {
+        let fresh = exec(&lb, KEY, "1", None).await;
+        assert_eq!((fresh.status, fresh.code()), (503, "store_unavailable"), "{fresh:?}");
+        assert_eq!(fresh.retry_after.as_deref(), Some("2"));
+        assert_eq!(stdout(&lb, "k += 1; print(k)", &kept).await.trim().parse::<i32>().map(|k| k > 5), Ok(true));
+    }
+    pg.start_again();
+    let began = Instant::now();
+    loop {
+        let r = exec(&lb, KEY, "print('back')", None).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!((r.status, r.code()), (503, "store_unavailable"), "only store_unavailable meanwhile: {r:?}");
+        assert!(began.elapsed() < Duration::from_secs(20), "no recovery: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stdout(&lb, "print(k)", &kept).await, "8\n", "the session lived through the restart");
 }
