@@ -15,7 +15,7 @@
 //! A forwarded request carries the caller the first node authenticated
 //! (key id and the key's settings) in `x-kiln-forwarded-caller`, signed with
 //! the cluster secret (HMAC-SHA256 over a timestamp, the method, the path
-//! and the caller, valid for 30 s): the owner trusts it instead of asking
+//! with its query, and the caller, valid for 30 s): the owner trusts it instead of asking
 //! for the key, and a client cannot forge it. A forwarded request is always
 //! served where it lands, never forwarded again. Streams (SSE executes,
 //! downloads, uploads) pass through as they come.
@@ -304,7 +304,7 @@ async fn forward(cluster: &Cluster, peer: &NodeRecord, caller: &Caller, req: Req
     let url = format!("{}{pq}", base.trim_end_matches('/'));
     let caller_s = encode_caller(caller);
     let ts = chrono::Utc::now().timestamp();
-    let sig = hex(&cluster.mac(ts, &parts.method, parts.uri.path(), &caller_s).finalize().into_bytes());
+    let sig = hex(&cluster.mac(ts, &parts.method, &pq, &caller_s).finalize().into_bytes());
     let mut out = cluster.http.request(parts.method.clone(), url);
     for (name, value) in &parts.headers {
         let n = name.as_str();
