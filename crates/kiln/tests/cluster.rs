@@ -392,6 +392,11 @@ async fn three_nodes_behind_haproxy_share_sessions_lose_a_node_cleanly_and_fill_
 /// One cluster node on loopback (its peers would reach it there), with a
 /// short lease.
 fn solo(db: &str, lease: &str) -> common::Server {
+    solo_named(db, lease, "solo")
+}
+
+/// [`solo`] under another node id.
+fn solo_named(db: &str, lease: &str, node_id: &str) -> common::Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let advertise = format!("http://{listen}");
@@ -403,7 +408,7 @@ fn solo(db: &str, lease: &str) -> common::Server {
             "--database",
             db,
             "--node-id",
-            "solo",
+            node_id,
             "--advertise",
             &advertise,
             "--cluster-secret",
@@ -427,15 +432,15 @@ async fn readyz(s: &common::Server) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_cut_off_from_the_database_stops_taking_sessions_and_comes_back_as_a_new_incarnation() {
     let mut pg = PgServer::start();
-    let s = solo(&pg.url(), "2s");
+    let s = solo(&pg.url(), "3s");
     let before = new_session(&s.url, KEY, "v = 1").await;
     assert_eq!(readyz(&s).await, (200, "ready".to_string()));
 
     pg.stop();
-    // Within the lease (2 s) and a renewal, /readyz says why it is out.
+    // Within the lease (3 s) and a renewal, /readyz says why it is out.
     let began = Instant::now();
     while readyz(&s).await != (503, "lease_lost".to_string()) {
-        assert!(began.elapsed() < Duration::from_secs(6), "still {:?} after 6 s", readyz(&s).await);
+        assert!(began.elapsed() < Duration::from_secs(8), "still {:?} after 8 s", readyz(&s).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let refused = exec(&s.url, KEY, "1", None).await;
@@ -720,4 +725,50 @@ async fn the_real_clients_run_the_seed_examples_through_haproxy_and_a_database_r
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(stdout(&lb, "print(k)", &kept).await, "8\n", "the session lived through the restart");
+}
+
+/// SIGCONT on drop, so that a failed test never leaves a stopped process
+/// for the server's own clean-up to wait on.
+struct Frozen(nix::unistd::Pid);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_owner_does_not_hold_requests_and_its_sessions_stay_lost_when_it_wakes() {
+    let pg = PgServer::start();
+    let a = solo_named(&pg.url(), "3s", "node-a");
+    let b = solo_named(&pg.url(), "3s", "node-b");
+    // node-a has a ready kernel: the session stays there.
+    let s = new_session(&a.url, KEY, "z = 3").await;
+    assert_eq!(owner(&b.url, &s).await, "node-a");
+    assert_eq!(stdout(&b.url, "print(z)", &s).await, "3\n");
+
+    let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let frozen = Frozen(pid);
+    // node-a accepts connections (the kernel does) but answers nothing: the
+    // request through node-b is given up once node-a's lease runs out.
+    let began = Instant::now();
+    let r = exec(&b.url, KEY, "z += 1", Some(&s)).await;
+    assert_eq!((r.status, r.code()), (410, "session_lost"), "{r:?}");
+    assert!(began.elapsed() < Duration::from_secs(8), "held for {:?}", began.elapsed());
+
+    // It wakes: past its lease, it serves none of its old sessions (the
+    // peers said they were lost), and comes back as a new incarnation.
+    drop(frozen);
+    for url in [&a.url, &b.url] {
+        let r = exec(url, KEY, "print(z)", Some(&s)).await;
+        assert_eq!((r.status, r.code()), (410, "session_lost"), "through {url}: {r:?}");
+    }
+    let began = Instant::now();
+    while readyz(&a).await.0 != 200 {
+        assert!(began.elapsed() < Duration::from_secs(10), "node-a did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fresh = new_session(&a.url, KEY, "print('again')").await;
+    assert_eq!(owner(&b.url, &fresh).await, "node-a");
 }

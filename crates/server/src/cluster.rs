@@ -178,29 +178,39 @@ pub(crate) async fn route(State(state): State<AppState>, req: Request, next: Nex
     let Some(cluster) = state.cluster.clone() else {
         return Ok(next.run(req).await);
     };
-    if req.extensions().get::<Forwarded>().is_some() {
-        return Ok(next.run(req).await);
-    }
+    let forwarded = req.extensions().get::<Forwarded>().is_some();
     let Some(caller) = req.extensions().get::<Caller>().cloned() else {
         return Ok(next.run(req).await);
     };
     let path = req.uri().path().to_string();
-    if let Some(id) = session_in_path(&path) {
+    let (req, session) = if let Some(id) = session_in_path(&path) {
         let id = id.to_string();
-        return to_owner(&state, &cluster, &caller, &id, req, next).await;
-    }
-    if is_execute(&path) && req.method() == Method::POST {
+        (req, Some(id))
+    } else if is_execute(&path) && req.method() == Method::POST {
         let (parts, body) = req.into_parts();
         let bytes = read_body(body, state.max_body_bytes).await?;
         // A body that does not parse is the handler's to refuse.
         let session = serde_json::from_slice::<SessionRef>(&bytes).ok().and_then(|r| r.session_id);
-        let req = Request::from_parts(parts, Body::from(bytes));
+        (Request::from_parts(parts, Body::from(bytes)), session)
+    } else {
+        return Ok(next.run(req).await);
+    };
+    if forwarded {
+        // A peer sent it here as the owner: serve it, unless this node's
+        // lease ran out meanwhile (it was frozen, or cut off), when its
+        // sessions are lost and it must not run code in them.
         return match session {
-            Some(id) => to_owner(&state, &cluster, &caller, &id, req, next).await,
-            None => place(&state, &cluster, &caller, req, next).await,
+            Some(id) if matches!(cluster.membership.owner(&id), Owner::Lost { .. }) => {
+                Err(lost(&state, &caller, &id, cluster.membership.node_id()).await)
+            }
+            _ => Ok(next.run(req).await),
         };
     }
-    Ok(next.run(req).await)
+    match session {
+        Some(id) => to_owner(&state, &cluster, &caller, &id, req, next).await,
+        None if is_execute(&path) => place(&state, &cluster, &caller, req, next).await,
+        None => Ok(next.run(req).await),
+    }
 }
 
 /// Serve a request for session `id` where the session is.
@@ -212,14 +222,22 @@ async fn to_owner(
     req: Request,
     next: Next,
 ) -> Result<Response, AppError> {
-    match cluster.membership.owner(id) {
+    let owner = match cluster.membership.owner(id) {
+        // The cached table may predate the owner's new incarnation (it
+        // re-registered within the last second): read it again before
+        // calling a session lost.
+        Owner::Lost { .. } | Owner::Unknown => cluster.membership.owner_fresh(id).await,
+        known => known,
+    };
+    match owner {
         // An id of no known node is looked up here like any other: the
         // answer is not found, or expired for the caller's own old one.
         Owner::Local | Owner::Unknown => Ok(next.run(req).await),
         Owner::Lost { node } => Err(lost(state, caller, id, node).await),
-        Owner::Peer(peer) => match forward(cluster, &peer, caller, req).await {
+        Owner::Peer(peer) => match forward_while_alive(cluster, &peer, caller, id, req).await {
             Ok(resp) => Ok(resp),
-            Err(e) => {
+            Err(Gone::Lost(node)) => Err(lost(state, caller, id, node).await),
+            Err(Gone::Failed(e)) => {
                 tracing::warn!(peer = %peer.id, error = %e, "the owner of a session did not answer");
                 match cluster.membership.owner_fresh(id).await {
                     Owner::Lost { node } => Err(lost(state, caller, id, node).await),
@@ -227,6 +245,38 @@ async fn to_owner(
                 }
             }
         },
+    }
+}
+
+/// Why a forward gave no answer.
+enum Gone {
+    /// The owner's lease ran out while it was asked (it froze or died).
+    Lost(String),
+    /// The connection failed.
+    Failed(String),
+}
+
+/// [`forward`], given up as soon as the owner is known lost: a frozen
+/// owner accepts connections but never answers, and must not hold the
+/// request past its lease.
+async fn forward_while_alive(
+    cluster: &Cluster,
+    peer: &NodeRecord,
+    caller: &Caller,
+    id: &str,
+    req: Request,
+) -> Result<Response, Gone> {
+    let lost = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Owner::Lost { node } = cluster.membership.owner(id) {
+                return node;
+            }
+        }
+    };
+    tokio::select! {
+        answer = forward(cluster, peer, caller, req) => answer.map_err(Gone::Failed),
+        node = lost => Err(Gone::Lost(node)),
     }
 }
 

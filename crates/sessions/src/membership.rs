@@ -163,7 +163,9 @@ impl Membership {
         };
         let me = self.manager.identity();
         if tag == me.tag {
-            return if incarnation == me.incarnation && !self.read().lapsed {
+            // Past its own lease this node's sessions are lost, even before
+            // the renewal task notices (the process may have been frozen).
+            return if incarnation == me.incarnation && self.lease_holds() {
                 Owner::Local
             } else {
                 Owner::Lost { node: me.node_id }
