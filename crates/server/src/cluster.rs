@@ -311,37 +311,59 @@ async fn place(
     if here && manager.pool_level().await.0 > 0 && manager.has_capacity() {
         return Ok(next.run(req).await);
     }
+    let here_has_room = here && manager.has_capacity();
     let mut peers = cluster.membership.candidates();
     peers.shuffle(&mut rand::rng());
-    let best = peers.into_iter().take(2).max_by_key(|n| (n.capacity.ready_kernels > 0, n.capacity.free_sessions()));
-    let here_has_room = here && manager.has_capacity();
-    match best {
-        Some(peer) if peer.capacity.ready_kernels > 0 || !here_has_room => {
-            let (parts, body) = req.into_parts();
-            // The body was read already (an execute's): keep it to fall
-            // back on this node if the peer does not answer.
-            let bytes = read_body(body, state.max_body_bytes).await?;
-            let again = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
-            match forward(cluster, &peer, caller, Request::from_parts(parts, Body::from(bytes))).await {
-                Ok(resp) => Ok(resp),
-                Err(e) if here_has_room => {
-                    tracing::warn!(peer = %peer.id, error = %e, "a peer did not take a new session; starting it here");
-                    Ok(next.run(again).await)
-                }
-                Err(e) => {
-                    tracing::warn!(peer = %peer.id, error = %e, "a peer did not take a new session");
-                    Err(SessionError::ClusterFull.into())
-                }
-            }
-        }
-        _ if here_has_room => Ok(next.run(req).await),
-        // Alone and refusing (draining, lease lost): say why.
-        None => match cluster.membership.taking() {
-            Err(why) => Err(SessionError::NotTaking(why).into()),
-            Ok(()) => Err(SessionError::ClusterFull.into()),
-        },
-        Some(_) => Err(SessionError::ClusterFull.into()),
+    peers.truncate(2);
+    peers.sort_by_key(|n| std::cmp::Reverse((n.capacity.ready_kernels > 0, n.capacity.free_sessions())));
+    let alone = peers.is_empty();
+    // Peers worth asking before this node: one with a ready kernel, or any
+    // when this node has no room.
+    peers.retain(|n| n.capacity.ready_kernels > 0 || !here_has_room);
+    if peers.is_empty() {
+        return match cluster.membership.taking() {
+            _ if here_has_room => Ok(next.run(req).await),
+            // Alone and refusing (draining, lease lost): say why.
+            Err(why) if alone => Err(SessionError::NotTaking(why).into()),
+            _ => Err(SessionError::ClusterFull.into()),
+        };
     }
+    let (parts, body) = req.into_parts();
+    // The body was read already (an execute's): kept to ask the next node
+    // if one is full by now (capacity is published every few seconds) or
+    // does not answer.
+    let bytes = read_body(body, state.max_body_bytes).await?;
+    for peer in &peers {
+        let req = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
+        match forward(cluster, peer, caller, req).await {
+            Ok(resp) => match unless_full(resp).await {
+                Some(resp) => return Ok(resp),
+                None => tracing::debug!(peer = %peer.id, "a peer was full by now; asking the next"),
+            },
+            Err(e) => tracing::warn!(peer = %peer.id, error = %e, "a peer did not take a new session"),
+        }
+    }
+    if here_has_room {
+        return Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await);
+    }
+    Err(SessionError::ClusterFull.into())
+}
+
+/// The peer's answer, unless it is 503 `no_capacity` (then `None`: ask
+/// another node).
+async fn unless_full(resp: Response) -> Option<Response> {
+    if resp.status() != axum::http::StatusCode::SERVICE_UNAVAILABLE {
+        return Some(resp);
+    }
+    let (parts, body) = resp.into_parts();
+    // An error envelope is small; anything larger is passed on as it is.
+    let bytes = match axum::body::to_bytes(body, 64 << 10).await {
+        Ok(b) => b,
+        Err(_) => return Some(Response::from_parts(parts, Body::from("{}"))),
+    };
+    let full = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .is_ok_and(|v| v["errors"][0]["code"] == ErrorCode::NoCapacity.as_str());
+    (!full).then(|| Response::from_parts(parts, Body::from(bytes)))
 }
 
 /// Send `req` to `peer` as `caller`, and its answer back as it comes.
