@@ -22,19 +22,18 @@
 
 use crate::body::read_body;
 use crate::error::AppError;
+use crate::peers::Cluster;
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use kiln_protocol::{ApiError, ErrorCode};
-use kiln_sessions::{Caller, Membership, NetworkPolicy, Owner, Readiness, SessionError};
+use kiln_sessions::{Caller, NetworkPolicy, Owner, Readiness, SessionError};
 use kiln_store::NodeRecord;
 use rand::seq::SliceRandom;
-use sha2::Sha256;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// The authenticated caller, as the forwarding node saw it.
@@ -53,41 +52,6 @@ const HOP_BY_HOP: [&str; 8] =
 /// Marks a request that arrived forwarded from a peer: it is served here.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Forwarded;
-
-/// This node's part in a cluster.
-#[derive(Debug)]
-pub struct Cluster {
-    /// The lease table and this node's place in it.
-    pub membership: Arc<Membership>,
-    /// HMAC-SHA256 keyed with the cluster secret, cloned for each use.
-    keyed: Hmac<Sha256>,
-    http: reqwest::Client,
-}
-
-impl Cluster {
-    /// Route with `membership`, signing forwarded requests with `secret`.
-    pub fn new(membership: Arc<Membership>, secret: &str) -> Result<Cluster, String> {
-        if secret.len() < 16 {
-            return Err("the cluster secret must be at least 16 characters".into());
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("could not set up the peer HTTP client: {e}"))?;
-        let keyed = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).map_err(|e| format!("cluster secret: {e}"))?;
-        Ok(Cluster { membership, keyed, http })
-    }
-
-    fn mac(&self, ts: i64, method: &Method, path: &str, caller: &str) -> Hmac<Sha256> {
-        let mut mac = self.keyed.clone();
-        mac.update(format!("kiln-forward-v1\n{ts}\n{method}\n{path}\n{caller}").as_bytes());
-        mac
-    }
-}
 
 fn encode_caller(c: &Caller) -> String {
     let network = c.network.map_or("-", |n| n.as_str());
@@ -377,7 +341,7 @@ async fn forward(cluster: &Cluster, peer: &NodeRecord, caller: &Caller, req: Req
     let caller_s = encode_caller(caller);
     let ts = chrono::Utc::now().timestamp();
     let sig = hex(&cluster.mac(ts, &parts.method, &pq, &caller_s).finalize().into_bytes());
-    let mut out = cluster.http.request(parts.method.clone(), url);
+    let mut out = cluster.http().request(parts.method.clone(), url);
     for (name, value) in &parts.headers {
         let n = name.as_str();
         if HOP_BY_HOP.contains(&n) || n == "authorization" || n.starts_with("x-kiln-forwarded-") {

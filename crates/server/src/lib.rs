@@ -21,6 +21,7 @@ mod execute;
 mod files;
 pub mod openapi;
 mod ops;
+mod peers;
 mod require;
 mod router;
 mod sessions;
@@ -28,9 +29,9 @@ mod state;
 
 pub use admin::generate_key;
 pub use auth::{hash_key, KeyEntry, KeyRing};
-pub use cluster::Cluster;
 pub use error::AppError;
 pub use kiln_sessions::Caller;
+pub use peers::Cluster;
 pub use state::AppState;
 
 use axum::extract::Request;

@@ -14,5 +14,5 @@ pub struct AppState {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// This node's part in a cluster (`--advertise`); `None` alone.
-    pub cluster: Option<Arc<crate::Cluster>>,
+    pub cluster: Option<Arc<crate::peers::Cluster>>,
 }
