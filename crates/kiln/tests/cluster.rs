@@ -22,30 +22,33 @@ const PER_NODE: usize = 3;
 
 /// A bridge on a free `10.252.<x>.0/24` (the host is `.1`) and one network
 /// namespace per node, linked to it by a veth pair; all removed on drop,
-/// also when set-up fails half-way.
+/// also when set-up fails half-way. Tests of this binary that run at once
+/// pass different `slot`s (0 to 3): names and subnets never collide.
 struct Net {
-    bridge: String,
+    bridge: Option<String>,
     subnet: u8,
     namespaces: Vec<String>,
     host_ifs: Vec<String>,
 }
 
 impl Net {
-    fn new(nodes: usize) -> Net {
+    fn new(nodes: usize, slot: u8) -> Net {
         let pid = std::process::id();
-        let subnet = free_subnet(252, 0);
-        let mut net = Net { bridge: format!("kb{pid}"), subnet, namespaces: Vec::new(), host_ifs: Vec::new() };
-        ip(&["link", "add", &net.bridge, "type", "bridge"]);
-        ip(&["addr", "add", &format!("{}/24", net.host()), "dev", &net.bridge]);
-        ip(&["link", "set", &net.bridge, "up"]);
+        let subnet = free_subnet(252, slot);
+        let mut net = Net { bridge: None, subnet, namespaces: Vec::new(), host_ifs: Vec::new() };
+        let bridge = format!("kb{pid}{slot}");
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        net.bridge = Some(bridge.clone());
+        ip(&["addr", "add", &format!("{}/24", net.host()), "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
         for i in 1..=nodes {
-            let ns = format!("kiln-cl-{pid}-{i}");
+            let ns = format!("kiln-cl-{pid}-{slot}-{i}");
             ip(&["netns", "add", &ns]);
             net.namespaces.push(ns.clone());
-            let (host_if, ns_if) = (format!("kc{pid}h{i}"), format!("kc{pid}n{i}"));
+            let (host_if, ns_if) = (format!("kc{pid}{slot}h{i}"), format!("kc{pid}{slot}n{i}"));
             ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
             net.host_ifs.push(host_if.clone());
-            ip(&["link", "set", &host_if, "master", &net.bridge]);
+            ip(&["link", "set", &host_if, "master", &bridge]);
             ip(&["link", "set", &host_if, "up"]);
             ip(&["link", "set", &ns_if, "netns", &ns]);
             ip(&["-n", &ns, "addr", "add", &format!("{}/24", net.node(i)), "dev", &ns_if]);
@@ -75,7 +78,10 @@ impl Drop for Net {
         for ns in &self.namespaces {
             quiet(&["netns", "delete", ns]);
         }
-        quiet(&["link", "delete", &self.bridge]);
+        // Only a bridge this value made (never another test's).
+        if let Some(bridge) = &self.bridge {
+            quiet(&["link", "delete", bridge]);
+        }
     }
 }
 
@@ -215,7 +221,7 @@ fn node_with(net: &Net, i: usize, database: &str, data: tempfile::TempDir, max: 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_nodes_behind_haproxy_share_sessions_lose_a_node_cleanly_and_fill_up() {
-    let net = Net::new(3);
+    let net = Net::new(3, 0);
     let pg = PgServer::start_with(PgOptions { listen: Some(net.host().parse().unwrap()) });
     let db = pg.url();
     let mut nodes: Vec<common::Server> = std::thread::scope(|s| {
@@ -577,7 +583,7 @@ fn sessions_by_node(pg: &PgServer) -> std::collections::BTreeMap<String, u64> {
 async fn bench_one_node_direct_against_three_behind_haproxy() {
     let quick = std::env::var_os("KILN_BENCH_QUICK").is_some();
     let (n_new, n_warm, secs) = if quick { (20, 100, 5) } else { (200, 1000, 20) };
-    let net = Net::new(3);
+    let net = Net::new(3, 2);
     let pg = PgServer::start_with(PgOptions { listen: Some(net.host().parse().unwrap()) });
     let db = pg.url();
     let flags = ["--pool-size", "8", "--max-sessions", "64"];
@@ -682,7 +688,7 @@ fn run_client(program: std::path::PathBuf, script: &str, url: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_real_clients_run_the_seed_examples_through_haproxy_and_a_database_restart_is_ridden_out() {
     let dir = common::clients_dir();
-    let net = Net::new(3);
+    let net = Net::new(3, 1);
     let mut pg = PgServer::start_with(PgOptions { listen: Some(net.host().parse().unwrap()) });
     let db = pg.url();
     let _nodes: Vec<common::Server> = std::thread::scope(|s| {
