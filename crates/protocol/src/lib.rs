@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod batch;
 mod console;
 mod error;
 mod files;
@@ -20,6 +21,10 @@ mod network;
 mod time;
 
 pub use admin::{CreateKey, CreatedKey, KeyInfo, KeyList, RevokedKey};
+pub use batch::{
+    parse_memory, same_stdout, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals, ItemStatus,
+    TestCase, TestKind, TestResult, MAX_BATCH_ITEMS, MAX_ITEM_TESTS, MEMORY_PATTERN,
+};
 pub use console::{LanguageList, PoolLevel, ServerStatus, SessionCount};
 pub use error::{ApiError, ErrorCode, ErrorEnvelope, ErrorItem, OpenAiStyleError};
 pub use files::{decode_files, session_path, FileError, FileUpload, ValidFile, NAME_PATTERN, PATH_PATTERN};

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod batch;
 mod boot;
 mod browse;
 mod files;
@@ -27,8 +28,10 @@ mod pool;
 mod registry;
 mod worker;
 
+pub use batch::BatchJob;
 pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
+pub use job::{Judged, Outcome};
 pub use kiln_protocol::NetworkPolicy;
 pub use manager::{Exec, Manager};
 pub use metrics::Metrics;

@@ -4,7 +4,7 @@
 //! [`Worker`] per session; none of those knows of the manager.
 
 use crate::boot::Kernels;
-use crate::job::Job;
+use crate::job::{Job, Judged};
 use crate::pool::Pool;
 use crate::registry::{Found, Live, Registry};
 use crate::worker::Worker;
@@ -140,6 +140,11 @@ impl Manager {
 
     /// Run one execute request for `key_id`.
     pub async fn execute(&self, key_id: &str, req: Exec) -> Result<ExecuteData, SessionError> {
+        self.execute_judged(key_id, req).await.map(|j| j.data)
+    }
+
+    /// Run one execute request for `key_id`, and say how it ended.
+    pub async fn execute_judged(&self, key_id: &str, req: Exec) -> Result<Judged, SessionError> {
         match self.readiness() {
             Readiness::Ready => {}
             Readiness::Starting => return Err(SessionError::NotReady),
@@ -286,6 +291,11 @@ impl Manager {
         self.inner.cfg.max_sessions
     }
 
+    /// The live-session limit of one key (`--max-sessions-per-key`).
+    pub fn max_sessions_per_key(&self) -> usize {
+        self.inner.cfg.max_sessions_per_key
+    }
+
     /// The largest time limit a request may ask for.
     pub fn max_exec_timeout(&self) -> Duration {
         self.inner.cfg.max_exec_timeout
@@ -355,6 +365,10 @@ impl Manager {
             Some(k) => k,
             None => inner.kernels.boot_new(network).await?,
         };
+        if crate::batch::test_boot_failure() {
+            inner.kernels.destroy(kernel).await;
+            return Err(SessionError::KernelUnavailable("a boot failure made on purpose (test hook)".into()));
+        }
         let id = format!("ses_{}", Alphanumeric.sample_string(&mut rand::rng(), 24));
         let now = Utc::now();
         let ttl = chrono::Duration::from_std(cfg.ttl).unwrap_or(chrono::Duration::hours(1));

@@ -8,7 +8,7 @@
 //! and only here.
 
 use crate::boot::Kernels;
-use crate::job::{judge, restarted, Job, Outcome};
+use crate::job::{judge, restarted, Job, Judged, Outcome};
 use crate::registry::Registry;
 use crate::{write_files, NetworkPolicy, Readiness, SessionError};
 use chrono::Utc;
@@ -150,7 +150,8 @@ impl Worker {
                 let _ = events.send(ExecEvent::Output(o.clone()));
             }
         }
-        let _ = reply.send(Ok(ExecuteData { session_id: self.id.clone(), status: verdict.status, outputs }));
+        let data = ExecuteData { session_id: self.id.clone(), status: verdict.status, outputs };
+        let _ = reply.send(Ok(Judged { data, outcome: verdict.outcome }));
         after
     }
 
