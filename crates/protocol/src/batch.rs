@@ -15,9 +15,9 @@ use utoipa::ToSchema;
 pub const MAX_BATCH_ITEMS: usize = 1000;
 /// The most tests one item may hold.
 pub const MAX_ITEM_TESTS: usize = 100;
-/// The pattern of a `memory_limit`: a whole number of bytes with an
-/// optional binary or decimal unit.
-pub const MEMORY_PATTERN: &str = r"^[0-9]{1,15}(B|KiB|MiB|GiB|KB|MB|GB)?$";
+/// The pattern of a `memory_limit`: a whole number of mebibytes,
+/// gibibytes, megabytes or gigabytes.
+pub const MEMORY_PATTERN: &str = r"^[1-9][0-9]{0,6}(MiB|GiB|MB|GB)$";
 
 /// Body of `POST /v1/tci/batch`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
@@ -53,7 +53,7 @@ pub struct BatchItem {
     /// Memory limit of the item's executions, e.g. `"256MiB"`; a limit
     /// above the server's `--memory-limit` is the server's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = r"^[0-9]{1,15}(B|KiB|MiB|GiB|KB|MB|GB)?$")]
+    #[schema(pattern = r"^[1-9][0-9]{0,6}(MiB|GiB|MB|GB)$")]
     pub memory_limit: Option<String>,
     /// Tests that score the code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,18 +251,22 @@ pub struct BatchEnd {
 pub fn parse_memory(s: &str) -> Result<u64, String> {
     let digits = s.bytes().take_while(u8::is_ascii_digit).count();
     let (n, unit) = s.split_at(digits);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size; write e.g. \"256MiB\""))?;
+    let n: u64 = match n.parse() {
+        Ok(n) if n > 0 && digits <= 7 && !n_has_leading_zero(s) => n,
+        _ => return Err(format!("{s:?} is not a size; write a whole number and a unit, e.g. \"256MiB\"")),
+    };
     let scale: u64 = match unit {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
-        "KB" => 1000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        _ => return Err(format!("{s:?} has an unknown unit; use B, KiB, MiB, GiB, KB, MB or GB")),
+        _ => return Err(format!("{s:?} has an unknown unit; use MiB, GiB, MB or GB (e.g. \"256MiB\")")),
     };
     n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn n_has_leading_zero(s: &str) -> bool {
+    s.starts_with('0')
 }
 
 /// Whether two program outputs match: trailing whitespace of every line and
@@ -282,6 +286,16 @@ pub fn same_stdout(got: &str, expected: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The pattern as the schema states it, checked by hand (no regex crate
+    /// here): digits without a leading zero, at most 7, then a unit.
+    fn regex_lite(pattern: &str) -> impl Fn(&str) -> bool {
+        assert_eq!(pattern, r"^[1-9][0-9]{0,6}(MiB|GiB|MB|GB)$");
+        |s: &str| {
+            let d = s.bytes().take_while(u8::is_ascii_digit).count();
+            (1..=7).contains(&d) && !s.starts_with('0') && ["MiB", "GiB", "MB", "GB"].contains(&&s[d..])
+        }
+    }
 
     #[test]
     fn tests_are_told_apart_by_their_fields() {
@@ -313,9 +327,12 @@ mod tests {
     fn memory_limits_take_binary_and_decimal_units() {
         assert_eq!(parse_memory("256MiB"), Ok(256 << 20));
         assert_eq!(parse_memory("1GB"), Ok(1_000_000_000));
-        assert_eq!(parse_memory("4096"), Ok(4096));
-        assert!(parse_memory("12 MiB").is_err());
-        assert!(parse_memory("MiB").is_err());
-        assert!(parse_memory("99999999999999GiB").is_err());
+        for bad in ["4096", "12 MiB", "MiB", "0MiB", "012MiB", "99999999GiB", "1KiB"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+        let pattern = regex_lite(MEMORY_PATTERN);
+        for s in ["1MiB", "256MiB", "9999999GB"] {
+            assert!(pattern(s) && parse_memory(s).is_ok(), "{s}");
+        }
     }
 }

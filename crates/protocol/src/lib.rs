@@ -73,6 +73,12 @@ pub struct ExecuteRequest {
     /// extension; also chosen by `Accept: text/event-stream`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
+    /// Memory limit of this execution (kiln extension), e.g. `"256MiB"`; a
+    /// limit above the server's `--memory-limit` is the server's.
+    /// Exceeding it stops the code with a `MemoryError` message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[1-9][0-9]{0,6}(MiB|GiB|MB|GB)$")]
+    pub memory_limit: Option<String>,
 }
 
 /// One thing the kernel showed, in the order it showed it.

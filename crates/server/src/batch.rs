@@ -188,11 +188,9 @@ fn item_job(index: usize, item: BatchItem, caller: &Caller, max: Duration) -> Re
     };
     let timeout = limit(item.timeout, "timeout")?;
     let tests_timeout = limit(item.tests_timeout, "tests_timeout")?.unwrap_or(DEFAULT_TEST_TIMEOUT.min(max));
-    if let Some(m) = &item.memory_limit {
-        parse_memory(m).map_err(|e| {
-            ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit")
-        })?;
-    }
+    let memory_limit = item.memory_limit.as_deref().map(parse_memory).transpose().map_err(|e| {
+        ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit")
+    })?;
     let tests = item.tests.unwrap_or_default();
     if tests.len() > MAX_ITEM_TESTS {
         return Err(ApiError::new(
@@ -218,6 +216,7 @@ fn item_job(index: usize, item: BatchItem, caller: &Caller, max: Duration) -> Re
             network: caller.network,
             max_sessions: caller.max_sessions,
             events: None,
+            memory_limit,
         },
         tests,
         tests_timeout,

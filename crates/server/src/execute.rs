@@ -99,6 +99,9 @@ fn validate(req: ExecuteRequest, caller: &Caller) -> Result<Exec, ApiError> {
     let files = decode_files(req.files.as_deref().unwrap_or_default())?;
     let timeout = kiln_protocol::timeout_from_seconds(req.timeout)?;
     let session_id = req.session_id.filter(|s| !s.is_empty());
+    let memory_limit = req.memory_limit.as_deref().map(kiln_protocol::parse_memory).transpose().map_err(|e| {
+        ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit")
+    })?;
     Ok(Exec {
         session_id,
         code: req.code,
@@ -107,6 +110,7 @@ fn validate(req: ExecuteRequest, caller: &Caller) -> Result<Exec, ApiError> {
         network: caller.network,
         max_sessions: caller.max_sessions,
         events: None,
+        memory_limit,
     })
 }
 

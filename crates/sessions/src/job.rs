@@ -26,6 +26,8 @@ pub(crate) struct Job {
     pub(crate) reply: oneshot::Sender<Result<Judged, SessionError>>,
     /// Where each output also goes as it happens, for a streamed execution.
     pub(crate) events: Option<mpsc::UnboundedSender<ExecEvent>>,
+    /// Its own memory limit, bytes, when it has one.
+    pub(crate) memory_limit: Option<u64>,
 }
 
 /// An execution's answer with how it ended (the batch API reports the

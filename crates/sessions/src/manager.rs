@@ -58,6 +58,9 @@ pub struct Exec {
     /// Stream the execution here as it runs: the session first, then each
     /// output as the kernel produces it (see [`ExecEvent`]).
     pub events: Option<mpsc::UnboundedSender<ExecEvent>>,
+    /// This execution's memory limit, bytes (at most the server's: a larger
+    /// one is the server's).
+    pub memory_limit: Option<u64>,
 }
 
 impl Manager {
@@ -174,7 +177,8 @@ impl Manager {
         if let Some(events) = &req.events {
             let _ = events.send(ExecEvent::Session { session_id: id.clone() });
         }
-        let job = Job { code: req.code, files: req.files, limits, reply, events: req.events };
+        let job =
+            Job { code: req.code, files: req.files, limits, reply, events: req.events, memory_limit: req.memory_limit };
         jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
         answer.await.map_err(|_| SessionError::Expired(id))?
     }
@@ -396,7 +400,7 @@ impl Manager {
             metrics: inner.metrics.clone(),
             registry: inner.registry.clone(),
             readiness: inner.readiness.subscribe(),
-            memory_mib: cfg.sandbox.as_ref().map_or(0, |s| s.limits.memory_bytes >> 20),
+            memory_bytes: cfg.sandbox.as_ref().map_or(0, |s| s.limits.memory_bytes),
         };
         let worker = tokio::spawn(worker.run(kernel, queue, stopped));
         inner.metrics.sessions_started.inc();
