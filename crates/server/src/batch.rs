@@ -25,6 +25,9 @@ use kiln_sessions::{BatchJob, Caller, Exec, Manager};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// How often a silent stream carries an empty line.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// Time limit of a test when the item names none.
 const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,7 +43,8 @@ const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(10);
     responses(
         (status = 200, description = "Every item ran (see each result's `status`: `infra_error` is kiln's \
             failure, never the code's). With `Accept: application/x-ndjson`: one `BatchResult` per line as \
-            items finish, then one `BatchEnd` line.",
+            items finish, then one `BatchEnd` line; empty lines (keep-alives, every second while nothing \
+            finishes) are to be skipped.",
             content(
                 (Envelope<BatchData> = "application/json"),
                 (String = "application/x-ndjson"),
@@ -105,15 +109,27 @@ fn stream(manager: Manager, key_id: String, jobs: Vec<BatchJob>, concurrency: us
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel(16);
         let run = manager.run_batch(&key_id, jobs, concurrency, tx);
-        let write = async {
+        let write = async move {
             let mut totals = BatchTotals::default();
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let r = tokio::select! {
                     biased;
                     // The client is gone: dropping `rx` stops the batch.
                     _ = lines.closed() => return,
                     r = rx.recv() => r,
+                    // An empty line while nothing finishes: a write is how
+                    // a closed connection is noticed (and proxies keep an
+                    // active stream open).
+                    _ = beat.tick() => {
+                        if lines.send(Ok(bytes::Bytes::from_static(b"\n"))).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                 };
+                beat.reset();
                 let Some(r) = r else { break };
                 totals.add(&r);
                 if lines.send(Ok(line(&r))).await.is_err() {

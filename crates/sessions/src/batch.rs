@@ -21,9 +21,9 @@
 
 use crate::{Exec, Judged, Manager, Outcome, SessionError};
 use base64::Engine as _;
-use kiln_protocol::{same_stdout, BatchResult, ItemStatus, Output, TestKind, TestResult};
+use kiln_protocol::{same_stdout, BatchResult, ExecEvent, ItemStatus, Output, TestKind, TestResult};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 /// Bytes of outputs kept per item, and of stdout/stderr per test, in a
@@ -214,7 +214,11 @@ impl Run<'_> {
                 events: None,
                 ..self.exec.clone()
             };
-            match self.manager.execute_judged(self.key_id, exec).await {
+            let answer = match self.session {
+                Some(_) => self.manager.execute_judged(self.key_id, exec).await,
+                None => self.start(exec).await,
+            };
+            match answer {
                 Ok(j) => {
                     self.files = None;
                     if self.session.is_none() {
@@ -232,6 +236,47 @@ impl Run<'_> {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Run the cell that starts the item's session, in a task of its own
+    /// that learns the session's id as soon as it exists: when this item is
+    /// dropped (its client went away), the cell is interrupted and the
+    /// session ended there, never left to its TTL.
+    async fn start(&mut self, mut exec: Exec) -> Result<Judged, SessionError> {
+        let (events, mut session_events) = mpsc::unbounded_channel();
+        exec.events = Some(events);
+        // Dropped with this future: the task's sign that no one waits.
+        let (waiting, gone) = oneshot::channel::<()>();
+        let (manager, key, end) = (self.manager.clone(), self.key_id.to_string(), self.ender.armed);
+        let task = tokio::spawn(async move {
+            let run = manager.execute_judged(&key, exec);
+            tokio::pin!(run, gone);
+            let mut id = None;
+            let answer = loop {
+                tokio::select! {
+                    biased;
+                    answer = &mut run => break Some(answer),
+                    Some(e) = session_events.recv() => {
+                        if let ExecEvent::Session { session_id } = e {
+                            id.get_or_insert(session_id);
+                        }
+                    }
+                    _ = &mut gone, if id.is_some() => break None,
+                }
+            };
+            let abandoned = answer.is_none() || matches!(gone.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+            if abandoned {
+                // Dropping `run` (when it has not answered) interrupts the
+                // cell; then the session goes, unless it was to be kept.
+                if let (true, Some(id)) = (end, &id) {
+                    let _ = manager.end(&key, id).await;
+                }
+            }
+            answer
+        });
+        let answer = task.await.map_err(|e| SessionError::KernelUnavailable(format!("the item's task failed: {e}")))?;
+        drop(waiting);
+        answer.unwrap_or_else(|| Err(SessionError::KernelUnavailable("abandoned".into())))
     }
 
     /// Run one test through the kernel's runner and read its report.

@@ -171,7 +171,13 @@ impl Manager {
             }
             None => {
                 let network = req.network.unwrap_or(self.inner.kernels.default_network());
-                self.create(key_id, network, req.max_sessions).await?
+                // To its end even if the caller goes away meanwhile: a
+                // kernel dropped mid-boot would be left running, owned by
+                // no one; a session is owned by its worker (and its TTL).
+                let (me, key, limit) = (self.clone(), key_id.to_string(), req.max_sessions);
+                tokio::spawn(async move { me.create(&key, network, limit).await })
+                    .await
+                    .map_err(|e| SessionError::KernelUnavailable(format!("starting the session failed: {e}")))??
             }
         };
         if let Some(events) = &req.events {
