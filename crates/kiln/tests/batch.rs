@@ -338,3 +338,83 @@ async fn an_execute_over_its_memory_limit_is_stopped_and_its_session_survives() 
     let (status, v) = s.post("/v1/tci/execute", Some(KEY), json!({"code": "1", "memory_limit": "256"})).await;
     assert_eq!((status, v["error"]["param"].as_str()), (400, Some("memory_limit")), "{v}");
 }
+
+/// Run `code` with `key` in a fresh session: status, error code, the
+/// Retry-After header, and when it answered.
+async fn timed_exec(
+    s: std::sync::Arc<common::Server>,
+    key: &'static str,
+    code: &'static str,
+    t0: Instant,
+) -> (u16, String, Option<String>, Duration) {
+    let resp = s
+        .http
+        .post(format!("{}/v1/tci/execute", s.url))
+        .bearer_auth(key)
+        .json(&json!({"code": code}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+    let v: Value = resp.json().await.unwrap();
+    let code = v["error"]["code"].as_str().unwrap_or("").to_string();
+    (status, code, retry, t0.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_its_queue_a_key_is_refused_at_once_with_retry_after() {
+    let s = std::sync::Arc::new(start(&["--max-executions-per-key", "1", "--execution-queue-per-key", "2"]));
+    let t0 = Instant::now();
+    let calls = (0..5).map(|_| timed_exec(s.clone(), KEY, "import time\ntime.sleep(2)", t0));
+    let mut answers = futures_join(calls).await;
+    answers.sort_by_key(|a| a.3);
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
+    let ran: Vec<_> = answers.iter().filter(|a| a.0 == 200).collect();
+    assert_eq!((ran.len(), refused.len()), (3, 2), "one runs, two wait, the rest are refused: {answers:?}");
+    for r in &refused {
+        assert_eq!((r.1.as_str(), r.2.as_deref()), ("rate_limited", Some("1")), "{answers:?}");
+        // Refused at once, not after waiting for a place.
+        assert!(r.3 < ran[0].3, "{answers:?}");
+    }
+    // The queued ones ran one after another, each after the previous.
+    assert!(ran[2].3 >= ran[0].3 + Duration::from_secs(3), "{answers:?}");
+}
+
+/// All of `calls`, concurrently.
+async fn futures_join<F: std::future::Future + Send + 'static>(calls: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = calls.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_key_does_not_make_another_key_wait_behind_its_queue() {
+    let s = std::sync::Arc::new(start(&["--max-executions", "2", "--max-executions-per-key", "2"]));
+    // Key A fills the server: two run, six wait.
+    let t0 = Instant::now();
+    let a_calls: Vec<_> = (0..8).map(|_| timed_exec(s.clone(), KEY, "import time\ntime.sleep(1.5)", t0)).collect();
+    let a = tokio::spawn(futures_join(a_calls.into_iter()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live_sessions(&s).await < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Key B asks once: it gets the next free place, ahead of A's queue.
+    let b = timed_exec(s.clone(), common::OTHER_KEY, "print(1)", t0).await;
+    let mut a = a.await.unwrap();
+    a.sort_by_key(|x| x.3);
+    assert!(a.iter().all(|x| x.0 == 200) && b.0 == 200, "{a:?} {b:?}");
+    // A's third execution was queued before B arrived; B finished first.
+    assert!(
+        b.3 < a[2].3,
+        "B waited behind A's queue: B at {:?}, A at {:?}",
+        b.3,
+        a.iter().map(|x| x.3).collect::<Vec<_>>()
+    );
+}

@@ -63,6 +63,9 @@ pub enum ErrorCode {
     FileConflict,
     /// The key cannot be revoked: it is the one making the request.
     KeyInUse,
+    /// The key has as many executions running and queued as it may: retry
+    /// after `Retry-After` seconds.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -77,7 +80,7 @@ impl ErrorCode {
             ErrorCode::FileConflict | ErrorCode::KeyInUse => 409,
             ErrorCode::SessionExpired => 410,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::TooManySessions => 429,
+            ErrorCode::TooManySessions | ErrorCode::RateLimited => 429,
             ErrorCode::InternalError => 500,
             ErrorCode::NoCapacity
             | ErrorCode::KernelUnavailable
@@ -111,6 +114,7 @@ impl ErrorCode {
             ErrorCode::KeyNotFound => "key_not_found",
             ErrorCode::FileConflict => "file_conflict",
             ErrorCode::KeyInUse => "key_in_use",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 

@@ -54,6 +54,9 @@ impl IntoResponse for AppError {
             ErrorCode::NotReady | ErrorCode::NoCapacity | ErrorCode::TooManySessions | ErrorCode::StoreUnavailable => {
                 headers.insert("retry-after", HeaderValue::from_static("2"));
             }
+            ErrorCode::RateLimited => {
+                headers.insert("retry-after", HeaderValue::from_static("1"));
+            }
             // Retrying will not help: tell the clients that retry 5xx.
             ErrorCode::KernelUnavailable | ErrorCode::InternalError | ErrorCode::ShuttingDown => {
                 headers.insert("x-should-retry", HeaderValue::from_static("false"));

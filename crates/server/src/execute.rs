@@ -52,13 +52,13 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
                 (Envelope<ExecuteData> = "application/json"),
                 (String = "text/event-stream"),
             )),
-        (status = 400, description = "Bad JSON, fields, language, files or timeout", body = ErrorEnvelope),
+        (status = 400, description = "Bad JSON, fields, language, files, timeout or memory_limit", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "No such session for this key", body = ErrorEnvelope),
         (status = 409, description = "A file name collides with another entry or with what is in the working directory; nothing was written", body = ErrorEnvelope),
         (status = 410, description = "The session has ended: start a new one", body = ErrorEnvelope),
         (status = 413, description = "Body over the limit", body = ErrorEnvelope),
-        (status = 429, description = "This key is at its session limit", body = ErrorEnvelope),
+        (status = 429, description = "This key is at its session limit (`too_many_sessions`), or has as many executions running and waiting as it may (`rate_limited`, with `Retry-After`)", body = ErrorEnvelope),
         (status = 503, description = "No capacity, not ready, shutting down, or no kernel could start", body = ErrorEnvelope),
     ),
     security(("bearer" = []))
@@ -109,6 +109,7 @@ fn validate(req: ExecuteRequest, caller: &Caller) -> Result<Exec, ApiError> {
         timeout,
         network: caller.network,
         max_sessions: caller.max_sessions,
+        max_executions: caller.max_executions,
         events: None,
         memory_limit,
     })

@@ -18,6 +18,7 @@ impl SessionError {
             SessionError::NotFound(_) => ApiError::new(ErrorCode::SessionNotFound, msg).with_param("session_id"),
             SessionError::Expired(_) => ApiError::new(ErrorCode::SessionExpired, msg).with_param("session_id"),
             SessionError::TooManySessions(_) => ApiError::new(ErrorCode::TooManySessions, msg),
+            SessionError::RateLimited { .. } => ApiError::new(ErrorCode::RateLimited, msg),
             SessionError::NoCapacity(_) => ApiError::new(ErrorCode::NoCapacity, msg),
             SessionError::KernelUnavailable(_) | SessionError::Broken(_) => ApiError::new(
                 ErrorCode::KernelUnavailable,

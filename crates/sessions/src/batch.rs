@@ -227,6 +227,13 @@ impl Run<'_> {
                     }
                     return Ok(j);
                 }
+                // A full key or server is a wait, never the item's failure;
+                // so is a full queue of executions (the batch's own items
+                // fill it as well as the key's other requests).
+                Err(SessionError::RateLimited { .. }) if waited.elapsed() < ROOM_WAIT => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
                 Err(SessionError::TooManySessions(_) | SessionError::NoCapacity(_))
                     if self.session.is_none() && waited.elapsed() < ROOM_WAIT =>
                 {

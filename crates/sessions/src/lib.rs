@@ -16,6 +16,7 @@
 //! of sessions, and no part knows of the manager.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod api;
 mod batch;
 mod boot;
@@ -28,6 +29,7 @@ mod pool;
 mod registry;
 mod worker;
 
+pub use admission::Limits as AdmissionLimits;
 pub use batch::BatchJob;
 pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
@@ -60,6 +62,8 @@ pub struct Config {
     pub max_sessions: usize,
     /// Live sessions per API key.
     pub max_sessions_per_key: usize,
+    /// Executions at once, per key and in all, and the per-key queue.
+    pub admission: admission::Limits,
     /// How long a kernel may take to boot.
     pub boot_timeout: Duration,
     /// The kernel implementation.
@@ -96,6 +100,8 @@ pub struct Caller {
     pub network: Option<NetworkPolicy>,
     /// This key's own live-session limit.
     pub max_sessions: Option<u64>,
+    /// This key's own limit of executions at once.
+    pub max_executions: Option<u64>,
 }
 
 /// Why a session request failed. None of these is an error of the user's
@@ -138,4 +144,10 @@ pub enum SessionError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] kiln_store::StoreError),
+    /// The key has as many executions running and waiting as it may.
+    #[error(
+        "this API key already has {running} executions running and {queued} waiting, the most it may; retry after \
+         the Retry-After delay"
+    )]
+    RateLimited { running: usize, queued: usize },
 }

@@ -38,6 +38,7 @@ struct Inner {
     stopping: watch::Sender<bool>,
     background: Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<crate::Metrics>,
+    admission: Arc<crate::admission::Admission>,
 }
 
 /// One execute request, validated.
@@ -55,6 +56,8 @@ pub struct Exec {
     pub network: Option<NetworkPolicy>,
     /// The caller's own live-session limit, when it has one.
     pub max_sessions: Option<u64>,
+    /// The caller's own limit of executions at once, when it has one.
+    pub max_executions: Option<u64>,
     /// Stream the execution here as it runs: the session first, then each
     /// output as the kernel produces it (see [`ExecEvent`]).
     pub events: Option<mpsc::UnboundedSender<ExecEvent>>,
@@ -79,6 +82,7 @@ impl Manager {
                 stopping: watch::channel(false).0,
                 background: Mutex::new(Vec::new()),
                 metrics: Arc::new(crate::Metrics::new()),
+                admission: Arc::new(crate::admission::Admission::new(cfg.admission)),
                 cfg,
             }),
         }
@@ -154,6 +158,13 @@ impl Manager {
             Readiness::Failed(m) => return Err(SessionError::Broken(m)),
             Readiness::Stopping => return Err(SessionError::ShuttingDown),
         }
+        // A place to run (or a wait in the key's queue) before anything
+        // else: a refused request has cost nothing.
+        let own = req.max_executions.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let _permit = self.inner.admission.admit(key_id, own).await.map_err(|r| {
+            self.inner.metrics.limit("executions_per_key");
+            SessionError::RateLimited { running: r.running, queued: r.queued }
+        })?;
         let cfg = &self.inner.cfg;
         let max = cfg.max_exec_timeout;
         let timeout = match req.timeout {
@@ -299,6 +310,12 @@ impl Manager {
     /// The live-session limit of this server (`--max-sessions`).
     pub fn max_sessions(&self) -> usize {
         self.inner.cfg.max_sessions
+    }
+
+    /// How many executions `key_limit` (a key's own, or the server's per-key
+    /// default) lets a key run at once.
+    pub fn executions_per_key(&self, key_limit: Option<u64>) -> usize {
+        key_limit.map_or(self.inner.cfg.admission.per_key, |n| usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     /// The live-session limit of one key (`--max-sessions-per-key`).
