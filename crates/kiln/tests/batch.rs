@@ -418,3 +418,42 @@ async fn a_busy_key_does_not_make_another_key_wait_behind_its_queue() {
         a.iter().map(|x| x.3).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rl_reward_example_turns_solutions_into_rewards() {
+    let s = start(&["--pool-size", "2"]);
+    let python = common::clients_dir().join("py2/bin/python");
+    let url = s.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(common::repo().join("examples/rl_reward.py"))
+            .env("KILN_BASE_URL", url)
+            .env("KILN_API_KEY", KEY)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let r = &last["rewards"];
+    let expected = [
+        ("add/right", 1.0),
+        ("add/wrong", 0.0),
+        ("add/raises-after-answer", 0.0),
+        ("reverse/right", 1.0),
+        ("reverse/prints-nothing", 0.0),
+        ("primes/right", 1.0),
+        ("primes/off-by-one", 2.0 / 3.0),
+        ("primes/loops-forever", 0.0),
+        ("fib/right", 1.0),
+        ("fib/slow", 0.75),
+    ];
+    for (id, want) in expected {
+        let got = r[id].as_f64().unwrap_or(-1.0);
+        assert!((got - want).abs() < 1e-9, "{id}: {got} != {want}\n{stdout}");
+    }
+    assert_eq!(last["unscored"], json!([]));
+    assert_eq!(live_sessions(&s).await, 0);
+}
