@@ -68,8 +68,7 @@ pub struct ServeArgs {
     /// Executions running at once on this server [default: 256]
     #[arg(long, env = "KILN_MAX_EXECUTIONS")]
     pub max_executions: Option<usize>,
-    /// Executions one API key may run at once (a key's own limit, `kiln keys
-    /// create --max-executions`, replaces it) [default: 32]
+    /// Executions one API key may run at once [default: 32]
     #[arg(long, env = "KILN_MAX_EXECUTIONS_PER_KEY")]
     pub max_executions_per_key: Option<usize>,
     /// Executions one API key may have waiting for a place; past it 429

@@ -190,14 +190,7 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<Vec<KeyE
     for (i, k) in s.api_keys.iter().enumerate() {
         let (key, network) = split_policy(k);
         let rec = store.add_key(hash_key(key), KeyOrigin::Configured, "configured", &KeyOptions::default()).await?;
-        configured.push(KeyEntry {
-            id: rec.id,
-            hash: rec.hash,
-            network,
-            max_sessions: None,
-            max_executions: None,
-            admin: i == 0,
-        });
+        configured.push(KeyEntry { id: rec.id, hash: rec.hash, network, max_sessions: None, admin: i == 0 });
     }
     let managed = store.keys().await?.into_iter().filter(|r| r.origin.is_managed() && r.revoked_at.is_none()).count();
     if !configured.is_empty() || managed > 0 {
@@ -235,7 +228,6 @@ pub async fn accepted_keys(configured: &[KeyEntry], store: &dyn Store) -> anyhow
         hash: r.hash,
         network: r.options.network,
         max_sessions: r.options.max_sessions,
-        max_executions: None,
         admin: r.options.admin,
     }));
     Ok(keys)

@@ -71,7 +71,6 @@ impl Backend {
                     timeout,
                     network: who.network,
                     max_sessions: who.max_sessions,
-                    max_executions: who.max_executions,
                     events,
                     memory_limit: None,
                 };

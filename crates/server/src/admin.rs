@@ -122,7 +122,6 @@ pub(crate) async fn create(
         hash: record.hash,
         network: req.network,
         max_sessions: req.max_sessions,
-        max_executions: None,
         admin: req.admin,
     });
     tracing::info!(key = %record.id, label = %record.label, admin = req.admin, "API key created");

@@ -32,8 +32,6 @@ pub struct KeyEntry {
     pub network: Option<NetworkPolicy>,
     /// Its own live-session limit.
     pub max_sessions: Option<u64>,
-    /// Its own limit of executions at once.
-    pub max_executions: Option<u64>,
     /// Whether it may use the admin endpoints.
     pub admin: bool,
 }
@@ -119,12 +117,7 @@ impl KeyRing {
         let mut found = None;
         for k in ring.keys.iter() {
             if bool::from(k.hash.ct_eq(&h)) {
-                found = Some(Caller {
-                    key_id: k.id.clone(),
-                    network: k.network,
-                    max_sessions: k.max_sessions,
-                    max_executions: k.max_executions,
-                });
+                found = Some(Caller { key_id: k.id.clone(), network: k.network, max_sessions: k.max_sessions });
             }
         }
         found
@@ -175,19 +168,13 @@ mod tests {
             hash: hash_key(key),
             network,
             max_sessions: None,
-            max_executions: None,
             admin: false,
         };
         let ring =
             KeyRing::new(vec![entry("key_a", "secret-a", None), entry("key_b", "secret-b", Some(NetworkPolicy::None))]);
         assert_eq!(
             ring.authenticate("secret-b"),
-            Some(Caller {
-                key_id: "key_b".into(),
-                network: Some(NetworkPolicy::None),
-                max_sessions: None,
-                max_executions: None
-            })
+            Some(Caller { key_id: "key_b".into(), network: Some(NetworkPolicy::None), max_sessions: None })
         );
         assert_eq!(ring.authenticate("secret-c"), None);
         assert_eq!(ring.authenticate(""), None);
@@ -195,14 +182,8 @@ mod tests {
 
     #[test]
     fn a_reload_read_before_a_key_was_created_or_revoked_does_not_undo_it() {
-        let entry = |id: &str, admin| KeyEntry {
-            id: id.into(),
-            hash: hash_key(id),
-            network: None,
-            max_sessions: None,
-            max_executions: None,
-            admin,
-        };
+        let entry =
+            |id: &str, admin| KeyEntry { id: id.into(), hash: hash_key(id), network: None, max_sessions: None, admin };
         let ring = KeyRing::new(vec![entry("key_admin", true)]);
         assert!(ring.is_admin("key_admin") && !ring.is_admin("key_new"));
         // A reload starts, reads the store; meanwhile a key is created.

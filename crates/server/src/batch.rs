@@ -91,7 +91,7 @@ pub(crate) async fn batch(
 fn concurrency(manager: &Manager, caller: &Caller) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let key = caller.max_sessions.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-    let executions = manager.executions_per_key(caller.max_executions);
+    let executions = manager.executions_per_key();
     (cores * 2).min(key).min(executions).min(manager.max_sessions_per_key()).min(manager.max_sessions()).max(1)
 }
 
@@ -232,7 +232,6 @@ fn item_job(index: usize, item: BatchItem, caller: &Caller, max: Duration) -> Re
             timeout,
             network: caller.network,
             max_sessions: caller.max_sessions,
-            max_executions: caller.max_executions,
             events: None,
             memory_limit,
         },

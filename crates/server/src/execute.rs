@@ -109,7 +109,6 @@ fn validate(req: ExecuteRequest, caller: &Caller) -> Result<Exec, ApiError> {
         timeout,
         network: caller.network,
         max_sessions: caller.max_sessions,
-        max_executions: caller.max_executions,
         events: None,
         memory_limit,
     })

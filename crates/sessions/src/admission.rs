@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 pub struct Limits {
     /// Executions running at once on this server.
     pub total: usize,
-    /// Executions one key may run at once (unless the key has its own).
+    /// Executions one key may run at once.
     pub per_key: usize,
     /// Executions one key may have waiting.
     pub queue_per_key: usize,
@@ -70,11 +70,10 @@ impl Admission {
         Admission { limits, state: Mutex::new(State::default()) }
     }
 
-    /// A place for one execution of `key` (whose own limit, when it has
-    /// one, replaces the server's per-key limit), now or after waiting in
-    /// the key's queue; refused when that queue is full.
-    pub(crate) async fn admit(self: &Arc<Self>, key: &str, own_limit: Option<usize>) -> Result<Permit, Refused> {
-        let limit = own_limit.unwrap_or(self.limits.per_key).max(1);
+    /// A place for one execution of `key`, now or after waiting in the
+    /// key's queue; refused when that queue is full.
+    pub(crate) async fn admit(self: &Arc<Self>, key: &str) -> Result<Permit, Refused> {
+        let limit = self.limits.per_key.max(1);
         let wait = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let total = self.limits.total.max(1);
@@ -168,12 +167,12 @@ mod tests {
     #[tokio::test]
     async fn a_key_past_its_queue_is_refused_at_once() {
         let g = gate(10, 1, 1);
-        let _running = g.admit("a", None).await.unwrap_or_else(|_| panic!("first"));
+        let _running = g.admit("a").await.unwrap_or_else(|_| panic!("first"));
         let g2 = g.clone();
-        let queued = tokio::spawn(async move { g2.admit("a", None).await.map(|_| ()) });
+        let queued = tokio::spawn(async move { g2.admit("a").await.map(|_| ()) });
         tokio::task::yield_now().await;
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert!(g.admit("a", None).await.is_err(), "the queue holds one");
+        assert!(g.admit("a").await.is_err(), "the queue holds one");
         drop(_running);
         assert!(queued.await.unwrap_or(Err(Refused { running: 0, queued: 0 })).is_ok());
     }
@@ -181,13 +180,13 @@ mod tests {
     #[tokio::test]
     async fn a_freed_place_goes_to_the_key_with_the_fewest_running() {
         let g = gate(2, 2, 100);
-        let a1 = g.admit("a", None).await.unwrap_or_else(|_| panic!());
-        let _a2 = g.admit("a", None).await.unwrap_or_else(|_| panic!());
+        let a1 = g.admit("a").await.unwrap_or_else(|_| panic!());
+        let _a2 = g.admit("a").await.unwrap_or_else(|_| panic!());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for who in ["a", "a", "b"] {
             let (g, tx) = (g.clone(), tx.clone());
             tokio::spawn(async move {
-                let p = g.admit(who, None).await;
+                let p = g.admit(who).await;
                 let _ = tx.send((who, p.is_ok()));
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                 drop(p);
@@ -201,13 +200,13 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_leaves_gives_its_place_to_the_next() {
         let g = gate(1, 1, 10);
-        let first = g.admit("a", None).await.unwrap_or_else(|_| panic!());
+        let first = g.admit("a").await.unwrap_or_else(|_| panic!());
         let g2 = g.clone();
-        let leaving = tokio::spawn(async move { g2.admit("a", None).await.map(|_| ()) });
+        let leaving = tokio::spawn(async move { g2.admit("a").await.map(|_| ()) });
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         leaving.abort();
         let g3 = g.clone();
-        let next = tokio::spawn(async move { g3.admit("a", None).await.is_ok() });
+        let next = tokio::spawn(async move { g3.admit("a").await.is_ok() });
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         drop(first);
         assert!(next.await.unwrap_or(false));

@@ -100,8 +100,6 @@ pub struct Caller {
     pub network: Option<NetworkPolicy>,
     /// This key's own live-session limit.
     pub max_sessions: Option<u64>,
-    /// This key's own limit of executions at once.
-    pub max_executions: Option<u64>,
 }
 
 /// Why a session request failed. None of these is an error of the user's

@@ -56,8 +56,6 @@ pub struct Exec {
     pub network: Option<NetworkPolicy>,
     /// The caller's own live-session limit, when it has one.
     pub max_sessions: Option<u64>,
-    /// The caller's own limit of executions at once, when it has one.
-    pub max_executions: Option<u64>,
     /// Stream the execution here as it runs: the session first, then each
     /// output as the kernel produces it (see [`ExecEvent`]).
     pub events: Option<mpsc::UnboundedSender<ExecEvent>>,
@@ -160,8 +158,7 @@ impl Manager {
         }
         // A place to run (or a wait in the key's queue) before anything
         // else: a refused request has cost nothing.
-        let own = req.max_executions.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-        let _permit = self.inner.admission.admit(key_id, own).await.map_err(|r| {
+        let _permit = self.inner.admission.admit(key_id).await.map_err(|r| {
             self.inner.metrics.limit("executions_per_key");
             SessionError::RateLimited { running: r.running, queued: r.queued }
         })?;
@@ -312,10 +309,9 @@ impl Manager {
         self.inner.cfg.max_sessions
     }
 
-    /// How many executions `key_limit` (a key's own, or the server's per-key
-    /// default) lets a key run at once.
-    pub fn executions_per_key(&self, key_limit: Option<u64>) -> usize {
-        key_limit.map_or(self.inner.cfg.admission.per_key, |n| usize::try_from(n).unwrap_or(usize::MAX))
+    /// How many executions a key may run at once (`--max-executions-per-key`).
+    pub fn executions_per_key(&self) -> usize {
+        self.inner.cfg.admission.per_key
     }
 
     /// The live-session limit of one key (`--max-sessions-per-key`).
