@@ -113,6 +113,13 @@ async fn program_tests_are_scored_by_kiln_and_hostile_candidates_cannot_fake_a_p
                  print('READ', p)\n    except OSError:\n        pass\nprint(sorted(os.listdir('/proc/self/fd')))\n\
                  print(int(input()) * 2)",
             ),
+            // Kills its kernel on one input only: the next test still runs
+            // (in the kernel started in its place) and passes.
+            json!({
+                "code": "import os, signal\ns = input()\nif s == 'kill':\n    os.kill(os.getppid(), signal.SIGKILL)\n\
+                         print(int(s) * 2)",
+                "tests": [{"stdin": "kill\n", "expected_stdout": "4"}, {"stdin": "2\n", "expected_stdout": "4"}],
+            }),
         ]),
     )
     .await;
@@ -129,6 +136,7 @@ async fn program_tests_are_scored_by_kiln_and_hostile_candidates_cannot_fake_a_p
     assert_eq!(r[2]["tests"][0]["stdout"], json!("4\n"), "what it printed is shown, and does not pass");
     assert_eq!(statuses(&r[6]), ["error", "error"], "{}", r[6]);
     assert_eq!(passed(&r[7]), [false, false], "{}", r[7]);
+    assert_eq!(passed(&r[8]), [false, true], "{}", r[8]);
     let out = r[7]["tests"][0]["stdout"].as_str().unwrap();
     assert!(!out.contains("READ"), "a test reached its parent: {out}");
     // 0-2, the listing's own, and the runner's completion pipe: no socket,

@@ -36,6 +36,10 @@ const RUNNER_MARGIN: Duration = Duration::from_secs(10);
 /// How long an item waits for room (a session place) before kiln gives up
 /// on it as its own failure.
 const ROOM_WAIT: Duration = Duration::from_secs(120);
+/// Tests run by one cell of the runner: fewer cells cost fewer round trips
+/// and store writes, and the reports of this many (1 MiB of stdout each at
+/// most) stay within the default output limit of a cell.
+const TESTS_PER_CELL: usize = 4;
 /// The runner's report line in the cell's stdout.
 const MARKER: &str = "KILN_JUDGE ";
 
@@ -142,12 +146,21 @@ impl Manager {
         };
         let mut tests: Vec<Option<TestResult>> = vec![None; job.tests.len()];
         // 1. Program runs, from the kernel as it was before the item's code.
-        for (i, t) in job.tests.iter().enumerate() {
-            if let TestKind::Program { stdin, expected_stdout } = t {
-                let args =
-                    serde_json::json!({"code": job.exec.code, "stdin": stdin, "timeout": secs(job.tests_timeout)});
-                let report = run.runner("program", &args, job.tests_timeout).await?;
-                tests[i] = Some(report.score(Some(expected_stdout)));
+        let programs: Vec<(usize, &String, &String)> = job
+            .tests
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| match t {
+                TestKind::Program { stdin, expected_stdout } => Some((i, stdin, expected_stdout)),
+                TestKind::Assertion { .. } => None,
+            })
+            .collect();
+        for chunk in programs.chunks(TESTS_PER_CELL) {
+            let stdins: Vec<&String> = chunk.iter().map(|(_, stdin, _)| *stdin).collect();
+            let args = serde_json::json!({"code": job.exec.code, "timeout": secs(job.tests_timeout)});
+            let reports = run.runner("program", args, "stdins", &stdins, job.tests_timeout).await?;
+            for ((i, _, expected), report) in chunk.iter().zip(reports) {
+                tests[*i] = Some(report.score(Some(expected)));
             }
         }
         // 2. The cell, unless the item is a program only.
@@ -163,11 +176,21 @@ impl Manager {
             }
         };
         // 3. Assertions, each from the state the cell left.
-        for (i, t) in job.tests.iter().enumerate() {
-            if let TestKind::Assertion { code } = t {
-                let args = serde_json::json!({"code": code, "timeout": secs(job.tests_timeout)});
-                let report = run.runner("check", &args, job.tests_timeout).await?;
-                tests[i] = Some(report.score(None));
+        let checks: Vec<(usize, &String)> = job
+            .tests
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| match t {
+                TestKind::Assertion { code } => Some((i, code)),
+                TestKind::Program { .. } => None,
+            })
+            .collect();
+        for chunk in checks.chunks(TESTS_PER_CELL) {
+            let codes: Vec<&String> = chunk.iter().map(|(_, code)| *code).collect();
+            let args = serde_json::json!({"timeout": secs(job.tests_timeout)});
+            let reports = run.runner("check", args, "codes", &codes, job.tests_timeout).await?;
+            for ((i, _), report) in chunk.iter().zip(reports) {
+                tests[*i] = Some(report.score(None));
             }
         }
         let tests: Vec<TestResult> = tests.into_iter().flatten().collect();
@@ -286,21 +309,47 @@ impl Run<'_> {
         answer.unwrap_or_else(|| Err(SessionError::KernelUnavailable("abandoned".into())))
     }
 
-    /// Run one test through the kernel's runner and read its report.
-    async fn runner(&mut self, function: &str, args: &serde_json::Value, limit: Duration) -> Result<Report, Infra> {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(args.to_string());
-        let code = format!("__import__('kiln_kernel.judge').judge.{function}('{b64}')");
-        match self.cell(code, Some(limit + RUNNER_MARGIN)).await {
-            Ok(j) => Ok(Report::read(j)),
-            // The session ended under the test: the previous cell killed
-            // its kernel and no new one could be started for it.
-            Err(SessionError::Expired(_)) => Ok(Report::Failed {
-                status: ItemStatus::Error,
-                why: "the session ended before this test could run (the item's code ended its kernel)".into(),
-            }),
-            Err(SessionError::Files(e)) => Ok(Report::Failed { status: ItemStatus::Error, why: e.to_string() }),
-            Err(e) => Err(e.into()),
+    /// Run tests through the kernel's runner and read their reports, in
+    /// order: `args` with `list` set to (a part of) `tests`. A test that
+    /// ends the runner's cell (it killed or exhausted the kernel) fails,
+    /// and the tests after it run in another cell, so that one test never
+    /// decides another's fate.
+    async fn runner(
+        &mut self,
+        function: &str,
+        mut args: serde_json::Value,
+        list: &str,
+        tests: &[&String],
+        limit: Duration,
+    ) -> Result<Vec<Report>, Infra> {
+        let mut reports = Vec::with_capacity(tests.len());
+        while reports.len() < tests.len() {
+            let rest = &tests[reports.len()..];
+            args[list] = serde_json::json!(rest);
+            let b64 = base64::engine::general_purpose::STANDARD.encode(args.to_string());
+            let code = format!("__import__('kiln_kernel.judge').judge.{function}('{b64}')");
+            // Each test's own limit, and a second each for its fork and sweep.
+            let n = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+            let cell_limit = (limit + Duration::from_secs(1)) * n + RUNNER_MARGIN;
+            match self.cell(code, Some(cell_limit)).await {
+                Ok(j) => {
+                    let (ran, culprit) = Report::read(j, rest.len());
+                    reports.extend(ran);
+                    reports.extend(culprit);
+                }
+                // The session ended under the tests: the previous cell
+                // killed its kernel and no new one could be started for it.
+                Err(SessionError::Expired(_)) => {
+                    let why = "the session ended before this test could run (the item's code ended its kernel)";
+                    reports.extend(Report::all_failed(rest.len(), ItemStatus::Error, why));
+                }
+                Err(SessionError::Files(e)) => {
+                    reports.extend(Report::all_failed(rest.len(), ItemStatus::Error, &e.to_string()))
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(reports)
     }
 }
 
@@ -324,7 +373,10 @@ struct RunnerLine {
 }
 
 impl Report {
-    fn read(j: Judged) -> Report {
+    /// The reports of the runner's cell for up to `n` tests: one per line
+    /// it printed, and, when it stopped short (its kernel died, it was
+    /// stopped), the failure of the test it stopped at.
+    fn read(j: Judged, n: usize) -> (Vec<Report>, Option<Report>) {
         let text: String = j
             .data
             .outputs
@@ -334,9 +386,15 @@ impl Report {
                 _ => None,
             })
             .collect();
-        let line = text.lines().rev().find_map(|l| l.strip_prefix(MARKER));
-        if let Some(parsed) = line.and_then(|l| serde_json::from_str::<RunnerLine>(l).ok()) {
-            return Report::Ran(parsed);
+        let ran: Vec<Report> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(MARKER))
+            .filter_map(|l| serde_json::from_str::<RunnerLine>(l).ok())
+            .map(Report::Ran)
+            .take(n)
+            .collect();
+        if ran.len() == n {
+            return (ran, None);
         }
         let errors: Vec<&str> = j
             .data
@@ -351,7 +409,12 @@ impl Report {
             ItemStatus::Success => ItemStatus::Error,
             s => s,
         };
-        Report::Failed { status, why: format!("the test did not report an end: {}", errors.join("\n")) }
+        let why = format!("the test did not report an end: {}", errors.join("\n"));
+        (ran, Some(Report::Failed { status, why }))
+    }
+
+    fn all_failed(n: usize, status: ItemStatus, why: &str) -> Vec<Report> {
+        (0..n).map(|_| Report::Failed { status, why: why.to_string() }).collect()
     }
 
     /// Score the report; `expected`: the program's expected stdout.

@@ -1,10 +1,10 @@
 """Running a batch item's tests in forks of the kernel (``POST /v1/tci/batch``).
 
 kiln scores tests; this module only runs them and reports what happened.
-Each test is one call from a cell the server sends (:func:`program` or
-:func:`check`); the call forks the kernel, runs the test in the child with
-its own time limit, and prints one line, ``KILN_JUDGE <json>``, that the
-server parses: the child's exit status, whether it timed out or was killed,
+The server sends a cell that calls :func:`program` or :func:`check` with a
+few tests; for each, the call forks the kernel, runs the test in the child
+with its own time limit, and prints one line, ``KILN_JUDGE <json>``, that
+the server parses: the child's exit status, whether it timed out or was killed,
 whether it completed, and its stdout and stderr (cut at a cap).
 
 Why a fork: the child starts from the kernel's state at that moment (the
@@ -21,12 +21,12 @@ process group included) is killed, so nothing a test started lives on into
 the next one.
 
 * :func:`program` runs ``code`` as a program (``__name__ == "__main__"``,
-  fresh globals) with ``stdin`` as its standard input; the server compares
-  the stdout it reports with the expectation. The server calls it before the
+  fresh globals) once per standard input it is given; the server compares
+  the stdout each run reports with the expectation. The server calls it before the
   item's code runs in the kernel, so for a fresh session the parent is a
   kernel no candidate code has touched.
-* :func:`check` runs ``code`` (an ``assert``) in the kernel's namespace as it
-  is after the item's code; it passes when the code completes. This parent
+* :func:`check` runs each of its ``codes`` (an ``assert``) in the kernel's
+  namespace as it is after the item's code; one passes when it completes. This parent
   *has* run the candidate's code, which could have changed anything in it:
   see SECURITY.md for what such a test can and cannot prove.
 """
@@ -272,9 +272,15 @@ def _args(b64: str) -> dict:
 
 
 def program(b64: str) -> None:
-    """Run ``code`` as a program with ``stdin``; report how it ended."""
+    """Run ``code`` as a program once per entry of ``stdins``, each with that
+    standard input; report how each run ended, one line each, in order."""
     args = _args(b64)
-    code, stdin = args["code"], args["stdin"].encode()
+    code = args["code"]
+    compiled = None
+    try:
+        compiled = compile(code, "main.py", "exec")
+    except BaseException:
+        compiled = None  # each run reports the error as the program's own
 
     def body(done_fd):
         main = types.ModuleType("__main__")
@@ -284,7 +290,7 @@ def program(b64: str) -> None:
         sys.argv = ["main.py"]
         status = 0
         try:
-            exec(compile(code, "main.py", "exec"), main.__dict__)
+            exec(compiled if compiled is not None else compile(code, "main.py", "exec"), main.__dict__)
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if not isinstance(e.code, int) and e.code is not None:
@@ -297,13 +303,14 @@ def program(b64: str) -> None:
             _write(done_fd, b"done")
         os._exit(status & 0xFF)
 
-    _report(_run(body, stdin, float(args["timeout"])))
+    for stdin in args["stdins"]:
+        _report(_run(body, stdin.encode(), float(args["timeout"])))
 
 
 def check(b64: str) -> None:
-    """Run ``code`` in the session's namespace; report whether it completed."""
+    """Run each of ``codes`` in the session's namespace, each in its own
+    fork of it; report whether each completed, one line each, in order."""
     args = _args(b64)
-    code = args["code"]
     shell = None
     try:
         from IPython import get_ipython
@@ -313,15 +320,19 @@ def check(b64: str) -> None:
         pass
     ns = shell.user_ns if shell is not None else {"__name__": "__main__"}
 
-    def body(done_fd):
-        try:
-            exec(compile(code, "<test>", "exec"), ns)
-        except BaseException as e:
-            _print_error(e)
+    def body_for(code):
+        def body(done_fd):
+            try:
+                exec(compile(code, "<test>", "exec"), ns)
+            except BaseException as e:
+                _print_error(e)
+                _flush()
+                os._exit(1)
             _flush()
-            os._exit(1)
-        _flush()
-        _write(done_fd, b"done")
-        os._exit(0)
+            _write(done_fd, b"done")
+            os._exit(0)
 
-    _report(_run(body, b"", float(args["timeout"])))
+        return body
+
+    for code in args["codes"]:
+        _report(_run(body_for(code), b"", float(args["timeout"])))
