@@ -19,17 +19,17 @@
 //! started or was lost runs once more on another kernel, and is reported as
 //! `infra_error` when that fails too. Nothing kiln causes is an `error`.
 
-use crate::{Exec, Judged, Manager, Outcome, SessionError};
+use crate::scoring::{status_of, Report};
+use crate::{Exec, Judged, Manager, SessionError};
 use base64::Engine as _;
-use kiln_protocol::{same_stdout, BatchResult, ExecEvent, ItemStatus, Output, TestKind, TestResult};
+use kiln_protocol::{BatchResult, ExecEvent, ItemStatus, Output, TestKind, TestResult};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-/// Bytes of outputs kept per item, and of stdout/stderr per test, in a
-/// result: a batch of 1,000 items must not hold 1,000 full outputs.
+/// Bytes of outputs kept per item in a result: a batch of 1,000 items must
+/// not hold 1,000 full outputs.
 const ITEM_OUTPUT_BYTES: usize = 1 << 20;
-const TEST_TEXT_BYTES: usize = 64 << 10;
 /// What the test runner's cell may take beyond the test's own limit (the
 /// runner enforces that one; this bounds the runner itself).
 const RUNNER_MARGIN: Duration = Duration::from_secs(10);
@@ -40,8 +40,6 @@ const ROOM_WAIT: Duration = Duration::from_secs(120);
 /// and store writes, and the reports of this many (1 MiB of stdout each at
 /// most) stay within the default output limit of a cell.
 const TESTS_PER_CELL: usize = 4;
-/// The runner's report line in the cell's stdout.
-const MARKER: &str = "KILN_JUDGE ";
 
 /// One item, validated.
 #[derive(Debug, Clone)]
@@ -353,125 +351,6 @@ impl Run<'_> {
     }
 }
 
-/// What the runner said about one test (or why it said nothing).
-enum Report {
-    Ran(RunnerLine),
-    Failed { status: ItemStatus, why: String },
-}
-
-/// The runner's line, as `kiln_kernel.judge` prints it.
-#[derive(serde::Deserialize)]
-struct RunnerLine {
-    exit: Option<i32>,
-    signal: Option<i32>,
-    timed_out: bool,
-    completed: bool,
-    stdout: String,
-    stdout_truncated: bool,
-    stderr: String,
-    ms: f64,
-}
-
-impl Report {
-    /// The reports of the runner's cell for up to `n` tests: one per line
-    /// it printed, and, when it stopped short (its kernel died, it was
-    /// stopped), the failure of the test it stopped at.
-    fn read(j: Judged, n: usize) -> (Vec<Report>, Option<Report>) {
-        let text: String = j
-            .data
-            .outputs
-            .iter()
-            .filter_map(|o| match o {
-                Output::Stdout(s) => Some(s.as_str()),
-                _ => None,
-            })
-            .collect();
-        let ran: Vec<Report> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(MARKER))
-            .filter_map(|l| serde_json::from_str::<RunnerLine>(l).ok())
-            .map(Report::Ran)
-            .take(n)
-            .collect();
-        if ran.len() == n {
-            return (ran, None);
-        }
-        let errors: Vec<&str> = j
-            .data
-            .outputs
-            .iter()
-            .filter_map(|o| match o {
-                Output::Error(e) => Some(e.as_str()),
-                _ => None,
-            })
-            .collect();
-        let status = match status_of(j.outcome) {
-            ItemStatus::Success => ItemStatus::Error,
-            s => s,
-        };
-        let why = format!("the test did not report an end: {}", errors.join("\n"));
-        (ran, Some(Report::Failed { status, why }))
-    }
-
-    fn all_failed(n: usize, status: ItemStatus, why: &str) -> Vec<Report> {
-        (0..n).map(|_| Report::Failed { status, why: why.to_string() }).collect()
-    }
-
-    /// Score the report; `expected`: the program's expected stdout.
-    fn score(self, expected: Option<&String>) -> TestResult {
-        let r = match self {
-            Report::Failed { status, why } => {
-                return TestResult {
-                    passed: false,
-                    status,
-                    stdout: String::new(),
-                    stderr: cap(why, TEST_TEXT_BYTES),
-                    duration_ms: 0.0,
-                }
-            }
-            Report::Ran(r) => r,
-        };
-        let mut stderr = r.stderr;
-        let status = if r.timed_out {
-            ItemStatus::Timeout
-        } else if r.signal == Some(9) {
-            stderr.push_str("\n[kiln] the test's process was killed (SIGKILL), most likely by its memory limit\n");
-            ItemStatus::MemoryExceeded
-        } else if let Some(sig) = r.signal {
-            stderr.push_str(&format!("\n[kiln] the test's process was killed by signal {sig}\n"));
-            ItemStatus::Error
-        } else if r.exit == Some(0) {
-            ItemStatus::Success
-        } else {
-            ItemStatus::Error
-        };
-        let passed = match expected {
-            Some(expected) => status == ItemStatus::Success && !r.stdout_truncated && same_stdout(&r.stdout, expected),
-            None => {
-                if status == ItemStatus::Success && !r.completed {
-                    stderr.push_str("\n[kiln] the process exited before the test completed\n");
-                }
-                status == ItemStatus::Success && r.completed
-            }
-        };
-        let status = if expected.is_none() && status == ItemStatus::Success && !r.completed {
-            ItemStatus::Error
-        } else {
-            status
-        };
-        if r.stdout_truncated {
-            stderr.push_str("\n[kiln] the program printed more than 1 MiB; its output cannot match\n");
-        }
-        TestResult {
-            passed,
-            status,
-            stdout: cap(r.stdout, TEST_TEXT_BYTES),
-            stderr: cap(stderr, TEST_TEXT_BYTES),
-            duration_ms: r.ms,
-        }
-    }
-}
-
 /// Ends an item's fresh session when the item is done, or when it is
 /// dropped unfinished (its client went away): a batch leaves no session
 /// behind that its caller did not ask to keep.
@@ -508,16 +387,6 @@ impl Drop for Ender {
     }
 }
 
-/// The item status of an execution's outcome.
-fn status_of(outcome: Outcome) -> ItemStatus {
-    match outcome {
-        Outcome::Success | Outcome::Cancelled => ItemStatus::Success,
-        Outcome::Raised | Outcome::KernelDied | Outcome::OutputTooLarge => ItemStatus::Error,
-        Outcome::TimedOut => ItemStatus::Timeout,
-        Outcome::OutOfMemory => ItemStatus::MemoryExceeded,
-    }
-}
-
 fn infra_result(index: usize, why: String) -> BatchResult {
     BatchResult {
         index,
@@ -536,19 +405,6 @@ fn infra_result(index: usize, why: String) -> BatchResult {
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
-}
-
-/// `s` cut to at most `max` bytes, on a character boundary, with a marker.
-fn cap(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut at = max;
-        while !s.is_char_boundary(at) {
-            at -= 1;
-        }
-        s.truncate(at);
-        s.push_str("\n[kiln] cut here: the rest is not kept in batch results\n");
-    }
-    s
 }
 
 /// An item's outputs cut to [`ITEM_OUTPUT_BYTES`] in all.
@@ -587,47 +443,4 @@ pub(crate) fn test_boot_failure() -> bool {
         }
     }
     false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn line(exit: Option<i32>, signal: Option<i32>, completed: bool, stdout: &str) -> Report {
-        Report::Ran(RunnerLine {
-            exit,
-            signal,
-            timed_out: false,
-            completed,
-            stdout: stdout.into(),
-            stdout_truncated: false,
-            stderr: String::new(),
-            ms: 1.0,
-        })
-    }
-
-    #[test]
-    fn a_program_passes_only_with_status_zero_and_the_expected_output() {
-        let want = "4\n".to_string();
-        assert!(line(Some(0), None, true, "4  \n\n").score(Some(&want)).passed);
-        let raised = line(Some(1), None, false, "4\n").score(Some(&want));
-        assert_eq!((raised.passed, raised.status), (false, ItemStatus::Error));
-        assert!(!line(Some(0), None, false, "5\n").score(Some(&want)).passed);
-        let killed = line(None, Some(9), false, "").score(Some(&want));
-        assert_eq!(killed.status, ItemStatus::MemoryExceeded);
-    }
-
-    #[test]
-    fn an_assertion_passes_only_when_it_completed() {
-        assert!(line(Some(0), None, true, "").score(None).passed);
-        let early = line(Some(0), None, false, "").score(None);
-        assert_eq!((early.passed, early.status), (false, ItemStatus::Error));
-        assert!(early.stderr.contains("before the test completed"));
-    }
-
-    #[test]
-    fn long_texts_are_cut_on_a_character_boundary() {
-        let s = cap("é".repeat(10), 5);
-        assert!(s.starts_with("éé") && s.contains("cut here"));
-    }
 }

@@ -27,6 +27,7 @@ mod manager;
 pub mod metrics;
 mod pool;
 mod registry;
+mod scoring;
 mod worker;
 
 pub use admission::Limits as AdmissionLimits;
