@@ -14,6 +14,10 @@
 //! live sessions, the kernel factory ([`boot`]), the [`pool`] and one
 //! [`worker`] per session, which runs [`job`]s; the factory knows nothing
 //! of sessions, and no part knows of the manager.
+//!
+//! Every execution first passes [`admission`] (per-key places and queues,
+//! fair between keys). A [`batch`] runs many items through the manager's
+//! own operations and scores their tests ([`scoring`]).
 #![forbid(unsafe_code)]
 
 mod admission;
