@@ -15,10 +15,12 @@ child. The parent, before forking, makes itself non-dumpable, so a child
 running as the same user can neither read nor write its memory through
 ``/proc`` (``ptrace`` is denied by the sandbox's seccomp policy), and the
 child closes every inherited descriptor but its own three before any test
-code runs, so it cannot reach the kernel's sockets. After the child ends,
-every process that appeared since the fork (a grandchild that escaped its
-process group included) is killed, so nothing a test started lives on into
-the next one.
+code runs, so it cannot reach the kernel's sockets. While a test runs the
+parent is a child subreaper, so whatever the test starts stays its
+descendant even when orphaned; after the child ends, every descendant that
+appeared since the fork (a grandchild that left its process group
+included) is killed, so nothing a test started lives on into the next one,
+and nothing that is not the test's is touched.
 
 * :func:`program` runs ``code`` as a program (``__name__ == "__main__"``,
   fresh globals) once per standard input it is given; the server compares
@@ -67,47 +69,74 @@ STDERR_CAP = 64 << 10
 MARKER = "KILN_JUDGE "
 
 
-def _set_dumpable(on: bool) -> None:
-    """PR_SET_DUMPABLE: while 0, processes of the same user cannot open this
-    one's /proc/<pid>/mem, fd/ or environ."""
+def _prctl(option: int, value: int) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(4, 1 if on else 0, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
     except Exception:
         pass
 
 
-def _pids() -> set:
-    out = set()
+def _set_dumpable(on: bool) -> None:
+    """PR_SET_DUMPABLE: while 0, processes of the same user cannot open this
+    one's /proc/<pid>/mem, fd/ or environ."""
+    _prctl(4, 1 if on else 0)
+
+
+def _set_subreaper(on: bool) -> None:
+    """PR_SET_CHILD_SUBREAPER: while set, a test's orphaned descendants are
+    reparented to this process rather than to init, so they stay findable
+    as its descendants (and nothing else is ever swept)."""
+    _prctl(36, 1 if on else 0)
+
+
+def _descendants() -> dict:
+    """This process's descendants: pid -> state letter (``Z``: a zombie)."""
+    me = _getpid()
+    children = {}
+    states = {}
     for name in _listdir("/proc"):
-        if name.isdigit():
-            out.add(int(name))
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        pid = int(name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        states[pid] = fields[0].decode()
+    out = {}
+    stack = [me]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in out:
+                out[child] = states.get(child, "?")
+                stack.append(child)
     return out
 
 
-def _sweep(before: set) -> None:
-    """Kill every process that is not in ``before`` (nor this one), until
-    none is left: a process cannot fork once it is killed, so a few rounds
-    end even a fork loop."""
-    me = _getpid()
-    for _ in range(100):
-        extra = [p for p in _pids() - before if p != me]
+def _sweep(before) -> None:
+    """Kill (and reap) every descendant that was not there before the test,
+    until none is left: a process cannot fork once it is killed, so a few
+    rounds end even a fork loop. Only descendants: with ``--sandbox none``
+    the kernel shares the host's /proc, and nothing else may be touched."""
+    for _ in range(200):
+        extra = {p: st for p, st in _descendants().items() if p not in before}
         if not extra:
             return
-        for p in extra:
+        for p, st in extra.items():
+            if st != "Z":
+                try:
+                    _kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
             try:
-                _kill(p, signal.SIGKILL)
-            except OSError:
-                pass
-        # Reap the ones that are our children.
-        while True:
-            try:
-                pid, _ = _waitpid(-1, os.WNOHANG)
+                _waitpid(p, os.WNOHANG)
             except ChildProcessError:
-                break
-            if pid == 0:
-                break
+                pass
         time.sleep(0.001)
 
 
@@ -180,8 +209,9 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
     out_r, out_w = _pipe()
     err_r, err_w = _pipe()
     done_r, done_w = _pipe()
-    before = _pids()
+    before = set(_descendants())
     _set_dumpable(False)
+    _set_subreaper(True)
     started = _monotonic()
     pid = _fork()
     if pid == 0:
@@ -247,6 +277,7 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
             except OSError:
                 pass
         sel.close()
+        _set_subreaper(False)
         _set_dumpable(True)
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     term = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
