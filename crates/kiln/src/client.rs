@@ -96,6 +96,7 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
         files: (!files.is_empty()).then_some(files),
         timeout: args.timeout,
         stream: None,
+        memory_limit: None,
     };
     let client = args.endpoint.client()?;
     let data = if args.json {

@@ -83,6 +83,16 @@ pub struct ServeArgs {
     /// Live sessions per API key [default: 64]
     #[arg(long, env = "KILN_MAX_SESSIONS_PER_KEY")]
     pub max_sessions_per_key: Option<usize>,
+    /// Executions running at once on this server [default: 256]
+    #[arg(long, env = "KILN_MAX_EXECUTIONS")]
+    pub max_executions: Option<usize>,
+    /// Executions one API key may run at once [default: 32]
+    #[arg(long, env = "KILN_MAX_EXECUTIONS_PER_KEY")]
+    pub max_executions_per_key: Option<usize>,
+    /// Executions one API key may have waiting for a place; past it 429
+    /// `rate_limited` [default: 1024]
+    #[arg(long, env = "KILN_EXECUTION_QUEUE_PER_KEY")]
+    pub execution_queue_per_key: Option<usize>,
     /// Largest request body in bytes [default: 52428800 (50 MiB)]
     #[arg(long, env = "KILN_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
@@ -334,6 +344,11 @@ impl Settings {
                 pool_size: pick!(pool_size, 2),
                 max_sessions: pick!(max_sessions, 256),
                 max_sessions_per_key: pick!(max_sessions_per_key, 64),
+                admission: kiln_sessions::AdmissionLimits {
+                    total: positive("--max-executions", pick!(max_executions, 256))?,
+                    per_key: positive("--max-executions-per-key", pick!(max_executions_per_key, 32))?,
+                    queue_per_key: pick!(execution_queue_per_key, 1024),
+                },
                 boot_timeout: Duration::from_secs(60),
                 kernel,
                 sandbox: match sandbox_mode {

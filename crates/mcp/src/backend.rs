@@ -72,6 +72,7 @@ impl Backend {
                     network: who.network,
                     max_sessions: who.max_sessions,
                     events,
+                    memory_limit: None,
                 };
                 m.execute(&who.key_id, exec).await.map_err(api)
             }
@@ -83,6 +84,7 @@ impl Backend {
                     files: Some(files),
                     timeout,
                     stream: None,
+                    memory_limit: None,
                 };
                 match events {
                     Some(tx) => c

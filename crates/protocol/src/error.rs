@@ -71,6 +71,9 @@ pub enum ErrorCode {
     /// it is not known to be lost; nothing was done. Retry after
     /// `Retry-After` seconds.
     NodeUnreachable,
+    /// The key has as many executions running and queued as it may: retry
+    /// after `Retry-After` seconds.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -85,7 +88,7 @@ impl ErrorCode {
             ErrorCode::FileConflict | ErrorCode::KeyInUse => 409,
             ErrorCode::SessionExpired | ErrorCode::SessionLost => 410,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::TooManySessions => 429,
+            ErrorCode::TooManySessions | ErrorCode::RateLimited => 429,
             ErrorCode::InternalError => 500,
             ErrorCode::NoCapacity
             | ErrorCode::KernelUnavailable
@@ -122,6 +125,7 @@ impl ErrorCode {
             ErrorCode::KeyInUse => "key_in_use",
             ErrorCode::SessionLost => "session_lost",
             ErrorCode::NodeUnreachable => "node_unreachable",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod batch;
 mod console;
 mod error;
 mod files;
@@ -20,6 +21,10 @@ mod network;
 mod time;
 
 pub use admin::{CreateKey, CreatedKey, KeyInfo, KeyList, RevokedKey};
+pub use batch::{
+    parse_memory, same_stdout, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals, ItemStatus,
+    TestCase, TestKind, TestResult, MAX_BATCH_ITEMS, MAX_ITEM_TESTS, MEMORY_PATTERN,
+};
 pub use console::{LanguageList, PoolLevel, ServerStatus, SessionCount};
 pub use error::{ApiError, ErrorCode, ErrorEnvelope, ErrorItem, OpenAiStyleError};
 pub use files::{decode_files, session_path, FileError, FileUpload, ValidFile, NAME_PATTERN, PATH_PATTERN};
@@ -68,6 +73,12 @@ pub struct ExecuteRequest {
     /// extension; also chosen by `Accept: text/event-stream`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
+    /// Memory limit of this execution (kiln extension), e.g. `"256MiB"`; a
+    /// limit above the server's `--memory-limit` is the server's.
+    /// Exceeding it stops the code with a `MemoryError` message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[1-9][0-9]{0,6}(MiB|GiB|MB|GB)$")]
+    pub memory_limit: Option<String>,
 }
 
 /// One thing the kernel showed, in the order it showed it.

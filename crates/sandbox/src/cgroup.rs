@@ -276,6 +276,34 @@ impl Cgroup {
         })
     }
 
+    /// Change the memory limit (and, on v1, the memory+swap limit with it,
+    /// in the order the kernel accepts: the smaller one first when
+    /// lowering). Fails with `EBUSY` on v1 when the cgroup already uses
+    /// more than `bytes` and reclaim cannot make room.
+    pub(crate) fn set_memory_limit(&self, bytes: u64) -> io::Result<()> {
+        for dir in &self.dirs {
+            if self.unified {
+                if dir.join("memory.max").exists() {
+                    std::fs::write(dir.join("memory.max"), bytes.to_string())?;
+                }
+                continue;
+            }
+            let limit = dir.join("memory.limit_in_bytes");
+            if !limit.exists() {
+                continue;
+            }
+            let memsw = dir.join("memory.memsw.limit_in_bytes");
+            let current: u64 = std::fs::read_to_string(&limit)?.trim().parse().unwrap_or(u64::MAX);
+            let files = if bytes < current { [&limit, &memsw] } else { [&memsw, &limit] };
+            for f in files {
+                if f.exists() {
+                    std::fs::write(f, bytes.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Peak memory use in bytes, if the hierarchy reports it.
     pub(crate) fn memory_peak(&self) -> Option<u64> {
         self.dirs.iter().find_map(|d| {

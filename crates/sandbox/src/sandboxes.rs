@@ -424,6 +424,15 @@ impl Sandbox {
         }
     }
 
+    /// Set the sandbox's memory limit to `bytes` (a per-execution limit, or
+    /// back to the server's). Without a cgroup there is no limit to set.
+    pub fn set_memory_limit(&self, bytes: u64) -> std::io::Result<()> {
+        match &self.cgroup {
+            Some(cg) => cg.set_memory_limit(bytes),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the sandbox's memory limit was hit.
     pub fn hit_memory_limit(&self) -> bool {
         self.cgroup.as_ref().is_some_and(Cgroup::hit_memory_limit)

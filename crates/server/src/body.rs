@@ -10,7 +10,7 @@
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use kiln_protocol::{ApiError, CreateKey, ErrorCode, ExecuteRequest, UploadRequest};
+use kiln_protocol::{ApiError, BatchRequest, CreateKey, ErrorCode, ExecuteRequest, UploadRequest};
 use serde::de::DeserializeOwned;
 
 /// A request body the endpoint can describe to a caller who got it wrong.
@@ -25,6 +25,11 @@ impl Described for ExecuteRequest {
     const WHAT: &'static str = "an execute request";
     const SHAPE: &'static str = "required: \"code\" (string); optional: \"language\", \"session_id\", \"files\", \
                                  \"timeout\"; e.g. {\"language\": \"python\", \"code\": \"print(1)\"}";
+}
+
+impl Described for BatchRequest {
+    const WHAT: &'static str = "a batch";
+    const SHAPE: &'static str = "{\"items\": [{\"code\": \"...\", \"tests\": [{\"stdin\": \"...\", \"expected_stdout\":                                  \"...\"} or {\"code\": \"assert ...\"}], \"tests_timeout\", \"timeout\", \"memory_limit\",                                  \"keep_session\", \"session_id\", \"files\"}] (1 to 1,000 items)}";
 }
 
 impl Described for UploadRequest {

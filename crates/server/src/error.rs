@@ -58,6 +58,9 @@ impl IntoResponse for AppError {
             | ErrorCode::NodeUnreachable => {
                 headers.insert("retry-after", HeaderValue::from_static("2"));
             }
+            ErrorCode::RateLimited => {
+                headers.insert("retry-after", HeaderValue::from_static("1"));
+            }
             // Retrying will not help: tell the clients that retry 5xx.
             ErrorCode::KernelUnavailable | ErrorCode::InternalError | ErrorCode::ShuttingDown => {
                 headers.insert("x-should-retry", HeaderValue::from_static("false"));

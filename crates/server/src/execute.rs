@@ -52,13 +52,13 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
                 (Envelope<ExecuteData> = "application/json"),
                 (String = "text/event-stream"),
             )),
-        (status = 400, description = "Bad JSON, fields, language, files or timeout", body = ErrorEnvelope),
+        (status = 400, description = "Bad JSON, fields, language, files, timeout or memory_limit", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "No such session for this key", body = ErrorEnvelope),
         (status = 409, description = "A file name collides with another entry or with what is in the working directory; nothing was written", body = ErrorEnvelope),
         (status = 410, description = "The session has ended: start a new one", body = ErrorEnvelope),
         (status = 413, description = "Body over the limit", body = ErrorEnvelope),
-        (status = 429, description = "This key is at its session limit", body = ErrorEnvelope),
+        (status = 429, description = "This key is at its session limit (`too_many_sessions`), or has as many executions running and waiting as it may (`rate_limited`, with `Retry-After`)", body = ErrorEnvelope),
         (status = 503, description = "No capacity, not ready, shutting down, or no kernel could start", body = ErrorEnvelope),
     ),
     security(("bearer" = []))
@@ -99,6 +99,9 @@ fn validate(req: ExecuteRequest, caller: &Caller) -> Result<Exec, ApiError> {
     let files = decode_files(req.files.as_deref().unwrap_or_default())?;
     let timeout = kiln_protocol::timeout_from_seconds(req.timeout)?;
     let session_id = req.session_id.filter(|s| !s.is_empty());
+    let memory_limit = req.memory_limit.as_deref().map(kiln_protocol::parse_memory).transpose().map_err(|e| {
+        ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit")
+    })?;
     Ok(Exec {
         session_id,
         code: req.code,
@@ -107,6 +110,7 @@ fn validate(req: ExecuteRequest, caller: &Caller) -> Result<Exec, ApiError> {
         network: caller.network,
         max_sessions: caller.max_sessions,
         events: None,
+        memory_limit,
     })
 }
 

@@ -13,6 +13,7 @@
 
 mod admin;
 mod auth;
+mod batch;
 mod body;
 mod cluster;
 mod console;

@@ -21,6 +21,7 @@ use utoipa::{Modify, OpenApi};
     ),
     paths(
         crate::execute::execute,
+        crate::batch::batch,
         crate::sessions::list,
         crate::sessions::get,
         crate::sessions::delete,
@@ -95,6 +96,19 @@ pub fn document_for(max_timeout: std::time::Duration, network: kiln_protocol::Ne
         ),
         "oneOf": [{"type": "null"}, {"type": "string", "enum": within}],
     });
+    for field in ["timeout", "tests_timeout"] {
+        doc["components"]["schemas"]["BatchItem"]["properties"][field]["maximum"] = json!(max_timeout.as_secs_f64());
+    }
+    // A test is a program run or an assertion, never both (a field that is
+    // null counts as absent, as everywhere in the API).
+    let string = json!({"type": "string"});
+    let absent = json!({"type": "null"});
+    doc["components"]["schemas"]["TestCase"]["oneOf"] = json!([
+        {"title": "program", "required": ["stdin", "expected_stdout"],
+         "properties": {"stdin": string, "expected_stdout": string, "code": absent}},
+        {"title": "assertion", "required": ["code"],
+         "properties": {"code": string, "stdin": absent, "expected_stdout": absent}},
+    ]);
     let events = json!({
         "type": "object",
         "description": "One Server-Sent Event; `data` is JSON text: {session_id} for `session`, an output \

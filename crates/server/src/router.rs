@@ -3,7 +3,7 @@
 
 use crate::require::require_key;
 use crate::state::AppState;
-use crate::{admin, execute, files, ops, sessions};
+use crate::{admin, batch, execute, files, ops, sessions};
 use axum::routing::{delete, get, post};
 use axum::Router;
 
@@ -14,6 +14,7 @@ pub(crate) fn router(state: AppState) -> Router {
     for prefix in ["/tci", "/v1/tci"] {
         api = api
             .route(&format!("{prefix}/execute"), post(execute::execute))
+            .route(&format!("{prefix}/batch"), post(batch::batch))
             .route(&format!("{prefix}/sessions"), get(sessions::list))
             .route(&format!("{prefix}/sessions/{{id}}"), get(sessions::get).delete(sessions::delete))
             .route(&format!("{prefix}/sessions/{{id}}/files"), get(files::list).post(files::upload))

@@ -23,6 +23,7 @@ impl SessionError {
             }
             SessionError::Lost { .. } => ApiError::new(ErrorCode::SessionLost, msg).with_param("session_id"),
             SessionError::NodeUnreachable { .. } => ApiError::new(ErrorCode::NodeUnreachable, msg),
+            SessionError::RateLimited { .. } => ApiError::new(ErrorCode::RateLimited, msg),
             SessionError::KernelUnavailable(_) | SessionError::Broken(_) => ApiError::new(
                 ErrorCode::KernelUnavailable,
                 "kiln could not start a Python kernel for this session; this is a server-side failure, not an \

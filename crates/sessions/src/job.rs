@@ -23,14 +23,26 @@ pub(crate) struct Job {
     /// Its limits.
     pub(crate) limits: ExecLimits,
     /// Where the answer goes; closed when the caller has gone away.
-    pub(crate) reply: oneshot::Sender<Result<ExecuteData, SessionError>>,
+    pub(crate) reply: oneshot::Sender<Result<Judged, SessionError>>,
     /// Where each output also goes as it happens, for a streamed execution.
     pub(crate) events: Option<mpsc::UnboundedSender<ExecEvent>>,
+    /// Its own memory limit, bytes, when it has one.
+    pub(crate) memory_limit: Option<u64>,
+}
+
+/// An execution's answer with how it ended (the batch API reports the
+/// outcome as the item's status).
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// What the caller of execute gets.
+    pub data: ExecuteData,
+    /// How it ended.
+    pub outcome: Outcome,
 }
 
 /// How an execution ended, as the user's code is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
+pub enum Outcome {
     /// It ran to its end without raising.
     Success,
     /// It raised.

@@ -14,9 +14,15 @@
 //! live sessions, the kernel factory ([`boot`]), the [`pool`] and one
 //! [`worker`] per session, which runs [`job`]s; the factory knows nothing
 //! of sessions, and no part knows of the manager.
+//!
+//! Every execution first passes [`admission`] (per-key places and queues,
+//! fair between keys). A [`batch`] runs many items through the manager's
+//! own operations and scores their tests ([`scoring`]).
 #![forbid(unsafe_code)]
 
+mod admission;
 mod api;
+mod batch;
 mod boot;
 mod browse;
 mod files;
@@ -27,10 +33,14 @@ pub mod metrics;
 pub mod node;
 mod pool;
 mod registry;
+mod scoring;
 mod worker;
 
+pub use admission::Limits as AdmissionLimits;
+pub use batch::BatchJob;
 pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
+pub use job::{Judged, Outcome};
 pub use kiln_protocol::NetworkPolicy;
 pub use manager::{Exec, Manager};
 pub use membership::{Membership, Owner};
@@ -61,6 +71,8 @@ pub struct Config {
     pub max_sessions: usize,
     /// Live sessions per API key.
     pub max_sessions_per_key: usize,
+    /// Executions at once, per key and in all, and the per-key queue.
+    pub admission: admission::Limits,
     /// How long a kernel may take to boot.
     pub boot_timeout: Duration,
     /// The kernel implementation.
@@ -170,4 +182,10 @@ pub enum SessionError {
     /// No node of the cluster has room for a new session.
     #[error("every kiln node of the cluster is full or draining; retry shortly")]
     ClusterFull,
+    /// The key has as many executions running and waiting as it may.
+    #[error(
+        "this API key already has {running} executions running and {queued} waiting, the most it may; retry after \
+         the Retry-After delay"
+    )]
+    RateLimited { running: usize, queued: usize },
 }

@@ -4,7 +4,7 @@
 //! [`Worker`] per session; none of those knows of the manager.
 
 use crate::boot::Kernels;
-use crate::job::Job;
+use crate::job::{Job, Judged};
 use crate::pool::Pool;
 use crate::registry::{Found, Live, Registry};
 use crate::worker::Worker;
@@ -44,6 +44,7 @@ struct Inner {
     /// Whether this node is one of a cluster: its sessions then live only
     /// as long as its incarnation holds its lease.
     clustered: std::sync::atomic::AtomicBool,
+    admission: Arc<crate::admission::Admission>,
 }
 
 /// One execute request, validated.
@@ -64,6 +65,9 @@ pub struct Exec {
     /// Stream the execution here as it runs: the session first, then each
     /// output as the kernel produces it (see [`ExecEvent`]).
     pub events: Option<mpsc::UnboundedSender<ExecEvent>>,
+    /// This execution's memory limit, bytes (at most the server's: a larger
+    /// one is the server's).
+    pub memory_limit: Option<u64>,
 }
 
 impl Manager {
@@ -85,6 +89,7 @@ impl Manager {
                 refusing: std::sync::RwLock::new(None),
                 clustered: std::sync::atomic::AtomicBool::new(false),
                 store,
+                admission: Arc::new(crate::admission::Admission::new(cfg.admission)),
                 cfg,
             }),
         }
@@ -149,12 +154,23 @@ impl Manager {
 
     /// Run one execute request for `key_id`.
     pub async fn execute(&self, key_id: &str, req: Exec) -> Result<ExecuteData, SessionError> {
+        self.execute_judged(key_id, req).await.map(|j| j.data)
+    }
+
+    /// Run one execute request for `key_id`, and say how it ended.
+    pub async fn execute_judged(&self, key_id: &str, req: Exec) -> Result<Judged, SessionError> {
         match self.readiness() {
             Readiness::Ready => {}
             Readiness::Starting => return Err(SessionError::NotReady),
             Readiness::Failed(m) => return Err(SessionError::Broken(m)),
             Readiness::Stopping => return Err(SessionError::ShuttingDown),
         }
+        // A place to run (or a wait in the key's queue) before anything
+        // else: a refused request has cost nothing.
+        let _permit = self.inner.admission.admit(key_id).await.map_err(|r| {
+            self.inner.metrics.limit("executions_per_key");
+            SessionError::RateLimited { running: r.running, queued: r.queued }
+        })?;
         let cfg = &self.inner.cfg;
         let max = cfg.max_exec_timeout;
         let timeout = match req.timeout {
@@ -172,13 +188,20 @@ impl Manager {
             }
             None => {
                 let network = req.network.unwrap_or(self.inner.kernels.default_network());
-                self.create(key_id, network, req.max_sessions).await?
+                // To its end even if the caller goes away meanwhile: a
+                // kernel dropped mid-boot would be left running, owned by
+                // no one; a session is owned by its worker (and its TTL).
+                let (me, key, limit) = (self.clone(), key_id.to_string(), req.max_sessions);
+                tokio::spawn(async move { me.create(&key, network, limit).await })
+                    .await
+                    .map_err(|e| SessionError::KernelUnavailable(format!("starting the session failed: {e}")))??
             }
         };
         if let Some(events) = &req.events {
             let _ = events.send(ExecEvent::Session { session_id: id.clone() });
         }
-        let job = Job { code: req.code, files: req.files, limits, reply, events: req.events };
+        let job =
+            Job { code: req.code, files: req.files, limits, reply, events: req.events, memory_limit: req.memory_limit };
         jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
         answer.await.map_err(|_| SessionError::Expired(id))?
     }
@@ -296,6 +319,16 @@ impl Manager {
         self.inner.cfg.max_sessions
     }
 
+    /// How many executions a key may run at once (`--max-executions-per-key`).
+    pub fn executions_per_key(&self) -> usize {
+        self.inner.cfg.admission.per_key
+    }
+
+    /// The live-session limit of one key (`--max-sessions-per-key`).
+    pub fn max_sessions_per_key(&self) -> usize {
+        self.inner.cfg.max_sessions_per_key
+    }
+
     /// The largest time limit a request may ask for.
     pub fn max_exec_timeout(&self) -> Duration {
         self.inner.cfg.max_exec_timeout
@@ -403,6 +436,10 @@ impl Manager {
             Some(k) => k,
             None => inner.kernels.boot_new(network).await?,
         };
+        if crate::batch::test_boot_failure() {
+            inner.kernels.destroy(kernel).await;
+            return Err(SessionError::KernelUnavailable("a boot failure made on purpose (test hook)".into()));
+        }
         let identity = inner.identity.read().unwrap_or_else(|p| p.into_inner()).clone();
         let id = identity.mint();
         let now = Utc::now();
@@ -448,7 +485,7 @@ impl Manager {
             metrics: inner.metrics.clone(),
             registry: inner.registry.clone(),
             readiness: inner.readiness.subscribe(),
-            memory_mib: cfg.sandbox.as_ref().map_or(0, |s| s.limits.memory_bytes >> 20),
+            memory_bytes: cfg.sandbox.as_ref().map_or(0, |s| s.limits.memory_bytes),
         };
         let worker = tokio::spawn(worker.run(kernel, queue, stopped));
         inner.metrics.sessions_started.inc();

@@ -8,7 +8,7 @@
 //! and only here.
 
 use crate::boot::Kernels;
-use crate::job::{judge, restarted, Job, Outcome};
+use crate::job::{judge, restarted, Job, Judged, Outcome};
 use crate::registry::Registry;
 use crate::{write_files, NetworkPolicy, Readiness, SessionError};
 use chrono::Utc;
@@ -28,8 +28,8 @@ pub(crate) struct Worker {
     pub(crate) metrics: Arc<crate::Metrics>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) readiness: watch::Receiver<Readiness>,
-    /// The session's memory limit, MiB (for messages).
-    pub(crate) memory_mib: u64,
+    /// The session's memory limit, bytes (0: none).
+    pub(crate) memory_bytes: u64,
 }
 
 /// Whether the session goes on after a job.
@@ -70,7 +70,7 @@ impl Worker {
         stop: &mut watch::Receiver<bool>,
         cpu_seen: &mut f64,
     ) -> After {
-        let Job { code, files, limits, mut reply, events } = job;
+        let Job { code, files, limits, mut reply, events, memory_limit } = job;
         if reply.is_closed() {
             return After::Next;
         }
@@ -91,6 +91,28 @@ impl Worker {
             tracing::warn!(session = %self.id, error = %e, "could not count an execution");
         }
 
+        // A limit of the execution's own, below the session's: set for the
+        // cell, and the session's put back after it (below).
+        let own_limit = memory_limit.filter(|m| self.memory_bytes > 0 && *m < self.memory_bytes);
+        let limit_bytes = own_limit.unwrap_or(self.memory_bytes);
+        if let Some(m) = own_limit {
+            if let Err(e) = kernel.sandbox().set_memory_limit(m) {
+                tracing::info!(session = %self.id, error = %e, "could not lower the memory limit");
+                let _ = kernel.sandbox().set_memory_limit(self.memory_bytes);
+                let message = format!(
+                    "MemoryError: the session already uses more memory than this execution's memory_limit of {} \
+                     MiB, so the code was not run. The session is still usable and its state is kept.",
+                    m >> 20
+                );
+                let data = ExecuteData {
+                    session_id: self.id.clone(),
+                    status: kiln_protocol::ExecuteStatus::Error,
+                    outputs: vec![kiln_protocol::Output::Error(message)],
+                };
+                let _ = reply.send(Ok(Judged { data, outcome: Outcome::OutOfMemory }));
+                return After::Next;
+            }
+        }
         let started = std::time::Instant::now();
         let exec = {
             let mut stopping = stop.clone();
@@ -108,7 +130,12 @@ impl Worker {
             return After::End;
         }
         let took = started.elapsed();
-        let verdict = judge(exec.end, exec.raised, &limits, self.memory_mib);
+        if own_limit.is_some() && kernel.is_alive() {
+            if let Err(e) = kernel.sandbox().set_memory_limit(self.memory_bytes) {
+                tracing::warn!(session = %self.id, error = %e, "could not restore the session's memory limit");
+            }
+        }
+        let verdict = judge(exec.end, exec.raised, &limits, limit_bytes >> 20);
         record(&self.metrics, verdict.outcome, &exec, took);
         let (cpu_now, peak_memory_bytes) = kernel.sandbox().usage();
         let usage = kiln_store::ExecutionUsage {
@@ -150,7 +177,8 @@ impl Worker {
                 let _ = events.send(ExecEvent::Output(o.clone()));
             }
         }
-        let _ = reply.send(Ok(ExecuteData { session_id: self.id.clone(), status: verdict.status, outputs }));
+        let data = ExecuteData { session_id: self.id.clone(), status: verdict.status, outputs };
+        let _ = reply.send(Ok(Judged { data, outcome: verdict.outcome }));
         after
     }
 

@@ -37,6 +37,22 @@ pub fn start_in(data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Ser
 /// command that ends by exec'ing the rest of its arguments (such as
 /// `nsenter --net=... --`), so that the child is still kiln itself.
 pub fn start_via(prefix: &[&str], listen: &str, data: tempfile::TempDir, extra: &[&str], with_keys: bool) -> Server {
+    start_full(prefix, listen, data, extra, with_keys, &[])
+}
+
+/// Like [`start`], with extra environment variables (test-only hooks).
+pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    start_full(&[], "127.0.0.1:0", tempfile::tempdir().expect("tempdir"), extra, true, env)
+}
+
+fn start_full(
+    prefix: &[&str],
+    listen: &str,
+    data: tempfile::TempDir,
+    extra: &[&str],
+    with_keys: bool,
+    env: &[(&str, &str)],
+) -> Server {
     let mut cmd = match prefix.split_first() {
         Some((program, args)) => {
             let mut cmd = Command::new(program);
@@ -54,6 +70,7 @@ pub fn start_via(prefix: &[&str], listen: &str, data: tempfile::TempDir, extra: 
         .env_remove("KILN_API_KEY")
         .env_remove("KILN_CONFIG")
         .env("KILN_LOG", "info,zeromq=warn")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

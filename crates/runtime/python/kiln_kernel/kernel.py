@@ -65,6 +65,9 @@ from io import FileIO, TextIOWrapper
 import zmq
 from IPython.core.error import StdinNotImplementedError
 
+# Imported with the kernel (in the zygote), before any cell runs: the batch
+# tests' runner binds the functions it uses while nothing has changed them.
+from . import judge as _judge  # noqa: F401 (imported for its side effect)
 from .display import install_comm
 from .flusher import Flusher
 from .handlers import RequestHandlers

@@ -1,0 +1,369 @@
+"""Running a batch item's tests in forks of the kernel (``POST /v1/tci/batch``).
+
+kiln scores tests; this module only runs them and reports what happened.
+The server sends a cell that calls :func:`program` or :func:`check` with a
+few tests; for each, the call forks the kernel, runs the test in the child
+with its own time limit, and prints one line, ``KILN_JUDGE <json>``, that
+the server parses: the child's exit status, whether it timed out or was killed,
+whether it completed, and its stdout and stderr (cut at a cap).
+
+Why a fork: the child starts from the kernel's state at that moment (the
+runtime's imports already done, so a test costs a fork instead of an
+interpreter start), every test starts from the same state (the parent is
+never changed by a child), and the time limit is enforced from outside the
+child. The parent, before forking, makes itself non-dumpable, so a child
+running as the same user can neither read nor write its memory through
+``/proc`` (``ptrace`` is denied by the sandbox's seccomp policy), and the
+child closes every inherited descriptor but its own three before any test
+code runs, so it cannot reach the kernel's sockets. While a test runs the
+parent is a child subreaper, so whatever the test starts stays its
+descendant even when orphaned; after the child ends, every descendant that
+appeared since the fork (a grandchild that left its process group
+included) is killed, so nothing a test started lives on into the next one,
+and nothing that is not the test's is touched.
+
+* :func:`program` runs ``code`` as a program (``__name__ == "__main__"``,
+  fresh globals) once per standard input it is given; the server compares
+  the stdout each run reports with the expectation. The server calls it before the
+  item's code runs in the kernel, so for a fresh session the parent is a
+  kernel no candidate code has touched.
+* :func:`check` runs each of its ``codes`` (an ``assert``) in the kernel's
+  namespace as it is after the item's code; one passes when it completes. This parent
+  *has* run the candidate's code, which could have changed anything in it:
+  see SECURITY.md for what such a test can and cannot prove.
+"""
+
+import base64
+import builtins
+import json
+import os
+import selectors
+import signal
+import sys
+import time
+import traceback
+import types
+
+# Bound now, at import (before any candidate code runs in this process).
+_fork = os.fork
+_waitpid = os.waitpid
+_kill = os.kill
+_pipe = os.pipe
+_read = os.read
+_write = os.write
+_close = os.close
+_dup2 = os.dup2
+_listdir = os.listdir
+_getpid = os.getpid
+_memfd_create = os.memfd_create
+_monotonic = time.monotonic
+_dumps = json.dumps
+# The interpreter's own input(): a cell runs with the kernel's in its place.
+_input = builtins.input if isinstance(builtins.input, types.BuiltinFunctionType) else None
+
+# At most this much of a test's stdout is kept (a program printing more
+# fails its test: the comparison needs all of it) and of its stderr.
+STDOUT_CAP = 1 << 20
+STDERR_CAP = 64 << 10
+# What the server looks for in the cell's stdout.
+MARKER = "KILN_JUDGE "
+
+
+def _prctl(option: int, value: int) -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def _set_dumpable(on: bool) -> None:
+    """PR_SET_DUMPABLE: while 0, processes of the same user cannot open this
+    one's /proc/<pid>/mem, fd/ or environ."""
+    _prctl(4, 1 if on else 0)
+
+
+def _set_subreaper(on: bool) -> None:
+    """PR_SET_CHILD_SUBREAPER: while set, a test's orphaned descendants are
+    reparented to this process rather than to init, so they stay findable
+    as its descendants (and nothing else is ever swept)."""
+    _prctl(36, 1 if on else 0)
+
+
+def _descendants() -> dict:
+    """This process's descendants: pid -> state letter (``Z``: a zombie)."""
+    me = _getpid()
+    children = {}
+    states = {}
+    for name in _listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        pid = int(name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        states[pid] = fields[0].decode()
+    out = {}
+    stack = [me]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in out:
+                out[child] = states.get(child, "?")
+                stack.append(child)
+    return out
+
+
+def _sweep(before) -> None:
+    """Kill (and reap) every descendant that was not there before the test,
+    until none is left: a process cannot fork once it is killed, so a few
+    rounds end even a fork loop. Only descendants: with ``--sandbox none``
+    the kernel shares the host's /proc, and nothing else may be touched."""
+    for _ in range(200):
+        extra = {p: st for p, st in _descendants().items() if p not in before}
+        if not extra:
+            return
+        for p, st in extra.items():
+            if st != "Z":
+                try:
+                    _kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                _waitpid(p, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.001)
+
+
+def _child_io(stdin_fd: int, out_w: int, err_w: int, keep: int) -> None:
+    """In the child: fds 0, 1, 2 become the test's, every other inherited
+    descriptor but ``keep`` is closed, Python's streams are rebuilt on them,
+    and signals are back to their defaults."""
+    _dup2(stdin_fd, 0)
+    _dup2(out_w, 1)
+    _dup2(err_w, 2)
+    for fd in (stdin_fd, out_w, err_w):
+        if fd > 2 and fd != keep:
+            _close(fd)
+    if keep > 2:
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 16)
+    else:
+        os.closerange(3, 1 << 16)
+    try:
+        signal.set_wakeup_fd(-1)
+    except Exception:
+        pass
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2):
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except Exception:
+            pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False, buffering=1)
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    builtins.input = _input or _read_line
+    try:
+        os.setsid()
+    except OSError:
+        pass
+
+
+def _read_line(prompt=""):
+    """input() as the interpreter has it, should its own be unreachable."""
+    if prompt:
+        sys.stdout.write(str(prompt))
+        sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError("EOF when reading a line")
+    return line[:-1] if line.endswith("\n") else line
+
+
+def _print_error(e: BaseException) -> None:
+    """The traceback as the program's own: the runner's frame left out."""
+    traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
+
+
+def _flush() -> None:
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except Exception:
+            pass
+
+
+def _run(body, stdin: bytes, timeout: float) -> dict:
+    """Fork; in the child call ``body(done_fd)`` (which must not return);
+    in the parent collect the child's output until it ends or ``timeout``."""
+    stdin_fd = _memfd_create("kiln-stdin")
+    _write(stdin_fd, stdin)
+    os.lseek(stdin_fd, 0, os.SEEK_SET)
+    out_r, out_w = _pipe()
+    err_r, err_w = _pipe()
+    done_r, done_w = _pipe()
+    before = set(_descendants())
+    _set_dumpable(False)
+    _set_subreaper(True)
+    started = _monotonic()
+    pid = _fork()
+    if pid == 0:
+        try:
+            for fd in (out_r, err_r, done_r):
+                _close(fd)
+            _child_io(stdin_fd, out_w, err_w, done_w)
+            body(done_w)
+        finally:
+            os._exit(70)
+    for fd in (stdin_fd, out_w, err_w, done_w):
+        _close(fd)
+    bufs = {out_r: bytearray(), err_r: bytearray(), done_r: bytearray()}
+    caps = {out_r: STDOUT_CAP + 1, err_r: STDERR_CAP, done_r: 16}
+    sel = selectors.DefaultSelector()
+    for fd in bufs:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    pidfd = os.pidfd_open(pid)
+    sel.register(pidfd, selectors.EVENT_READ)
+    deadline = started + timeout
+    timed_out = False
+    status = None
+    try:
+        while True:
+            left = deadline - _monotonic()
+            if status is not None and len(sel.get_map()) == 0:
+                break
+            if left <= 0:
+                timed_out = status is None
+                break
+            for key, _ in sel.select(left):
+                fd = key.fd
+                if fd == pidfd:
+                    _, status = _waitpid(pid, 0)
+                    sel.unregister(pidfd)
+                    # The child is gone: whatever still holds its pipes
+                    # (a grandchild) is killed, so they reach their end.
+                    _sweep(before)
+                    continue
+                try:
+                    data = _read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    sel.unregister(fd)
+                    continue
+                room = caps[fd] - len(bufs[fd])
+                if room > 0:
+                    bufs[fd] += data[:room]
+    finally:
+        elapsed = _monotonic() - started
+        if status is None:
+            try:
+                _kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            _, status = _waitpid(pid, 0)
+        _sweep(before)
+        for fd in [*list(bufs), pidfd]:
+            try:
+                _close(fd)
+            except OSError:
+                pass
+        sel.close()
+        _set_subreaper(False)
+        _set_dumpable(True)
+    exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    term = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    out = bytes(bufs[out_r])
+    return {
+        "exit": exit_code,
+        "signal": None if timed_out else term,
+        "timed_out": timed_out,
+        "completed": bytes(bufs[done_r]) == b"done",
+        "stdout": out[:STDOUT_CAP].decode("utf-8", "replace"),
+        "stdout_truncated": len(out) > STDOUT_CAP,
+        "stderr": bytes(bufs[err_r]).decode("utf-8", "replace"),
+        "ms": elapsed * 1000.0,
+    }
+
+
+def _report(result: dict) -> None:
+    print(MARKER + _dumps(result), flush=True)
+
+
+def _args(b64: str) -> dict:
+    return json.loads(base64.b64decode(b64))
+
+
+def program(b64: str) -> None:
+    """Run ``code`` as a program once per entry of ``stdins``, each with that
+    standard input; report how each run ended, one line each, in order."""
+    args = _args(b64)
+    code = args["code"]
+    compiled = None
+    try:
+        compiled = compile(code, "main.py", "exec")
+    except BaseException:
+        compiled = None  # each run reports the error as the program's own
+
+    def body(done_fd):
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = builtins
+        main.__file__ = "main.py"
+        sys.modules["__main__"] = main
+        sys.argv = ["main.py"]
+        status = 0
+        try:
+            exec(compiled if compiled is not None else compile(code, "main.py", "exec"), main.__dict__)
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except BaseException as e:
+            _print_error(e)
+            status = 1
+        _flush()
+        if status == 0:
+            _write(done_fd, b"done")
+        os._exit(status & 0xFF)
+
+    for stdin in args["stdins"]:
+        _report(_run(body, stdin.encode(), float(args["timeout"])))
+
+
+def check(b64: str) -> None:
+    """Run each of ``codes`` in the session's namespace, each in its own
+    fork of it; report whether each completed, one line each, in order."""
+    args = _args(b64)
+    shell = None
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except Exception:
+        pass
+    ns = shell.user_ns if shell is not None else {"__name__": "__main__"}
+
+    def body_for(code):
+        def body(done_fd):
+            try:
+                exec(compile(code, "<test>", "exec"), ns)
+            except BaseException as e:
+                _print_error(e)
+                _flush()
+                os._exit(1)
+            _flush()
+            _write(done_fd, b"done")
+            os._exit(0)
+
+        return body
+
+    for code in args["codes"]:
+        _report(_run(body_for(code), b"", float(args["timeout"])))

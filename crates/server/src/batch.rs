@@ -1,0 +1,242 @@
+//! `POST /v1/tci/batch` (a kiln extension): many executions in one
+//! request, each optionally scored by tests.
+//!
+//! The whole batch is checked before anything runs: a bad item fails the
+//! request with the usual error envelope, `param` naming the item's field
+//! (`items[17].tests[2]`). Then the items run concurrently (each in its own
+//! session unless it names one), and the answer is either one document with
+//! the results in item order, or, with `Accept: application/x-ndjson`, one
+//! line per item the moment it finishes (completion order) and a last line
+//! with the totals. A client that goes away stops its batch: running cells
+//! are interrupted and the batch's sessions ended.
+
+use crate::body::BoundedJson;
+use crate::error::AppError;
+use crate::state::AppState;
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use kiln_protocol::{
+    decode_files, parse_memory, ApiError, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals,
+    Envelope, ErrorCode, ErrorEnvelope, LANGUAGES, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
+};
+use kiln_sessions::{BatchJob, Caller, Exec, Manager};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often a silent stream carries an empty line.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Time limit of a test when the item names none.
+const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run many executions, each optionally scored by tests.
+///
+/// Also served at `/tci/batch`. Each item is an execute request with
+/// optional `tests`, `tests_timeout`, `memory_limit` and `keep_session`.
+/// Results come in item order, or with `Accept: application/x-ndjson` as
+/// one JSON line per item in completion order, then `{"totals": ...}`.
+#[utoipa::path(
+    post, path = "/v1/tci/batch", tag = "execute",
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "Every item ran (see each result's `status`: `infra_error` is kiln's \
+            failure, never the code's). With `Accept: application/x-ndjson`: one `BatchResult` per line as \
+            items finish, then one `BatchEnd` line; empty lines (keep-alives, every second while nothing \
+            finishes) are to be skipped.",
+            content(
+                (Envelope<BatchData> = "application/json"),
+                (String = "application/x-ndjson"),
+            )),
+        (status = 400, description = "A bad item (`param` names it, e.g. `items[3].tests[1]`); nothing ran", body = ErrorEnvelope),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+        (status = 404, description = "An item names a session this key does not have", body = ErrorEnvelope),
+        (status = 410, description = "An item names a session that has ended", body = ErrorEnvelope),
+        (status = 413, description = "Body over the limit", body = ErrorEnvelope),
+        (status = 503, description = "Not ready or shutting down", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    BoundedJson(req): BoundedJson<BatchRequest>,
+) -> Result<Response, AppError> {
+    let manager = state.manager;
+    let jobs = validate(&manager, &caller, req).await?;
+    let concurrency = concurrency(&manager, &caller);
+    if accepts_ndjson(&headers) {
+        return Ok(stream(manager, caller.key_id, jobs, concurrency));
+    }
+    let (tx, mut rx) = mpsc::channel(64);
+    let n = jobs.len();
+    let run = manager.run_batch(&caller.key_id, jobs, concurrency, tx);
+    let collect = async {
+        let mut results: Vec<BatchResult> = Vec::with_capacity(n);
+        while let Some(r) = rx.recv().await {
+            results.push(r);
+        }
+        results
+    };
+    let ((), mut results) = tokio::join!(run, collect);
+    results.sort_by_key(|r| r.index);
+    Ok(Json(Envelope::ok(BatchData { results })).into_response())
+}
+
+/// Items of one batch run at once: enough to keep the machine's cores busy
+/// while cells wait on their kernels, never more than the key may hold
+/// sessions.
+fn concurrency(manager: &Manager, caller: &Caller) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let key = caller.max_sessions.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+    let executions = manager.executions_per_key();
+    (cores * 2).min(key).min(executions).min(manager.max_sessions_per_key()).min(manager.max_sessions()).max(1)
+}
+
+fn accepts_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with("application/x-ndjson")))
+}
+
+/// The streamed answer: a line per finished item, then the totals.
+fn stream(manager: Manager, key_id: String, jobs: Vec<BatchJob>, concurrency: usize) -> Response {
+    let (lines, body) = mpsc::channel::<Result<bytes::Bytes, std::convert::Infallible>>(16);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let (tx, mut rx) = mpsc::channel(16);
+        let run = manager.run_batch(&key_id, jobs, concurrency, tx);
+        let write = async move {
+            let mut totals = BatchTotals::default();
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let r = tokio::select! {
+                    biased;
+                    // The client is gone: dropping `rx` stops the batch.
+                    _ = lines.closed() => return,
+                    r = rx.recv() => r,
+                    // An empty line while nothing finishes: a write is how
+                    // a closed connection is noticed (and proxies keep an
+                    // active stream open).
+                    _ = beat.tick() => {
+                        if lines.send(Ok(bytes::Bytes::from_static(b"\n"))).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                beat.reset();
+                let Some(r) = r else { break };
+                totals.add(&r);
+                if lines.send(Ok(line(&r))).await.is_err() {
+                    return;
+                }
+            }
+            totals.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let _ = lines.send(Ok(line(&BatchEnd { totals }))).await;
+        };
+        tokio::join!(run, write);
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+fn line<T: serde::Serialize>(v: &T) -> bytes::Bytes {
+    let mut s = serde_json::to_vec(v).unwrap_or_default();
+    s.push(b'\n');
+    s.into()
+}
+
+/// Check every item, and every session the items name, before anything
+/// runs.
+async fn validate(manager: &Manager, caller: &Caller, req: BatchRequest) -> Result<Vec<BatchJob>, ApiError> {
+    if req.items.is_empty() || req.items.len() > MAX_BATCH_ITEMS {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("a batch holds 1 to {MAX_BATCH_ITEMS} items, not {}", req.items.len()),
+        )
+        .with_param("items"));
+    }
+    let max = manager.max_exec_timeout();
+    let mut jobs = Vec::with_capacity(req.items.len());
+    let mut checked = std::collections::HashSet::new();
+    for (index, item) in req.items.into_iter().enumerate() {
+        let at = |field: &str| format!("items[{index}].{field}");
+        let job = item_job(index, item, caller, max).map_err(|mut e| {
+            e.param = Some(at(e.param.as_deref().unwrap_or("")).trim_end_matches('.').to_string());
+            e
+        })?;
+        if let Some(id) = &job.exec.session_id {
+            if checked.insert(id.clone()) {
+                manager.get(&caller.key_id, id).await.map_err(|e| e.to_api().with_param(at("session_id")))?;
+            }
+        }
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+/// One item as the session layer's job; errors name the field within the
+/// item (the caller prefixes `items[i].`).
+fn item_job(index: usize, item: BatchItem, caller: &Caller, max: Duration) -> Result<BatchJob, ApiError> {
+    let language = item.language.as_deref().unwrap_or("python");
+    if !LANGUAGES.contains(&language) {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedLanguage,
+            format!("language {language:?} is not supported; this server runs: {}", LANGUAGES.join(", ")),
+        )
+        .with_param("language"));
+    }
+    let files = decode_files(item.files.as_deref().unwrap_or_default())?;
+    let limit = |t: Option<f64>, field: &str| -> Result<Option<Duration>, ApiError> {
+        match kiln_protocol::timeout_from_seconds(t).map_err(|e| e.with_param(field))? {
+            Some(d) if d > max => Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("{field} must be a positive number of seconds, at most {}", max.as_secs_f64()),
+            )
+            .with_param(field)),
+            d => Ok(d),
+        }
+    };
+    let timeout = limit(item.timeout, "timeout")?;
+    let tests_timeout = limit(item.tests_timeout, "tests_timeout")?.unwrap_or(DEFAULT_TEST_TIMEOUT.min(max));
+    let memory_limit = item.memory_limit.as_deref().map(parse_memory).transpose().map_err(|e| {
+        ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit")
+    })?;
+    let tests = item.tests.unwrap_or_default();
+    if tests.len() > MAX_ITEM_TESTS {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("an item holds at most {MAX_ITEM_TESTS} tests, not {}", tests.len()),
+        )
+        .with_param("tests"));
+    }
+    let tests = tests
+        .iter()
+        .enumerate()
+        .map(|(j, t)| {
+            t.kind().map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e).with_param(format!("tests[{j}]")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(BatchJob {
+        index,
+        exec: Exec {
+            session_id: item.session_id.filter(|s| !s.is_empty()),
+            code: item.code,
+            files,
+            timeout,
+            network: caller.network,
+            max_sessions: caller.max_sessions,
+            events: None,
+            memory_limit,
+        },
+        tests,
+        tests_timeout,
+        keep_session: item.keep_session.unwrap_or(false),
+    })
+}

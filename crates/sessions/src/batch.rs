@@ -1,0 +1,446 @@
+//! Batches: many items run concurrently, each scored by its tests, each
+//! reported with a status that separates what the code did from what kiln
+//! failed to do (see `POST /v1/tci/batch`).
+//!
+//! An item runs in its own fresh session (ended when it is done, unless
+//! kept) or in one it names. Its tests run in forks of that session's
+//! kernel (`kiln_kernel.judge`), each with its own time limit and the same
+//! starting state, and kiln (here, not the candidate's process) decides
+//! whether each passed:
+//!
+//! 1. program tests (`stdin`, `expected_stdout`), first: forked from the
+//!    kernel before the item's code has run in it, so for a fresh session
+//!    no candidate code has touched the process that reports the run;
+//! 2. the item's code as a cell (skipped when every test is a program test:
+//!    such an item is a program, and its status sums up its runs);
+//! 3. assertion tests, forked from the kernel after the cell.
+//!
+//! Only kiln's failures are retried: an item whose session could not be
+//! started or was lost runs once more on another kernel, and is reported as
+//! `infra_error` when that fails too. Nothing kiln causes is an `error`.
+
+use crate::scoring::{status_of, Report};
+use crate::{Exec, Judged, Manager, SessionError};
+use base64::Engine as _;
+use kiln_protocol::{BatchResult, ExecEvent, ItemStatus, Output, TestKind, TestResult};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+/// Bytes of outputs kept per item in a result: a batch of 1,000 items must
+/// not hold 1,000 full outputs.
+const ITEM_OUTPUT_BYTES: usize = 1 << 20;
+/// What the test runner's cell may take beyond the test's own limit (the
+/// runner enforces that one; this bounds the runner itself).
+const RUNNER_MARGIN: Duration = Duration::from_secs(10);
+/// How long an item waits for room (a session place) before kiln gives up
+/// on it as its own failure.
+const ROOM_WAIT: Duration = Duration::from_secs(120);
+/// Tests run by one cell of the runner: fewer cells cost fewer round trips
+/// and store writes, and the reports of this many (1 MiB of stdout each at
+/// most) stay within the default output limit of a cell.
+const TESTS_PER_CELL: usize = 4;
+
+/// One item, validated.
+#[derive(Debug, Clone)]
+pub struct BatchJob {
+    /// Its position in the batch.
+    pub index: usize,
+    /// The execution (`events` unused).
+    pub exec: Exec,
+    /// Its tests, in order.
+    pub tests: Vec<TestKind>,
+    /// Time limit of each test.
+    pub tests_timeout: Duration,
+    /// Keep a fresh session after the item.
+    pub keep_session: bool,
+}
+
+/// Why an attempt at an item failed: kiln's failure, with its message.
+struct Infra(String);
+
+impl From<SessionError> for Infra {
+    fn from(e: SessionError) -> Self {
+        Infra(e.to_api().message)
+    }
+}
+
+impl Manager {
+    /// Run `items` for `key_id`, at most `concurrency` at a time, sending
+    /// each result to `results` as it finishes. Returns early when
+    /// `results` closes (the client went away): the items still running are
+    /// dropped, which interrupts their cells and ends their sessions.
+    pub async fn run_batch(
+        &self,
+        key_id: &str,
+        items: Vec<BatchJob>,
+        concurrency: usize,
+        results: mpsc::Sender<BatchResult>,
+    ) {
+        let mut queue = items.into_iter();
+        let mut running = JoinSet::new();
+        let mut index_of = std::collections::HashMap::new();
+        let spawn =
+            |running: &mut JoinSet<BatchResult>, index_of: &mut std::collections::HashMap<_, _>, job: BatchJob| {
+                let (manager, key) = (self.clone(), key_id.to_string());
+                let index = job.index;
+                let handle = running.spawn(async move { manager.run_item(&key, job).await });
+                index_of.insert(handle.id(), index);
+            };
+        for job in queue.by_ref().take(concurrency.max(1)) {
+            spawn(&mut running, &mut index_of, job);
+        }
+        loop {
+            let done = tokio::select! {
+                biased;
+                _ = results.closed() => return,
+                done = running.join_next_with_id() => done,
+            };
+            let result = match done {
+                None => return,
+                Some(Ok((_, r))) => r,
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "a batch item's task failed");
+                    let index = index_of.get(&e.id()).copied().unwrap_or(0);
+                    infra_result(index, "kiln failed while running this item (an internal error)".into())
+                }
+            };
+            if results.send(result).await.is_err() {
+                return;
+            }
+            if let Some(job) = queue.next() {
+                spawn(&mut running, &mut index_of, job);
+            }
+        }
+    }
+
+    /// Run one item: once, and once more on another kernel if kiln failed.
+    pub async fn run_item(&self, key_id: &str, job: BatchJob) -> BatchResult {
+        let started = Instant::now();
+        let first = self.attempt(key_id, &job).await;
+        let outcome = match first {
+            Err(Infra(why)) if job.exec.session_id.is_none() => {
+                tracing::warn!(index = job.index, reason = %why, "batch item failed on kiln's side; retrying once");
+                self.attempt(key_id, &job).await
+            }
+            other => other,
+        };
+        let mut result = match outcome {
+            Ok(r) => r,
+            Err(Infra(why)) => infra_result(job.index, why),
+        };
+        result.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        result
+    }
+
+    async fn attempt(&self, key_id: &str, job: &BatchJob) -> Result<BatchResult, Infra> {
+        let mut run = Run {
+            manager: self,
+            key_id,
+            exec: &job.exec,
+            session: job.exec.session_id.clone(),
+            files: Some(job.exec.files.clone()),
+            ender: Ender::new(self.clone(), key_id, job.exec.session_id.is_none() && !job.keep_session),
+        };
+        let mut tests: Vec<Option<TestResult>> = vec![None; job.tests.len()];
+        // 1. Program runs, from the kernel as it was before the item's code.
+        let programs: Vec<(usize, &String, &String)> = job
+            .tests
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| match t {
+                TestKind::Program { stdin, expected_stdout } => Some((i, stdin, expected_stdout)),
+                TestKind::Assertion { .. } => None,
+            })
+            .collect();
+        for chunk in programs.chunks(TESTS_PER_CELL) {
+            let stdins: Vec<&String> = chunk.iter().map(|(_, stdin, _)| *stdin).collect();
+            let args = serde_json::json!({"code": job.exec.code, "timeout": secs(job.tests_timeout)});
+            let reports = run.runner("program", args, "stdins", &stdins, job.tests_timeout).await?;
+            for ((i, _, expected), report) in chunk.iter().zip(reports) {
+                tests[*i] = Some(report.score(Some(expected)));
+            }
+        }
+        // 2. The cell, unless the item is a program only.
+        let program_only = !job.tests.is_empty() && job.tests.iter().all(|t| matches!(t, TestKind::Program { .. }));
+        let (status, outputs) = if program_only {
+            let worst = tests.iter().flatten().map(|t| t.status).find(|s| *s != ItemStatus::Success);
+            (worst.unwrap_or(ItemStatus::Success), Vec::new())
+        } else {
+            match run.cell(job.exec.code.clone(), job.exec.timeout).await {
+                Ok(j) => (status_of(j.outcome), cap_outputs(j.data.outputs)),
+                Err(SessionError::Files(e)) => (ItemStatus::Error, vec![Output::Error(e.to_string())]),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // 3. Assertions, each from the state the cell left.
+        let checks: Vec<(usize, &String)> = job
+            .tests
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| match t {
+                TestKind::Assertion { code } => Some((i, code)),
+                TestKind::Program { .. } => None,
+            })
+            .collect();
+        for chunk in checks.chunks(TESTS_PER_CELL) {
+            let codes: Vec<&String> = chunk.iter().map(|(_, code)| *code).collect();
+            let args = serde_json::json!({"timeout": secs(job.tests_timeout)});
+            let reports = run.runner("check", args, "codes", &codes, job.tests_timeout).await?;
+            for ((i, _), report) in chunk.iter().zip(reports) {
+                tests[*i] = Some(report.score(None));
+            }
+        }
+        let tests: Vec<TestResult> = tests.into_iter().flatten().collect();
+        let kept = if run.ender.armed { None } else { run.session.clone() };
+        run.ender.finish().await;
+        let (passed, failed) = (tests.iter().filter(|t| t.passed).count(), tests.iter().filter(|t| !t.passed).count());
+        let has_tests = !job.tests.is_empty();
+        Ok(BatchResult {
+            index: job.index,
+            session_id: kept,
+            status,
+            outputs,
+            duration_ms: 0.0,
+            passed: has_tests.then_some(passed),
+            failed: has_tests.then_some(failed),
+            tests: has_tests.then_some(tests),
+        })
+    }
+}
+
+/// One attempt's session and what it still has to send.
+struct Run<'a> {
+    manager: &'a Manager,
+    key_id: &'a str,
+    exec: &'a Exec,
+    session: Option<String>,
+    /// The item's files, sent with its first cell.
+    files: Option<Vec<kiln_protocol::ValidFile>>,
+    ender: Ender,
+}
+
+impl Run<'_> {
+    /// Run one cell in the item's session (starting it with the first),
+    /// waiting for room when the key or the server is full.
+    async fn cell(&mut self, code: String, timeout: Option<Duration>) -> Result<Judged, SessionError> {
+        let waited = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let exec = Exec {
+                session_id: self.session.clone(),
+                code: code.clone(),
+                files: self.files.clone().unwrap_or_default(),
+                timeout,
+                events: None,
+                ..self.exec.clone()
+            };
+            let answer = match self.session {
+                Some(_) => self.manager.execute_judged(self.key_id, exec).await,
+                None => self.start(exec).await,
+            };
+            match answer {
+                Ok(j) => {
+                    self.files = None;
+                    if self.session.is_none() {
+                        self.session = Some(j.data.session_id.clone());
+                        self.ender.id = self.session.clone();
+                    }
+                    return Ok(j);
+                }
+                // A full key or server is a wait, never the item's failure;
+                // so is a full queue of executions (the batch's own items
+                // fill it as well as the key's other requests).
+                Err(SessionError::RateLimited { .. }) if waited.elapsed() < ROOM_WAIT => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(SessionError::TooManySessions(_) | SessionError::NoCapacity(_))
+                    if self.session.is_none() && waited.elapsed() < ROOM_WAIT =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Run the cell that starts the item's session, in a task of its own
+    /// that learns the session's id as soon as it exists: when this item is
+    /// dropped (its client went away), the cell is interrupted and the
+    /// session ended there, never left to its TTL.
+    async fn start(&mut self, mut exec: Exec) -> Result<Judged, SessionError> {
+        let (events, mut session_events) = mpsc::unbounded_channel();
+        exec.events = Some(events);
+        // Dropped with this future: the task's sign that no one waits.
+        let (waiting, gone) = oneshot::channel::<()>();
+        let (manager, key, end) = (self.manager.clone(), self.key_id.to_string(), self.ender.armed);
+        let task = tokio::spawn(async move {
+            let run = manager.execute_judged(&key, exec);
+            tokio::pin!(run, gone);
+            let mut id = None;
+            let answer = loop {
+                tokio::select! {
+                    biased;
+                    answer = &mut run => break Some(answer),
+                    Some(e) = session_events.recv() => {
+                        if let ExecEvent::Session { session_id } = e {
+                            id.get_or_insert(session_id);
+                        }
+                    }
+                    _ = &mut gone, if id.is_some() => break None,
+                }
+            };
+            let abandoned = answer.is_none() || matches!(gone.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+            if abandoned {
+                // Dropping `run` (when it has not answered) interrupts the
+                // cell; then the session goes, unless it was to be kept.
+                if let (true, Some(id)) = (end, &id) {
+                    let _ = manager.end(&key, id).await;
+                }
+            }
+            answer
+        });
+        let answer = task.await.map_err(|e| SessionError::KernelUnavailable(format!("the item's task failed: {e}")))?;
+        drop(waiting);
+        answer.unwrap_or_else(|| Err(SessionError::KernelUnavailable("abandoned".into())))
+    }
+
+    /// Run tests through the kernel's runner and read their reports, in
+    /// order: `args` with `list` set to (a part of) `tests`. A test that
+    /// ends the runner's cell (it killed or exhausted the kernel) fails,
+    /// and the tests after it run in another cell, so that one test never
+    /// decides another's fate.
+    async fn runner(
+        &mut self,
+        function: &str,
+        mut args: serde_json::Value,
+        list: &str,
+        tests: &[&String],
+        limit: Duration,
+    ) -> Result<Vec<Report>, Infra> {
+        let mut reports = Vec::with_capacity(tests.len());
+        while reports.len() < tests.len() {
+            let rest = &tests[reports.len()..];
+            args[list] = serde_json::json!(rest);
+            let b64 = base64::engine::general_purpose::STANDARD.encode(args.to_string());
+            let code = format!("__import__('kiln_kernel.judge').judge.{function}('{b64}')");
+            // Each test's own limit, and a second each for its fork and sweep.
+            let n = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+            let cell_limit = (limit + Duration::from_secs(1)) * n + RUNNER_MARGIN;
+            match self.cell(code, Some(cell_limit)).await {
+                Ok(j) => {
+                    let (ran, culprit) = Report::read(j, rest.len());
+                    reports.extend(ran);
+                    reports.extend(culprit);
+                }
+                // The session ended under the tests: the previous cell
+                // killed its kernel and no new one could be started for it.
+                Err(SessionError::Expired(_)) => {
+                    let why = "the session ended before this test could run (the item's code ended its kernel)";
+                    reports.extend(Report::all_failed(rest.len(), ItemStatus::Error, why));
+                }
+                Err(SessionError::Files(e)) => {
+                    reports.extend(Report::all_failed(rest.len(), ItemStatus::Error, &e.to_string()))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(reports)
+    }
+}
+
+/// Ends an item's fresh session when the item is done, or when it is
+/// dropped unfinished (its client went away): a batch leaves no session
+/// behind that its caller did not ask to keep.
+struct Ender {
+    manager: Manager,
+    key_id: String,
+    id: Option<String>,
+    armed: bool,
+}
+
+impl Ender {
+    fn new(manager: Manager, key_id: &str, armed: bool) -> Self {
+        Ender { manager, key_id: key_id.to_string(), id: None, armed }
+    }
+
+    /// End the session now and wait until it is gone.
+    async fn finish(&mut self) {
+        if let (true, Some(id)) = (self.armed, self.id.take()) {
+            let _ = self.manager.end(&self.key_id, &id).await;
+        }
+    }
+}
+
+impl Drop for Ender {
+    fn drop(&mut self) {
+        if let (true, Some(id)) = (self.armed, self.id.take()) {
+            let (manager, key) = (self.manager.clone(), std::mem::take(&mut self.key_id));
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = manager.end(&key, &id).await;
+                });
+            }
+        }
+    }
+}
+
+fn infra_result(index: usize, why: String) -> BatchResult {
+    BatchResult {
+        index,
+        session_id: None,
+        status: ItemStatus::InfraError,
+        outputs: vec![Output::Error(format!(
+            "kiln could not run this item, even on a retry with another kernel; this is a server-side failure, \
+             not an error of the code: {why}"
+        ))],
+        duration_ms: 0.0,
+        tests: None,
+        passed: None,
+        failed: None,
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// An item's outputs cut to [`ITEM_OUTPUT_BYTES`] in all.
+fn cap_outputs(outputs: Vec<Output>) -> Vec<Output> {
+    let mut total = 0;
+    let mut kept = Vec::new();
+    for o in outputs {
+        let size = o.size_hint();
+        if total + size > ITEM_OUTPUT_BYTES {
+            kept.push(Output::Stderr(format!(
+                "\n[kiln] batch results keep {ITEM_OUTPUT_BYTES} bytes of outputs per item: the rest was discarded\n"
+            )));
+            break;
+        }
+        total += size;
+        kept.push(o);
+    }
+    kept
+}
+
+/// Test-only hook (debug builds only, unreachable from the API): while the
+/// file named by `KILN_TEST_FAIL_BOOTS` holds a number above zero, each
+/// session start takes one from it and fails as a kernel boot would.
+pub(crate) fn test_boot_failure() -> bool {
+    #[cfg(debug_assertions)]
+    {
+        let Some(path) = std::env::var_os("KILN_TEST_FAIL_BOOTS") else {
+            return false;
+        };
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _held = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let n: u64 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        if n > 0 {
+            let _ = std::fs::write(&path, (n - 1).to_string());
+            return true;
+        }
+    }
+    false
+}
