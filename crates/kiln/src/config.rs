@@ -74,6 +74,9 @@ pub struct ServeArgs {
     #[arg(long, env = "KILN_MAX_EXEC_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "opt_duration")]
     pub max_exec_timeout: Option<Duration>,
+    /// Most items one batch request may hold, 1 to 1000 [default: 1000]
+    #[arg(long, env = "KILN_MAX_BATCH_ITEMS", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_batch_items: Option<u16>,
     /// Ready kernels kept for new sessions [default: 2]
     #[arg(long, env = "KILN_POOL_SIZE")]
     pub pool_size: Option<usize>,
@@ -339,6 +342,7 @@ impl Settings {
                 ttl: pick!(session_ttl, Duration::from_secs(3600)),
                 exec_timeout,
                 max_exec_timeout: max_exec_timeout.max(exec_timeout),
+                max_batch_items: usize::from(pick!(max_batch_items, 1000)).clamp(1, kiln_protocol::MAX_BATCH_ITEMS),
                 interrupt_grace: Duration::from_secs(3),
                 max_output_bytes: pick!(max_output_bytes, 10 << 20),
                 pool_size: pick!(pool_size, 2),

@@ -155,10 +155,11 @@ fn line<T: serde::Serialize>(v: &T) -> bytes::Bytes {
 /// Check every item, and every session the items name, before anything
 /// runs.
 async fn validate(manager: &Manager, caller: &Caller, req: BatchRequest) -> Result<Vec<BatchJob>, ApiError> {
-    if req.items.is_empty() || req.items.len() > MAX_BATCH_ITEMS {
+    let most = manager.max_batch_items().min(MAX_BATCH_ITEMS);
+    if req.items.is_empty() || req.items.len() > most {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
-            format!("a batch holds 1 to {MAX_BATCH_ITEMS} items, not {}", req.items.len()),
+            format!("a batch holds 1 to {most} items on this server, not {}", req.items.len()),
         )
         .with_param("items"));
     }

@@ -69,7 +69,11 @@ pub fn document() -> utoipa::openapi::OpenApi {
 /// cannot say is set here: the path rules (one pattern, shared with the
 /// code that enforces it), this server's largest `timeout`, and the shape of
 /// a streamed execution's events.
-pub fn document_for(max_timeout: std::time::Duration, network: kiln_protocol::NetworkPolicy) -> serde_json::Value {
+pub fn document_for(
+    max_timeout: std::time::Duration,
+    network: kiln_protocol::NetworkPolicy,
+    max_batch_items: usize,
+) -> serde_json::Value {
     let mut doc = serde_json::to_value(document()).unwrap_or_default();
     if let Some(paths) = doc["paths"].as_object_mut() {
         for op in paths.values_mut().filter_map(|p| p.as_object_mut()).flat_map(|p| p.values_mut()) {
@@ -83,6 +87,7 @@ pub fn document_for(max_timeout: std::time::Duration, network: kiln_protocol::Ne
     }
     doc["components"]["schemas"]["ExecuteRequest"]["properties"]["timeout"]["maximum"] =
         json!(max_timeout.as_secs_f64());
+    doc["components"]["schemas"]["BatchRequest"]["properties"]["items"]["maxItems"] = json!(max_batch_items);
     // A key may only narrow the server's network policy: the policies it
     // may ask for are those within this server's `--network`.
     let within: Vec<&str> = kiln_protocol::NetworkPolicy::ALL
@@ -134,7 +139,7 @@ pub fn document_for(max_timeout: std::time::Duration, network: kiln_protocol::Ne
     (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")
 ))]
 pub(crate) async fn json(State(state): State<AppState>) -> Response {
-    let doc = document_for(state.manager.max_exec_timeout(), state.manager.network());
+    let doc = document_for(state.manager.max_exec_timeout(), state.manager.network(), state.manager.max_batch_items());
     ([(axum::http::header::CONTENT_TYPE, "application/json")], serde_json::to_string_pretty(&doc).unwrap_or_default())
         .into_response()
 }

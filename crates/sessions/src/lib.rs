@@ -61,6 +61,8 @@ pub struct Config {
     pub exec_timeout: Duration,
     /// Largest time limit a request may ask for.
     pub max_exec_timeout: Duration,
+    /// Most items one batch may hold (at most `MAX_BATCH_ITEMS`).
+    pub max_batch_items: usize,
     /// How long an interrupted cell has before its kernel is killed.
     pub interrupt_grace: Duration,
     /// Bytes of output kept per execution.

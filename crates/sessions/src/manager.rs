@@ -334,6 +334,11 @@ impl Manager {
         self.inner.cfg.max_exec_timeout
     }
 
+    /// The most items one batch may hold (`--max-batch-items`).
+    pub fn max_batch_items(&self) -> usize {
+        self.inner.cfg.max_batch_items
+    }
+
     /// The server's network policy (`--network`): the ceiling of every
     /// key's own.
     pub fn network(&self) -> NetworkPolicy {
