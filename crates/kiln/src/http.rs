@@ -71,7 +71,15 @@ impl axum::serve::Listener for Listener {
         let mut pause = Duration::from_millis(20);
         loop {
             match self.inner.accept().await {
-                Ok((stream, addr)) => return (Conn::new(stream, slot, self.limits), addr),
+                Ok((stream, addr)) => {
+                    // Small writes (a streamed output, a short answer) go out
+                    // at once: with Nagle's algorithm each waited for the
+                    // client's delayed ACK, about 40 ms.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                    }
+                    return (Conn::new(stream, slot, self.limits), addr);
+                }
                 Err(e) => {
                     // Out of descriptors or memory: wait it out; anything
                     // else concerns that one connection only.
