@@ -156,6 +156,9 @@ impl Kernel {
                 }
             }
         };
+        if matches!(end, End::Completed | End::TimedOut { recovered: true } | End::Cancelled { recovered: true }) {
+            self.fence(&mut out, &id).await;
+        }
         let (raised, truncated) = (out.saw_error, out.truncated());
         Execution { outputs: out.finish(), raised, truncated, end }
     }

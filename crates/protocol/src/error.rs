@@ -63,13 +63,19 @@ pub enum ErrorCode {
     FileConflict,
     /// The key cannot be revoked: it is the one making the request.
     KeyInUse,
+    /// `language` differs from the language the session was started with
+    /// (a session keeps its kernel): start a new session for the other one.
+    LanguageMismatch,
 }
 
 impl ErrorCode {
     /// The HTTP status this code is served with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::UnsupportedLanguage | ErrorCode::InvalidFile => 400,
+            ErrorCode::InvalidRequest
+            | ErrorCode::UnsupportedLanguage
+            | ErrorCode::InvalidFile
+            | ErrorCode::LanguageMismatch => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::FileNotFound | ErrorCode::KeyNotFound => 404,
@@ -111,6 +117,7 @@ impl ErrorCode {
             ErrorCode::KeyNotFound => "key_not_found",
             ErrorCode::FileConflict => "file_conflict",
             ErrorCode::KeyInUse => "key_in_use",
+            ErrorCode::LanguageMismatch => "language_mismatch",
         }
     }
 
@@ -268,6 +275,7 @@ mod tests {
             ErrorCode::KeyNotFound,
             ErrorCode::FileConflict,
             ErrorCode::KeyInUse,
+            ErrorCode::LanguageMismatch,
         ] {
             assert!(code.http_status() >= 400, "{code}");
             let wire = serde_json::to_value(code).unwrap_or_default();

@@ -1,7 +1,9 @@
 //! kiln's own Python package in the runtime: `kiln_kernel`, the lean
 //! kernel (`kiln_kernel.kernel`, run as `python -m kiln_kernel`, with its
 //! modules `wire`, `publisher`, `streams`, `flusher`, `display`, `shell`
-//! and `handlers`), the zygote that forks kernels (`kiln_kernel.zygote`) and the
+//! and `handlers`), the zygote that forks kernels (`kiln_kernel.zygote`), the
+//! relay that serves Deno's TCP-only kernel on kiln's sockets
+//! (`kiln_kernel.relay`) and the
 //! fidelity check that compares the lean kernel with ipykernel
 //! (`kiln_kernel.fidelity`).
 //!
@@ -31,6 +33,7 @@ const FILES: &[(&str, &str)] = &[
     ("kernel.py", include_str!("../python/kiln_kernel/kernel.py")),
     ("__main__.py", include_str!("../python/kiln_kernel/__main__.py")),
     ("zygote.py", include_str!("../python/kiln_kernel/zygote.py")),
+    ("relay.py", include_str!("../python/kiln_kernel/relay.py")),
 ];
 
 /// The first 12 hex digits of the SHA-256 of the package's names and

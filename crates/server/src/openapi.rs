@@ -68,7 +68,11 @@ pub fn document() -> utoipa::openapi::OpenApi {
 /// cannot say is set here: the path rules (one pattern, shared with the
 /// code that enforces it), this server's largest `timeout`, and the shape of
 /// a streamed execution's events.
-pub fn document_for(max_timeout: std::time::Duration, network: kiln_protocol::NetworkPolicy) -> serde_json::Value {
+pub fn document_for(
+    max_timeout: std::time::Duration,
+    network: kiln_protocol::NetworkPolicy,
+    languages: &[kiln_protocol::Language],
+) -> serde_json::Value {
     let mut doc = serde_json::to_value(document()).unwrap_or_default();
     if let Some(paths) = doc["paths"].as_object_mut() {
         for op in paths.values_mut().filter_map(|p| p.as_object_mut()).flat_map(|p| p.values_mut()) {
@@ -95,6 +99,12 @@ pub fn document_for(max_timeout: std::time::Duration, network: kiln_protocol::Ne
         ),
         "oneOf": [{"type": "null"}, {"type": "string", "enum": within}],
     });
+    // `language` takes exactly what this server runs (its runtime profile's
+    // languages), so a schema-valid request is never refused for it.
+    if !languages.is_empty() {
+        let names: Vec<&str> = languages.iter().map(|l| l.as_str()).collect();
+        doc["components"]["schemas"]["Language"]["enum"] = json!(names);
+    }
     let events = json!({
         "type": "object",
         "description": "One Server-Sent Event; `data` is JSON text: {session_id} for `session`, an output \
@@ -120,7 +130,7 @@ pub fn document_for(max_timeout: std::time::Duration, network: kiln_protocol::Ne
     (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")
 ))]
 pub(crate) async fn json(State(state): State<AppState>) -> Response {
-    let doc = document_for(state.manager.max_exec_timeout(), state.manager.network());
+    let doc = document_for(state.manager.max_exec_timeout(), state.manager.network(), &state.manager.languages());
     ([(axum::http::header::CONTENT_TYPE, "application/json")], serde_json::to_string_pretty(&doc).unwrap_or_default())
         .into_response()
 }
