@@ -3,7 +3,7 @@
 //! modules `wire`, `publisher`, `streams`, `flusher`, `display`, `shell`
 //! and `handlers`), the zygote that forks kernels (`kiln_kernel.zygote`), the
 //! relay that serves Deno's TCP-only kernel on kiln's sockets
-//! (`kiln_kernel.relay`) and the
+//! (`kiln_kernel.relay`), the bash kernel's launcher (`kiln_kernel.bash`) and the
 //! fidelity check that compares the lean kernel with ipykernel
 //! (`kiln_kernel.fidelity`).
 //!
@@ -34,6 +34,7 @@ const FILES: &[(&str, &str)] = &[
     ("__main__.py", include_str!("../python/kiln_kernel/__main__.py")),
     ("zygote.py", include_str!("../python/kiln_kernel/zygote.py")),
     ("relay.py", include_str!("../python/kiln_kernel/relay.py")),
+    ("bash.py", include_str!("../python/kiln_kernel/bash.py")),
 ];
 
 /// The first 12 hex digits of the SHA-256 of the package's names and

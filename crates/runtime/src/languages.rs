@@ -10,7 +10,8 @@
 //! passes their bytes to Deno's loopback ports, and turns the interrupt
 //! signal into Jupyter's `interrupt_request` (a signal would kill Deno).
 //! bash is `bash_kernel` (ipykernel driving a bash through a pseudo
-//! terminal: what a notebook with the bash kernel shows).
+//! terminal: what a notebook with the bash kernel shows), started by
+//! `kiln_kernel.bash`, which completes its `kernel_info`.
 //!
 //! Which languages a runtime runs is its profile's list, narrowed to the
 //! kernels actually installed.
@@ -79,7 +80,7 @@ impl Runtime {
                 "--kernel".into(),
                 "--conn".into(),
             ]),
-            Language::Bash => Some(vec![python, "-m".into(), "bash_kernel".into(), "-f".into(), conn.into()]),
+            Language::Bash => Some(vec![python, "-m".into(), "kiln_kernel.bash".into(), "-f".into(), conn.into()]),
         }
     }
 
