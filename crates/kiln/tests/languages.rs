@@ -363,3 +363,43 @@ console.log(JSON.stringify(tries));"#
     let d = s.exec("print('python fine')", None).await;
     assert_eq!(text_of(&d, "stdout"), "python fine\n", "{d}");
 }
+
+/// `npm:` imports go through the session's network policy: under
+/// `registries`, Deno reaches the registry this host's npm is configured for
+/// (a stand-in, named by `npm_config_registry` in kiln's environment, on
+/// "the internet" of a network namespace this test creates) and no other
+/// host; under `none`, nothing at all. The stand-in speaks no TLS, so the
+/// import itself fails (Deno loads a cell's imports before running it, so
+/// the cell is an error): what is checked is where connections arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn npm_imports_reach_the_configured_registry_only_under_the_registries_policy() {
+    let mut net = common::inet::Net::new(2);
+    net.listen_on_internet("registry", 443);
+    let s = net.kiln_with_env(
+        &["--profile", "full", "--network", "registries"],
+        &["npm_config_registry=https://npm-registry.test/"],
+    );
+    let import = r#"import leftPad from "npm:left-pad@1.3.0";"#;
+    let t = std::time::Instant::now();
+    let d = run(&s, "javascript", import, None).await;
+    eprintln!("npm import under registries: {:?}", t.elapsed());
+    assert_eq!((d["status"].as_str(), types_of(&d)), (Some("error"), vec!["error".to_string()]), "{d}");
+    let reached = net.connections("registry");
+    assert!(reached >= 1, "the npm registry was not reached through the proxy");
+    // Any other host, same address and port: refused by the proxy.
+    let id = session_of(&d);
+    let other =
+        r#"try { await fetch("https://internet.test/"); console.log("reached"); } catch (e) { console.log(e.name); }"#;
+    let d = run(&s, "javascript", other, Some(&id)).await;
+    assert_eq!(text_of(&d, "stdout"), "TypeError\n", "{d}");
+    assert_eq!(net.connections("registry"), reached, "a host outside the policy was reached");
+
+    // A key whose policy is `none`: no proxy, no connection.
+    let (st, v) = s.post("/v1/admin/keys", Some(KEY), json!({"label": "offline", "network": "none"})).await;
+    assert_eq!(st, 200, "{v}");
+    let offline = v["data"]["key"].as_str().unwrap().to_string();
+    let (st, v) = s.post("/v1/tci/execute", Some(&offline), json!({"language": "javascript", "code": import})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["data"]["status"], "error", "{v}");
+    assert_eq!(net.connections("registry"), reached, "a session under `none` reached the registry");
+}
