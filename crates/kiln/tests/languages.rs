@@ -192,8 +192,24 @@ async fn errors_time_limits_and_interrupts_in_every_language_keep_the_session() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_keeps_its_language_and_unknown_languages_are_refused() {
     let s = start(&["--profile", "full"]);
+    // JavaScript's pool starts empty: the first session boots its own
+    // kernel, and the pool grows by that demand (bash's stays empty).
+    let pools = || async {
+        let text = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+        ["python", "javascript", "bash"].map(|l| {
+            let line = format!("kiln_pool_ready_by_language{{language=\"{l}\"}} ");
+            text.lines().find_map(|x| x.strip_prefix(line.as_str())).and_then(|n| n.parse::<u64>().ok())
+        })
+    };
+    assert_eq!(pools().await[1], Some(0));
     let d = run(&s, "javascript", "const a = 1", None).await;
     let id = session_of(&d);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pools().await[1] != Some(1) {
+        assert!(std::time::Instant::now() < deadline, "JavaScript's pool did not grow: {:?}", pools().await);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(pools().await[2], Some(0), "bash's pool grew without demand");
     for other in ["python", "typescript", "bash"] {
         let (status, v) = post(&s, other, "1", Some(&id), None).await;
         assert_eq!((status, v["errors"][0]["code"].as_str()), (400, Some("language_mismatch")), "{other}: {v}");

@@ -82,6 +82,15 @@ impl Pools {
         n
     }
 
+    /// Kernels ready in each pool, by the pool's language.
+    pub(crate) async fn levels(&self) -> Vec<(Language, usize)> {
+        let mut out = Vec::new();
+        for p in &self.pools {
+            out.push((p.language, p.len().await));
+        }
+        out
+    }
+
     /// The sum of the pools' targets.
     pub(crate) fn target(&self) -> usize {
         self.pools.iter().map(Pool::target).sum()
