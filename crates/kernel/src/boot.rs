@@ -30,7 +30,19 @@ pub enum KernelKind {
     Ipykernel,
 }
 
+/// Where a kernel's command line names its connection file (as in a
+/// Jupyter kernel spec's `argv`).
+pub const CONNECTION_FILE: &str = "{connection_file}";
+
 impl KernelKind {
+    /// The command line that starts this kernel with `python`, with
+    /// [`CONNECTION_FILE`] where the connection file goes.
+    pub fn argv(self, python: &Path) -> Vec<OsString> {
+        let mut argv = vec![python.as_os_str().to_owned()];
+        argv.extend(self.args(CONNECTION_FILE.into()));
+        argv
+    }
+
     /// `python` arguments that start this kernel on `connection_file`.
     fn args(self, connection_file: PathBuf) -> Vec<OsString> {
         match self {
@@ -67,13 +79,32 @@ impl std::str::FromStr for KernelKind {
     }
 }
 
+/// How a cell's outputs are known to be complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Completion {
+    /// At the kernel's `idle` status for the request (Jupyter's rule; the
+    /// Python kernels and ipykernel-based ones publish everything first).
+    #[default]
+    Idle,
+    /// Deno's kernel publishes what a cell printed from a queue that races
+    /// its `idle` status, so output can arrive after it. After `idle`, a
+    /// silent fence cell prints a marker through the same queue: what came
+    /// before the marker is the cell's, in order (see [`crate::execute`]).
+    DenoFence,
+}
+
 /// How to start a kernel.
 #[derive(Debug, Clone)]
 pub struct KernelSpec {
-    /// Which kernel.
-    pub kind: KernelKind,
-    /// The runtime's Python interpreter.
-    pub python: PathBuf,
+    /// The kernel's command line, the program first (absolute, as the
+    /// kernel sees it), with [`CONNECTION_FILE`] where the connection file
+    /// goes.
+    pub argv: Vec<OsString>,
+    /// A silent cell run before the kernel is handed out (in the kernel's
+    /// language), so the first real cell does not pay first-use costs.
+    pub warm_up: String,
+    /// How a cell's outputs are known to be complete.
+    pub completion: Completion,
     /// The kernel's complete environment.
     pub env: Vec<(OsString, OsString)>,
     /// How long a boot may take before it is abandoned.
@@ -213,9 +244,11 @@ impl Kernel {
             work: dirs.layer_work(),
         });
         let lossy = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+        let conn_arg = lossy(conn_arg.as_os_str());
+        let mut argv = spec.argv.iter().map(|a| lossy(a).replace(CONNECTION_FILE, &conn_arg));
         let program = kiln_sandbox::Program {
-            path: spec.python.clone(),
-            args: spec.kind.args(conn_arg).iter().map(|a| lossy(a)).collect(),
+            path: argv.next().map(PathBuf::from).unwrap_or_default(),
+            args: argv.collect(),
             env: spec.env.iter().map(|(k, v)| (lossy(k), lossy(v))).collect(),
             cwd,
         };
@@ -226,7 +259,7 @@ impl Kernel {
             spec.sandboxes.spawn(kiln_sandbox::Spawn { dir: &dirs.root, log: &log, program, mounts, zygote }).await?;
         let spawned = started.elapsed();
         let deadline = Instant::now() + spec.boot_timeout;
-        let kernel = connect(sandbox, dirs, &info, spec.max_frame_bytes, deadline).await?;
+        let kernel = connect(sandbox, dirs, &info, spec, deadline).await?;
         if owner.is_some() {
             if let Err(source) = kernel.dirs.lock_run() {
                 kernel.kill().await;
@@ -246,9 +279,10 @@ async fn connect(
     sandbox: kiln_sandbox::Sandbox,
     dirs: KernelDirs,
     info: &ConnectionInfo,
-    max_frame_bytes: u64,
+    spec: &KernelSpec,
     deadline: Instant,
 ) -> Result<Kernel, KernelError> {
+    let max_frame_bytes = spec.max_frame_bytes;
     // 1. Wait for the kernel to bind its five sockets (connecting to an ipc
     //    path that does not exist yet fails instead of retrying).
     let sockets: Vec<PathBuf> = [info.shell_port, info.iopub_port, info.stdin_port, info.control_port, info.hb_port]
@@ -330,6 +364,7 @@ async fn connect(
         iopub: iopub_rx,
         readers: vec![iopub_reader.abort_handle(), shell_reader.abort_handle()],
         guard,
+        completion: spec.completion,
     };
 
     // 5. Handshake: repeat kernel_info_request until one is answered on
@@ -338,7 +373,7 @@ async fn connect(
     //    subscription (ZeroMQ's slow-joiner problem).
     match handshake(&mut kernel, deadline).await {
         Ok(()) => {
-            warm_up(&mut kernel, deadline).await;
+            warm_up(&mut kernel, &spec.warm_up, deadline).await;
             Ok(kernel)
         }
         Err(e) => {
@@ -399,9 +434,9 @@ async fn handshake(kernel: &mut Kernel, deadline: Instant) -> Result<(), KernelE
 /// IPython's caches, which takes several milliseconds; doing it here keeps
 /// that off the session's first request. Silent: no execution count, no
 /// history, no outputs. A failure is left for the first real cell to meet.
-async fn warm_up(kernel: &mut Kernel, deadline: Instant) {
+async fn warm_up(kernel: &mut Kernel, code: &str, deadline: Instant) {
     let request: JupyterMessage = jupyter_protocol::ExecuteRequest {
-        code: "print(end='')\n".to_string(),
+        code: code.to_string(),
         silent: true,
         store_history: false,
         user_expressions: None,

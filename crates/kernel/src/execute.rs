@@ -108,6 +108,7 @@ impl Kernel {
         // Set once the cell has been interrupted: why, and when to give up.
         let mut interrupted: Option<(Why, Instant)> = None;
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let mut reply = crate::fence::Reply::default();
         let end = loop {
             let kill_at = interrupted.map_or(far, |(_, t)| t);
             tokio::select! {
@@ -129,8 +130,9 @@ impl Kernel {
                     }
                     out.accept(&msg.content);
                 }
-                // Replies carry nothing iopub does not; drain them.
-                Some(_) = self.shell_replies.recv() => {}
+                // Replies carry nothing iopub does not (but for Deno's
+                // kernel: see `fence`); drain them.
+                Some(r) = self.shell_replies.recv() => reply.take(&r, &id),
                 _ = async { let _ = exit.wait_for(Option::is_some).await; } => return self.died(out, &id).await,
                 Some(o) = async { oversized.wait_for(Option::is_some).await.ok().and_then(|r| *r) } => {
                     let bytes = o.declared;
@@ -156,6 +158,9 @@ impl Kernel {
                 }
             }
         };
+        if matches!(end, End::Completed | End::TimedOut { recovered: true } | End::Cancelled { recovered: true }) {
+            self.fence(&mut out, &id, &mut reply, end == End::Completed).await;
+        }
         let (raised, truncated) = (out.saw_error, out.truncated());
         Execution { outputs: out.finish(), raised, truncated, end }
     }

@@ -1,6 +1,7 @@
 //! A Jupyter kernel client: boot a kernel, run cells, collect what they show.
 //!
-//! A [`Kernel`] is one ipykernel process started through the sandbox crate
+//! A [`Kernel`] is one Jupyter kernel process (IPython, Deno, bash_kernel)
+//! started through the sandbox crate
 //! and driven over the Jupyter messaging protocol (runtimed's
 //! `jupyter-protocol` types on pure-Rust ZeroMQ). Its sockets are `ipc://`
 //! files in a private directory, never TCP: the kernel will live in a
@@ -15,9 +16,10 @@
 mod boot;
 mod collect;
 mod execute;
+mod fence;
 pub mod guard;
 
-pub use boot::{KernelDirs, KernelKind, KernelSpec, INSIDE_HOME, INSIDE_RUN, INSIDE_WORK};
+pub use boot::{Completion, KernelDirs, KernelKind, KernelSpec, CONNECTION_FILE, INSIDE_HOME, INSIDE_RUN, INSIDE_WORK};
 pub use collect::strip_ansi;
 pub use execute::{End, ExecLimits, Execution};
 
@@ -61,6 +63,8 @@ pub struct Kernel {
     readers: Vec<tokio::task::AbortHandle>,
     /// The size guard between the kernel's sockets and this client.
     guard: guard::Guard,
+    /// How a cell's outputs are known to be complete.
+    completion: boot::Completion,
 }
 
 impl Drop for Kernel {

@@ -59,7 +59,7 @@ pub enum KeysCommand {
         /// Live sessions it may have (below the server's per-key limit).
         #[arg(long)]
         max_sessions: Option<u64>,
-        /// Its sessions' network policy: none, pypi or full; never wider
+        /// Its sessions' network policy: none, registries (old name: pypi) or full; never wider
         /// than the server's --network.
         #[arg(long)]
         network: Option<NetworkPolicy>,

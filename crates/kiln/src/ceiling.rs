@@ -93,15 +93,18 @@ mod tests {
 
     #[test]
     fn stored_keys_above_the_ceiling_are_clamped_and_narrower_ones_kept() {
-        let clamp = Clamp::new(NetworkPolicy::Pypi);
+        let clamp = Clamp::new(NetworkPolicy::Registries);
         let keys = clamp.apply(vec![
             key("a", Some(NetworkPolicy::Full)),
             key("b", Some(NetworkPolicy::None)),
             key("c", None),
-            key("d", Some(NetworkPolicy::Pypi)),
+            key("d", Some(NetworkPolicy::Registries)),
         ]);
         let got: Vec<_> = keys.iter().map(|k| k.network).collect();
-        assert_eq!(got, [Some(NetworkPolicy::Pypi), Some(NetworkPolicy::None), None, Some(NetworkPolicy::Pypi)]);
+        assert_eq!(
+            got,
+            [Some(NetworkPolicy::Registries), Some(NetworkPolicy::None), None, Some(NetworkPolicy::Registries)]
+        );
     }
 
     #[test]
@@ -110,7 +113,7 @@ mod tests {
         let e = e.unwrap_or_default();
         assert!(e.contains("the 2nd --api-key asks for network policy full"), "{e}");
         assert!(e.contains("wider than this server's --network none"), "{e}");
-        assert!(check("k", NetworkPolicy::None, NetworkPolicy::Pypi).is_ok());
+        assert!(check("k", NetworkPolicy::None, NetworkPolicy::Registries).is_ok());
     }
 
     #[test]

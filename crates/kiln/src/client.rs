@@ -56,6 +56,10 @@ pub struct ExecArgs {
     /// Run in this session (keeps its variables and files).
     #[arg(long = "session")]
     session: Option<String>,
+    /// The code's language: python, javascript, typescript or bash (what
+    /// the server runs: `GET /v1/tci/languages`).
+    #[arg(long, default_value = "python")]
+    language: String,
     /// Upload a file first: NAME=PATH (NAME relative to the working dir).
     #[arg(long = "file", value_name = "NAME=PATH")]
     files: Vec<String>,
@@ -91,7 +95,7 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
     }
     let req = ExecuteRequest {
         code,
-        language: Some("python".into()),
+        language: Some(args.language.clone()),
         session_id: args.session.clone(),
         files: (!files.is_empty()).then_some(files),
         timeout: args.timeout,

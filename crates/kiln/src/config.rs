@@ -57,7 +57,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KILN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// An accepted API key (repeatable; comma-separated in KILN_API_KEY).
-    /// `KEY:none`, `KEY:pypi` or `KEY:full` gives the key's sessions their
+    /// `KEY:none`, `KEY:registries` (or `KEY:pypi`) or `KEY:full` gives the key's sessions their
     /// own network policy. Without any key, kiln generates one on first start.
     #[arg(long = "api-key", env = "KILN_API_KEY", value_delimiter = ',', hide_env_values = true)]
     #[serde(default)]
@@ -142,10 +142,11 @@ pub struct ServeArgs {
     /// shares, so a busy session cannot starve the others) [default: all]
     #[arg(long, env = "KILN_CPU_LIMIT")]
     pub cpu_limit: Option<f64>,
-    /// What sessions may reach: `none`, `pypi` (only the package index
-    /// this machine's pip uses, through kiln's proxy) or `full` (public
-    /// HTTP(S) through kiln's proxy; never this host or private networks)
-    /// [default: pypi]
+    /// What sessions may reach: `none`, `registries` (only the package
+    /// index this machine's pip uses and the registry its npm uses, through
+    /// kiln's proxy; `pypi` is its old name) or `full` (public HTTP(S)
+    /// through kiln's proxy; never this host or private networks)
+    /// [default: registries]
     #[arg(long, env = "KILN_NETWORK", value_parser = crate::choices::parse_network)]
     pub network: Option<kiln_protocol::NetworkPolicy>,
     /// Connections a session may have open through the egress proxy at
@@ -317,7 +318,7 @@ impl Settings {
         api_keys.retain(|k| !k.trim().is_empty());
         let log_format = pick!(log_format, LogFormat::Text);
         let exec_timeout = pick!(exec_timeout, Duration::from_secs(600));
-        let network = pick!(network, kiln_sessions::NetworkPolicy::Pypi);
+        let network = pick!(network, kiln_sessions::NetworkPolicy::Registries);
         let max_exec_timeout = pick!(max_exec_timeout, Duration::from_secs(3600));
         let kernel: kiln_kernel::KernelKind = pick!(kernel, KernelChoice::Lean).into();
         let helper = std::env::current_exe().context("cannot find the kiln binary itself")?;

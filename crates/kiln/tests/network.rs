@@ -256,7 +256,7 @@ async fn kiln_keys_create_refuses_more_network_than_the_server_s_and_a_narrowed_
     let refused = kiln(&["keys", "create", "--network", "pypi", "--data-dir", d]);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{err}");
-    assert!(err.contains("this key asks for network policy pypi") && err.contains("--network none"), "{err}");
+    assert!(err.contains("this key asks for network policy registries") && err.contains("--network none"), "{err}");
     assert!(String::from_utf8_lossy(&refused.stdout).trim().is_empty(), "a key was printed");
     let narrow = kiln(&["keys", "create", "--network", "none", "--data-dir", d]);
     assert!(narrow.status.success(), "{}", String::from_utf8_lossy(&narrow.stderr));
@@ -278,7 +278,7 @@ async fn a_key_can_have_its_own_network_policy() {
     );
     let code = "import os, socket\ns = socket.socket(); s.settimeout(3)\ntry:\n    s.connect(('127.0.0.1', 3128)); print(os.environ['KILN_NETWORK'], 'proxy')\nexcept OSError:\n    print(os.environ['KILN_NETWORK'], 'no proxy')";
     let (_, mine) = s.post("/tci/execute", Some(KEY), json!({"code": code})).await;
-    assert_eq!(text_of(&mine["data"], "stdout"), "pypi proxy\n", "{mine}");
+    assert_eq!(text_of(&mine["data"], "stdout"), "registries proxy\n", "{mine}");
     let (_, theirs) = s.post("/tci/execute", Some(common::OTHER_KEY), json!({"code": code})).await;
     assert_eq!(text_of(&theirs["data"], "stdout"), "none no proxy\n", "{theirs}");
     // Each kernel with egress has a socket of its own, bound into its

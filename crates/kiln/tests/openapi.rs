@@ -34,10 +34,10 @@ async fn the_document_covers_every_endpoint_and_the_docs_page_renders_it() {
         assert!(paths.contains(&p), "{p} missing from {paths:?}");
     }
     assert!(doc["components"]["schemas"]["ErrorEnvelope"].is_object());
-    // The server's own limits are stated: the default --network is pypi,
+    // The server's own limits are stated: the default --network is registries,
     // the ceiling of what a created key may ask for.
     let network = &doc["components"]["schemas"]["CreateKey"]["properties"]["network"]["oneOf"][1]["enum"];
-    assert_eq!(network, &serde_json::json!(["none", "pypi"]), "{doc}");
+    assert_eq!(network, &serde_json::json!(["none", "registries"]), "{doc}");
     assert_eq!(doc["components"]["schemas"]["BatchRequest"]["properties"]["items"]["maxItems"], 1000);
     let page = s.http.get(format!("{}/docs", s.url)).send().await.unwrap().text().await.unwrap();
     assert!(page.contains("/openapi.json"));

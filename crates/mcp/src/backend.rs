@@ -67,6 +67,7 @@ impl Backend {
                 let exec = Exec {
                     session_id,
                     code,
+                    language: kiln_protocol::Language::Python,
                     files,
                     timeout,
                     network: who.network,

@@ -74,13 +74,19 @@ pub enum ErrorCode {
     /// The key has as many executions running and queued as it may: retry
     /// after `Retry-After` seconds.
     RateLimited,
+    /// `language` differs from the language the session was started with
+    /// (a session keeps its kernel): start a new session for the other one.
+    LanguageMismatch,
 }
 
 impl ErrorCode {
     /// The HTTP status this code is served with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest | ErrorCode::UnsupportedLanguage | ErrorCode::InvalidFile => 400,
+            ErrorCode::InvalidRequest
+            | ErrorCode::UnsupportedLanguage
+            | ErrorCode::InvalidFile
+            | ErrorCode::LanguageMismatch => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::FileNotFound | ErrorCode::KeyNotFound => 404,
@@ -126,6 +132,7 @@ impl ErrorCode {
             ErrorCode::SessionLost => "session_lost",
             ErrorCode::NodeUnreachable => "node_unreachable",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::LanguageMismatch => "language_mismatch",
         }
     }
 
@@ -285,6 +292,7 @@ mod tests {
             ErrorCode::KeyInUse,
             ErrorCode::SessionLost,
             ErrorCode::NodeUnreachable,
+            ErrorCode::LanguageMismatch,
         ] {
             assert!(code.http_status() >= 400, "{code}");
             let wire = serde_json::to_value(code).unwrap_or_default();

@@ -36,15 +36,49 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 /// A language code can be written in (the `language` of a request).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+///
+/// Which of them a server runs depends on its runtime profile (`full`
+/// carries all four, `minimal` only Python); `GET /v1/tci/languages` and
+/// the server's OpenAPI document list exactly those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
     /// Python 3, in IPython (`!cmd`, `%magic`, top-level `await`).
     Python,
+    /// JavaScript, in Deno's Jupyter kernel.
+    Javascript,
+    /// TypeScript, in Deno's Jupyter kernel (type annotations are stripped,
+    /// not checked, as in a Deno notebook).
+    Typescript,
+    /// bash, in `bash_kernel` (coreutils and the runtime's tools on `PATH`).
+    Bash,
 }
 
-/// The languages this server offers. `language` defaults to the first one.
-pub const LANGUAGES: &[&str] = &["python"];
+impl Language {
+    /// Every language, the default first.
+    pub const ALL: [Language; 4] = [Language::Python, Language::Javascript, Language::Typescript, Language::Bash];
+
+    /// The name `language` takes on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Javascript => "javascript",
+            Language::Typescript => "typescript",
+            Language::Bash => "bash",
+        }
+    }
+
+    /// The language of a request's `language` field, if it names one.
+    pub fn parse(name: &str) -> Option<Language> {
+        Language::ALL.into_iter().find(|l| l.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Language {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Body of `POST /tci/execute`.
 ///

@@ -3,8 +3,8 @@
 //! One type for the concept wherever it appears: the server's `--network`
 //! ceiling, a key's own policy in the store and in `kiln keys`, and the
 //! policy a session is booted with. Policies are ordered by what they allow
-//! (`none` < `pypi` < `full`: the package index is a public HTTPS host, so
-//! everything `pypi` reaches `full` reaches too), which makes the operator's
+//! (`none` < `registries` < `full`: the package registries are public HTTPS
+//! hosts, so everything `registries` reaches `full` reaches too), which makes the operator's
 //! flag a ceiling: a key can narrow it, never widen it ([`NetworkPolicy::within`]).
 
 use serde::{Deserialize, Serialize};
@@ -16,9 +16,11 @@ pub enum NetworkPolicy {
     /// Nothing at all: the session's network namespace has only loopback
     /// and no proxy.
     None,
-    /// Only the package index this machine's pip is configured for, over
-    /// HTTPS, through kiln's egress proxy.
-    Pypi,
+    /// Only the package registries this machine is configured for: pip's
+    /// index and npm's registry (Deno's `npm:` imports), over HTTPS,
+    /// through kiln's egress proxy. `pypi`, its first name, is accepted too.
+    #[serde(alias = "pypi")]
+    Registries,
     /// Public addresses over HTTP(S) through kiln's egress proxy; never this
     /// host or a private network.
     Full,
@@ -26,14 +28,25 @@ pub enum NetworkPolicy {
 
 impl NetworkPolicy {
     /// Every policy, narrowest first.
-    pub const ALL: [NetworkPolicy; 3] = [NetworkPolicy::None, NetworkPolicy::Pypi, NetworkPolicy::Full];
+    pub const ALL: [NetworkPolicy; 3] = [NetworkPolicy::None, NetworkPolicy::Registries, NetworkPolicy::Full];
 
     /// The policy's name, as written in flags, the store and the API.
     pub fn as_str(self) -> &'static str {
         match self {
             NetworkPolicy::None => "none",
-            NetworkPolicy::Pypi => "pypi",
+            NetworkPolicy::Registries => "registries",
             NetworkPolicy::Full => "full",
+        }
+    }
+
+    /// The name the store keeps. `registries` is stored under its first
+    /// name, `pypi`, so databases written before the rename (and their
+    /// `CHECK` constraints) stay valid, and older nodes sharing a database
+    /// can read it.
+    pub fn stored_name(self) -> &'static str {
+        match self {
+            NetworkPolicy::Registries => "pypi",
+            other => other.as_str(),
         }
     }
 
@@ -61,12 +74,15 @@ impl std::fmt::Display for NetworkPolicy {
 
 /// A name that is not a policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown network policy {0:?}: use none, pypi or full")]
+#[error("unknown network policy {0:?}: use none, registries (or its old name pypi) or full")]
 pub struct UnknownPolicy(pub String);
 
 impl std::str::FromStr for NetworkPolicy {
     type Err = UnknownPolicy;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "pypi" {
+            return Ok(NetworkPolicy::Registries);
+        }
         NetworkPolicy::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| UnknownPolicy(s.to_string()))
     }
 }
@@ -86,7 +102,7 @@ pub struct PolicyAboveCeiling {
 
 #[cfg(test)]
 mod tests {
-    use super::NetworkPolicy::{self, Full, None, Pypi};
+    use super::NetworkPolicy::{self, Full, None, Registries};
 
     #[test]
     fn names_round_trip_and_unknown_names_are_refused() {
@@ -95,15 +111,26 @@ mod tests {
             assert_eq!(serde_json::to_value(p).ok(), Some(serde_json::json!(p.as_str())));
         }
         assert!("FULL".parse::<NetworkPolicy>().is_err());
+        for p in NetworkPolicy::ALL {
+            assert_eq!(p.stored_name().parse::<NetworkPolicy>(), Ok(p));
+        }
         assert!("".parse::<NetworkPolicy>().is_err());
+    }
+
+    #[test]
+    fn pypi_is_the_old_name_of_the_registries_policy() {
+        assert_eq!("pypi".parse::<NetworkPolicy>(), Ok(Registries));
+        assert_eq!(serde_json::from_value::<NetworkPolicy>(serde_json::json!("pypi")).ok(), Some(Registries));
+        assert_eq!(Registries.as_str(), "registries");
+        assert_eq!(Registries.stored_name(), "pypi");
     }
 
     #[test]
     fn a_key_can_narrow_the_server_s_policy_but_never_widen_it() {
         assert_eq!(None.within(Full), Ok(None));
-        assert_eq!(Pypi.within(Pypi), Ok(Pypi));
-        assert!(Full.within(Pypi).is_err());
-        assert!(Pypi.within(None).is_err());
+        assert_eq!(Registries.within(Registries), Ok(Registries));
+        assert!(Full.within(Registries).is_err());
+        assert!(Registries.within(None).is_err());
         let msg = Full.within(None).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("wider than this server's --network none"), "{msg}");
     }

@@ -105,6 +105,10 @@ fn build(profile: Profile, base: &Path, root: &Path, p: &mut Progress) -> Result
         Command::new(root.join("bin/python")).args(["-c", &imports]).env("MPLCONFIGDIR", &mpl).env("MPLBACKEND", "agg"),
     )?;
 
+    if profile.languages().contains(&kiln_protocol::Language::Javascript) {
+        run("the Deno check", Command::new(root.join("bin/deno")).arg("--version"))?;
+    }
+
     // Last: the marker, written atomically.
     let marker = serde_json::json!({
         "profile": profile.name(),

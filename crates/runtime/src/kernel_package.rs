@@ -1,7 +1,10 @@
 //! kiln's own Python package in the runtime: `kiln_kernel`, the lean
 //! kernel (`kiln_kernel.kernel`, run as `python -m kiln_kernel`, with its
 //! modules `wire`, `publisher`, `streams`, `flusher`, `display`, `shell`
-//! and `handlers`), the batch tests' runner (`kiln_kernel.judge`), the zygote that forks kernels (`kiln_kernel.zygote`) and the
+//! and `handlers`), the batch tests' runner (`kiln_kernel.judge`), the
+//! zygote that forks kernels (`kiln_kernel.zygote`), the relay that serves
+//! Deno's TCP-only kernel on kiln's sockets (`kiln_kernel.relay`), the bash
+//! kernel's launcher (`kiln_kernel.bash`) and the
 //! fidelity check that compares the lean kernel with ipykernel
 //! (`kiln_kernel.fidelity`).
 //!
@@ -32,6 +35,8 @@ const FILES: &[(&str, &str)] = &[
     ("__main__.py", include_str!("../python/kiln_kernel/__main__.py")),
     ("zygote.py", include_str!("../python/kiln_kernel/zygote.py")),
     ("judge.py", include_str!("../python/kiln_kernel/judge.py")),
+    ("relay.py", include_str!("../python/kiln_kernel/relay.py")),
+    ("bash.py", include_str!("../python/kiln_kernel/bash.py")),
 ];
 
 /// The first 12 hex digits of the SHA-256 of the package's names and

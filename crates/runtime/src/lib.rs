@@ -15,9 +15,11 @@
 
 mod build;
 mod kernel_package;
+mod languages;
 mod progress;
 
 pub use build::ensure;
+pub use languages::{npm_registry, url_host};
 pub use progress::Progress;
 
 use std::ffi::OsString;
@@ -127,6 +129,8 @@ pub const FULL_IMPORTS: &[&str] = &[
     "xarray",
     "xlrd",
     "sympy",
+    // The bash kernel (JavaScript's, Deno, is checked by running it).
+    "bash_kernel",
 ];
 
 /// Where and from what to build a runtime.

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_protocol::{
     decode_files, parse_memory, ApiError, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals,
-    Envelope, ErrorCode, ErrorEnvelope, LANGUAGES, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
+    Envelope, ErrorCode, ErrorEnvelope, Language, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
 };
 use kiln_sessions::{BatchJob, Caller, Exec, Manager};
 use std::time::{Duration, Instant};
@@ -164,11 +164,12 @@ async fn validate(manager: &Manager, caller: &Caller, req: BatchRequest) -> Resu
         .with_param("items"));
     }
     let max = manager.max_exec_timeout();
+    let runs = manager.languages();
     let mut jobs = Vec::with_capacity(req.items.len());
     let mut checked = std::collections::HashSet::new();
     for (index, item) in req.items.into_iter().enumerate() {
         let at = |field: &str| format!("items[{index}].{field}");
-        let job = item_job(index, item, caller, max).map_err(|mut e| {
+        let job = item_job(index, item, caller, max, &runs).map_err(|mut e| {
             e.param = Some(at(e.param.as_deref().unwrap_or("")).trim_end_matches('.').to_string());
             e
         })?;
@@ -184,14 +185,30 @@ async fn validate(manager: &Manager, caller: &Caller, req: BatchRequest) -> Resu
 
 /// One item as the session layer's job; errors name the field within the
 /// item (the caller prefixes `items[i].`).
-fn item_job(index: usize, item: BatchItem, caller: &Caller, max: Duration) -> Result<BatchJob, ApiError> {
-    let language = item.language.as_deref().unwrap_or("python");
-    if !LANGUAGES.contains(&language) {
+fn item_job(
+    index: usize,
+    item: BatchItem,
+    caller: &Caller,
+    max: Duration,
+    runs: &[Language],
+) -> Result<BatchJob, ApiError> {
+    let name = item.language.as_deref().unwrap_or(Language::Python.as_str());
+    let Some(language) = Language::parse(name).filter(|l| runs.is_empty() || runs.contains(l)) else {
+        let runs: Vec<&str> = runs.iter().map(|l| l.as_str()).collect();
         return Err(ApiError::new(
             ErrorCode::UnsupportedLanguage,
-            format!("language {language:?} is not supported; this server runs: {}", LANGUAGES.join(", ")),
+            format!("language {name:?} is not supported; this server runs: {}", runs.join(", ")),
         )
         .with_param("language"));
+    };
+    // Tests are run by kiln's Python runner, in forks of the session's
+    // kernel: an item in another language may run, but not be tested.
+    if language != Language::Python && item.tests.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("tests run on Python items only; this item's language is {name}"),
+        )
+        .with_param("tests"));
     }
     let files = decode_files(item.files.as_deref().unwrap_or_default())?;
     let limit = |t: Option<f64>, field: &str| -> Result<Option<Duration>, ApiError> {
@@ -229,6 +246,7 @@ fn item_job(index: usize, item: BatchItem, caller: &Caller, max: Duration) -> Re
         exec: Exec {
             session_id: item.session_id.filter(|s| !s.is_empty()),
             code: item.code,
+            language,
             files,
             timeout,
             network: caller.network,

@@ -6,7 +6,7 @@
 use crate::state::AppState;
 use axum::extract::State;
 use axum::Json;
-use kiln_protocol::{Envelope, LanguageList, PoolLevel, ServerStatus, SessionCount, LANGUAGES};
+use kiln_protocol::{Envelope, Language, LanguageList, PoolLevel, ServerStatus, SessionCount};
 use kiln_sessions::Readiness;
 
 /// The languages this server runs.
@@ -15,14 +15,16 @@ use kiln_sessions::Readiness;
 #[utoipa::path(get, path = "/v1/tci/languages", tag = "execute", responses(
     (status = 200, description = "The values `language` accepts; the default first", body = Envelope<LanguageList>),
 ))]
-pub(crate) async fn languages() -> Json<Envelope<LanguageList>> {
-    Json(Envelope::ok(language_list()))
+pub(crate) async fn languages(State(state): State<AppState>) -> Json<Envelope<LanguageList>> {
+    Json(Envelope::ok(language_list(&state.manager.languages())))
 }
 
-fn language_list() -> LanguageList {
+/// What the runtime runs; before it is ready, the default alone.
+fn language_list(runs: &[Language]) -> LanguageList {
+    let runs = if runs.is_empty() { &[Language::Python][..] } else { runs };
     LanguageList {
-        languages: LANGUAGES.iter().map(|l| (*l).to_string()).collect(),
-        default: LANGUAGES.first().copied().unwrap_or("python").to_string(),
+        languages: runs.iter().map(|l| l.as_str().to_string()).collect(),
+        default: Language::Python.as_str().to_string(),
     }
 }
 
@@ -47,7 +49,7 @@ pub(crate) async fn status(State(state): State<AppState>) -> Json<Envelope<Serve
         status: status.to_string(),
         message,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        languages: language_list().languages,
+        languages: language_list(&m.languages()).languages,
         sessions: SessionCount { live: count(m.live_count()), max: count(m.max_sessions()) },
         pool: PoolLevel { ready: count(ready), target: count(target) },
     }))

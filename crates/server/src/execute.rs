@@ -21,7 +21,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_protocol::{
-    decode_files, ApiError, Envelope, ErrorCode, ErrorEnvelope, ExecEvent, ExecuteData, ExecuteRequest, LANGUAGES,
+    decode_files, ApiError, Envelope, ErrorCode, ErrorEnvelope, ExecEvent, ExecuteData, ExecuteRequest, Language,
 };
 use kiln_sessions::{Caller, Exec, Manager, SessionError};
 use std::time::Duration;
@@ -52,7 +52,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
                 (Envelope<ExecuteData> = "application/json"),
                 (String = "text/event-stream"),
             )),
-        (status = 400, description = "Bad JSON, fields, language, files, timeout or memory_limit", body = ErrorEnvelope),
+        (status = 400, description = "Bad JSON, fields, language (`unsupported_language`; `language_mismatch`: \
+            the session runs another language), files, timeout or memory_limit", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "No such session for this key", body = ErrorEnvelope),
         (status = 409, description = "A file name collides with another entry or with what is in the working directory; nothing was written", body = ErrorEnvelope),
@@ -70,7 +71,7 @@ pub(crate) async fn execute(
     BoundedJson(req): BoundedJson<ExecuteRequest>,
 ) -> Result<Response, AppError> {
     let streamed = req.stream.unwrap_or(false) || accepts_event_stream(&headers);
-    let exec = validate(req, &caller)?;
+    let exec = validate(req, &caller, &state.manager.languages())?;
     if streamed {
         return stream(state.manager, caller.key_id, exec).await;
     }
@@ -87,15 +88,16 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Check an execute request and turn it into the session layer's job.
-fn validate(req: ExecuteRequest, caller: &Caller) -> Result<Exec, ApiError> {
-    let language = req.language.as_deref().unwrap_or("python");
-    if !LANGUAGES.contains(&language) {
+fn validate(req: ExecuteRequest, caller: &Caller, runs: &[Language]) -> Result<Exec, ApiError> {
+    let name = req.language.as_deref().unwrap_or(Language::Python.as_str());
+    let Some(language) = Language::parse(name).filter(|l| runs.is_empty() || runs.contains(l)) else {
+        let runs: Vec<&str> = runs.iter().map(|l| l.as_str()).collect();
         return Err(ApiError::new(
             ErrorCode::UnsupportedLanguage,
-            format!("language {language:?} is not supported; this server runs: {}", LANGUAGES.join(", ")),
+            format!("language {name:?} is not supported; this server runs: {}", runs.join(", ")),
         )
         .with_param("language"));
-    }
+    };
     let files = decode_files(req.files.as_deref().unwrap_or_default())?;
     let timeout = kiln_protocol::timeout_from_seconds(req.timeout)?;
     let session_id = req.session_id.filter(|s| !s.is_empty());
@@ -105,6 +107,7 @@ fn validate(req: ExecuteRequest, caller: &Caller) -> Result<Exec, ApiError> {
     Ok(Exec {
         session_id,
         code: req.code,
+        language,
         files,
         timeout,
         network: caller.network,

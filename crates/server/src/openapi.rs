@@ -73,6 +73,7 @@ pub fn document_for(
     max_timeout: std::time::Duration,
     network: kiln_protocol::NetworkPolicy,
     max_batch_items: usize,
+    languages: &[kiln_protocol::Language],
 ) -> serde_json::Value {
     let mut doc = serde_json::to_value(document()).unwrap_or_default();
     if let Some(paths) = doc["paths"].as_object_mut() {
@@ -114,6 +115,12 @@ pub fn document_for(
         {"title": "assertion", "required": ["code"],
          "properties": {"code": string, "stdin": absent, "expected_stdout": absent}},
     ]);
+    // `language` takes exactly what this server runs (its runtime profile's
+    // languages), so a schema-valid request is never refused for it.
+    if !languages.is_empty() {
+        let names: Vec<&str> = languages.iter().map(|l| l.as_str()).collect();
+        doc["components"]["schemas"]["Language"]["enum"] = json!(names);
+    }
     let events = json!({
         "type": "object",
         "description": "One Server-Sent Event; `data` is JSON text: {session_id} for `session`, an output \
@@ -139,7 +146,8 @@ pub fn document_for(
     (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")
 ))]
 pub(crate) async fn json(State(state): State<AppState>) -> Response {
-    let doc = document_for(state.manager.max_exec_timeout(), state.manager.network(), state.manager.max_batch_items());
+    let m = &state.manager;
+    let doc = document_for(m.max_exec_timeout(), m.network(), m.max_batch_items(), &m.languages());
     ([(axum::http::header::CONTENT_TYPE, "application/json")], serde_json::to_string_pretty(&doc).unwrap_or_default())
         .into_response()
 }

@@ -26,10 +26,16 @@ impl SessionError {
             SessionError::RateLimited { .. } => ApiError::new(ErrorCode::RateLimited, msg),
             SessionError::KernelUnavailable(_) | SessionError::Broken(_) => ApiError::new(
                 ErrorCode::KernelUnavailable,
-                "kiln could not start a Python kernel for this session; this is a server-side failure, not an \
+                "kiln could not start a kernel for this session; this is a server-side failure, not an \
                  error of your code. The operator's log has the cause.",
             ),
             SessionError::NotReady => ApiError::new(ErrorCode::NotReady, msg),
+            SessionError::LanguageMismatch { .. } => {
+                ApiError::new(ErrorCode::LanguageMismatch, msg).with_param("language")
+            }
+            SessionError::UnsupportedLanguage { .. } => {
+                ApiError::new(ErrorCode::UnsupportedLanguage, msg).with_param("language")
+            }
             SessionError::ShuttingDown => ApiError::new(ErrorCode::ShuttingDown, msg),
             SessionError::Files(f) => {
                 let (code, index) = match f {

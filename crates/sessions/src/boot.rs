@@ -5,7 +5,8 @@
 //! of sessions, keys or the store.
 
 use crate::{Config, NetworkPolicy, SessionError};
-use kiln_kernel::{Kernel, KernelDirs, KernelSpec, INSIDE_HOME};
+use kiln_kernel::{Completion, Kernel, KernelDirs, KernelSpec, CONNECTION_FILE, INSIDE_HOME};
+use kiln_protocol::Language;
 use kiln_runtime::Runtime;
 use kiln_sandbox::{Sandboxes, Zygote, ZygoteSpec};
 use rand::distr::{Alphanumeric, SampleString};
@@ -23,6 +24,8 @@ pub(crate) struct Kernels {
     zygote: tokio::sync::Mutex<ZygoteSlot>,
     /// The egress proxy, when the server's policy allows any egress.
     egress: OnceLock<EgressProxy>,
+    /// The languages the runtime runs, Python first (set with it).
+    languages: OnceLock<Vec<Language>>,
 }
 
 /// The zygote of this server, and when it last failed to start.
@@ -50,7 +53,14 @@ impl Kernels {
             sandboxes,
             zygote: tokio::sync::Mutex::new(ZygoteSlot::default()),
             egress: OnceLock::new(),
+            languages: OnceLock::new(),
         }
+    }
+
+    /// The languages kernels can be made for (none before the runtime is
+    /// set), Python first.
+    pub(crate) fn languages(&self) -> &[Language] {
+        self.languages.get().map_or(&[], Vec::as_slice)
     }
 
     /// The server's sandboxes.
@@ -80,6 +90,9 @@ impl Kernels {
                 .map_err(|e| SessionError::Broken(e.to_string()))?
                 .map_err(|e| SessionError::Broken(format!("could not prepare the runtime for sandboxes: {e}")))?;
         }
+        let languages = runtime.languages();
+        tracing::info!(languages = ?languages, "kernels available");
+        let _ = self.languages.set(languages);
         let _ = self.runtime.set(runtime);
         Ok(())
     }
@@ -109,7 +122,7 @@ impl Kernels {
 
     /// Boot a kernel in a new session directory: its storage (a quota'd
     /// tmpfs when sandboxed) with a work dir and a seeded home.
-    pub(crate) async fn boot_new(&self, network: NetworkPolicy) -> Result<Kernel, SessionError> {
+    pub(crate) async fn boot_new(&self, network: NetworkPolicy, language: Language) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?.clone();
         let name = format!("k_{}", Alphanumeric.sample_string(&mut rand::rng(), 16));
         let dirs = KernelDirs::under(self.cfg.sessions_dir.join(name));
@@ -125,7 +138,7 @@ impl Kernels {
             }
             Err(e) => return Err(SessionError::KernelUnavailable(e.to_string())),
         }
-        let booted = self.boot_in(dirs.clone(), network).await;
+        let booted = self.boot_in(dirs.clone(), network, language).await;
         if booted.is_err() {
             destroy_dir(dirs.root).await;
         }
@@ -134,9 +147,19 @@ impl Kernels {
 
     /// Boot a kernel in prepared `dirs`, with `network` as its policy
     /// (never wider than the server's: the operator's `--network` is the
-    /// ceiling of every key's).
-    pub(crate) async fn boot_in(&self, dirs: KernelDirs, network: NetworkPolicy) -> Result<Kernel, SessionError> {
+    /// ceiling of every key's), running `language`. Python kernels are
+    /// forked from the zygote (when it runs); the others start as new
+    /// processes in the same sandbox.
+    pub(crate) async fn boot_in(
+        &self,
+        dirs: KernelDirs,
+        network: NetworkPolicy,
+        language: Language,
+    ) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?;
+        if !self.languages().contains(&language) {
+            return Err(SessionError::UnsupportedLanguage { asked: language, runs: self.languages_text() });
+        }
         let isolated = self.cfg.sandbox.is_some();
         let network = network.min(self.default_network());
         let port = if isolated { self.egress_port(&dirs, network)? } else { None };
@@ -157,6 +180,11 @@ impl Kernels {
             (dirs.home.clone(), kiln_sandbox::Mounts::default(), None)
         };
         let mut env = runtime.kernel_env(&home);
+        env.extend(runtime.language_env(language, &home));
+        if let Some(url) = self.egress.get().map(|e| e.npm_registry.clone()) {
+            // Deno's `npm:` imports use the registry this host's npm uses.
+            env.push(("NPM_CONFIG_REGISTRY".into(), url.into()));
+        }
         // The lean kernel sends no output past the cap the server keeps.
         env.push(("KILN_MAX_OUTPUT_BYTES".into(), self.cfg.max_output_bytes.to_string().into()));
         match self.cfg.sandbox.as_ref().map(|_| network) {
@@ -178,10 +206,19 @@ impl Kernels {
             }
             None => {}
         }
-        let zygote = if isolated { self.zygote(runtime).await } else { None };
+        let zygote = if isolated && language == Language::Python { self.zygote(runtime).await } else { None };
+        let argv = match runtime.kernel_argv(language, CONNECTION_FILE) {
+            Some(argv) => argv,
+            None => self.cfg.kernel.argv(&runtime.python()),
+        };
+        let completion = match language {
+            Language::Javascript | Language::Typescript => Completion::DenoFence,
+            Language::Python | Language::Bash => Completion::Idle,
+        };
         let spec = KernelSpec {
-            kind: self.cfg.kernel,
-            python: runtime.python(),
+            argv,
+            warm_up: kiln_runtime::Runtime::warm_up_code(language).to_string(),
+            completion,
             env,
             boot_timeout: self.cfg.boot_timeout,
             sandboxes: self.sandboxes.clone(),
@@ -214,7 +251,7 @@ impl Kernels {
     ) -> Result<Option<kiln_sandbox::egress::Port>, SessionError> {
         let policy = match network {
             NetworkPolicy::None => return Ok(None),
-            NetworkPolicy::Pypi => self.egress.get().map(|e| e.pypi.clone()),
+            NetworkPolicy::Registries => self.egress.get().map(|e| e.pypi.clone()),
             NetworkPolicy::Full => self.egress.get().map(|e| e.full.clone()),
         };
         let (Some(proxy), Some(policy)) = (self.egress.get(), policy) else {
@@ -284,6 +321,11 @@ impl Kernels {
         }
     }
 
+    /// The languages, as listed in messages.
+    pub(crate) fn languages_text(&self) -> String {
+        self.languages().iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
     /// The host uid that must own files written for sessions.
     pub(crate) fn file_owner(&self) -> Option<u32> {
         self.sandboxes.file_owner()
@@ -297,12 +339,18 @@ impl Kernels {
             return Ok(());
         }
         let rt = runtime.clone();
-        let hosts = tokio::task::spawn_blocking(move || rt.index_hosts())
+        let mut hosts = tokio::task::spawn_blocking(move || rt.index_hosts())
             .await
             .map_err(|e| SessionError::Broken(e.to_string()))?
             .map_err(|e| SessionError::Broken(format!("could not read pip's index configuration: {e}")))?;
+        let npm_registry = tokio::task::spawn_blocking(kiln_runtime::npm_registry)
+            .await
+            .map_err(|e| SessionError::Broken(e.to_string()))?
+            .map_err(|e| SessionError::Broken(format!("could not read npm's registry configuration: {e}")))?;
+        hosts.extend(kiln_runtime::url_host(&npm_registry).filter(|h| !hosts.contains(h)));
         let proxy = EgressProxy {
             egress: kiln_sandbox::egress::Egress::new(self.cfg.egress, owner),
+            npm_registry,
             pypi: Arc::new(kiln_sandbox::egress::Policy::Hosts(hosts)),
             full: Arc::new(kiln_sandbox::egress::Policy::Full),
         };
@@ -322,6 +370,8 @@ impl Kernels {
 #[derive(Debug)]
 struct EgressProxy {
     egress: kiln_sandbox::egress::Egress,
+    /// The npm registry (URL) Deno's `npm:` imports are pointed at.
+    npm_registry: String,
     pypi: Arc<kiln_sandbox::egress::Policy>,
     full: Arc<kiln_sandbox::egress::Policy>,
 }

@@ -130,7 +130,7 @@ pub enum SessionError {
     #[error("the server is running its maximum of {0} sessions; retry shortly")]
     NoCapacity(usize),
     /// A kernel could not be started.
-    #[error("could not start a Python kernel for the session: {0}")]
+    #[error("could not start a kernel for the session: {0}")]
     KernelUnavailable(String),
     /// The runtime is still being provisioned.
     #[error("kiln is still preparing its Python runtime; retry in a few seconds")]
@@ -190,4 +190,13 @@ pub enum SessionError {
          the Retry-After delay"
     )]
     RateLimited { running: usize, queued: usize },
+    /// A session runs one language: its kernel's.
+    #[error(
+        "session {id} runs {session}, not {asked}: a session keeps the language it started with; \
+         omit session_id to start a {asked} session"
+    )]
+    LanguageMismatch { id: String, session: kiln_protocol::Language, asked: kiln_protocol::Language },
+    /// The server's runtime has no kernel for the language.
+    #[error("language {asked} is not run by this server; it runs: {runs}")]
+    UnsupportedLanguage { asked: kiln_protocol::Language, runs: String },
 }

@@ -5,13 +5,13 @@
 
 use crate::boot::Kernels;
 use crate::job::{Job, Judged};
-use crate::pool::Pool;
+use crate::pool::Pools;
 use crate::registry::{Found, Live, Registry};
 use crate::worker::Worker;
 use crate::{Config, NetworkPolicy, Readiness, SessionError};
 use chrono::Utc;
 use kiln_kernel::ExecLimits;
-use kiln_protocol::{ExecEvent, ExecuteData, SessionInfo, ValidFile};
+use kiln_protocol::{ExecEvent, ExecuteData, Language, SessionInfo, ValidFile};
 use kiln_runtime::Runtime;
 use kiln_store::{SessionRecord, Store};
 use std::sync::{Arc, Mutex};
@@ -30,7 +30,7 @@ struct Inner {
     cfg: Arc<Config>,
     store: Arc<dyn Store>,
     kernels: Arc<Kernels>,
-    pool: Arc<Pool>,
+    pool: Arc<Pools>,
     registry: Arc<Registry>,
     readiness: watch::Sender<Readiness>,
     /// Turns true when the background tasks must stop.
@@ -54,6 +54,9 @@ pub struct Exec {
     pub session_id: Option<String>,
     /// The cell.
     pub code: String,
+    /// Its language: a new session's kernel runs it; an existing session
+    /// must run it already.
+    pub language: Language,
     /// Files to write first.
     pub files: Vec<ValidFile>,
     /// The request's own time limit.
@@ -75,7 +78,7 @@ impl Manager {
     pub fn new(cfg: Config, store: Arc<dyn Store>) -> Self {
         let cfg = Arc::new(cfg);
         let kernels = Arc::new(Kernels::new(cfg.clone()));
-        let pool = Arc::new(Pool::new(cfg.pool_size, kernels.clone()));
+        let pool = Arc::new(Pools::new(cfg.pool_size, kernels.clone()));
         Manager {
             inner: Arc::new(Inner {
                 kernels,
@@ -123,19 +126,28 @@ impl Manager {
     pub async fn start(&self, runtime: Runtime) -> Result<(), SessionError> {
         let inner = &self.inner;
         let first = match inner.kernels.set_runtime(runtime).await {
-            Ok(()) => inner.kernels.boot_new(inner.kernels.default_network()).await,
+            Ok(()) => inner.kernels.boot_new(inner.kernels.default_network(), Language::Python).await,
             Err(e) => Err(e),
         };
         match first {
-            Ok(k) => inner.pool.put(k).await,
+            Ok(k) => {
+                if let Some(pool) = inner.pool.of(Language::Python) {
+                    pool.put(k).await;
+                }
+            }
             Err(e) => {
                 self.set_readiness(Readiness::Failed(e.to_string()));
                 return Err(e);
             }
         }
         let stopping = inner.stopping.subscribe();
-        let filler =
-            crate::pool::fill(inner.pool.clone(), inner.registry.clone(), inner.cfg.max_sessions, stopping.clone());
+        let filler = crate::pool::fill(
+            inner.pool.clone(),
+            inner.kernels.clone(),
+            inner.registry.clone(),
+            inner.cfg.max_sessions,
+            stopping.clone(),
+        );
         let reaper = reap(inner.registry.clone(), stopping);
         inner.background.lock().unwrap_or_else(|p| p.into_inner()).extend([tokio::spawn(filler), tokio::spawn(reaper)]);
         self.set_readiness(Readiness::Ready);
@@ -183,16 +195,23 @@ impl Manager {
         let (reply, answer) = oneshot::channel();
         let (id, jobs) = match req.session_id {
             Some(id) => {
-                let (_, jobs) = self.lookup(key_id, &id).await?;
+                let (_, language, jobs) = self.lookup(key_id, &id).await?;
+                if language != req.language {
+                    return Err(SessionError::LanguageMismatch { id, session: language, asked: req.language });
+                }
                 (id, jobs)
             }
             None => {
+                if !self.languages().contains(&req.language) {
+                    let runs = self.inner.kernels.languages_text();
+                    return Err(SessionError::UnsupportedLanguage { asked: req.language, runs });
+                }
                 let network = req.network.unwrap_or(self.inner.kernels.default_network());
                 // To its end even if the caller goes away meanwhile: a
                 // kernel dropped mid-boot would be left running, owned by
                 // no one; a session is owned by its worker (and its TTL).
-                let (me, key, limit) = (self.clone(), key_id.to_string(), req.max_sessions);
-                tokio::spawn(async move { me.create(&key, network, limit).await })
+                let (me, key, limit, language) = (self.clone(), key_id.to_string(), req.max_sessions, req.language);
+                tokio::spawn(async move { me.create(&key, network, language, limit).await })
                     .await
                     .map_err(|e| SessionError::KernelUnavailable(format!("starting the session failed: {e}")))??
             }
@@ -239,7 +258,7 @@ impl Manager {
         id: &str,
         path: Vec<String>,
     ) -> Result<kiln_protocol::FileList, SessionError> {
-        let (work, _) = self.lookup(key_id, id).await?;
+        let (work, _, _) = self.lookup(key_id, id).await?;
         let listed = tokio::task::spawn_blocking(move || crate::browse::list_dir(&work, &path)).await;
         Ok(listed.map_err(|e| SessionError::KernelUnavailable(e.to_string()))??)
     }
@@ -252,14 +271,14 @@ impl Manager {
         path: Vec<String>,
         max: u64,
     ) -> Result<Vec<u8>, SessionError> {
-        let (work, _) = self.lookup(key_id, id).await?;
+        let (work, _, _) = self.lookup(key_id, id).await?;
         let read = tokio::task::spawn_blocking(move || crate::browse::read_file(&work, &path, max)).await;
         Ok(read.map_err(|e| SessionError::KernelUnavailable(e.to_string()))??)
     }
 
     /// Write files into one of the caller's sessions without running code.
     pub async fn upload(&self, key_id: &str, id: &str, files: Vec<ValidFile>) -> Result<(), SessionError> {
-        let (work, _) = self.lookup(key_id, id).await?;
+        let (work, _, _) = self.lookup(key_id, id).await?;
         let owner = self.inner.kernels.file_owner();
         let written = tokio::task::spawn_blocking(move || crate::write_files(&work, &files, owner)).await;
         Ok(written.map_err(|e| SessionError::KernelUnavailable(e.to_string()))??)
@@ -272,9 +291,9 @@ impl Manager {
         &self,
         key_id: &str,
         id: &str,
-    ) -> Result<(std::path::PathBuf, mpsc::UnboundedSender<Job>), SessionError> {
+    ) -> Result<(std::path::PathBuf, Language, mpsc::UnboundedSender<Job>), SessionError> {
         match self.inner.registry.find(key_id, id, Utc::now()) {
-            Found::Live(work, jobs) => return Ok((work, jobs)),
+            Found::Live(work, language, jobs) => return Ok((work, language, jobs)),
             Found::Expired => return Err(SessionError::Expired(id.to_string())),
             Found::NotYours => return Err(SessionError::NotFound(id.to_string())),
             Found::Unknown => {}
@@ -296,6 +315,10 @@ impl Manager {
         m.sessions_live.set(i64::try_from(self.live_count()).unwrap_or(i64::MAX));
         m.pool_ready.set(i64::try_from(self.inner.pool.len().await).unwrap_or(i64::MAX));
         m.pool_target.set(i64::try_from(self.inner.pool.target()).unwrap_or(i64::MAX));
+        for (language, ready) in self.inner.pool.levels().await {
+            let pool = crate::metrics::PoolOf { language: language.as_str().to_string() };
+            m.pool_ready_by_language.get_or_create(&pool).set(i64::try_from(ready).unwrap_or(i64::MAX));
+        }
         m.render()
     }
 
@@ -327,6 +350,12 @@ impl Manager {
     /// The live-session limit of one key (`--max-sessions-per-key`).
     pub fn max_sessions_per_key(&self) -> usize {
         self.inner.cfg.max_sessions_per_key
+    }
+
+    /// The languages this server runs, the default (Python) first; empty
+    /// until the runtime is ready.
+    pub fn languages(&self) -> Vec<Language> {
+        self.inner.kernels.languages().to_vec()
     }
 
     /// The largest time limit a request may ask for.
@@ -421,6 +450,7 @@ impl Manager {
         &self,
         key_id: &str,
         network: NetworkPolicy,
+        language: Language,
         key_limit: Option<u64>,
     ) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
         let inner = &self.inner;
@@ -436,10 +466,14 @@ impl Manager {
             });
             SessionError::from(full)
         })?;
-        let pooled = if network == inner.kernels.default_network() { inner.pool.take().await } else { None };
+        let pool = inner.pool.of(language).filter(|_| network == inner.kernels.default_network());
+        let pooled = match pool {
+            Some(pool) => pool.take().await,
+            None => None,
+        };
         let kernel = match pooled {
             Some(k) => k,
-            None => inner.kernels.boot_new(network).await?,
+            None => inner.kernels.boot_new(network, language).await?,
         };
         if crate::batch::test_boot_failure() {
             inner.kernels.destroy(kernel).await;
@@ -466,10 +500,9 @@ impl Manager {
             Ok(false) => {
                 // The kernel ran nothing: it goes back to the pool, so a key
                 // at its limit on other nodes cannot drain this node's pool.
-                if network == inner.kernels.default_network() {
-                    inner.pool.put(kernel).await;
-                } else {
-                    inner.kernels.destroy(kernel).await;
+                match inner.pool.of(language).filter(|_| network == inner.kernels.default_network()) {
+                    Some(pool) => pool.put(kernel).await,
+                    None => inner.kernels.destroy(kernel).await,
                 }
                 inner.metrics.limit("sessions_per_key");
                 return Err(SessionError::TooManySessions(key_max));
@@ -485,6 +518,7 @@ impl Manager {
         let worker = Worker {
             id: id.clone(),
             network,
+            language,
             kernels: inner.kernels.clone(),
             store: inner.store.clone(),
             metrics: inner.metrics.clone(),
@@ -495,8 +529,15 @@ impl Manager {
         let worker = tokio::spawn(worker.run(kernel, queue, stopped));
         inner.metrics.sessions_started.inc();
         tracing::info!(session = %id, key = %key_id, "session started");
-        let live =
-            Live { key_id: key_id.to_string(), work, expires_at: record.expires_at, jobs: jobs.clone(), stop, worker };
+        let live = Live {
+            key_id: key_id.to_string(),
+            work,
+            language,
+            expires_at: record.expires_at,
+            jobs: jobs.clone(),
+            stop,
+            worker,
+        };
         place.register(id.clone(), live);
         Ok((id, jobs))
     }

@@ -25,6 +25,14 @@ pub struct Limit {
     pub limit: String,
 }
 
+/// A warm pool, by the language its kernels run (`python`, `javascript`
+/// for Deno's, shared with TypeScript, and `bash`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolOf {
+    /// The pool's language.
+    pub language: String,
+}
+
 /// An API error code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Code {
@@ -42,6 +50,8 @@ pub struct Metrics {
     pub pool_ready: Gauge,
     /// The pool's current target (adapts to demand).
     pub pool_target: Gauge,
+    /// Ready kernels, per pool.
+    pub pool_ready_by_language: Family<PoolOf, Gauge>,
     /// Sessions started.
     pub sessions_started: Counter,
     /// Executions by how they ended.
@@ -70,6 +80,7 @@ impl Metrics {
             sessions_live: Gauge::default(),
             pool_ready: Gauge::default(),
             pool_target: Gauge::default(),
+            pool_ready_by_language: Family::default(),
             sessions_started: Counter::default(),
             executions: Family::default(),
             execute_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
@@ -81,6 +92,11 @@ impl Metrics {
         registry.register("sessions_live", "Live sessions", m.sessions_live.clone());
         registry.register("pool_ready", "Ready kernels in the warm pool", m.pool_ready.clone());
         registry.register("pool_target", "The warm pool's current target size", m.pool_target.clone());
+        registry.register(
+            "pool_ready_by_language",
+            "Ready kernels in each language's warm pool",
+            m.pool_ready_by_language.clone(),
+        );
         registry.register("sessions_started", "Sessions started", m.sessions_started.clone());
         registry.register("executions", "Executions by outcome", m.executions.clone());
         registry.register("execute_duration_seconds", "Execution wall time", m.execute_seconds.clone());

@@ -1,19 +1,25 @@
-//! The warm pool: kernels booted ahead of demand.
+//! The warm pools: kernels booted ahead of demand, one pool per kind of
+//! kernel (Python; Deno for JavaScript and TypeScript; bash).
 //!
 //! A new session takes a ready kernel instead of waiting half a second for
 //! one to boot. Each pooled kernel goes to exactly one session and is never
 //! returned (no state can pass between sessions). One background task keeps
-//! the pool at its target, booting one kernel at a time so that refilling
+//! every pool at its target, booting one kernel at a time so that refilling
 //! never takes more than one core from live sessions.
 //!
-//! The target adapts to demand ([`next_target`]): every session that found
-//! the pool empty raises it (up to four times the configured size), and a
-//! quiet minute lowers it back. Pooled kernels count against the server's
-//! session limit: the pool never fills past what sessions could still use.
+//! Targets adapt to demand ([`next_target`]): every session that found its
+//! pool empty raises that pool's (up to four times the configured size), and
+//! a quiet minute lowers it back. Python's never goes below the configured
+//! size; the other languages' start at zero, so a server whose sessions are
+//! all Python keeps no Deno or bash kernel warm, and one that is asked for
+//! JavaScript keeps as many ready as its demand needs. Pooled kernels count
+//! against the server's session limit: the pools never fill past what
+//! sessions could still use.
 
 use crate::boot::Kernels;
 use crate::registry::Registry;
 use kiln_kernel::Kernel;
+use kiln_protocol::Language;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,11 +30,87 @@ use tokio::time::Instant;
 /// How long without a miss before the target shrinks by one.
 const QUIET: Duration = Duration::from_secs(60);
 
+/// The pool a session of `language` takes its kernel from: JavaScript and
+/// TypeScript run the same kernel (Deno's), so they share one.
+pub(crate) fn pool_language(language: Language) -> Language {
+    match language {
+        Language::Typescript => Language::Javascript,
+        other => other,
+    }
+}
+
+/// Every language's pool, and the one filler's wake-up call.
+#[derive(Debug)]
+pub(crate) struct Pools {
+    pools: Vec<Pool>,
+    wake: Arc<Notify>,
+}
+
+impl Pools {
+    /// A pool for each kind of kernel: Python's at least `size`, the
+    /// others' grown from zero by demand; each up to four times `size`
+    /// (no pool at all when `size` is 0).
+    pub(crate) fn new(size: usize, kernels: Arc<Kernels>) -> Self {
+        let wake = Arc::new(Notify::new());
+        let pools = [Language::Python, Language::Javascript, Language::Bash]
+            .into_iter()
+            .map(|language| {
+                let min = if language == Language::Python { size } else { 0 };
+                Pool::new(language, min, size.saturating_mul(4), kernels.clone(), wake.clone())
+            })
+            .collect();
+        Pools { pools, wake }
+    }
+
+    /// The pool of `language`'s kernels.
+    pub(crate) fn of(&self, language: Language) -> Option<&Pool> {
+        let language = pool_language(language);
+        self.pools.iter().find(|p| p.language == language)
+    }
+
+    /// Wake the filler (to notice a shutdown).
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Kernels ready, in all pools.
+    pub(crate) async fn len(&self) -> usize {
+        let mut n = 0;
+        for p in &self.pools {
+            n += p.len().await;
+        }
+        n
+    }
+
+    /// Kernels ready in each pool, by the pool's language.
+    pub(crate) async fn levels(&self) -> Vec<(Language, usize)> {
+        let mut out = Vec::new();
+        for p in &self.pools {
+            out.push((p.language, p.len().await));
+        }
+        out
+    }
+
+    /// The sum of the pools' targets.
+    pub(crate) fn target(&self) -> usize {
+        self.pools.iter().map(Pool::target).sum()
+    }
+
+    /// Kill every pooled kernel.
+    pub(crate) async fn drain(&self) {
+        for p in &self.pools {
+            p.drain().await;
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Pool {
+    /// The language its kernels run (see [`pool_language`]).
+    language: Language,
     kernels: Arc<Kernels>,
     ready: Mutex<VecDeque<Kernel>>,
-    wake: Notify,
+    wake: Arc<Notify>,
     /// The configured size: the target never goes below it.
     min: usize,
     /// The largest the target may grow to.
@@ -48,13 +130,14 @@ pub(crate) fn next_target(current: usize, min: usize, max: usize, misses: usize,
 }
 
 impl Pool {
-    pub(crate) fn new(min: usize, kernels: Arc<Kernels>) -> Self {
+    fn new(language: Language, min: usize, max: usize, kernels: Arc<Kernels>, wake: Arc<Notify>) -> Self {
         Pool {
+            language,
             kernels,
             ready: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
+            wake,
             min,
-            max: min.saturating_mul(4),
+            max,
             target: AtomicUsize::new(min),
             last_change: std::sync::Mutex::new(Instant::now()),
         }
@@ -70,7 +153,7 @@ impl Pool {
             }
             self.kernels.destroy(k).await;
         }
-        if self.min > 0 {
+        if self.max > 0 {
             // A miss: this session boots its own kernel; grow at once.
             let (min, max) = (self.min, self.max);
             let _ = self
@@ -84,16 +167,11 @@ impl Pool {
 
     /// Add a kernel (or discard it when the pool is off).
     pub(crate) async fn put(&self, k: Kernel) {
-        if self.min == 0 {
+        if self.max == 0 {
             self.kernels.destroy(k).await;
             return;
         }
         self.ready.lock().await.push_back(k);
-    }
-
-    /// Wake the filler (to notice a shutdown).
-    pub(crate) fn wake(&self) {
-        self.wake.notify_one();
     }
 
     pub(crate) async fn len(&self) -> usize {
@@ -127,10 +205,12 @@ impl Pool {
     }
 }
 
-/// Keep the pool at its target until `stopping` turns true. Pooled
-/// kernels count against `max_sessions` with the sessions in `registry`.
+/// Keep every pool at its target until `stopping` turns true, booting one
+/// kernel at a time (Python's pool first). Pooled kernels count against
+/// `max_sessions` with the sessions in `registry`.
 pub(crate) async fn fill(
-    pool: Arc<Pool>,
+    pools: Arc<Pools>,
+    kernels: Arc<Kernels>,
     registry: Arc<Registry>,
     max_sessions: usize,
     stopping: watch::Receiver<bool>,
@@ -138,12 +218,52 @@ pub(crate) async fn fill(
     let mut backoff = Duration::from_millis(500);
     loop {
         if *stopping.borrow() {
-            pool.drain().await;
+            pools.drain().await;
             return;
         }
-        // A quiet period shrinks the target by one.
+        let mut have = 0;
+        let mut below = None;
+        for pool in &pools.pools {
+            let target = pool.retarget();
+            let n = pool.len().await;
+            if n > target {
+                pool.trim(target).await;
+            }
+            have += n.min(target);
+            if below.is_none() && n < target && kernels.languages().contains(&pool.language) {
+                below = Some(pool);
+            }
+        }
+        // Pooled kernels count against the session limit.
+        let room = max_sessions.saturating_sub(registry.count());
+        let Some(pool) = below.filter(|_| have < room) else {
+            // Wait for a change, or re-evaluate the targets now and then.
+            let _ = tokio::time::timeout(QUIET, pools.wake.notified()).await;
+            continue;
+        };
+        match kernels.boot_new(kernels.default_network(), pool.language).await {
+            Ok(k) => {
+                backoff = Duration::from_millis(500);
+                if *stopping.borrow() {
+                    kernels.destroy(k).await;
+                    return;
+                }
+                pool.put(k).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, language = %pool.language, retry_in = ?backoff, "could not refill a kernel pool");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// The target after a quiet period's shrink, if one is due.
+    fn retarget(&self) -> usize {
         let quiet = {
-            let mut last = pool.last_change.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.last_change.lock().unwrap_or_else(|p| p.into_inner());
             let quiet = last.elapsed() >= QUIET;
             if quiet {
                 *last = Instant::now();
@@ -151,38 +271,12 @@ pub(crate) async fn fill(
             quiet
         };
         if quiet {
-            let (min, max) = (pool.min, pool.max);
-            let _ = pool
+            let (min, max) = (self.min, self.max);
+            let _ = self
                 .target
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(next_target(t, min, max, 0, true)));
         }
-        let target = pool.target();
-        let have = pool.len().await;
-        if have > target {
-            pool.trim(target).await;
-        }
-        // Pooled kernels count against the session limit.
-        let room = max_sessions.saturating_sub(registry.count());
-        if have >= target || have >= room {
-            // Wait for a change, or re-evaluate the target now and then.
-            let _ = tokio::time::timeout(QUIET, pool.wake.notified()).await;
-            continue;
-        }
-        match pool.kernels.boot_new(pool.kernels.default_network()).await {
-            Ok(k) => {
-                backoff = Duration::from_millis(500);
-                if *stopping.borrow() {
-                    pool.kernels.destroy(k).await;
-                    return;
-                }
-                pool.put(k).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "could not refill the kernel pool");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
+        self.target()
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) struct Live {
     pub(crate) key_id: String,
     /// Its working directory on the host.
     pub(crate) work: PathBuf,
+    /// The language its kernel runs (for good: see `language_mismatch`).
+    pub(crate) language: kiln_protocol::Language,
     /// When its lifetime ends.
     pub(crate) expires_at: DateTime<Utc>,
     /// Its worker's queue.
@@ -62,8 +64,8 @@ impl From<Full> for SessionError {
 /// What the registry knows of a session id, for a given key.
 #[derive(Debug)]
 pub(crate) enum Found {
-    /// The caller's live session: its work dir and queue.
-    Live(PathBuf, mpsc::UnboundedSender<Job>),
+    /// The caller's live session: its work dir, language and queue.
+    Live(PathBuf, kiln_protocol::Language, mpsc::UnboundedSender<Job>),
     /// The caller's session, past its lifetime (its worker is ending it).
     Expired,
     /// Another key's session: to the caller, it does not exist.
@@ -141,7 +143,7 @@ impl Registry {
     pub(crate) fn find(&self, key_id: &str, id: &str, now: DateTime<Utc>) -> Found {
         match self.entries().live.get(id) {
             Some(l) if l.key_id != key_id => Found::NotYours,
-            Some(l) if l.expires_at > now => Found::Live(l.work.clone(), l.jobs.clone()),
+            Some(l) if l.expires_at > now => Found::Live(l.work.clone(), l.language, l.jobs.clone()),
             Some(_) => Found::Expired,
             None => Found::Unknown,
         }
@@ -183,7 +185,15 @@ mod tests {
     fn live(key: &str, expires_at: DateTime<Utc>) -> Live {
         let (jobs, _) = mpsc::unbounded_channel();
         let (stop, _) = watch::channel(false);
-        Live { key_id: key.into(), work: "/w".into(), expires_at, jobs, stop, worker: tokio::spawn(async {}) }
+        Live {
+            key_id: key.into(),
+            work: "/w".into(),
+            language: kiln_protocol::Language::Python,
+            expires_at,
+            jobs,
+            stop,
+            worker: tokio::spawn(async {}),
+        }
     }
 
     #[tokio::test]

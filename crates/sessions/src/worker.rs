@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, watch};
 pub(crate) struct Worker {
     pub(crate) id: String,
     pub(crate) network: NetworkPolicy,
+    /// The language of the session's kernel (a restarted kernel runs it too).
+    pub(crate) language: kiln_protocol::Language,
     pub(crate) kernels: Arc<Kernels>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) metrics: Arc<crate::Metrics>,
@@ -157,7 +159,7 @@ impl Worker {
             tracing::info!(session = %self.id, %reason, "restarting kernel");
             let old_run = kernel.dirs().run.clone();
             kernel.kill().await;
-            let replaced = match self.kernels.boot_in(kernel.dirs().with_new_run(), self.network).await {
+            let replaced = match self.kernels.boot_in(kernel.dirs().with_new_run(), self.network, self.language).await {
                 Ok(k) => {
                     *kernel = k;
                     *cpu_seen = 0.0;

@@ -291,7 +291,7 @@ pub(crate) fn parse_network(what: &'static str, key: &str, v: Option<String>) ->
     v.map(|n| {
         n.parse().map_err(|_| StoreError::Invalid {
             what,
-            detail: format!("key {key} has network policy {n:?}, which is not none, pypi or full"),
+            detail: format!("key {key} has network policy {n:?}, which is not none, pypi (registries) or full"),
         })
     })
     .transpose()

@@ -466,7 +466,7 @@ impl Store for PgStore {
         let what = "add key";
         let id = key_id(&hash);
         let max_sessions = options.max_sessions.map(to_i64);
-        let network = options.network.map(|n| n.as_str());
+        let network = options.network.map(|n| n.stored_name());
         let hash_bytes = hash.as_slice();
         // Insert-or-keep; a concurrent insert of the same key by another
         // node is the "keep" case, not an error.

@@ -350,7 +350,7 @@ impl Store for SqliteStore {
                 label,
                 micros(now),
                 options.max_sessions.map(to_i64),
-                options.network.map(|n| n.as_str()),
+                options.network.map(|n| n.stored_name()),
                 options.admin
             ],
         )

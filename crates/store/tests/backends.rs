@@ -118,7 +118,8 @@ async fn every_network_policy_and_origin_round_trips_typed(b: &dyn Backend) {
     for (i, (origin, network)) in KeyOrigin::ALL
         .into_iter()
         .flat_map(|o| {
-            [None, Some(NetworkPolicy::None), Some(NetworkPolicy::Pypi), Some(NetworkPolicy::Full)].map(|n| (o, n))
+            [None, Some(NetworkPolicy::None), Some(NetworkPolicy::Registries), Some(NetworkPolicy::Full)]
+                .map(|n| (o, n))
         })
         .enumerate()
     {

@@ -5,6 +5,7 @@
 //! and the shared runtime cache, and is stopped with SIGTERM when dropped.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod inet;
 pub mod netns;
 
 use serde_json::{json, Value};

@@ -10,8 +10,8 @@
 //! connects only to addresses that are public by range and not this host's
 //! own ([`policy`]), then relays bytes both ways ([`tunnel`]):
 //!
-//! - `pypi`: only the package index hosts this machine's pip is configured
-//!   to use, port 443;
+//! - `registries` (once `pypi`): only the package index hosts this
+//!   machine's pip is configured to use and its npm's registry, port 443;
 //! - `full`: any host, ports 80 and 443.
 //!
 //! One session cannot take egress from another, nor descriptors from the

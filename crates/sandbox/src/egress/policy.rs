@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// What a session may reach through its proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Policy {
-    /// Only these host names (the package index), on port 443.
+    /// Only these host names (the package registries), on port 443.
     Hosts(Vec<String>),
     /// Any public address, ports 80 and 443.
     Full,
@@ -36,7 +36,7 @@ impl Policy {
     /// How the policy is named in messages.
     pub fn describe(&self) -> String {
         match self {
-            Policy::Hosts(h) => format!("pypi (only {} on port 443)", h.join(", ")),
+            Policy::Hosts(h) => format!("registries (only {} on port 443)", h.join(", ")),
             Policy::Full => "full (public addresses, ports 80 and 443)".into(),
         }
     }
