@@ -88,7 +88,7 @@ class Interrupter:
             "msg_id": uuid.uuid4().hex,
             "session": self.session,
             "username": "kiln",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(),
             "msg_type": "interrupt_request",
             "version": "5.3",
         }
@@ -96,7 +96,7 @@ class Interrupter:
         mac = hmac.new(self.key, digestmod=hashlib.sha256)
         for p in parts:
             mac.update(p)
-        self.socket.send_multipart([b"<IDS|MSG>", mac.hexdigest().encode()] + parts)
+        self.socket.send_multipart([b"<IDS|MSG>", mac.hexdigest().encode(), *parts])
 
 
 async def pipe(reader, writer):
@@ -137,7 +137,7 @@ async def listening(port):
 async def run(conn_file, argv):
     with open(conn_file) as f:
         info = json.load(f)
-    ports = dict(zip(CHANNELS, free_ports(len(CHANNELS))))
+    ports = dict(zip(CHANNELS, free_ports(len(CHANNELS)), strict=True))
     tcp = dict(info, transport="tcp", ip="127.0.0.1", **ports)
     tcp_file = os.path.join(os.path.dirname(conn_file), "tcp-kernel.json")
     fd = os.open(tcp_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
