@@ -99,6 +99,16 @@ pub(crate) fn parse<T: Described>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("the request body is empty: send a JSON object ({})", T::SHAPE),
         ));
     }
+    // Every body is a JSON object; serde would also build a struct whose
+    // fields all have defaults from an array (`[]`).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{')
+        && serde_json::from_slice::<serde_json::Value>(bytes).is_ok()
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the request body is not a JSON object: send {} ({})", T::WHAT, T::SHAPE),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         let text = e.to_string();
         let param = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()).map(str::to_string);
@@ -118,6 +128,15 @@ pub(crate) fn parse<T: Described>(bytes: &[u8]) -> Result<T, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_refused_even_when_every_field_has_a_default() {
+        for body in [&b"[]"[..], b" [ ] ", b"null", b"3", b"\"x\""] {
+            let e = parse::<kiln_protocol::CreateKey>(body).err().map(|e| e.message).unwrap_or_default();
+            assert!(e.contains("not a JSON object"), "{e}");
+        }
+        assert!(parse::<kiln_protocol::CreateKey>(b" {} ").is_ok());
+    }
 
     #[test]
     fn a_missing_field_is_named_and_the_shape_explained() {
