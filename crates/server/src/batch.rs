@@ -18,8 +18,8 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_protocol::{
-    decode_files, parse_memory, ApiError, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals,
-    Envelope, ErrorCode, ErrorEnvelope, Language, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
+    decode_files, ApiError, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals, Envelope,
+    ErrorCode, ErrorEnvelope, Language, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
 };
 use kiln_sessions::{BatchJob, Caller, Exec, Manager};
 use std::time::{Duration, Instant};
@@ -192,21 +192,13 @@ fn item_job(
     max: Duration,
     runs: &[Language],
 ) -> Result<BatchJob, ApiError> {
-    let name = item.language.as_deref().unwrap_or(Language::Python.as_str());
-    let Some(language) = Language::parse(name).filter(|l| runs.is_empty() || runs.contains(l)) else {
-        let runs: Vec<&str> = runs.iter().map(|l| l.as_str()).collect();
-        return Err(ApiError::new(
-            ErrorCode::UnsupportedLanguage,
-            format!("language {name:?} is not supported; this server runs: {}", runs.join(", ")),
-        )
-        .with_param("language"));
-    };
+    let language = crate::execute::language(item.language.as_deref(), runs)?;
     // Tests are run by kiln's Python runner, in forks of the session's
     // kernel: an item in another language may run, but not be tested.
     if language != Language::Python && item.tests.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
-            format!("tests run on Python items only; this item's language is {name}"),
+            format!("tests run on Python items only; this item's language is {}", language.as_str()),
         )
         .with_param("tests"));
     }
@@ -223,9 +215,7 @@ fn item_job(
     };
     let timeout = limit(item.timeout, "timeout")?;
     let tests_timeout = limit(item.tests_timeout, "tests_timeout")?.unwrap_or(DEFAULT_TEST_TIMEOUT.min(max));
-    let memory_limit = item.memory_limit.as_deref().map(parse_memory).transpose().map_err(|e| {
-        ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit")
-    })?;
+    let memory_limit = crate::execute::memory_limit(item.memory_limit.as_deref())?;
     let tests = item.tests.unwrap_or_default();
     if tests.len() > MAX_ITEM_TESTS {
         return Err(ApiError::new(

@@ -87,23 +87,34 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
         .any(|v| v.split(',').any(|t| t.trim().starts_with("text/event-stream")))
 }
 
-/// Check an execute request and turn it into the session layer's job.
-fn validate(req: ExecuteRequest, caller: &Caller, runs: &[Language]) -> Result<Exec, ApiError> {
-    let name = req.language.as_deref().unwrap_or(Language::Python.as_str());
-    let Some(language) = Language::parse(name).filter(|l| runs.is_empty() || runs.contains(l)) else {
+/// A request's `language` (Python when absent), if this server runs it
+/// (`runs` is empty until the runtime is ready: any known language then).
+pub(crate) fn language(name: Option<&str>, runs: &[Language]) -> Result<Language, ApiError> {
+    let name = name.unwrap_or(Language::Python.as_str());
+    Language::parse(name).filter(|l| runs.is_empty() || runs.contains(l)).ok_or_else(|| {
         let runs: Vec<&str> = runs.iter().map(|l| l.as_str()).collect();
-        return Err(ApiError::new(
+        ApiError::new(
             ErrorCode::UnsupportedLanguage,
             format!("language {name:?} is not supported; this server runs: {}", runs.join(", ")),
         )
-        .with_param("language"));
-    };
+        .with_param("language")
+    })
+}
+
+/// A request's `memory_limit` (`"256MiB"`), in bytes.
+pub(crate) fn memory_limit(text: Option<&str>) -> Result<Option<u64>, ApiError> {
+    text.map(kiln_protocol::parse_memory)
+        .transpose()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit"))
+}
+
+/// Check an execute request and turn it into the session layer's job.
+fn validate(req: ExecuteRequest, caller: &Caller, runs: &[Language]) -> Result<Exec, ApiError> {
+    let language = language(req.language.as_deref(), runs)?;
     let files = decode_files(req.files.as_deref().unwrap_or_default())?;
     let timeout = kiln_protocol::timeout_from_seconds(req.timeout)?;
     let session_id = req.session_id.filter(|s| !s.is_empty());
-    let memory_limit = req.memory_limit.as_deref().map(kiln_protocol::parse_memory).transpose().map_err(|e| {
-        ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit")
-    })?;
+    let memory_limit = memory_limit(req.memory_limit.as_deref())?;
     Ok(Exec {
         session_id,
         code: req.code,
