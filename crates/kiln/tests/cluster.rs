@@ -775,6 +775,19 @@ async fn a_frozen_owner_does_not_hold_requests_and_its_sessions_stay_lost_when_i
         assert!(began.elapsed() < Duration::from_secs(10), "node-a did not come back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Placement keeps a session on the receiving node when it has a ready
+    // kernel: wait for node-a's pool to refill after its restart of sessions.
+    let began = Instant::now();
+    loop {
+        let text = a.http.get(format!("{}/metrics", a.url)).send().await.unwrap().text().await.unwrap();
+        let ready =
+            text.lines().find_map(|l| l.strip_prefix("kiln_pool_ready ")).and_then(|v| v.trim().parse::<f64>().ok());
+        if ready.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(30), "node-a's pool did not refill: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let fresh = new_session(&a.url, KEY, "print('again')").await;
     assert_eq!(owner(&b.url, &fresh).await, "node-a");
 }
