@@ -70,18 +70,14 @@ impl Client {
         if resp.status().is_success() {
             return Ok(resp);
         }
-        let status = resp.status();
-        let text = resp.text().await.map_err(|e| self.unreachable(e))?;
-        Err(match serde_json::from_str::<ErrorEnvelope>(&text) {
-            Ok(env) => ClientError::Api(ApiError::new(env.error.code, env.error.message)),
-            Err(_) => ClientError::Unexpected(format!("{status}: {}", text.chars().take(200).collect::<String>())),
-        })
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| self.unreachable(e))?;
+        Err(error_of(status, &body))
     }
 
     /// `data` of a JSON answer.
     async fn data<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
-        let v: Value = self.send(req).await?.json().await.map_err(|e| self.unreachable(e))?;
-        serde_json::from_value(v["data"].clone()).map_err(|e| ClientError::Unexpected(e.to_string()))
+        data_of(&self.send(req).await?.bytes().await.map_err(|e| self.unreachable(e))?)
     }
 
     fn url(&self, path: &str) -> String {
@@ -99,36 +95,14 @@ impl Client {
     pub async fn execute_streamed(
         &self,
         req: &ExecuteRequest,
-        mut on_event: impl FnMut(ExecEvent),
+        on_event: impl FnMut(ExecEvent),
     ) -> Result<ExecuteData, ClientError> {
         let mut req = req.clone();
         req.stream = Some(true);
         let resp = self
             .send(self.http.post(self.url("/v1/tci/execute")).header("accept", "text/event-stream").json(&req))
             .await?;
-        let mut events = resp.bytes_stream().eventsource();
-        while let Some(event) = events.next().await {
-            let event = event.map_err(|e| ClientError::Unexpected(e.to_string()))?;
-            match event.event.as_str() {
-                "done" => {
-                    let v: Value =
-                        serde_json::from_str(&event.data).map_err(|e| ClientError::Unexpected(e.to_string()))?;
-                    return serde_json::from_value(v["data"].clone())
-                        .map_err(|e| ClientError::Unexpected(e.to_string()));
-                }
-                "failed" => {
-                    let env: ErrorEnvelope =
-                        serde_json::from_str(&event.data).map_err(|e| ClientError::Unexpected(e.to_string()))?;
-                    return Err(ClientError::Api(ApiError::new(env.error.code, env.error.message)));
-                }
-                name => {
-                    if let Some(e) = ExecEvent::from_sse(name, &event.data) {
-                        on_event(e);
-                    }
-                }
-            }
-        }
-        Err(ClientError::Unexpected("the stream ended before its final event".into()))
+        execution_events(resp.bytes_stream(), on_event).await
     }
 
     /// The key's live sessions.
@@ -154,4 +128,46 @@ impl Client {
         let resp = self.send(self.http.get(url)).await?;
         resp.bytes().await.map(|b| b.to_vec()).map_err(|e| self.unreachable(e))
     }
+}
+
+/// The failure an error answer (`status`, `body`) reports.
+pub fn error_of(status: u16, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorEnvelope>(body) {
+        Ok(env) => ClientError::Api(ApiError::new(env.error.code, env.error.message)),
+        Err(_) => ClientError::Unexpected(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(body).chars().take(200).collect::<String>()
+        )),
+    }
+}
+
+/// `data` of a successful JSON answer's `body`.
+pub fn data_of<T: DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+    serde_json::from_value(v["data"].take()).map_err(|e| ClientError::Unexpected(e.to_string()))
+}
+
+/// Read a streamed execution's Server-Sent Events from `body` (the bytes of
+/// a successful answer, from any transport): `on_event` sees the session and
+/// each output; returns the final answer, or the failure it reports.
+pub async fn execution_events<S, B, E>(body: S, mut on_event: impl FnMut(ExecEvent)) -> Result<ExecuteData, ClientError>
+where
+    S: tokio_stream::Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
+    let mut events = std::pin::pin!(body.eventsource());
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        match event.event.as_str() {
+            "done" => return data_of(event.data.as_bytes()),
+            "failed" => return Err(error_of(200, event.data.as_bytes())),
+            name => {
+                if let Some(e) = ExecEvent::from_sse(name, &event.data) {
+                    on_event(e);
+                }
+            }
+        }
+    }
+    Err(ClientError::Unexpected("the stream ended before its final event".into()))
 }

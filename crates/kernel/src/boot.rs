@@ -124,6 +124,9 @@ pub struct KernelSpec {
     /// The largest ZeroMQ frame kiln reads from the kernel (see
     /// [`crate::guard`]); a larger one cuts the kernel off.
     pub max_frame_bytes: u64,
+    /// The sandbox's CPU weight while it boots (see
+    /// [`kiln_sandbox::CpuWeight`]); the session may change it later.
+    pub cpu_weight: kiln_sandbox::CpuWeight,
 }
 
 /// Where the work dir appears inside a sandbox (the kernel's cwd).
@@ -249,14 +252,30 @@ impl Kernel {
         let program = kiln_sandbox::Program {
             path: argv.next().map(PathBuf::from).unwrap_or_default(),
             args: argv.collect(),
-            env: spec.env.iter().map(|(k, v)| (lossy(k), lossy(v))).collect(),
+            // The work dir, for the batch tests' runner of a kernel that is
+            // not kiln's own (which records its starting cwd instead).
+            env: spec
+                .env
+                .iter()
+                .map(|(k, v)| (lossy(k), lossy(v)))
+                .chain([("KILN_WORK_DIR".to_string(), lossy(cwd.as_os_str()))])
+                .collect(),
             cwd,
         };
         let started = Instant::now();
         let log = dirs.log();
         let zygote = spec.zygote.as_ref().filter(|_| owner.is_some());
-        let sandbox =
-            spec.sandboxes.spawn(kiln_sandbox::Spawn { dir: &dirs.root, log: &log, program, mounts, zygote }).await?;
+        let sandbox = spec
+            .sandboxes
+            .spawn(kiln_sandbox::Spawn {
+                dir: &dirs.root,
+                log: &log,
+                program,
+                mounts,
+                zygote,
+                cpu_weight: spec.cpu_weight,
+            })
+            .await?;
         let spawned = started.elapsed();
         let deadline = Instant::now() + spec.boot_timeout;
         let kernel = connect(sandbox, dirs, &info, spec, deadline).await?;

@@ -59,6 +59,12 @@ pub enum KeysCommand {
         /// Live sessions it may have (below the server's per-key limit).
         #[arg(long)]
         max_sessions: Option<u64>,
+        /// Executions it may run at once, 1 to 100000, instead of the
+        /// server's --max-executions-per-key; its queue of waiting
+        /// executions scales with it [default: the server's]
+        #[arg(long, value_name = "N", alias = "max-concurrent-executions",
+              value_parser = clap::value_parser!(u64).range(1..=kiln_protocol::MAX_KEY_EXECUTIONS))]
+        max_executions_per_key: Option<u64>,
         /// Its sessions' network policy: none, registries (old name: pypi) or full; never wider
         /// than the server's --network.
         #[arg(long)]
@@ -89,14 +95,14 @@ pub enum KeysCommand {
 
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
-        KeysCommand::Create { label, max_sessions, network, admin, data } => {
+        KeysCommand::Create { label, max_sessions, max_executions_per_key, network, admin, data } => {
             if let Some(asked) = network {
                 let ceiling = server_network(&data.path()?)?;
                 crate::ceiling::check("this key", asked, ceiling)?;
             }
             let store = data.store().await?;
             let key = kiln_server::generate_key();
-            let options = KeyOptions { max_sessions, network, admin };
+            let options = KeyOptions { max_sessions, max_executions_per_key, network, admin };
             let rec = store.add_key(kiln_server::hash_key(&key), KeyOrigin::Created, &label, &options).await?;
             println!("{key}");
             eprintln!("created {} ({}); store the key now: kiln keeps only its hash", rec.id, rec.label);
@@ -111,6 +117,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                             "id": k.id, "origin": k.origin.as_str(), "label": k.label,
                             "created_at": k.created_at.to_rfc3339(),
                             "max_sessions": k.options.max_sessions, "network": k.options.network,
+                            "max_executions_per_key": k.options.max_executions_per_key,
                             "admin": k.options.admin,
                             "revoked_at": k.revoked_at.map(|t| t.to_rfc3339()),
                         })
@@ -128,12 +135,26 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                             k.created_at.format("%Y-%m-%d %H:%M").to_string(),
                             k.options.network.map_or_else(|| "server".into(), |n| n.to_string()),
                             k.options.max_sessions.map_or_else(|| "server".into(), |n| n.to_string()),
+                            k.options.max_executions_per_key.map_or_else(|| "server".into(), |n| n.to_string()),
                             if k.options.admin { "yes".into() } else { "no".into() },
                             if k.revoked_at.is_some() { "revoked".into() } else { "active".into() },
                         ]
                     })
                     .collect();
-                print_table(&["ID", "ORIGIN", "LABEL", "CREATED", "NETWORK", "MAX SESSIONS", "ADMIN", "STATUS"], rows);
+                print_table(
+                    &[
+                        "ID",
+                        "ORIGIN",
+                        "LABEL",
+                        "CREATED",
+                        "NETWORK",
+                        "MAX SESSIONS",
+                        "MAX EXECUTIONS",
+                        "ADMIN",
+                        "STATUS",
+                    ],
+                    rows,
+                );
             }
         }
         KeysCommand::Revoke { id, data } => {

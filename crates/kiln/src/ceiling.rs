@@ -88,7 +88,14 @@ mod tests {
     use super::*;
 
     fn key(id: &str, network: Option<NetworkPolicy>) -> KeyEntry {
-        KeyEntry { id: id.into(), hash: [0; 32], network, max_sessions: None, admin: false }
+        KeyEntry {
+            id: id.into(),
+            hash: [0; 32],
+            network,
+            max_sessions: None,
+            max_executions_per_key: None,
+            admin: false,
+        }
     }
 
     #[test]

@@ -123,6 +123,11 @@ pub struct ServeArgs {
     /// [default: on]
     #[arg(long, env = "KILN_ZYGOTE", value_enum)]
     pub zygote: Option<ZygoteMode>,
+    /// Zygotes of the runtime, 1 to 64: kernels are forked from each in
+    /// turn, so new sessions are not serialised behind one process's forks
+    /// [default: one per four cores, at least one]
+    #[arg(long, env = "KILN_ZYGOTES", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub zygotes: Option<u16>,
     /// Memory per session, e.g. 2GiB [default: 2GiB]
     #[arg(long, env = "KILN_MEMORY_LIMIT", value_parser = parse_bytes)]
     #[serde(default, with = "opt_bytes")]
@@ -347,6 +352,7 @@ impl Settings {
                 interrupt_grace: Duration::from_secs(3),
                 max_output_bytes: pick!(max_output_bytes, 10 << 20),
                 pool_size: pick!(pool_size, 2),
+                zygotes: usize::from(pick!(zygotes, default_zygotes())).clamp(1, 64),
                 max_sessions: pick!(max_sessions, 256),
                 max_sessions_per_key: pick!(max_sessions_per_key, 64),
                 admission: kiln_sessions::AdmissionLimits {
@@ -487,6 +493,14 @@ mod opt_bytes {
             Some(Size::Text(t)) => super::parse_bytes(&t).map(Some).map_err(serde::de::Error::custom),
         }
     }
+}
+
+/// One zygote per four cores, at least one: a zygote spends about 2-3 ms
+/// of its own (serial) time per fork, so one keeps up with a few hundred
+/// new sessions a second, which is what four cores can create.
+fn default_zygotes() -> u16 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    u16::try_from(cores.div_ceil(4)).unwrap_or(1).max(1)
 }
 
 #[cfg(test)]

@@ -66,7 +66,9 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
                 kiln_sessions::Membership::join(manager.clone(), store.clone(), Some(c.advertise.clone()), c.lease)
                     .await
                     .context("could not register this node in the database")?;
-            Some(Arc::new(kiln_server::Cluster::new(membership, &c.secret.0).map_err(anyhow::Error::msg)?))
+            Some(Arc::new(
+                kiln_server::Cluster::new(membership, &c.secret.0, s.http.idle_timeout).map_err(anyhow::Error::msg)?,
+            ))
         }
     };
 
@@ -218,7 +220,14 @@ async fn settle_keys(s: &Settings, store: &dyn Store) -> anyhow::Result<Vec<KeyE
     for (i, k) in s.api_keys.iter().enumerate() {
         let (key, network) = split_policy(k);
         let rec = store.add_key(hash_key(key), KeyOrigin::Configured, "configured", &KeyOptions::default()).await?;
-        configured.push(KeyEntry { id: rec.id, hash: rec.hash, network, max_sessions: None, admin: i == 0 });
+        configured.push(KeyEntry {
+            id: rec.id,
+            hash: rec.hash,
+            network,
+            max_sessions: None,
+            max_executions_per_key: None,
+            admin: i == 0,
+        });
     }
     let managed = store.keys().await?.into_iter().filter(|r| r.origin.is_managed() && r.revoked_at.is_none()).count();
     if !configured.is_empty() || managed > 0 {
@@ -256,6 +265,7 @@ pub async fn accepted_keys(configured: &[KeyEntry], store: &dyn Store) -> anyhow
         hash: r.hash,
         network: r.options.network,
         max_sessions: r.options.max_sessions,
+        max_executions_per_key: r.options.max_executions_per_key,
         admin: r.options.admin,
     }));
     Ok(keys)

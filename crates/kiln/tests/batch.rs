@@ -147,6 +147,24 @@ async fn program_tests_are_scored_by_kiln_and_hostile_candidates_cannot_fake_a_p
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_item_s_program_tests_run_in_one_cell_whatever_bytes_they_print() {
+    let s = start(&[]);
+    // 512 KiB of bytes that are not UTF-8 per run: as text, a replacement
+    // character each, six bytes once escaped in JSON. The reports of all
+    // five runs still fit in one cell's output (10 MiB by default), so the
+    // item costs its session one execution.
+    let code = "import sys\nn = int(input())\nsys.stdout.buffer.write(b'\\xff' * (n << 10))\n";
+    let expected = "\u{fffd}".repeat(512 << 10);
+    let tests: Vec<Value> = (0..5).map(|_| json!({"stdin": "512\n", "expected_stdout": expected})).collect();
+    let r = batch(&s, json!([{"code": code, "tests": tests, "keep_session": true}])).await;
+    assert_eq!(passed(&r[0]), [true; 5], "{:?}", statuses(&r[0]));
+    let id = r[0]["session_id"].as_str().unwrap();
+    let sessions = s.sessions(KEY).await;
+    let session = sessions.iter().find(|v| v["id"] == json!(id)).unwrap();
+    assert_eq!(session["execute_count"], json!(1), "{session}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn assertion_tests_start_from_the_state_the_code_left_each_with_its_own_time_limit() {
     let s = start(&[]);
     let code = "def solve(x):\n    return x * x\nseen = []";
@@ -228,10 +246,9 @@ async fn ndjson_yields_each_item_when_it_finishes_without_waiting_for_the_slowes
     assert_eq!((totals["tests_passed"].as_u64(), totals["tests_failed"].as_u64()), (Some(1), Some(0)));
 }
 
-/// One of the server's gauges.
+/// One of the server's gauges (-1 if it has none by that name).
 async fn gauge(s: &common::Server, name: &str) -> i64 {
-    let text = s.http.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(-1)
+    s.metric(name).await.map_or(-1, |n| n as i64)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -262,7 +279,7 @@ async fn a_client_that_goes_away_stops_its_batch_and_leaves_nothing_behind() {
         let _ = client.await;
         let mut seen = (0, 0, 0, 0);
         for _ in 0..200 {
-            let (live, ready) = (gauge(&s, "kiln_sessions_live ").await, gauge(&s, "kiln_pool_ready ").await);
+            let (live, ready) = (gauge(&s, "kiln_sessions_live").await, gauge(&s, "kiln_pool_ready").await);
             seen = (live, live_sessions(&s).await, common::sandboxes(&s.sessions_dir()).len() as i64, ready);
             if seen.0 == 0 && seen.1 == 0 && seen.2 == ready {
                 break;
@@ -464,4 +481,135 @@ async fn the_rl_reward_example_turns_solutions_into_rewards() {
     }
     assert_eq!(last["unscored"], json!([]));
     assert_eq!(live_sessions(&s).await, 0);
+}
+
+/// What a test (or the item) finds in /work: every path below it with its
+/// kind and content, as one line of text.
+const LIST_WORK: &str = r"import os
+def work():
+    out = []
+    for d, dirs, files in os.walk('/work'):
+        for n in sorted(dirs + files):
+            p = os.path.join(d, n)
+            kind = 'l' if os.path.islink(p) else 'd' if os.path.isdir(p) else 'f'
+            body = open(p).read() if kind == 'f' else os.readlink(p) if kind == 'l' else ''
+            out.append((p, kind, oct(os.lstat(p).st_mode), body))
+    return sorted(out)
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_test_starts_from_the_work_dir_the_item_left_whatever_the_tests_before_it_did() {
+    each_test_finds_the_item_s_work_dir(&start(&[])).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_ipykernel_each_test_also_starts_from_the_item_s_work_dir() {
+    each_test_finds_the_item_s_work_dir(&start(&["--kernel", "ipykernel", "--zygote", "off"])).await;
+}
+
+async fn each_test_finds_the_item_s_work_dir(s: &common::Server) {
+    let files = json!([{"name": "input.txt", "content": "3 4\n"}]);
+    // Program tests: each run finds no counter left by the one before, and
+    // the input file the one before deleted; and so does the item's code
+    // (which runs after them).
+    let counter = "import os\nn = int(open('count').read()) if os.path.exists('count') else 0\n\
+                   open('count', 'w').write(str(n + 1))\nos.unlink('input.txt')\nprint(n)";
+    let mut program_tests: Vec<Value> = (0..3).map(|_| json!({"stdin": "", "expected_stdout": "0"})).collect();
+    // (With an assertion the item's code also runs in its session.)
+    program_tests.push(json!({"code": "assert n == 0 and open('count').read() == '1'"}));
+    // Assertion tests: the state is what the item's code left; one test
+    // creates, one changes, one deletes, and each checks the others' marks
+    // are gone.
+    let code = format!(
+        "{LIST_WORK}os.makedirs('out', exist_ok=True)\nopen('out/state.txt', 'w').write('from the item')\n\
+         BEFORE = work()"
+    );
+    let assertion_tests = json!([
+        {"code": "open('/work/created.txt', 'w').write('x')\nos.makedirs('/work/made/deep')\nassert work() != BEFORE"},
+        {"code": "assert work() == BEFORE, work()\nopen('/work/out/state.txt', 'a').write(' and a test')\n\
+                  open('/work/input.txt', 'w').write('changed')"},
+        {"code": "assert work() == BEFORE, work()\nimport shutil\nshutil.rmtree('/work/out')\nos.unlink('/work/input.txt')"},
+        {"code": "assert work() == BEFORE, work()"},
+    ]);
+    let r = batch(
+        s,
+        json!([
+            {"code": counter, "files": files, "tests": program_tests},
+            {"code": code, "files": files, "tests": assertion_tests, "keep_session": true},
+        ]),
+    )
+    .await;
+    assert_eq!(r[0]["status"], json!("success"), "the item's code found a test's changes: {}", r[0]);
+    assert_eq!(r[0]["outputs"], json!([{"type": "stdout", "data": "0\n"}]), "{}", r[0]);
+    assert_eq!(passed(&r[0]), [true, true, true, true], "{}", r[0]);
+    assert_eq!(passed(&r[1]), [true, true, true, true], "{}", r[1]);
+    // The kept session is as the item's code left it, not as a test did.
+    let kept = r[1]["session_id"].as_str().unwrap().to_string();
+    let after = s.exec("assert work() == BEFORE, work()\nprint(len(BEFORE))", Some(&kept)).await;
+    assert_eq!(common::text_of(&after, "stdout"), "3\n", "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_test_cannot_change_what_the_next_test_or_the_item_sees() {
+    // A small work dir, so that filling it is quick.
+    let s = start(&["--disk-limit", "48MiB"]);
+    let code = format!(
+        "{LIST_WORK}os.makedirs('data/deep')\nopen('data/input.txt', 'w').write('original')\n\
+         open('data/deep/blob', 'wb').write(b'1' * (4 << 20))\nos.symlink('data/input.txt', 'link')\n\
+         os.chdir('data')\nBEFORE = work()"
+    );
+    let hostile = [
+        // A child that outlives the test, holding a file open and writing
+        // to it and to new files after the test has ended.
+        "import subprocess\nsubprocess.Popen(['sh', '-c', 'exec 3>>/work/data/input.txt; \
+         while :; do echo late >&3; echo late >> /work/late.txt; sleep 0.01; done'], start_new_session=True)\n\
+         import time\ntime.sleep(0.3)",
+        // Locked directories, a directory swapped for a link that leads out
+        // of /work, a file swapped for a link to the kernel's own files.
+        "os.makedirs('/work/locked/in')\nopen('/work/locked/in/f', 'w').write('x')\nos.chmod('/work/locked/in', 0)\n\
+         os.chmod('/work/locked', 0)\nos.rename('/work/data/deep', '/work/moved')\nos.symlink('/tmp', '/work/data/deep')\n\
+         os.unlink('/work/data/input.txt')\nos.symlink('/proc/self/environ', '/work/data/input.txt')\n\
+         os.chmod('/work/data', 0)",
+        // A file that fills the work dir.
+        "f = open('/work/huge', 'wb')\ntry:\n    while True:\n        f.write(b'0' * (1 << 20))\nexcept OSError:\n    pass",
+        // A test that kills (or stops) the kernel it was forked from, which
+        // would end the runner before it puts the work dir back.
+        r"open('/work/killer.txt', 'w').write('x')
+import os, signal
+for target in (os.getppid(), -os.getpgid(os.getppid()), -1):
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        try:
+            os.kill(target, sig)
+        except PermissionError:
+            pass",
+        // A child that goes on forking children that write, after the test
+        // has ended.
+        r"import os, time
+if os.fork() == 0:
+    os.setsid()
+    for i in range(400):
+        if os.fork() == 0:
+            open('/work/data/spawn-%d' % os.getpid(), 'w').write('x')
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.005)
+    os._exit(0)
+time.sleep(0.2)",
+    ];
+    let mut tests = Vec::new();
+    for h in hostile {
+        tests.push(json!({"code": h}));
+        // After each: everything as the item left it, room to write again,
+        // the kernel's cwd still the item's.
+        tests.push(json!({"code": "import time\ntime.sleep(0.3)\nassert work() == BEFORE, work()\n\
+                                   assert os.getcwd() == '/work/data'\nopen('/work/room', 'wb').write(b'0' * (30 << 20))"}));
+    }
+    let r = batch(&s, json!([{"code": code, "tests": tests, "tests_timeout": 10, "keep_session": true}])).await;
+    let item = &r[0];
+    assert_eq!(item["status"], json!("success"), "{item}");
+    let got = passed(item);
+    assert!(got.iter().skip(1).step_by(2).all(|&p| p), "a test saw another's leftovers: {item}");
+    let kept = item["session_id"].as_str().unwrap().to_string();
+    let after = s.exec("assert work() == BEFORE, work()\nprint('clean')", Some(&kept)).await;
+    assert_eq!(common::text_of(&after, "stdout"), "clean\n", "{after}");
 }

@@ -9,24 +9,8 @@
 
 mod common;
 
-use common::{clients_dir, repo, start, KEY};
+use common::{clients_dir, run_client, start};
 use std::path::PathBuf;
-use std::process::Command;
-
-fn run_client(program: PathBuf, script: &str, url: &str) {
-    let out = Command::new(&program)
-        .arg(repo().join("tests/clients").join(script))
-        .env("KILN_BASE_URL", url)
-        .env("KILN_API_KEY", KEY)
-        .env("KILN_NODE_CLIENT_DIR", clients_dir().join("node"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
-    let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.ends_with(" 0 failed") && !last.starts_with("0 passed"), "{script}: {last}");
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_together_1_x_python_client_runs_every_documented_example() {

@@ -195,10 +195,9 @@ async fn a_session_keeps_its_language_and_unknown_languages_are_refused() {
     // JavaScript's pool starts empty: the first session boots its own
     // kernel, and the pool grows by that demand (bash's stays empty).
     let pools = || async {
-        let text = reqwest::get(format!("{}/metrics", s.url)).await.unwrap().text().await.unwrap();
+        let text = s.metrics().await;
         ["python", "javascript", "bash"].map(|l| {
-            let line = format!("kiln_pool_ready_by_language{{language=\"{l}\"}} ");
-            text.lines().find_map(|x| x.strip_prefix(line.as_str())).and_then(|n| n.parse::<u64>().ok())
+            common::metric(&text, &format!("kiln_pool_ready_by_language{{language=\"{l}\"}}")).map(|n| n as u64)
         })
     };
     assert_eq!(pools().await[1], Some(0));

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, running, sandboxed_pids, sandboxes, start, start_in, KEY};
+use common::{eventually, metric, running, sandboxed_pids, sandboxes, start, start_in, KEY};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 
@@ -40,10 +40,11 @@ async fn many_sessions_come_and_go_without_leaking_processes_or_files() {
     // adapts to the burst, so ask the server how many it holds).
     let mut settled = false;
     for _ in 0..250 {
-        let text = s.http.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
-        let (live, pooled) = (metric(&text, "kiln_sessions_live"), metric(&text, "kiln_pool_ready") as usize);
+        let text = s.metrics().await;
+        let live = metric(&text, "kiln_sessions_live");
+        let pooled = metric(&text, "kiln_pool_ready").map_or(usize::MAX, |n| n as usize);
         let dirs = s.sessions_dir().read_dir().unwrap().count();
-        if live == 0 && pooled >= 2 && dirs == pooled && sandboxes(&dir).len() == pooled {
+        if live == Some(0.0) && pooled >= 2 && dirs == pooled && sandboxes(&dir).len() == pooled {
             settled = true;
             break;
         }
@@ -182,10 +183,6 @@ async fn sigterm_lets_running_cells_finish_then_ends_the_rest() {
     assert!(sandboxes(&s.sessions_dir()).is_empty());
 }
 
-fn metric(text: &str, name: &str) -> i64 {
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or(-1)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pool_grows_with_demand_and_never_outgrows_the_session_limit() {
     let s = std::sync::Arc::new(start(&["--pool-size", "1", "--max-sessions", "6"]));
@@ -199,24 +196,20 @@ async fn the_pool_grows_with_demand_and_never_outgrows_the_session_limit() {
     for t in burst {
         t.await.unwrap();
     }
-    let scrape = || {
-        let s = s.clone();
-        async move { s.http.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap() }
-    };
-    let text = scrape().await;
-    let target = metric(&text, "kiln_pool_target");
-    assert!(target > 1, "the target should have grown:\n{text}");
+    let text = s.metrics().await;
+    let target = metric(&text, "kiln_pool_target").unwrap_or(-1.0);
+    assert!(target > 1.0, "the target should have grown:\n{text}");
     // It fills up to the target, but the 3 live sessions + the pool stay
     // within the limit of 6.
-    let mut ready = 0;
+    let mut ready = 0.0;
     for _ in 0..100 {
-        ready = metric(&scrape().await, "kiln_pool_ready");
-        if ready >= target.min(3) {
+        ready = s.metric("kiln_pool_ready").await.unwrap_or(-1.0);
+        if ready >= target.min(3.0) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    assert_eq!(ready, target.min(3), "pool should fill to its target within the limit");
+    assert_eq!(ready, target.min(3.0), "pool should fill to its target within the limit");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert!(sandboxes(&s.sessions_dir()).len() <= 6, "{:?}", sandboxes(&s.sessions_dir()));
 }

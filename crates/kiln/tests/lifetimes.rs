@@ -13,6 +13,18 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Every `kiln serve` reaps, as it starts, what any dead server on the host
+/// left behind. The tests here run at once, so each start takes this lock,
+/// and a test that looks at what its killed server left holds it from the
+/// kill until it has looked: no other test's start can reap in between.
+static STARTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Run `start` (a server's start) under [`STARTS`].
+async fn locked<T>(start: impl FnOnce() -> T) -> T {
+    let _starting = STARTS.lock().await;
+    start()
+}
+
 /// A process, identified by pid and start time (pids are reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Proc {
@@ -92,7 +104,7 @@ async fn kill_and_time(s: &mut Server, procs: &[Proc]) -> Duration {
 }
 
 async fn a_sigkilled_server_leaves_no_sandbox_process(extra: &[&str]) {
-    let s = std::sync::Arc::new(start(&[&["--pool-size", "1"], extra].concat()));
+    let s = std::sync::Arc::new(locked(|| start(&[&["--pool-size", "1"], extra].concat())).await);
     busy_sessions(&s).await;
     let procs = sandbox_processes(&s);
     // pool + 3 sessions, each with init and kernel, plus the children.
@@ -102,7 +114,7 @@ async fn a_sigkilled_server_leaves_no_sandbox_process(extra: &[&str]) {
     let took = kill_and_time(&mut s, &procs).await;
     eprintln!("{extra:?}: the last of {} sandbox processes was gone {took:?} after SIGKILL", procs.len());
     // The next start on the host takes away its (empty) cgroups.
-    drop(start(extra));
+    drop(locked(|| start(extra)).await);
     assert!(cgroups.iter().all(|d| !d.exists()), "{cgroups:?}");
 }
 
@@ -125,15 +137,16 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_next_start_with_another_data_dir_removes_a_killed_servers_cgroups_and_mounts() {
     // A live neighbour, whose sandboxes must survive everything below.
-    let neighbour = start(&[]);
+    let neighbour = locked(|| start(&[])).await;
     let kept = neighbour.exec("kept = 41", None).await["session_id"].as_str().unwrap().to_string();
 
-    let mut dead = start(&[]);
+    let mut dead = locked(|| start(&[])).await;
     dead.exec("x = 1", None).await;
     let dead_sessions = dead.sessions_dir();
     let cgroups = sandbox_dirs(&dead_sessions);
     assert!(cgroups.len() >= 2, "{cgroups:?}");
     assert!(mounts_under(&dead_sessions).len() >= 2);
+    let starting = STARTS.lock().await;
     dead.crash();
     // Its processes die with it, but cgroups and mounts stay until someone
     // reaps them.
@@ -141,6 +154,7 @@ async fn the_next_start_with_another_data_dir_removes_a_killed_servers_cgroups_a
     assert!(cgroups.iter().all(|d| d.exists()));
 
     let next = start(&[]);
+    drop(starting);
     assert!(cgroups.iter().all(|d| !d.exists()), "{cgroups:?}");
     assert!(mounts_under(&dead_sessions).is_empty(), "{:?}", mounts_under(&dead_sessions));
     assert!(common::instance_cgroup(&dead_sessions, "pids").is_none(), "its registration is gone too");
@@ -170,11 +184,7 @@ fn footprint(s: &Server) -> Footprint {
 }
 
 async fn pooled(s: &Server) -> usize {
-    let text = s.http.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("kiln_pool_ready "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(usize::MAX)
+    s.metric("kiln_pool_ready").await.map_or(usize::MAX, |n| n as usize)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -183,7 +193,7 @@ async fn three_thousand_sessions_from_four_clients_leave_nothing_beyond_the_pool
     const EACH: usize = 750;
     let data = tempfile::tempdir().unwrap();
     let data_path = data.path().to_path_buf();
-    let s = std::sync::Arc::new(start_in(data, &["--pool-size", "2", "--max-sessions", "16"], true));
+    let s = std::sync::Arc::new(locked(|| start_in(data, &["--pool-size", "2", "--max-sessions", "16"], true)).await);
     let t0 = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -236,6 +246,7 @@ async fn three_thousand_sessions_from_four_clients_leave_nothing_beyond_the_pool
 
 #[test]
 fn a_cache_dir_the_sandbox_would_hide_is_refused_at_start_with_a_clear_error() {
+    let _starting = STARTS.blocking_lock();
     let data = tempfile::tempdir().unwrap();
     for (flag, env) in [(true, false), (false, true)] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));

@@ -169,32 +169,19 @@ async fn without_network_pip_fails_fast_and_says_so() {
     assert!(out.starts_with("none\n"), "{out}");
     assert!(out.contains("ERROR: No matching distribution found for tabulate"), "{out}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{:?}", t0.elapsed());
-    // No proxy at all: no egress socket on the host (the same check finds
-    // one per kernel under `pypi`, see below), none bound into the session.
-    assert_eq!(egress_sockets(s.data.path()), Vec::<std::path::PathBuf>::new());
-    assert_eq!(s.exec(SOCKET_INSIDE, None).await["outputs"][0]["data"], "False\n");
+    // No proxy at all: nothing listens inside the session.
+    assert_eq!(s.exec(SOCKET_INSIDE, None).await["outputs"][0]["data"], "no proxy\n");
 }
 
-/// Python that says whether the session has an egress socket.
-const SOCKET_INSIDE: &str = "import os; print(os.path.exists('/run/kiln-egress.sock'))";
+/// Python that asks the session's proxy (if it has one) for a private
+/// address and prints the first line of the answer: kiln's refusal where
+/// there is a proxy, "no proxy" where nothing listens.
+const SOCKET_INSIDE: &str = "import socket\ns = socket.socket(); s.settimeout(5)\ntry:\n    s.connect(('127.0.0.1', 3128))\nexcept OSError:\n    print('no proxy')\nelse:\n    s.sendall(b'CONNECT 10.0.0.1:443 HTTP/1.1\\r\\n\\r\\n')\n    print(s.makefile('rb').readline().decode().strip())";
 
-/// The egress sockets (Unix sockets named `*.egress`) under `dir`.
-fn egress_sockets(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    use std::os::unix::fs::FileTypeExt;
-    let mut found = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let Ok(t) = e.file_type() else { continue };
-            if t.is_dir() && !t.is_symlink() {
-                todo.push(e.path());
-            } else if t.is_socket() && e.path().extension().is_some_and(|x| x == "egress") {
-                found.push(e.path());
-            }
-        }
-    }
-    found
-}
+/// How many processes the session has, as `ps` would see them inside, and
+/// their names.
+const PROCESSES_INSIDE: &str =
+    "import os\nnames = sorted(open(f'/proc/{p}/comm').read().strip() for p in os.listdir('/proc') if p.isdigit())\nprint(len(names), names)";
 
 fn kiln(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -250,8 +237,7 @@ async fn kiln_keys_create_refuses_more_network_than_the_server_s_and_a_narrowed_
     let s = common::start_in(data, &["--network", "none"], true);
     let code = format!("import os\nprint(os.environ['KILN_NETWORK'])\n{SOCKET_INSIDE}");
     let (st, v) = s.post("/tci/execute", Some(&wide), json!({ "code": code })).await;
-    assert_eq!((st, text_of(&v["data"], "stdout")), (200, "none\nFalse\n".to_string()), "{v}");
-    assert_eq!(egress_sockets(s.data.path()), Vec::<std::path::PathBuf>::new());
+    assert_eq!((st, text_of(&v["data"], "stdout")), (200, "none\nno proxy\n".to_string()), "{v}");
     // And a new key cannot ask for more than this server's policy.
     let refused = kiln(&["keys", "create", "--network", "pypi", "--data-dir", d]);
     let err = String::from_utf8_lossy(&refused.stderr);
@@ -281,20 +267,20 @@ async fn a_key_can_have_its_own_network_policy() {
     assert_eq!(text_of(&mine["data"], "stdout"), "registries proxy\n", "{mine}");
     let (_, theirs) = s.post("/tci/execute", Some(common::OTHER_KEY), json!({"code": code})).await;
     assert_eq!(text_of(&theirs["data"], "stdout"), "none no proxy\n", "{theirs}");
-    // Each kernel with egress has a socket of its own, bound into its
-    // sandbox; the `none` key's session has none.
-    let (_, mine) = s
-        .post("/tci/execute", Some(KEY), json!({"code": SOCKET_INSIDE, "session_id": mine["data"]["session_id"]}))
-        .await;
-    assert_eq!(text_of(&mine["data"], "stdout"), "True\n", "{mine}");
+    // The proxy a session with egress reaches is kiln's, which refuses a
+    // private address; the `none` key's session has none.
+    let mine_id = &mine["data"]["session_id"];
+    let (_, mine) = s.post("/tci/execute", Some(KEY), json!({"code": SOCKET_INSIDE, "session_id": mine_id})).await;
+    assert_eq!(text_of(&mine["data"], "stdout"), "HTTP/1.1 403 Forbidden\n", "{mine}");
     let theirs_id = &theirs["data"]["session_id"];
     let (_, theirs) =
         s.post("/tci/execute", Some(common::OTHER_KEY), json!({"code": SOCKET_INSIDE, "session_id": theirs_id})).await;
-    assert_eq!(text_of(&theirs["data"], "stdout"), "False\n", "{theirs}");
-    let sockets = egress_sockets(s.data.path());
-    assert!(!sockets.is_empty());
-    for socket in &sockets {
-        let kernel_dir = socket.parent().unwrap();
-        assert_eq!(kernel_dir.parent(), Some(s.sessions_dir().as_path()), "{socket:?}");
+    assert_eq!(text_of(&theirs["data"], "stdout"), "no proxy\n", "{theirs}");
+    // The proxy is served from outside: no process of the session's relays
+    // for it (with egress or without, a session is its init and its kernel).
+    for (key, id) in [(KEY, mine_id), (common::OTHER_KEY, theirs_id)] {
+        let (_, ps) = s.post("/tci/execute", Some(key), json!({"code": PROCESSES_INSIDE, "session_id": id})).await;
+        let names = text_of(&ps["data"], "stdout");
+        assert!(names.starts_with("2 "), "a session with egress runs more than its init and kernel: {names}");
     }
 }

@@ -51,7 +51,7 @@ for fd in os.listdir("/proc/self/fd"):
         pass
 print("pipes", sorted(fd for fd, l in links.items() if l.startswith("pipe:")))
 print("stdin", links.get("0"))
-print("env", sorted(k for k in os.environ if k.startswith("KILN_") and k not in ("KILN_NETWORK", "KILN_MAX_OUTPUT_BYTES")))
+print("env", sorted(k for k in os.environ if k.startswith("KILN_") and k not in ("KILN_NETWORK", "KILN_MAX_OUTPUT_BYTES", "KILN_WORK_DIR")))
 print("parent", os.getppid(), "user", os.getuid(), os.geteuid())
 "#;
     let data = server.exec(code, None).await;
@@ -102,4 +102,43 @@ async fn without_the_zygote_kernels_boot_as_new_interpreters() {
     let data = server.exec("import sys; print('pandas' in sys.modules, 'ipykernel' in sys.modules)", None).await;
     assert_eq!(text_of(&data, "stdout").trim(), "False True", "{data}");
     assert!(!server.data.path().join("zygote").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_two_zygotes_kernels_are_forked_from_each_in_turn() {
+    let server = start(&["--zygotes", "2", "--pool-size", "0"]);
+    for _ in 0..4 {
+        let data = server.exec("import sys; print('pandas' in sys.modules)", None).await;
+        assert_eq!(text_of(&data, "stdout").trim(), "True", "{data}");
+    }
+    let log_of = |pid: i32| std::fs::read_link(format!("/proc/{pid}/fd/1")).ok();
+    let zygotes: Vec<(i32, std::path::PathBuf)> = ["zygote/log", "zygote/1/log"]
+        .iter()
+        .map(|rel| {
+            let log = server.data.path().join(rel);
+            let pid = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .find(|pid| log_of(*pid).as_ref() == Some(&log))
+                .unwrap_or_else(|| panic!("no zygote writes to {}", log.display()));
+            (pid, log)
+        })
+        .collect();
+    assert_ne!(zygotes[0].0, zygotes[1].0);
+    // Every sandbox's init is a child of one of them, and each has some.
+    let parent = |pid: i32| -> i32 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok()).unwrap_or(0)
+    };
+    let mut forked_by = std::collections::HashMap::new();
+    for procs in common::sandboxes(&server.sessions_dir()) {
+        for pid in procs {
+            let p = parent(pid);
+            if let Some((z, _)) = zygotes.iter().find(|(z, _)| *z == p) {
+                *forked_by.entry(*z).or_insert(0) += 1;
+            }
+        }
+    }
+    assert_eq!(forked_by.len(), 2, "kernels forked by {forked_by:?}, zygotes {zygotes:?}");
 }

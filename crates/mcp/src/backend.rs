@@ -23,6 +23,10 @@ pub enum Backend {
     Local(Manager),
     /// A kiln server over HTTP.
     Remote(Client),
+    /// A cluster node's own API routes, in-process, as the key that
+    /// authenticated the MCP request: sessions are reached wherever in the
+    /// cluster they are.
+    Routed(crate::routed::Api),
 }
 
 /// A session failure as the API shows it, logged with its detail when it is
@@ -72,8 +76,10 @@ impl Backend {
                     timeout,
                     network: who.network,
                     max_sessions: who.max_sessions,
+                    max_executions_per_key: who.max_executions_per_key,
                     events,
                     memory_limit: None,
+                    priority: kiln_sessions::Priority::Interactive,
                 };
                 m.execute(&who.key_id, exec).await.map_err(api)
             }
@@ -97,6 +103,19 @@ impl Backend {
                     None => c.execute(&req).await.map_err(remote),
                 }
             }
+            Backend::Routed(api) => {
+                let who = caller(ctx)?;
+                let req = ExecuteRequest {
+                    code,
+                    language: Some("python".into()),
+                    session_id,
+                    files: Some(files),
+                    timeout,
+                    stream: None,
+                    memory_limit: None,
+                };
+                api.execute(&who, req, events).await
+            }
         }
     }
 
@@ -104,6 +123,7 @@ impl Backend {
         match self {
             Backend::Local(m) => m.list(&caller(ctx)?.key_id).await.map_err(api),
             Backend::Remote(c) => c.sessions().await.map_err(remote),
+            Backend::Routed(api) => api.list(&caller(ctx)?).await,
         }
     }
 
@@ -119,6 +139,11 @@ impl Backend {
                 m.upload(&caller(ctx)?.key_id, id, files).await.map_err(api)
             }
             Backend::Remote(c) => c.upload(id, &files).await.map_err(remote),
+            Backend::Routed(api) => {
+                // Checked here, as for the others, before anything is sent.
+                decode_files(&files)?;
+                api.upload(&caller(ctx)?, id, files).await
+            }
         }
     }
 
@@ -133,6 +158,7 @@ impl Backend {
         match self {
             Backend::Local(m) => m.read_file(&caller(ctx)?.key_id, id, components, 100 << 20).await.map_err(api),
             Backend::Remote(c) => c.download(id, path).await.map_err(remote),
+            Backend::Routed(api) => api.read(&caller(ctx)?, id, &components).await,
         }
     }
 
@@ -140,6 +166,7 @@ impl Backend {
         match self {
             Backend::Local(m) => m.end(&caller(ctx)?.key_id, id).await.map_err(api),
             Backend::Remote(c) => c.end(id).await.map_err(remote),
+            Backend::Routed(api) => api.end(&caller(ctx)?, id).await,
         }
     }
 }

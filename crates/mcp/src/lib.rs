@@ -1,10 +1,13 @@
 //! kiln as an MCP server: code execution, sessions and files as tools any
 //! MCP client (Claude Desktop, Cursor, a custom agent) can use.
 //!
-//! One tool implementation, two ways to reach sessions:
+//! One tool implementation, three ways to reach sessions:
 //! - [`Backend::Local`]: inside the HTTP server, at `/mcp` (streamable HTTP),
 //!   calling the session manager directly as the API key that authenticated
 //!   the request;
+//! - [`Backend::Routed`]: the same on a cluster node, through the node's own
+//!   API routes in-process, so a session is reached on whichever node holds
+//!   it (see `routed`);
 //! - [`Backend::Remote`]: for `kiln mcp` over stdio, calling a kiln server's
 //!   HTTP API with a URL and key.
 //!
@@ -13,13 +16,14 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod routed;
 
 pub use backend::Backend;
 pub use kiln_client::Client;
+pub use routed::Api;
 
 use base64::Engine as _;
 use kiln_protocol::{ExecuteData, FileUpload, Output};
-use kiln_sessions::Manager;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock as Content, ServerCapabilities, ServerConfig};
@@ -278,16 +282,28 @@ fn render(data: &ExecuteData) -> CallToolResult {
 
 /// The streamable-HTTP MCP service for the server's `/mcp` route (wrap it in
 /// the API-key middleware: tools act as the key in the request).
+///
+/// Every request carries the API key, so the `Host` check against DNS
+/// rebinding (meant for unauthenticated local servers) is off: the server
+/// is reached by whatever name its deployment gives it. With
+/// `stateless`, no MCP session is kept between requests (no
+/// `Mcp-Session-Id`): each request is served whole by the node it reaches,
+/// as a cluster behind a load balancer without stickiness needs; a call
+/// is then cancelled by closing its request.
 pub fn http_service(
-    manager: Manager,
+    backend: Backend,
+    stateless: bool,
 ) -> rmcp::transport::streamable_http_server::StreamableHttpService<
     KilnMcp,
     rmcp::transport::streamable_http_server::session::local::LocalSessionManager,
 > {
+    let config = rmcp::transport::streamable_http_server::StreamableHttpServerConfig::default()
+        .disable_allowed_hosts()
+        .with_legacy_session_mode(!stateless);
     rmcp::transport::streamable_http_server::StreamableHttpService::new(
-        move || Ok(KilnMcp::new(Backend::Local(manager.clone()))),
+        move || Ok(KilnMcp::new(backend.clone())),
         Default::default(),
-        Default::default(),
+        config,
     )
 }
 

@@ -23,6 +23,9 @@ pub struct KeyInfo {
     pub network: Option<NetworkPolicy>,
     /// Its own live-session limit; `null` is the server's per-key limit.
     pub max_sessions: Option<u64>,
+    /// Its own limit of executions at once; `null` is the server's
+    /// `--max-executions-per-key`.
+    pub max_executions_per_key: Option<u64>,
     /// When it was revoked, if it was.
     #[serde(with = "crate::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -56,10 +59,19 @@ pub struct CreateKey {
     #[serde(default, deserialize_with = "whole_number")]
     #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_sessions: Option<u64>,
+    /// Its own limit of executions at once (default: the server's
+    /// `--max-executions-per-key`); its queue of waiting executions scales
+    /// with it as `--execution-queue-per-key` does with the server's.
+    #[serde(default, deserialize_with = "executions_limit")]
+    #[schema(minimum = 1, maximum = 100_000)]
+    pub max_executions_per_key: Option<u64>,
 }
 
 /// The largest per-key session limit a key may be given.
 pub const MAX_KEY_SESSIONS: u64 = 1_000_000;
+
+/// The largest limit of executions at once a key may be given.
+pub const MAX_KEY_EXECUTIONS: u64 = 100_000;
 
 /// An optional whole number as JSON Schema counts one: `3` and `3.0` alike.
 fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -69,6 +81,27 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D
         Some(n) => Err(serde::de::Error::custom(format!(
             "max_sessions must be a whole number from 1 to {MAX_KEY_SESSIONS}, not {n}"
         ))),
+    }
+}
+
+/// `max_executions_per_key`: absent, `null`, or a whole number from 1 to
+/// [`MAX_KEY_EXECUTIONS`]; anything else (`0`, `-1`, `2.5`, `"4"`) is
+/// refused with a message naming the field.
+fn executions_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    let refuse = |shown: &dyn std::fmt::Display| {
+        serde::de::Error::custom(format!(
+            "max_executions_per_key must be a whole number from 1 to {MAX_KEY_EXECUTIONS} (or null for the \
+             server's --max-executions-per-key), not {shown}"
+        ))
+    };
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f >= 1.0 && f <= MAX_KEY_EXECUTIONS as f64 => Ok(Some(f as u64)),
+            _ => Err(refuse(&n)),
+        },
+        Some(other) => Err(refuse(&other)),
     }
 }
 

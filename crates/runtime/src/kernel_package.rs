@@ -35,6 +35,8 @@ const FILES: &[(&str, &str)] = &[
     ("__main__.py", include_str!("../python/kiln_kernel/__main__.py")),
     ("zygote.py", include_str!("../python/kiln_kernel/zygote.py")),
     ("judge.py", include_str!("../python/kiln_kernel/judge.py")),
+    ("workdir.py", include_str!("../python/kiln_kernel/workdir.py")),
+    ("guard.py", include_str!("../python/kiln_kernel/guard.py")),
     ("relay.py", include_str!("../python/kiln_kernel/relay.py")),
     ("bash.py", include_str!("../python/kiln_kernel/bash.py")),
 ];

@@ -214,6 +214,23 @@ fn limit_files(limits: &crate::Limits, unified: bool) -> Vec<(&'static str, &'st
     ]
 }
 
+/// A CPU weight in cgroup v2's terms: 1 to 10000, 100 being every
+/// sandbox's default share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuWeight(u16);
+
+impl CpuWeight {
+    /// The weight every sandbox starts with.
+    pub const DEFAULT: CpuWeight = CpuWeight(100);
+    /// The least weight: CPU only when nothing weightier wants it.
+    pub const IDLE: CpuWeight = CpuWeight(1);
+
+    /// A weight, clamped to 1..=10000.
+    pub fn new(weight: u16) -> CpuWeight {
+        CpuWeight(weight.clamp(1, 10_000))
+    }
+}
+
 /// The cgroup(s) of one session.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Cgroup {
@@ -260,10 +277,11 @@ impl Cgroup {
         Ok(())
     }
 
-    /// Kill every process in the cgroup.
+    /// Signal every process in the cgroup once, without waiting for them
+    /// to go (see [`remove_tree`] for that).
     pub(crate) fn kill(&self) {
         for dir in &self.dirs {
-            kill_all_in(dir, self.unified);
+            kill_once(dir, self.unified);
         }
     }
 
@@ -274,6 +292,23 @@ impl Cgroup {
         self.dirs.iter().any(|d| {
             ["memory.oom_control", "memory.events"].iter().any(|f| std::fs::read_to_string(d.join(f)).is_ok_and(killed))
         })
+    }
+
+    /// Set the CPU weight: how much CPU the sandbox gets against the others
+    /// when the machine is busy (`cpu.weight` on v2, 1 to 10000, 100 by
+    /// default; `cpu.shares` on v1, the same proportion of 1024).
+    pub(crate) fn set_cpu_weight(&self, weight: CpuWeight) -> io::Result<()> {
+        for dir in &self.dirs {
+            let (file, value) = if self.unified {
+                ("cpu.weight", weight.0.to_string())
+            } else {
+                ("cpu.shares", (u64::from(weight.0) * 1024 / 100).max(2).to_string())
+            };
+            if dir.join(file).exists() {
+                std::fs::write(dir.join(file), value)?;
+            }
+        }
+        Ok(())
     }
 
     /// Change the memory limit (and, on v1, the memory+swap limit with it,
@@ -333,25 +368,21 @@ impl Cgroup {
     }
 }
 
-/// Kill every process in the cgroup `dir` (and, on v2, below it).
-fn kill_all_in(dir: &Path, unified: bool) {
+/// SIGKILL every process listed in the cgroup `dir` now; false when none
+/// was listed (or, on v2, when `cgroup.kill` did it all at once).
+fn kill_once(dir: &Path, unified: bool) -> bool {
     if unified && std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-        return;
+        return false;
     }
-    for _ in 0..50 {
-        let pids: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        if pids.is_empty() {
-            return;
-        }
-        for pid in pids {
-            signal_if_member(pid, dir);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    let pids: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    for pid in &pids {
+        signal_if_member(*pid, dir);
     }
+    !pids.is_empty()
 }
 
 /// SIGKILL `pid` if it is (still) a member of the cgroup `dir`: the pid is
@@ -383,13 +414,22 @@ pub(crate) fn remove_tree(dir: &Path, unified: bool) {
             }
         }
     }
-    for _ in 0..200 {
+    // Ten seconds at most: a teardown takes milliseconds, but a loaded host
+    // can stretch it far, and giving up leaves a cgroup behind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
         match std::fs::remove_dir(dir) {
             Ok(()) => return,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) if std::time::Instant::now() >= deadline => break,
+            // Busy: its processes are still exiting (a killed sandbox's
+            // address spaces take a moment to tear down), or something is
+            // left that the pid namespace did not take with it.
             Err(_) => {
-                kill_all_in(dir, unified);
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                kill_once(dir, unified);
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
             }
         }
     }
@@ -452,6 +492,30 @@ pub(crate) fn remove_instance(plan: &Plan) {
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_weight_is_written_in_each_hierarchy_s_own_terms() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v1, v2) = (dir.path().join("v1"), dir.path().join("v2"));
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v1.join("cpu.shares"), "1024").unwrap();
+        std::fs::write(v2.join("cpu.weight"), "100").unwrap();
+        let legacy = Cgroup { dirs: vec![v1.clone()], unified: false };
+        let unified = Cgroup { dirs: vec![v2.clone()], unified: true };
+        legacy.set_cpu_weight(CpuWeight::IDLE).unwrap();
+        unified.set_cpu_weight(CpuWeight::IDLE).unwrap();
+        assert_eq!(std::fs::read_to_string(v1.join("cpu.shares")).unwrap(), "10");
+        assert_eq!(std::fs::read_to_string(v2.join("cpu.weight")).unwrap(), "1");
+        legacy.set_cpu_weight(CpuWeight::DEFAULT).unwrap();
+        unified.set_cpu_weight(CpuWeight::new(50_000)).unwrap();
+        assert_eq!(std::fs::read_to_string(v1.join("cpu.shares")).unwrap(), "1024");
+        assert_eq!(std::fs::read_to_string(v2.join("cpu.weight")).unwrap(), "10000", "clamped");
+        // A hierarchy without the file (cpu not delegated) is left alone.
+        let bare = Cgroup { dirs: vec![dir.path().to_path_buf()], unified: true };
+        bare.set_cpu_weight(CpuWeight::IDLE).unwrap();
+        assert!(!dir.path().join("cpu.weight").exists());
+    }
 
     const HYBRID: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/6f00\n2:cpuacct:/\n1:cpu:/\n0::/\n";
     const V1_MOUNTS: &str = "\

@@ -34,9 +34,8 @@
 //! clears it), and, after each arming, checks through a pidfd that its
 //! parent (the outer process or the zygote) is still alive, since the
 //! parent may have died just before: `getppid()` cannot tell, as the parent
-//! lies outside init's pid namespace. The program and the egress forwarder
-//! re-arm theirs after they change identity and check that init is still
-//! their parent.
+//! lies outside init's pid namespace. The program re-arms its own after it
+//! changes identity and checks that init is still its parent.
 //!
 //! Every step that fails exits with its own code (the table in
 //! [`crate::step`]) and a message on stderr (the kernel's log), which the
@@ -91,7 +90,7 @@ fn stay_tethered(tethers: &Tethers) {
     }
 }
 
-/// A child of init (the program, the egress forwarder), after it changed
+/// A child of init (the program), after it changed
 /// its identity (which clears the parent-death signal): arm it again, and
 /// make sure init, PID 1 of its namespace, is still its parent.
 fn stay_child_of_init() {
@@ -146,11 +145,11 @@ fn unsafe_borrow(fd: i32) -> BorrowedFd<'static> {
 /// Build the sandbox described by `jail` around the calling process's
 /// future: returns only in the confined program process (step 6, just
 /// before `execve`), as the unprivileged session user under every
-/// restriction. The other processes of the sandbox (the outer supervisor,
-/// init, the egress forwarder) are forks that never return.
+/// restriction. The other processes of the sandbox (the outer supervisor
+/// and init) are forks that never return.
 ///
-/// The caller must be single-threaded: a freshly exec'd helper, or a child
-/// just forked from the zygote (see [`crate::zygote`]).
+/// The caller must be single-threaded: the freshly exec'd helper of
+/// `--zygote off` (a child of the zygote takes [`enter_as_init`] instead).
 pub(crate) fn enter(jail: &Jail, lifeline: OwnedFd) {
     let handled = join_and_unshare(jail, CloneFlags::CLONE_NEWPID);
     // The outer process maps init's ids (step 5): only a process in the
@@ -257,8 +256,12 @@ pub(crate) struct IdMapping {
 /// fails its step (its read sees end of file); this process then reports
 /// init's exit as usual.
 pub(crate) fn map_ids(host_proc: &std::fs::File, target: Pid, unshared: &OwnedFd, mapped: OwnedFd) {
-    // Bounded: the zygote plays this part for every sandbox, and must not
-    // hang on one whose init is stuck (then init's read sees end of file).
+    // Bounded for the helper (`enter`), which watches nothing else while
+    // it waits here (not even the lifeline): an init stuck before entering
+    // its user namespace must not hold it (init's read then sees end of
+    // file). The zygote calls this only once init's pipe is readable, and
+    // bounds that wait in its own loop (`MAP_TIMEOUT` in zygote.py): for it
+    // the poll returns at once.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -414,23 +417,6 @@ fn init(jail: &Jail, handled: &SigSet, ids: IdMapping, tethers: Tethers) {
         fail(Step::MapIds, e);
     }
     stay_tethered(&tethers);
-
-    // The egress forwarder, as the session user under the same filter.
-    if jail.mounts.egress_socket.is_some() {
-        // SAFETY: init is single-threaded.
-        match unsafe { fork() } {
-            Ok(ForkResult::Child) => {
-                drop(tethers);
-                if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
-                    fail(Step::ForkProgram, e);
-                }
-                confine(jail);
-                crate::egress::forward(std::path::Path::new(crate::jail::EGRESS_SOCKET))
-            }
-            Ok(ForkResult::Parent { .. }) => {}
-            Err(e) => fail(Step::ForkProgram, e),
-        }
-    }
 
     // 6. The program.
     // SAFETY: init is single-threaded.

@@ -60,9 +60,6 @@ pub struct Overlay {
     pub work: PathBuf,
 }
 
-/// Where the egress socket appears inside.
-pub const EGRESS_SOCKET: &str = "/run/kiln-egress.sock";
-
 /// System directories shown read-only at the same path, when they exist.
 pub const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"];
 

@@ -33,6 +33,7 @@
 mod cgroup;
 pub mod egress;
 mod ffi;
+mod headroom;
 mod init;
 mod jail;
 mod process;
@@ -44,6 +45,8 @@ mod step;
 mod workspace;
 mod zygote;
 
+pub use cgroup::CpuWeight;
+pub use headroom::memory_available;
 pub use init::main as helper_main;
 pub use jail::{Bind, Overlay};
 pub use sandboxes::{instance_cgroups, remove_storage, Sandbox, Sandboxes, Spawn, RUN_DIR_BYTES};
@@ -109,9 +112,6 @@ pub struct Mounts {
     /// go to the session's own upper layer (`!pip install` into the shared
     /// runtime, privately).
     pub overlay: Option<Overlay>,
-    /// The host end of the egress proxy (a Unix socket), if the session's
-    /// network policy allows any egress.
-    pub egress_socket: Option<PathBuf>,
 }
 
 /// Errors of sandbox set-up, one per step.

@@ -97,6 +97,12 @@ impl Owned {
         }
     }
 
+    /// A second descriptor of the process's pidfd (to enter its
+    /// namespaces with `setns`).
+    pub(crate) fn pidfd(&self) -> io::Result<OwnedFd> {
+        self.fd.get_ref().try_clone()
+    }
+
     /// Send `sig` to the process group the process leads (it was started
     /// with `process_group(0)`), if the process has not been reaped: its
     /// zombie keeps the group's id from being reused until then.

@@ -112,10 +112,6 @@ pub(crate) fn build(jail: &Jail) -> R {
         mount(Some("overlay"), &dst, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
             .map_err(ctx(format!("overlay on {}", o.lower.display())))?;
     }
-    if let Some(sock) = &jail.mounts.egress_socket {
-        // Read-only: connecting to a socket needs no writable mount.
-        bind(root, &Bind { src: sock.clone(), dst: crate::jail::EGRESS_SOCKET.into(), writable: false })?;
-    }
 
     // /etc: identity files written fresh, a few host entries read-only.
     let etc = root.join("etc");

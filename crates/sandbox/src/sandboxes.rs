@@ -91,6 +91,8 @@ pub struct Spawn<'a> {
     /// interpreter; `program.path` must then be the zygote's interpreter,
     /// and `program.args` `-m module ...`.
     pub zygote: Option<&'a Zygote>,
+    /// Its CPU weight from the start (its boot is work too).
+    pub cpu_weight: crate::CpuWeight,
 }
 
 impl Sandboxes {
@@ -240,6 +242,12 @@ impl Sandboxes {
         let name = req.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let plan = self.shared.plan.get().ok_or(SandboxError::Unclaimed)?;
         let cgroup = Cgroup::create(plan, &name, &spec.limits).map_err(SandboxError::Cgroup)?;
+        if req.cpu_weight != crate::CpuWeight::DEFAULT {
+            if let Err(e) = cgroup.set_cpu_weight(req.cpu_weight) {
+                cgroup.remove();
+                return Err(SandboxError::Cgroup(e));
+            }
+        }
         let root = req.dir.join("rootfs");
         if let Err(source) = std::fs::create_dir_all(&root) {
             cgroup.remove();
@@ -399,6 +407,29 @@ impl Sandbox {
         }
     }
 
+    /// A TCP listener on `127.0.0.1:port` inside the sandbox's network
+    /// namespace, held by the server: how the egress proxy is reached from
+    /// inside without a process of the sandbox's relaying to it (each such
+    /// process is another copy of a forked kernel's address space). The
+    /// socket belongs to the namespace it was made in, wherever it is held.
+    /// It is made on a thread of its own that enters the namespace and then
+    /// ends, so no thread of the server ever runs in a sandbox's network.
+    /// Bound as the server (host root): nothing inside can take the port
+    /// from it, nor share it (`SO_REUSEPORT` needs the same owner).
+    pub fn listen_inside(&self, port: u16) -> std::io::Result<std::net::TcpListener> {
+        if self.cgroup.is_none() {
+            return Err(std::io::Error::other("a kernel without a sandbox has no network of its own"));
+        }
+        let pidfd = self.process.pidfd()?;
+        let made = std::thread::Builder::new().name("kiln-netns".into()).spawn(move || {
+            nix::sched::setns(&pidfd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })?;
+        made.join().map_err(|_| std::io::Error::other("the thread entering the sandbox's network panicked"))?
+    }
+
     /// Kill every process of the sandbox now.
     pub fn kill(&self) {
         match &self.cgroup {
@@ -429,6 +460,16 @@ impl Sandbox {
     pub fn set_memory_limit(&self, bytes: u64) -> std::io::Result<()> {
         match &self.cgroup {
             Some(cg) => cg.set_memory_limit(bytes),
+            None => Ok(()),
+        }
+    }
+
+    /// Set the sandbox's CPU weight (see [`CpuWeight`]): batch work yields
+    /// to interactive sessions this way. Without a cgroup there is nothing
+    /// to weigh.
+    pub fn set_cpu_weight(&self, weight: crate::CpuWeight) -> std::io::Result<()> {
+        match &self.cgroup {
+            Some(cg) => cg.set_cpu_weight(weight),
             None => Ok(()),
         }
     }

@@ -388,7 +388,7 @@ pub const SOCKET_FAMILIES: &[SocketFamily] = &[
     SocketFamily {
         domain: libc::AF_INET,
         protocol: None,
-        why: "TCP/UDP on the session's own loopback, and the egress forwarder on 127.0.0.1",
+        why: "TCP/UDP on the session's own loopback, and the egress proxy at 127.0.0.1:3128",
     },
     SocketFamily { domain: libc::AF_INET6, protocol: None, why: "the same over IPv6 (::1)" },
     SocketFamily {

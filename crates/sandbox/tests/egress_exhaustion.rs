@@ -8,14 +8,14 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use tokio::net::TcpStream;
 
 fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd").unwrap().count() as u64
 }
 
-async fn ask(path: &std::path::Path, head: &str) -> String {
-    let mut c = UnixStream::connect(path).await.unwrap();
+async fn ask(addr: std::net::SocketAddr, head: &str) -> String {
+    let mut c = TcpStream::connect(addr).await.unwrap();
     c.write_all(head.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out)).await;
@@ -24,12 +24,12 @@ async fn ask(path: &std::path::Path, head: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_egress_accept_loop_outlives_running_out_of_descriptors() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("egress.sock");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
     let limits = Limits { connections: 100_000, head_timeout: Duration::from_secs(1), ..Limits::default() };
-    let egress = Egress::new(limits, nix::unistd::getuid().as_raw());
-    let port = egress.open(&path, Arc::new(Policy::Full)).unwrap();
-    let refused = ask(&path, "CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n").await;
+    let egress = Egress::new(limits);
+    let port = egress.open(listener, Arc::new(Policy::Full)).unwrap();
+    let refused = ask(addr, "CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n").await;
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
 
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
@@ -40,7 +40,7 @@ async fn the_egress_accept_loop_outlives_running_out_of_descriptors() {
     let mut held = Vec::new();
     let emfile = |e: &std::io::Error| e.raw_os_error() == Some(libc::EMFILE);
     loop {
-        match UnixStream::connect(&path).await {
+        match TcpStream::connect(addr).await {
             Ok(c) => held.push(c),
             Err(e) if emfile(&e) => break,
             Err(e) => panic!("unexpected: {e}"),
@@ -50,7 +50,7 @@ async fn the_egress_accept_loop_outlives_running_out_of_descriptors() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while egress.accept_pauses() == 0 {
         held.pop();
-        match UnixStream::connect(&path).await {
+        match TcpStream::connect(addr).await {
             Ok(c) => held.push(c),
             Err(e) if emfile(&e) => {}
             Err(e) => panic!("unexpected: {e}"),
@@ -61,9 +61,10 @@ async fn the_egress_accept_loop_outlives_running_out_of_descriptors() {
     drop(held);
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
 
-    // The same socket answers again, without a restart.
-    let again = ask(&path, "CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n").await;
+    // The same listener answers again, without a restart.
+    let again = ask(addr, "CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n").await;
     assert!(again.starts_with("HTTP/1.1 403"), "{again}");
     drop(port);
-    assert!(!path.exists(), "a closed port removes its socket");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(std::net::TcpStream::connect(addr).is_err(), "a closed port closes its listener");
 }

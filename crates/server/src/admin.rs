@@ -110,7 +110,12 @@ pub(crate) async fn create(
             .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.to_string()).with_param("network"))?;
     }
     let key = generate_key();
-    let options = KeyOptions { max_sessions: req.max_sessions, network: req.network, admin: req.admin };
+    let options = KeyOptions {
+        max_sessions: req.max_sessions,
+        max_executions_per_key: req.max_executions_per_key,
+        network: req.network,
+        admin: req.admin,
+    };
     let record = state
         .manager
         .store()
@@ -122,6 +127,7 @@ pub(crate) async fn create(
         hash: record.hash,
         network: req.network,
         max_sessions: req.max_sessions,
+        max_executions_per_key: req.max_executions_per_key,
         admin: req.admin,
     });
     tracing::info!(key = %record.id, label = %record.label, admin = req.admin, "API key created");
@@ -179,6 +185,7 @@ fn info(state: &AppState, r: &KeyRecord) -> KeyInfo {
             None => r.options.network,
         },
         max_sessions: live.as_ref().map_or(r.options.max_sessions, |k| k.max_sessions),
+        max_executions_per_key: live.as_ref().map_or(r.options.max_executions_per_key, |k| k.max_executions_per_key),
         revoked_at: r.revoked_at,
     }
 }

@@ -26,6 +26,8 @@ pub struct KeyEntry {
     pub network: Option<NetworkPolicy>,
     /// Its own live-session limit.
     pub max_sessions: Option<u64>,
+    /// Its own limit of executions at once.
+    pub max_executions_per_key: Option<u64>,
     /// Whether it may use the admin endpoints.
     pub admin: bool,
 }
@@ -111,7 +113,12 @@ impl KeyRing {
         let mut found = None;
         for k in ring.keys.iter() {
             if bool::from(k.hash.ct_eq(&h)) {
-                found = Some(Caller { key_id: k.id.clone(), network: k.network, max_sessions: k.max_sessions });
+                found = Some(Caller {
+                    key_id: k.id.clone(),
+                    network: k.network,
+                    max_sessions: k.max_sessions,
+                    max_executions_per_key: k.max_executions_per_key,
+                });
             }
         }
         found
@@ -129,13 +136,19 @@ mod tests {
             hash: hash_key(key),
             network,
             max_sessions: None,
+            max_executions_per_key: None,
             admin: false,
         };
         let ring =
             KeyRing::new(vec![entry("key_a", "secret-a", None), entry("key_b", "secret-b", Some(NetworkPolicy::None))]);
         assert_eq!(
             ring.authenticate("secret-b"),
-            Some(Caller { key_id: "key_b".into(), network: Some(NetworkPolicy::None), max_sessions: None })
+            Some(Caller {
+                key_id: "key_b".into(),
+                network: Some(NetworkPolicy::None),
+                max_sessions: None,
+                max_executions_per_key: None
+            })
         );
         assert_eq!(ring.authenticate("secret-c"), None);
         assert_eq!(ring.authenticate(""), None);
@@ -143,8 +156,14 @@ mod tests {
 
     #[test]
     fn a_reload_read_before_a_key_was_created_or_revoked_does_not_undo_it() {
-        let entry =
-            |id: &str, admin| KeyEntry { id: id.into(), hash: hash_key(id), network: None, max_sessions: None, admin };
+        let entry = |id: &str, admin| KeyEntry {
+            id: id.into(),
+            hash: hash_key(id),
+            network: None,
+            max_sessions: None,
+            max_executions_per_key: None,
+            admin,
+        };
         let ring = KeyRing::new(vec![entry("key_admin", true)]);
         assert!(ring.is_admin("key_admin") && !ring.is_admin("key_new"));
         // A reload starts, reads the store; meanwhile a key is created.

@@ -91,7 +91,9 @@ pub(crate) async fn batch(
 fn concurrency(manager: &Manager, caller: &Caller) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let key = caller.max_sessions.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-    let executions = manager.executions_per_key();
+    let executions = caller
+        .max_executions_per_key
+        .map_or(manager.executions_per_key(), |l| usize::try_from(l).unwrap_or(usize::MAX));
     (cores * 2).min(key).min(executions).min(manager.max_sessions_per_key()).min(manager.max_sessions()).max(1)
 }
 
@@ -241,8 +243,11 @@ fn item_job(
             timeout,
             network: caller.network,
             max_sessions: caller.max_sessions,
+            max_executions_per_key: caller.max_executions_per_key,
             events: None,
             memory_limit,
+            // One item among many: it yields the CPU to executes.
+            priority: kiln_sessions::Priority::Batch,
         },
         tests,
         tests_timeout,

@@ -39,8 +39,9 @@ impl Described for UploadRequest {
 
 impl Described for CreateKey {
     const WHAT: &'static str = "a key to create";
-    const SHAPE: &'static str = "{\"label\", \"admin\", \"network\", \"max_sessions\"}, all optional: send {} for the \
-                                 defaults";
+    const SHAPE: &'static str =
+        "{\"label\", \"admin\", \"network\", \"max_sessions\", \"max_executions_per_key\"}, all \
+                                 optional: send {} for the defaults";
 }
 
 /// A JSON body of at most `--max-body-bytes`, parsed as `T`.
@@ -109,9 +110,17 @@ pub(crate) fn parse<T: Described>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("the request body is not a JSON object: send {} ({})", T::WHAT, T::SHAPE),
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
+    // Parsed with its path kept, so a bad value names its field
+    // (`max_executions_per_key`, `items[3].timeout`).
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes)).map_err(|e| {
+        let path = e.path().to_string();
+        let e = e.into_inner();
         let text = e.to_string();
-        let param = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()).map(str::to_string);
+        let param = text
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+            .map(str::to_string)
+            .or_else(|| (!e.is_syntax() && !e.is_eof() && path != ".").then_some(path));
         let msg = if e.is_syntax() || e.is_eof() {
             format!("the request body is not valid JSON ({text})")
         } else {
@@ -136,6 +145,17 @@ mod tests {
             assert!(e.contains("not a JSON object"), "{e}");
         }
         assert!(parse::<kiln_protocol::CreateKey>(b" {} ").is_ok());
+    }
+
+    #[test]
+    fn a_bad_value_names_its_field() {
+        for body in [&br#"{"max_executions_per_key": 0}"#[..], br#"{"max_executions_per_key": "four"}"#] {
+            let e = parse::<kiln_protocol::CreateKey>(body).err().unwrap_or_else(|| panic!("accepted"));
+            assert_eq!(e.param.as_deref(), Some("max_executions_per_key"), "{}", e.message);
+            assert!(e.message.contains("whole number from 1"), "{}", e.message);
+        }
+        let ok = parse::<kiln_protocol::CreateKey>(br#"{"max_executions_per_key": 3}"#).ok();
+        assert_eq!(ok.and_then(|k| k.max_executions_per_key), Some(3));
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! `session_lost`; a live owner that does not answer, 503
 //! `node_unreachable` with `Retry-After`. A new session stays here when this
 //! node has a ready kernel, else goes to the better of two random live,
-//! non-draining peers by free capacity; 503 `no_capacity` when none has
-//! room.
+//! non-draining peers by free capacity (`placement`: ready kernels, free
+//! places, free memory; a node without memory for one more session is not
+//! asked); 503 `no_capacity` when none has room.
 //!
 //! A forwarded request carries the caller the first node authenticated
 //! (key id and the key's settings) in `x-kiln-forwarded-caller`, signed with
@@ -23,6 +24,7 @@
 use crate::body::read_body;
 use crate::error::AppError;
 use crate::peers::Cluster;
+use crate::placement::{self, Target};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -32,8 +34,7 @@ use axum::response::Response;
 use hmac::Mac;
 use kiln_protocol::{ApiError, ErrorCode};
 use kiln_sessions::{Caller, NetworkPolicy, Owner, Readiness, SessionError};
-use kiln_store::NodeRecord;
-use rand::seq::SliceRandom;
+use kiln_store::{Capacity, NodeRecord};
 use std::time::Duration;
 
 /// The authenticated caller, as the forwarding node saw it.
@@ -42,6 +43,16 @@ const CALLER: &str = "x-kiln-forwarded-caller";
 const SIGNATURE: &str = "x-kiln-forwarded-auth";
 /// The node that forwarded it (for logs).
 const BY: &str = "x-kiln-forwarded-by";
+/// The session a forwarded execute names (`-`: none), read by the owner
+/// instead of parsing the body a second time. Trusted only on a request
+/// whose signature verified; a client's own `x-kiln-forwarded-*` headers
+/// never travel (see [`forward`]).
+const SESSION: &str = "x-kiln-forwarded-session";
+/// Answers up to this size with a length are passed on whole, not as a
+/// stream (one write to the client instead of a header and body chunks).
+const WHOLE_ANSWER_MAX: u64 = 256 << 10;
+/// Request bodies up to this size with a length are sent whole.
+const WHOLE_BODY_MAX: u64 = 64 << 10;
 /// How old (or how far ahead) a signature may be.
 const MAX_SKEW_SECS: i64 = 30;
 
@@ -56,7 +67,12 @@ pub(crate) struct Forwarded;
 fn encode_caller(c: &Caller) -> String {
     let network = c.network.map_or("-", |n| n.as_str());
     let max = c.max_sessions.map_or("-".to_string(), |m| m.to_string());
-    format!("{};{network};{max}", c.key_id)
+    // The fourth part only when the key has its own limit: a peer of the
+    // release before per-key execution limits reads three.
+    match c.max_executions_per_key {
+        Some(executions) => format!("{};{network};{max};{executions}", c.key_id),
+        None => format!("{};{network};{max}", c.key_id),
+    }
 }
 
 fn decode_caller(s: &str) -> Option<Caller> {
@@ -70,11 +86,23 @@ fn decode_caller(s: &str) -> Option<Caller> {
         "-" => None,
         m => Some(m.parse().ok()?),
     };
-    parts.next().is_none().then_some(Caller { key_id, network, max_sessions })
+    // Absent for a key without its own limit (and from a peer of the
+    // release before per-key execution limits).
+    let max_executions_per_key = match parts.next() {
+        None => None,
+        Some(m) => Some(m.parse().ok().filter(|&m: &u64| m >= 1)?),
+    };
+    parts.next().is_none().then_some(Caller { key_id, network, max_sessions, max_executions_per_key })
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -151,6 +179,11 @@ pub(crate) async fn route(State(state): State<AppState>, req: Request, next: Nex
         let id = id.to_string();
         (req, Some(id))
     } else if is_execute(&path) && req.method() == Method::POST {
+        // The forwarding peer read the session from the body already.
+        if let Some(named) = req.headers().get(SESSION).filter(|_| forwarded) {
+            let session = named.to_str().ok().filter(|s| *s != "-").map(str::to_string);
+            return served_forwarded(&state, &cluster, &caller, session, req, next).await;
+        }
         let (parts, body) = req.into_parts();
         let bytes = read_body(body, state.max_body_bytes).await?;
         // A body that does not parse is the handler's to refuse.
@@ -160,20 +193,32 @@ pub(crate) async fn route(State(state): State<AppState>, req: Request, next: Nex
         return Ok(next.run(req).await);
     };
     if forwarded {
-        // A peer sent it here as the owner: serve it, unless this node's
-        // lease ran out meanwhile (it was frozen, or cut off), when its
-        // sessions are lost and it must not run code in them.
-        return match session {
-            Some(id) if matches!(cluster.membership.owner(&id), Owner::Lost { .. }) => {
-                Err(lost(&state, &caller, &id, cluster.membership.node_id()).await)
-            }
-            _ => Ok(next.run(req).await),
-        };
+        return served_forwarded(&state, &cluster, &caller, session, req, next).await;
     }
+    let execute = is_execute(&path);
     match session {
-        Some(id) => to_owner(&state, &cluster, &caller, &id, req, next).await,
-        None if is_execute(&path) => place(&state, &cluster, &caller, req, next).await,
+        Some(id) => to_owner(&state, &cluster, &caller, &id, execute, req, next).await,
+        None if execute => place(&state, &cluster, &caller, req, next).await,
         None => Ok(next.run(req).await),
+    }
+}
+
+/// A peer sent it here as the owner: serve it, unless this node's lease
+/// ran out meanwhile (it was frozen, or cut off), when its sessions are
+/// lost and it must not run code in them.
+async fn served_forwarded(
+    state: &AppState,
+    cluster: &Cluster,
+    caller: &Caller,
+    session: Option<String>,
+    req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    match session {
+        Some(id) if matches!(cluster.membership.owner(&id), Owner::Lost { .. }) => {
+            Err(lost(state, caller, &id, cluster.membership.node_id()).await)
+        }
+        _ => Ok(next.run(req).await),
     }
 }
 
@@ -183,6 +228,7 @@ async fn to_owner(
     cluster: &Cluster,
     caller: &Caller,
     id: &str,
+    execute: bool,
     req: Request,
     next: Next,
 ) -> Result<Response, AppError> {
@@ -198,7 +244,7 @@ async fn to_owner(
         // answer is not found, or expired for the caller's own old one.
         Owner::Local | Owner::Unknown => Ok(next.run(req).await),
         Owner::Lost { node } => Err(lost(state, caller, id, node).await),
-        Owner::Peer(peer) => match forward_while_alive(cluster, &peer, caller, id, req).await {
+        Owner::Peer(peer) => match forward_while_alive(cluster, &peer, caller, id, execute, req).await {
             Ok(resp) => Ok(resp),
             Err(Gone::Lost(node)) => Err(lost(state, caller, id, node).await),
             Err(Gone::Failed(e)) => {
@@ -228,6 +274,7 @@ async fn forward_while_alive(
     peer: &NodeRecord,
     caller: &Caller,
     id: &str,
+    execute: bool,
     req: Request,
 ) -> Result<Response, Gone> {
     let lost = async {
@@ -239,7 +286,7 @@ async fn forward_while_alive(
         }
     };
     tokio::select! {
-        answer = forward(cluster, peer, caller, req) => answer.map_err(Gone::Failed),
+        answer = forward(cluster, peer, caller, execute.then_some(id), req) => answer.map_err(Gone::Failed),
         node = lost => Err(Gone::Lost(node)),
     }
 }
@@ -261,8 +308,9 @@ async fn lost(state: &AppState, caller: &Caller, id: &str, node: String) -> AppE
     }
 }
 
-/// A new session: here when a kernel is ready here, else on the better
-/// of two random peers with room (ready kernels first, then free places).
+/// A new session: on the nodes [`placement::plan`] names, in turn (here
+/// when a kernel is ready here, else the better of two random peers with
+/// room and memory).
 async fn place(
     state: &AppState,
     cluster: &Cluster,
@@ -271,44 +319,47 @@ async fn place(
     next: Next,
 ) -> Result<Response, AppError> {
     let manager = &state.manager;
-    let here = cluster.membership.taking().is_ok() && manager.readiness() == Readiness::Ready;
-    if here && manager.pool_level().await.0 > 0 && manager.has_capacity() {
-        return Ok(next.run(req).await);
-    }
-    let here_has_room = here && manager.has_capacity();
-    let mut peers = cluster.membership.candidates();
-    peers.shuffle(&mut rand::rng());
-    peers.truncate(2);
-    peers.sort_by_key(|n| std::cmp::Reverse((n.capacity.ready_kernels > 0, n.capacity.free_sessions())));
+    let here = match cluster.membership.taking().is_ok() && manager.readiness() == Readiness::Ready {
+        true => Some(Capacity {
+            ready_kernels: manager.pool_level().await.0 as u64,
+            live_sessions: manager.live_count() as u64,
+            max_sessions: manager.max_sessions() as u64,
+            memory_available_bytes: kiln_sessions::memory_available(),
+        }),
+        false => None,
+    };
+    let peers = cluster.membership.candidates();
     let alone = peers.is_empty();
-    // Peers worth asking before this node: one with a ready kernel, or any
-    // when this node has no room.
-    peers.retain(|n| n.capacity.ready_kernels > 0 || !here_has_room);
-    if peers.is_empty() {
+    let order = placement::plan(here.as_ref(), peers, &mut rand::rng());
+    if order.is_empty() {
         return match cluster.membership.taking() {
-            _ if here_has_room => Ok(next.run(req).await),
             // Alone and refusing (draining, lease lost): say why.
             Err(why) if alone => Err(SessionError::NotTaking(why).into()),
             _ => Err(SessionError::ClusterFull.into()),
         };
+    }
+    if order == [Target::Here] {
+        return Ok(next.run(req).await);
     }
     let (parts, body) = req.into_parts();
     // The body was read already (an execute's): kept to ask the next node
     // if one is full by now (capacity is published every few seconds) or
     // does not answer.
     let bytes = read_body(body, state.max_body_bytes).await?;
-    for peer in &peers {
+    for target in order {
+        let peer = match target {
+            // Here comes last: it has room.
+            Target::Here => return Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await),
+            Target::Peer(peer) => peer,
+        };
         let req = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
-        match forward(cluster, peer, caller, req).await {
+        match forward(cluster, &peer, caller, Some("-"), req).await {
             Ok(resp) => match unless_full(resp).await {
                 Some(resp) => return Ok(resp),
                 None => tracing::debug!(peer = %peer.id, "a peer was full by now; asking the next"),
             },
             Err(e) => tracing::warn!(peer = %peer.id, error = %e, "a peer did not take a new session"),
         }
-    }
-    if here_has_room {
-        return Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await);
     }
     Err(SessionError::ClusterFull.into())
 }
@@ -330,17 +381,31 @@ async fn unless_full(resp: Response) -> Option<Response> {
     (!full).then(|| Response::from_parts(parts, Body::from(bytes)))
 }
 
-/// Send `req` to `peer` as `caller`, and its answer back as it comes.
-async fn forward(cluster: &Cluster, peer: &NodeRecord, caller: &Caller, req: Request) -> Result<Response, String> {
+/// Send `req` to `peer` as `caller`, and its answer back. `session`: the
+/// session an execute's body names (`-`: none), for the owner.
+///
+/// Per request this costs what it must: one HMAC (the keyed state is set
+/// up once, in [`Cluster`]), a kept-alive connection from the pool, and no
+/// copy or parse of the body. A body or an answer already whole (an
+/// execute's JSON, most answers) goes as one piece, so that it leaves in
+/// one write with its headers; uploads, downloads and SSE stream through.
+async fn forward(
+    cluster: &Cluster,
+    peer: &NodeRecord,
+    caller: &Caller,
+    session: Option<&str>,
+    req: Request,
+) -> Result<Response, String> {
+    use axum::body::HttpBody as _;
     let Some(base) = &peer.advertise else {
         return Err("the peer advertises no address".into());
     };
     let (parts, body) = req.into_parts();
-    let pq = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |pq| pq.as_str().to_string());
+    let pq = parts.uri.path_and_query().map_or_else(|| parts.uri.path(), |pq| pq.as_str());
     let url = format!("{}{pq}", base.trim_end_matches('/'));
     let caller_s = encode_caller(caller);
     let ts = chrono::Utc::now().timestamp();
-    let sig = hex(&cluster.mac(ts, &parts.method, &pq, &caller_s).finalize().into_bytes());
+    let sig = hex(&cluster.mac(ts, &parts.method, pq, &caller_s).finalize().into_bytes());
     let mut out = cluster.http().request(parts.method.clone(), url);
     for (name, value) in &parts.headers {
         let n = name.as_str();
@@ -349,11 +414,20 @@ async fn forward(cluster: &Cluster, peer: &NodeRecord, caller: &Caller, req: Req
         }
         out = out.header(name, value);
     }
-    out = out
-        .header(CALLER, caller_s)
-        .header(SIGNATURE, format!("{ts}:{sig}"))
-        .header(BY, cluster.membership.node_id())
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    out =
+        out.header(CALLER, caller_s).header(SIGNATURE, format!("{ts}:{sig}")).header(BY, cluster.membership.node_id());
+    if let Some(session) = session {
+        out = out.header(SESSION, session);
+    }
+    out = match body.size_hint().exact() {
+        Some(0) if body.is_end_stream() => out,
+        // Whole already (a body the routing read), or small: one piece.
+        Some(n) if n <= WHOLE_BODY_MAX => match axum::body::to_bytes(body, n as usize).await {
+            Ok(bytes) => out.body(bytes),
+            Err(e) => return Err(format!("the request body could not be read: {e}")),
+        },
+        _ => out.body(reqwest::Body::wrap_stream(body.into_data_stream())),
+    };
     let resp = out.send().await.map_err(|e| format!("{e:#}"))?;
     let mut answer = Response::builder().status(resp.status());
     if let Some(headers) = answer.headers_mut() {
@@ -366,7 +440,18 @@ async fn forward(cluster: &Cluster, peer: &NodeRecord, caller: &Caller, req: Req
             headers.insert(HeaderName::from_static("x-kiln-node"), v);
         }
     }
-    answer.body(Body::from_stream(resp.bytes_stream())).map_err(|e| e.to_string())
+    let whole = resp.content_length().is_some_and(|n| n <= WHOLE_ANSWER_MAX);
+    let body = if whole {
+        match resp.bytes().await {
+            Ok(bytes) => Body::from(bytes),
+            // Cut off after its headers (the owner died mid-answer): the
+            // client's answer breaks off too, as a stream's would.
+            Err(e) => Body::from_stream(tokio_stream::once(Err::<bytes::Bytes, _>(e))),
+        }
+    } else {
+        Body::from_stream(resp.bytes_stream())
+    };
+    answer.body(body).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -376,12 +461,31 @@ mod tests {
     #[test]
     fn a_caller_round_trips_through_its_header_and_nothing_else_parses() {
         for c in [
-            Caller { key_id: "key_0123".into(), network: None, max_sessions: None },
-            Caller { key_id: "key_0123".into(), network: Some(NetworkPolicy::None), max_sessions: Some(3) },
+            Caller { key_id: "key_0123".into(), network: None, max_sessions: None, max_executions_per_key: None },
+            Caller {
+                key_id: "key_0123".into(),
+                network: Some(NetworkPolicy::None),
+                max_sessions: Some(3),
+                max_executions_per_key: Some(2),
+            },
         ] {
             assert_eq!(decode_caller(&encode_caller(&c)), Some(c));
         }
-        for bad in ["", ";-;-", "key;bogus;-", "key;-;x", "key;-;-;extra", "key;-"] {
+        assert_eq!(
+            decode_caller("key_old;-;4"),
+            Some(Caller {
+                key_id: "key_old".into(),
+                network: None,
+                max_sessions: Some(4),
+                max_executions_per_key: None
+            }),
+            "a key without its own limit, or a peer of the previous release"
+        );
+        let plain = Caller { key_id: "key_p".into(), network: None, max_sessions: None, max_executions_per_key: None };
+        assert_eq!(encode_caller(&plain), "key_p;-;-", "what a peer of the previous release reads");
+        for bad in
+            ["", ";-;-", "key;bogus;-", "key;-;x", "key;-;-;extra", "key;-", "key;-;-;0", "key;-;-;-", "key;-;-;1;1"]
+        {
             assert_eq!(decode_caller(bad), None, "{bad}");
         }
         assert_eq!(unhex(&hex(&[0, 1, 0xab, 0xff])), Some(vec![0, 1, 0xab, 0xff]));

@@ -123,8 +123,10 @@ fn validate(req: ExecuteRequest, caller: &Caller, runs: &[Language]) -> Result<E
         timeout,
         network: caller.network,
         max_sessions: caller.max_sessions,
+        max_executions_per_key: caller.max_executions_per_key,
         events: None,
         memory_limit,
+        priority: kiln_sessions::Priority::Interactive,
     })
 }
 

@@ -23,6 +23,7 @@ mod files;
 pub mod openapi;
 mod ops;
 mod peers;
+mod placement;
 mod require;
 mod router;
 mod sessions;

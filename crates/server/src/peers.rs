@@ -21,13 +21,19 @@ pub struct Cluster {
 
 impl Cluster {
     /// Route with `membership`, signing forwarded requests with `secret`.
-    pub fn new(membership: Arc<Membership>, secret: &str) -> Result<Cluster, String> {
+    /// `peer_idle`: how long a peer keeps an unused connection open (its
+    /// `--http-idle-timeout`; the nodes of a cluster share their settings).
+    pub fn new(membership: Arc<Membership>, secret: &str, peer_idle: Duration) -> Result<Cluster, String> {
         if secret.len() < 16 {
             return Err("the cluster secret must be at least 16 characters".into());
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Kept alive (no connection set-up per forward), but dropped
+            // well before the peer would close it: a request sent on a
+            // connection the peer is closing at that moment fails, and
+            // would read as the peer being unreachable.
+            .pool_idle_timeout(peer_idle / 2)
             .tcp_nodelay(true)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())

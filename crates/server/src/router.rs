@@ -23,9 +23,15 @@ pub(crate) fn router(state: AppState) -> Router {
     }
     // Authenticated first, then served here or forwarded to the session's
     // node (in a cluster).
-    let api = api
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::cluster::route))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
+    let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::cluster::route));
+    // MCP tools on a cluster node call these same routes in-process (the
+    // caller set by the MCP request's authentication), so that they reach
+    // sessions wherever they are; a single node calls its manager.
+    let tools = match state.cluster {
+        Some(_) => kiln_mcp::Backend::Routed(kiln_mcp::Api::new(api.clone().with_state(state.clone()))),
+        None => kiln_mcp::Backend::Local(state.manager.clone()),
+    };
+    let api = api.route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     // Key management, for admin keys only (the key is checked first).
     let admin = Router::new()
         .route("/v1/admin/keys", get(admin::list).post(admin::create))
@@ -34,7 +40,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     // MCP over streamable HTTP, with the same keys: tools act as the caller.
     let mcp = Router::new()
-        .nest_service("/mcp", kiln_mcp::http_service(state.manager.clone()))
+        .nest_service("/mcp", kiln_mcp::http_service(tools, state.cluster.is_some()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)

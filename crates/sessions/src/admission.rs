@@ -1,8 +1,11 @@
 //! Admission: how many executions run at once, per key and in all, and
 //! who goes next when they cannot all run.
 //!
-//! Each key may run a number of executions at once and queue a bounded
-//! number more; past the queue a request is refused at once (429
+//! Each key may run a number of executions at once (the server's
+//! `--max-executions-per-key`, or the key's own limit when it has one) and
+//! queue a bounded number more: `--execution-queue-per-key` for a key on the
+//! server's limit, and in proportion for a key with its own (a key allowed
+//! a quarter as many at once may queue a quarter as many, rounded up); past the queue a request is refused at once (429
 //! `rate_limited` with `Retry-After`), never left hanging. The server as a
 //! whole runs at most its own number at once. When a place frees up, it
 //! goes to the waiting key that has the fewest executions running (ties in
@@ -70,10 +73,25 @@ impl Admission {
         Admission { limits, state: Mutex::new(State::default()) }
     }
 
+    /// The limits of `key` at once and waiting: the server's, or the key's
+    /// own `own` limit with the queue scaled in proportion.
+    fn key_limits(&self, own: Option<usize>) -> (usize, usize) {
+        let per_key = self.limits.per_key.max(1);
+        match own {
+            None => (per_key, self.limits.queue_per_key),
+            Some(own) => {
+                let own = own.max(1);
+                let queue = (self.limits.queue_per_key as u128 * own as u128).div_ceil(per_key as u128);
+                (own, usize::try_from(queue).unwrap_or(usize::MAX))
+            }
+        }
+    }
+
     /// A place for one execution of `key`, now or after waiting in the
-    /// key's queue; refused when that queue is full.
-    pub(crate) async fn admit(self: &Arc<Self>, key: &str) -> Result<Permit, Refused> {
-        let limit = self.limits.per_key.max(1);
+    /// key's queue; refused when that queue is full. `own` is the key's own
+    /// limit of executions at once, if it has one.
+    pub(crate) async fn admit(self: &Arc<Self>, key: &str, own: Option<usize>) -> Result<Permit, Refused> {
+        let (limit, queue) = self.key_limits(own);
         let wait = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let total = self.limits.total.max(1);
@@ -90,8 +108,8 @@ impl Admission {
             }
             // Waiters whose callers left hold no place in the queue.
             k.waiting.retain(|w| !w.is_closed());
-            if k.waiting.len() >= self.limits.queue_per_key {
-                return Err(Refused { running: limit, queued: self.limits.queue_per_key });
+            if k.waiting.len() >= queue {
+                return Err(Refused { running: limit, queued: queue });
             }
             let (tx, rx) = oneshot::channel();
             k.waiting.push_back(tx);
@@ -99,7 +117,7 @@ impl Admission {
         };
         // Dropped while waiting (the client left): the sender fails and
         // the place goes to the next in line.
-        wait.await.map_err(|_| Refused { running: limit, queued: self.limits.queue_per_key })
+        wait.await.map_err(|_| Refused { running: limit, queued: queue })
     }
 
     /// Give back one place of `key`, and hand out every place that is free.
@@ -167,26 +185,53 @@ mod tests {
     #[tokio::test]
     async fn a_key_past_its_queue_is_refused_at_once() {
         let g = gate(10, 1, 1);
-        let _running = g.admit("a").await.unwrap_or_else(|_| panic!("first"));
+        let _running = g.admit("a", None).await.unwrap_or_else(|_| panic!("first"));
         let g2 = g.clone();
-        let queued = tokio::spawn(async move { g2.admit("a").await.map(|_| ()) });
+        let queued = tokio::spawn(async move { g2.admit("a", None).await.map(|_| ()) });
         tokio::task::yield_now().await;
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert!(g.admit("a").await.is_err(), "the queue holds one");
+        assert!(g.admit("a", None).await.is_err(), "the queue holds one");
         drop(_running);
         assert!(queued.await.unwrap_or(Err(Refused { running: 0, queued: 0 })).is_ok());
     }
 
     #[tokio::test]
+    async fn a_key_with_its_own_limit_runs_that_many_and_queues_in_proportion() {
+        // The server: 4 at once per key, 8 waiting; a key of its own 1 at
+        // once may queue 2, one of 8 at once may queue 16.
+        let g = gate(100, 4, 8);
+        assert_eq!(g.key_limits(None), (4, 8));
+        assert_eq!(g.key_limits(Some(1)), (1, 2));
+        assert_eq!(g.key_limits(Some(8)), (8, 16));
+        assert_eq!(g.key_limits(Some(3)), (3, 6));
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(g.admit("big", Some(8)).await.unwrap_or_else(|_| panic!("big runs 8 at once")));
+        }
+        let _one = g.admit("small", Some(1)).await.unwrap_or_else(|_| panic!("small runs 1"));
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let g = g.clone();
+            waiting.push(tokio::spawn(async move { g.admit("small", Some(1)).await.map(|_| ()) }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let refused = g.admit("small", Some(1)).await.err().unwrap_or_else(|| panic!("past small's queue"));
+        assert_eq!((refused.running, refused.queued), (1, 2));
+        for w in &waiting {
+            assert!(!w.is_finished(), "small runs one at a time");
+        }
+    }
+
+    #[tokio::test]
     async fn a_freed_place_goes_to_the_key_with_the_fewest_running() {
         let g = gate(2, 2, 100);
-        let a1 = g.admit("a").await.unwrap_or_else(|_| panic!());
-        let _a2 = g.admit("a").await.unwrap_or_else(|_| panic!());
+        let a1 = g.admit("a", None).await.unwrap_or_else(|_| panic!());
+        let _a2 = g.admit("a", None).await.unwrap_or_else(|_| panic!());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for who in ["a", "a", "b"] {
             let (g, tx) = (g.clone(), tx.clone());
             tokio::spawn(async move {
-                let p = g.admit(who).await;
+                let p = g.admit(who, None).await;
                 let _ = tx.send((who, p.is_ok()));
                 tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                 drop(p);
@@ -200,13 +245,13 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_leaves_gives_its_place_to_the_next() {
         let g = gate(1, 1, 10);
-        let first = g.admit("a").await.unwrap_or_else(|_| panic!());
+        let first = g.admit("a", None).await.unwrap_or_else(|_| panic!());
         let g2 = g.clone();
-        let leaving = tokio::spawn(async move { g2.admit("a").await.map(|_| ()) });
+        let leaving = tokio::spawn(async move { g2.admit("a", None).await.map(|_| ()) });
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         leaving.abort();
         let g3 = g.clone();
-        let next = tokio::spawn(async move { g3.admit("a").await.is_ok() });
+        let next = tokio::spawn(async move { g3.admit("a", None).await.is_ok() });
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         drop(first);
         assert!(next.await.unwrap_or(false));

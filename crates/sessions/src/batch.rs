@@ -36,10 +36,10 @@ const RUNNER_MARGIN: Duration = Duration::from_secs(10);
 /// How long an item waits for room (a session place) before kiln gives up
 /// on it as its own failure.
 const ROOM_WAIT: Duration = Duration::from_secs(120);
-/// Tests run by one cell of the runner: fewer cells cost fewer round trips
-/// and store writes, and the reports of this many (1 MiB of stdout each at
-/// most) stay within the default output limit of a cell.
-const TESTS_PER_CELL: usize = 4;
+/// The most one test's report line takes in the runner's cell output: its
+/// stdout (1 MiB at most) and stderr (64 KiB) in base64, and the rest of
+/// the line (see `kiln_kernel.judge`).
+const REPORT_BYTES: usize = ((1 << 20) + (64 << 10)) / 3 * 4 + 4 + 1024;
 
 /// One item, validated.
 #[derive(Debug, Clone)]
@@ -77,6 +77,7 @@ impl Manager {
         concurrency: usize,
         results: mpsc::Sender<BatchResult>,
     ) {
+        let _batch = self.pool_batch_running();
         let mut queue = items.into_iter();
         let mut running = JoinSet::new();
         let mut index_of = std::collections::HashMap::new();
@@ -153,7 +154,11 @@ impl Manager {
                 TestKind::Assertion { .. } => None,
             })
             .collect();
-        for chunk in programs.chunks(TESTS_PER_CELL) {
+        // As many tests to a cell as their reports fit in a cell's output
+        // (all of an item's, on the defaults): each cell costs a round trip
+        // to the kernel and two store writes.
+        let per_cell = (self.max_output_bytes() / REPORT_BYTES).max(1);
+        for chunk in programs.chunks(per_cell) {
             let stdins: Vec<&String> = chunk.iter().map(|(_, stdin, _)| *stdin).collect();
             let args = serde_json::json!({"code": job.exec.code, "timeout": secs(job.tests_timeout)});
             let reports = run.runner("program", args, "stdins", &stdins, job.tests_timeout).await?;
@@ -183,7 +188,7 @@ impl Manager {
                 TestKind::Program { .. } => None,
             })
             .collect();
-        for chunk in checks.chunks(TESTS_PER_CELL) {
+        for chunk in checks.chunks(per_cell) {
             let codes: Vec<&String> = chunk.iter().map(|(_, code)| *code).collect();
             let args = serde_json::json!({"timeout": secs(job.tests_timeout)});
             let reports = run.runner("check", args, "codes", &codes, job.tests_timeout).await?;
@@ -423,24 +428,4 @@ fn cap_outputs(outputs: Vec<Output>) -> Vec<Output> {
         kept.push(o);
     }
     kept
-}
-
-/// Test-only hook (debug builds only, unreachable from the API): while the
-/// file named by `KILN_TEST_FAIL_BOOTS` holds a number above zero, each
-/// session start takes one from it and fails as a kernel boot would.
-pub(crate) fn test_boot_failure() -> bool {
-    #[cfg(debug_assertions)]
-    {
-        let Some(path) = std::env::var_os("KILN_TEST_FAIL_BOOTS") else {
-            return false;
-        };
-        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _held = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let n: u64 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        if n > 0 {
-            let _ = std::fs::write(&path, (n - 1).to_string());
-            return true;
-        }
-    }
-    false
 }

@@ -10,6 +10,7 @@ use kiln_protocol::Language;
 use kiln_runtime::Runtime;
 use kiln_sandbox::{Sandboxes, Zygote, ZygoteSpec};
 use rand::distr::{Alphanumeric, SampleString};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,11 @@ pub(crate) struct Kernels {
     runtime: OnceLock<Runtime>,
     /// Where kernels run: the server's sandboxes.
     sandboxes: Sandboxes,
-    /// The fork server kernels are started from, once started.
-    zygote: tokio::sync::Mutex<ZygoteSlot>,
+    /// The fork servers kernels are started from (each once started),
+    /// used in turn.
+    zygotes: Vec<tokio::sync::Mutex<ZygoteSlot>>,
+    /// The zygote the next kernel is forked from (modulo their number).
+    next_zygote: AtomicUsize,
     /// The egress proxy, when the server's policy allows any egress.
     egress: OnceLock<EgressProxy>,
     /// The languages the runtime runs, Python first (set with it).
@@ -47,11 +51,13 @@ impl ZygoteSlot {
 impl Kernels {
     pub(crate) fn new(cfg: Arc<Config>) -> Self {
         let sandboxes = Sandboxes::new(cfg.sandbox.clone(), cfg.sessions_dir.clone());
+        let zygotes = (0..cfg.zygotes.max(1)).map(|_| tokio::sync::Mutex::new(ZygoteSlot::default())).collect();
         Kernels {
             cfg,
             runtime: OnceLock::new(),
             sandboxes,
-            zygote: tokio::sync::Mutex::new(ZygoteSlot::default()),
+            zygotes,
+            next_zygote: AtomicUsize::new(0),
             egress: OnceLock::new(),
             languages: OnceLock::new(),
         }
@@ -80,7 +86,7 @@ impl Kernels {
                     )));
                 }
             }
-            self.start_egress(&runtime, owner).await?;
+            self.start_egress(&runtime).await?;
             // The session user must own the shared runtime for its
             // copy-on-write layer to accept writes (the runtime itself is
             // never written: it is read-only or overlaid in every sandbox).
@@ -115,14 +121,21 @@ impl Kernels {
     /// Leave nothing of the server's on the host (at shutdown, once no
     /// kernel is left): no zygote, no cgroup, no registration.
     pub(crate) async fn release(&self) {
-        self.zygote.lock().await.stop().await;
+        for slot in &self.zygotes {
+            slot.lock().await.stop().await;
+        }
         let sandboxes = self.sandboxes.clone();
         let _ = tokio::task::spawn_blocking(move || sandboxes.release()).await;
     }
 
     /// Boot a kernel in a new session directory: its storage (a quota'd
     /// tmpfs when sandboxed) with a work dir and a seeded home.
-    pub(crate) async fn boot_new(&self, network: NetworkPolicy, language: Language) -> Result<Kernel, SessionError> {
+    pub(crate) async fn boot_new(
+        &self,
+        network: NetworkPolicy,
+        language: Language,
+        priority: crate::Priority,
+    ) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?.clone();
         let name = format!("k_{}", Alphanumeric.sample_string(&mut rand::rng(), 16));
         let dirs = KernelDirs::under(self.cfg.sessions_dir.join(name));
@@ -138,7 +151,7 @@ impl Kernels {
             }
             Err(e) => return Err(SessionError::KernelUnavailable(e.to_string())),
         }
-        let booted = self.boot_in(dirs.clone(), network, language).await;
+        let booted = self.boot_in(dirs.clone(), network, language, priority).await;
         if booted.is_err() {
             destroy_dir(dirs.root).await;
         }
@@ -155,6 +168,7 @@ impl Kernels {
         dirs: KernelDirs,
         network: NetworkPolicy,
         language: Language,
+        priority: crate::Priority,
     ) -> Result<Kernel, SessionError> {
         let runtime = self.runtime.get().ok_or(SessionError::NotReady)?;
         if !self.languages().contains(&language) {
@@ -162,7 +176,7 @@ impl Kernels {
         }
         let isolated = self.cfg.sandbox.is_some();
         let network = network.min(self.default_network());
-        let port = if isolated { self.egress_port(&dirs, network)? } else { None };
+        let egress = if isolated { self.egress_policy(network)? } else { None };
         // The runtime is shown copy-on-write (pip installs land in the
         // session's layer); its base interpreter read-only.
         let (home, mounts, shared) = if isolated {
@@ -173,7 +187,6 @@ impl Kernels {
                     .map(|p| kiln_sandbox::Bind { src: p.clone(), dst: p, writable: false })
                     .collect(),
                 overlay: None,
-                egress_socket: port.as_ref().map(|p| p.path().to_path_buf()),
             };
             (std::path::PathBuf::from(INSIDE_HOME), mounts, Some(runtime.root.clone()))
         } else {
@@ -226,42 +239,35 @@ impl Kernels {
             shared,
             zygote,
             max_frame_bytes: max_frame_bytes(self.cfg.max_output_bytes),
+            cpu_weight: priority.cpu_weight(),
         };
         let kernel = Kernel::start(&spec, dirs).await.map_err(|e| {
             tracing::error!(error = %e, "kernel boot failed");
             SessionError::KernelUnavailable(e.to_string())
         })?;
-        // The socket lives exactly as long as the sandbox that uses it.
-        if let Some(port) = port {
-            port.close_on_exit(kernel.sandbox().exit_watch());
+        if let Some((proxy, policy)) = egress {
+            if let Err(e) = proxy.open(&kernel, policy) {
+                kernel.kill().await;
+                return Err(e);
+            }
         }
         Ok(kernel)
     }
 
-    /// A new egress socket for the kernel about to boot in `dirs`, when
-    /// `network` allows egress. Its own socket per sandbox, so that one
-    /// session's connections are counted, capped and closed apart from
-    /// every other's. It lives beside the run directory (a restarted
-    /// kernel gets a new one), in the part of the kernel's directory only
-    /// the server can reach.
-    fn egress_port(
+    /// Whether a kernel about to boot gets a proxy, the one place that
+    /// decides it: none when `network` allows no egress, else the proxy and
+    /// the policy to open the kernel's port with once it has booted
+    /// ([`EgressProxy::open`]), or an error when the proxy is not running.
+    fn egress_policy(
         &self,
-        dirs: &KernelDirs,
         network: NetworkPolicy,
-    ) -> Result<Option<kiln_sandbox::egress::Port>, SessionError> {
-        let policy = match network {
-            NetworkPolicy::None => return Ok(None),
-            NetworkPolicy::Registries => self.egress.get().map(|e| e.pypi.clone()),
-            NetworkPolicy::Full => self.egress.get().map(|e| e.full.clone()),
-        };
-        let (Some(proxy), Some(policy)) = (self.egress.get(), policy) else {
-            return Err(SessionError::KernelUnavailable("the egress proxy is not running".into()));
-        };
-        let run = dirs.run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let path = dirs.root.join(format!("{run}.egress"));
-        proxy.egress.open(&path, policy).map(Some).map_err(|e| {
-            SessionError::KernelUnavailable(format!("could not open the egress socket {}: {e}", path.display()))
-        })
+    ) -> Result<Option<(&EgressProxy, Arc<kiln_sandbox::egress::Policy>)>, SessionError> {
+        Ok(Some(match (network, self.egress.get()) {
+            (NetworkPolicy::None, _) => return Ok(None),
+            (_, None) => return Err(SessionError::KernelUnavailable("the egress proxy is not running".into())),
+            (NetworkPolicy::Registries, Some(proxy)) => (proxy, proxy.pypi.clone()),
+            (NetworkPolicy::Full, Some(proxy)) => (proxy, proxy.full.clone()),
+        }))
     }
 
     /// The running zygote, started on first use and again if it has died.
@@ -270,14 +276,19 @@ impl Kernels {
     /// later).
     async fn zygote(&self, runtime: &Runtime) -> Option<Zygote> {
         self.cfg.sandbox.as_ref()?.zygote_library.as_ref()?;
-        let mut slot = self.zygote.lock().await;
+        let index = self.next_zygote.fetch_add(1, Ordering::Relaxed) % self.zygotes.len().max(1);
+        let mut slot = self.zygotes.get(index)?.lock().await;
         if let Some(z) = slot.running.as_ref().filter(|z| z.is_alive()) {
             return Some(z.clone());
         }
         if slot.failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
             return None;
         }
-        let dir = self.sandboxes.zygote_dir();
+        // The first zygote's directory is `zygote/`; the others' are in it.
+        let dir = match index {
+            0 => self.sandboxes.zygote_dir(),
+            i => self.sandboxes.zygote_dir().join(i.to_string()),
+        };
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::warn!(error = %e, "cannot create the zygote's directory; booting kernels without it");
             slot.failed_at = Some(Instant::now());
@@ -307,7 +318,7 @@ impl Kernels {
         let started = Instant::now();
         match self.sandboxes.start_zygote(&spec).await {
             Ok(z) => {
-                tracing::info!(ms = started.elapsed().as_millis() as u64, "zygote ready");
+                tracing::info!(ms = started.elapsed().as_millis() as u64, zygote = index, "zygote ready");
                 slot.running = Some(z.clone());
                 slot.failed_at = None;
                 Some(z)
@@ -334,7 +345,7 @@ impl Kernels {
     /// Get the egress proxy ready when the server's policy allows any
     /// egress: the package index hosts are read once, here. Under `none`
     /// nothing runs at all, and no session gets a socket.
-    async fn start_egress(&self, runtime: &Runtime, owner: u32) -> Result<(), SessionError> {
+    async fn start_egress(&self, runtime: &Runtime) -> Result<(), SessionError> {
         if !self.cfg.network.allows_egress() || self.egress.get().is_some() {
             return Ok(());
         }
@@ -349,7 +360,7 @@ impl Kernels {
             .map_err(|e| SessionError::Broken(format!("could not read npm's registry configuration: {e}")))?;
         hosts.extend(kiln_runtime::url_host(&npm_registry).filter(|h| !hosts.contains(h)));
         let proxy = EgressProxy {
-            egress: kiln_sandbox::egress::Egress::new(self.cfg.egress, owner),
+            egress: kiln_sandbox::egress::Egress::new(self.cfg.egress),
             npm_registry,
             pypi: Arc::new(kiln_sandbox::egress::Policy::Hosts(hosts)),
             full: Arc::new(kiln_sandbox::egress::Policy::Full),
@@ -374,6 +385,24 @@ struct EgressProxy {
     npm_registry: String,
     pypi: Arc<kiln_sandbox::egress::Policy>,
     full: Arc<kiln_sandbox::egress::Policy>,
+}
+
+impl EgressProxy {
+    /// Open a booted kernel's proxy: a listener of its own inside its
+    /// sandbox's network (so one session's connections are counted, capped
+    /// and closed apart from every other's), served by this server until
+    /// the sandbox ends. Made after the boot, when the namespace exists;
+    /// the kernel has run nothing of a user's yet.
+    fn open(&self, kernel: &Kernel, policy: Arc<kiln_sandbox::egress::Policy>) -> Result<(), SessionError> {
+        let unavailable = |e: std::io::Error| {
+            SessionError::KernelUnavailable(format!("could not open the session's egress proxy: {e}"))
+        };
+        let listener = kernel.sandbox().listen_inside(kiln_sandbox::egress::PROXY_PORT).map_err(unavailable)?;
+        let port = self.egress.open(listener, policy).map_err(unavailable)?;
+        // The listener lives exactly as long as the sandbox that uses it.
+        port.close_on_exit(kernel.sandbox().exit_watch());
+        Ok(())
+    }
 }
 
 /// The largest single message kiln reads from a kernel: the output limit

@@ -13,6 +13,29 @@ use kiln_kernel::{End, ExecLimits};
 use kiln_protocol::{ExecEvent, ExecuteData, ExecuteStatus, Output, ValidFile};
 use tokio::sync::{mpsc, oneshot};
 
+/// Whose CPU comes first when the machine is busy: a person's (or an
+/// agent's) execute waits on its answer; a batch item is one of many and
+/// yields to it (its kernel's boot, when the pool had none, too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// An execute request: the sandbox's default CPU weight.
+    #[default]
+    Interactive,
+    /// A batch item: the least CPU weight, so it runs on what interactive
+    /// sessions leave.
+    Batch,
+}
+
+impl Priority {
+    /// The sandbox CPU weight of this priority.
+    pub fn cpu_weight(self) -> kiln_sandbox::CpuWeight {
+        match self {
+            Priority::Interactive => kiln_sandbox::CpuWeight::DEFAULT,
+            Priority::Batch => kiln_sandbox::CpuWeight::IDLE,
+        }
+    }
+}
+
 /// One queued execute request.
 #[derive(Debug)]
 pub(crate) struct Job {
@@ -28,6 +51,8 @@ pub(crate) struct Job {
     pub(crate) events: Option<mpsc::UnboundedSender<ExecEvent>>,
     /// Its own memory limit, bytes, when it has one.
     pub(crate) memory_limit: Option<u64>,
+    /// Whose CPU comes first.
+    pub(crate) priority: Priority,
 }
 
 /// An execution's answer with how it ended (the batch API reports the

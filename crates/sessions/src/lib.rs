@@ -12,8 +12,9 @@
 //!
 //! The parts point one way: the [`manager`] composes the [`registry`] of
 //! live sessions, the kernel factory ([`boot`]), the [`pool`] and one
-//! [`worker`] per session, which runs [`job`]s; the factory knows nothing
-//! of sessions, and no part knows of the manager.
+//! [`worker`] per session, which runs [`job`]s (a session's start, in
+//! [`create`], borrows those parts); the factory knows nothing of sessions,
+//! and no part knows of the manager.
 //!
 //! Every execution first passes [`admission`] (per-key places and queues,
 //! fair between keys). A [`batch`] runs many items through the manager's
@@ -25,6 +26,7 @@ mod api;
 mod batch;
 mod boot;
 mod browse;
+mod create;
 mod files;
 mod job;
 mod manager;
@@ -40,10 +42,10 @@ pub use admission::Limits as AdmissionLimits;
 pub use batch::BatchJob;
 pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
-pub use job::{Judged, Outcome};
+pub use job::{Judged, Outcome, Priority};
 pub use kiln_protocol::NetworkPolicy;
 pub use manager::{Exec, Manager};
-pub use membership::{Membership, Owner};
+pub use membership::{memory_available, Membership, Owner};
 pub use metrics::Metrics;
 pub use node::Identity;
 
@@ -69,6 +71,8 @@ pub struct Config {
     pub max_output_bytes: usize,
     /// Ready kernels kept waiting for new sessions.
     pub pool_size: usize,
+    /// Zygotes of the runtime, forked from in turn (at least one).
+    pub zygotes: usize,
     /// Live sessions on this server.
     pub max_sessions: usize,
     /// Live sessions per API key.
@@ -111,6 +115,9 @@ pub struct Caller {
     pub network: Option<NetworkPolicy>,
     /// This key's own live-session limit.
     pub max_sessions: Option<u64>,
+    /// This key's own limit of executions at once (`None`: the server's
+    /// `--max-executions-per-key`).
+    pub max_executions_per_key: Option<u64>,
 }
 
 /// Why a session request failed. None of these is an error of the user's

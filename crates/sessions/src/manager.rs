@@ -1,13 +1,14 @@
 //! The session manager: the operations the API offers on sessions, composed
 //! from the parts that do the work. It owns the [`Registry`] of live
 //! sessions, the kernel factory ([`Kernels`]), the warm [`Pool`] and one
-//! [`Worker`] per session; none of those knows of the manager.
+//! worker per session, which a session's start ([`crate::create`]) makes
+//! from those parts; none of those knows of the manager.
 
 use crate::boot::Kernels;
+use crate::create::Parts;
 use crate::job::{Job, Judged};
 use crate::pool::Pools;
-use crate::registry::{Found, Live, Registry};
-use crate::worker::Worker;
+use crate::registry::{Found, Registry};
 use crate::{Config, NetworkPolicy, Readiness, SessionError};
 use chrono::Utc;
 use kiln_kernel::ExecLimits;
@@ -44,6 +45,11 @@ struct Inner {
     /// Whether this node is one of a cluster: its sessions then live only
     /// as long as its incarnation holds its lease.
     clustered: std::sync::atomic::AtomicBool,
+    /// This incarnation's sessions are being ended because the node was
+    /// lost to its peers (lease lapsed, replaced, stopping in a cluster):
+    /// their waiting requests answer `session_lost`, and their rows, marked
+    /// lost as a whole, are not marked ended one by one.
+    fenced: Arc<std::sync::atomic::AtomicBool>,
     admission: Arc<crate::admission::Admission>,
 }
 
@@ -65,12 +71,16 @@ pub struct Exec {
     pub network: Option<NetworkPolicy>,
     /// The caller's own live-session limit, when it has one.
     pub max_sessions: Option<u64>,
+    /// The caller's own limit of executions at once, when it has one.
+    pub max_executions_per_key: Option<u64>,
     /// Stream the execution here as it runs: the session first, then each
     /// output as the kernel produces it (see [`ExecEvent`]).
     pub events: Option<mpsc::UnboundedSender<ExecEvent>>,
     /// This execution's memory limit, bytes (at most the server's: a larger
     /// one is the server's).
     pub memory_limit: Option<u64>,
+    /// Whose CPU comes first (a batch item's yields to executes).
+    pub priority: crate::Priority,
 }
 
 impl Manager {
@@ -91,6 +101,7 @@ impl Manager {
                 identity: std::sync::RwLock::new(crate::Identity::new(store.node_id())),
                 refusing: std::sync::RwLock::new(None),
                 clustered: std::sync::atomic::AtomicBool::new(false),
+                fenced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 store,
                 admission: Arc::new(crate::admission::Admission::new(cfg.admission)),
                 cfg,
@@ -126,7 +137,10 @@ impl Manager {
     pub async fn start(&self, runtime: Runtime) -> Result<(), SessionError> {
         let inner = &self.inner;
         let first = match inner.kernels.set_runtime(runtime).await {
-            Ok(()) => inner.kernels.boot_new(inner.kernels.default_network(), Language::Python).await,
+            Ok(()) => {
+                let network = inner.kernels.default_network();
+                inner.kernels.boot_new(network, Language::Python, crate::Priority::Interactive).await
+            }
             Err(e) => Err(e),
         };
         match first {
@@ -179,7 +193,8 @@ impl Manager {
         }
         // A place to run (or a wait in the key's queue) before anything
         // else: a refused request has cost nothing.
-        let _permit = self.inner.admission.admit(key_id).await.map_err(|r| {
+        let own = req.max_executions_per_key.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+        let _permit = self.inner.admission.admit(key_id, own).await.map_err(|r| {
             self.inner.metrics.limit("executions_per_key");
             SessionError::RateLimited { running: r.running, queued: r.queued }
         })?;
@@ -211,7 +226,8 @@ impl Manager {
                 // kernel dropped mid-boot would be left running, owned by
                 // no one; a session is owned by its worker (and its TTL).
                 let (me, key, limit, language) = (self.clone(), key_id.to_string(), req.max_sessions, req.language);
-                tokio::spawn(async move { me.create(&key, network, language, limit).await })
+                let priority = req.priority;
+                tokio::spawn(async move { me.parts().create(&key, network, language, limit, priority).await })
                     .await
                     .map_err(|e| SessionError::KernelUnavailable(format!("starting the session failed: {e}")))??
             }
@@ -219,10 +235,45 @@ impl Manager {
         if let Some(events) = &req.events {
             let _ = events.send(ExecEvent::Session { session_id: id.clone() });
         }
-        let job =
-            Job { code: req.code, files: req.files, limits, reply, events: req.events, memory_limit: req.memory_limit };
-        jobs.send(job).map_err(|_| SessionError::Expired(id.clone()))?;
-        answer.await.map_err(|_| SessionError::Expired(id))?
+        let job = Job {
+            code: req.code,
+            files: req.files,
+            limits,
+            reply,
+            events: req.events,
+            memory_limit: req.memory_limit,
+            priority: req.priority,
+        };
+        jobs.send(job).map_err(|_| self.ended(&id))?;
+        answer.await.map_err(|_| self.ended(&id))?
+    }
+
+    /// The parts a session start borrows (see [`crate::create`]).
+    fn parts(&self) -> Parts<'_> {
+        let inner = &self.inner;
+        Parts {
+            cfg: &inner.cfg,
+            store: &inner.store,
+            kernels: &inner.kernels,
+            pool: &inner.pool,
+            registry: &inner.registry,
+            metrics: &inner.metrics,
+            readiness: &inner.readiness,
+            identity: &inner.identity,
+            refusing: &inner.refusing,
+            clustered: &inner.clustered,
+            fenced: &inner.fenced,
+        }
+    }
+
+    /// Why session `id` ended under a request (its worker went away).
+    fn ended(&self, id: &str) -> SessionError {
+        crate::worker::ended_because(
+            *self.inner.readiness.borrow() == Readiness::Stopping,
+            self.inner.fenced.load(std::sync::atomic::Ordering::SeqCst),
+            id,
+            self.inner.store.node_id(),
+        )
     }
 
     /// The caller's live sessions.
@@ -368,6 +419,17 @@ impl Manager {
         self.inner.cfg.max_batch_items
     }
 
+    /// Note a batch request running (its pool refills yield the CPU too)
+    /// until the guard is dropped.
+    pub(crate) fn pool_batch_running(&self) -> crate::pool::BatchRunning {
+        self.inner.pool.batch_running()
+    }
+
+    /// Bytes of output kept per execution (`--max-output-bytes`).
+    pub fn max_output_bytes(&self) -> usize {
+        self.inner.cfg.max_output_bytes
+    }
+
     /// The server's network policy (`--network`): the ceiling of every
     /// key's own.
     pub fn network(&self) -> NetworkPolicy {
@@ -395,6 +457,19 @@ impl Manager {
     pub fn join_cluster(&self, identity: crate::Identity) {
         *self.inner.identity.write().unwrap_or_else(|p| p.into_inner()) = identity;
         self.inner.clustered.store(true, std::sync::atomic::Ordering::Relaxed);
+        // A new incarnation's sessions are not the lost ones.
+        self.inner.fenced.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// End every session because this node was lost to its peers (its
+    /// lease lapsed, or another process took its node id): requests still
+    /// waiting for them answer `session_lost`, as the peers do, never
+    /// `session_expired`. Their rows are the caller's to mark lost
+    /// ([`kiln_store::Store::end_all_open`]); ending them here does not
+    /// mark them merely ended, which would read as expired.
+    pub async fn lose_all(&self) -> usize {
+        self.inner.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.end_all().await
     }
 
     /// Take no new sessions, saying why (`Some`), or take them again
@@ -424,6 +499,19 @@ impl Manager {
     pub async fn shutdown(&self) {
         self.set_readiness(Readiness::Stopping);
         self.inner.stopping.send_replace(true);
+        // In a cluster the sessions go with this node: peers answer
+        // `session_lost` for them once its lease ends. Marked lost before
+        // they end, so that no row reads as ended by its caller or its
+        // time (a database that does not answer now leaves them open, and
+        // the next start marks them). Not when fenced already: its rows
+        // were marked then, and a process that took its node id since
+        // owns the open ones.
+        let clustered = self.inner.clustered.load(std::sync::atomic::Ordering::Relaxed);
+        if clustered && !self.inner.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            if let Err(e) = self.inner.store.end_all_open(Utc::now()).await {
+                tracing::warn!(error = %e, "could not mark this node's sessions lost; its next start will");
+            }
+        }
         let all = self.inner.registry.remove_all();
         for l in &all {
             let _ = l.stop.send(true);
@@ -441,105 +529,6 @@ impl Manager {
         // Each session's egress socket closed with its sandbox.
         self.inner.pool.drain().await;
         self.inner.kernels.release().await;
-    }
-
-    /// Start a session for `key_id`: a place under the limits, a kernel (a
-    /// pooled one when the policy is the pool's), a record in the store, a
-    /// worker. Returns its id and queue.
-    async fn create(
-        &self,
-        key_id: &str,
-        network: NetworkPolicy,
-        language: Language,
-        key_limit: Option<u64>,
-    ) -> Result<(String, mpsc::UnboundedSender<Job>), SessionError> {
-        let inner = &self.inner;
-        let cfg = &inner.cfg;
-        if let Some(why) = inner.refusing.read().unwrap_or_else(|p| p.into_inner()).clone() {
-            return Err(SessionError::NotTaking(why));
-        }
-        let key_max = key_limit.map_or(cfg.max_sessions_per_key, |l| (l as usize).min(cfg.max_sessions_per_key));
-        let place = inner.registry.reserve(key_id, cfg.max_sessions, key_max).map_err(|full| {
-            inner.metrics.limit(match full {
-                crate::registry::Full::Server(_) => "sessions",
-                crate::registry::Full::Key(_) => "sessions_per_key",
-            });
-            SessionError::from(full)
-        })?;
-        let pool = inner.pool.of(language).filter(|_| network == inner.kernels.default_network());
-        let pooled = match pool {
-            Some(pool) => pool.take().await,
-            None => None,
-        };
-        let kernel = match pooled {
-            Some(k) => k,
-            None => inner.kernels.boot_new(network, language).await?,
-        };
-        if crate::batch::test_boot_failure() {
-            inner.kernels.destroy(kernel).await;
-            return Err(SessionError::KernelUnavailable("a boot failure made on purpose (test hook)".into()));
-        }
-        let identity = inner.identity.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let id = identity.mint();
-        let now = Utc::now();
-        let ttl = chrono::Duration::from_std(cfg.ttl).unwrap_or(chrono::Duration::hours(1));
-        let record = SessionRecord {
-            id: id.clone(),
-            key_id: key_id.to_string(),
-            started_at: now,
-            expires_at: now + ttl,
-            execute_count: 0,
-            last_execute_at: None,
-            ended_at: None,
-            incarnation: inner.clustered.load(std::sync::atomic::Ordering::Relaxed).then_some(identity.incarnation),
-            lost: false,
-        };
-        // The key's limit holds across every node sharing the store.
-        match inner.store.insert_session_within(&record, key_max as u64).await {
-            Ok(true) => {}
-            Ok(false) => {
-                // The kernel ran nothing: it goes back to the pool, so a key
-                // at its limit on other nodes cannot drain this node's pool.
-                match inner.pool.of(language).filter(|_| network == inner.kernels.default_network()) {
-                    Some(pool) => pool.put(kernel).await,
-                    None => inner.kernels.destroy(kernel).await,
-                }
-                inner.metrics.limit("sessions_per_key");
-                return Err(SessionError::TooManySessions(key_max));
-            }
-            Err(e) => {
-                inner.kernels.destroy(kernel).await;
-                return Err(e.into());
-            }
-        }
-        let work = kernel.dirs().work.clone();
-        let (jobs, queue) = mpsc::unbounded_channel();
-        let (stop, stopped) = watch::channel(false);
-        let worker = Worker {
-            id: id.clone(),
-            network,
-            language,
-            kernels: inner.kernels.clone(),
-            store: inner.store.clone(),
-            metrics: inner.metrics.clone(),
-            registry: inner.registry.clone(),
-            readiness: inner.readiness.subscribe(),
-            memory_bytes: cfg.sandbox.as_ref().map_or(0, |s| s.limits.memory_bytes),
-        };
-        let worker = tokio::spawn(worker.run(kernel, queue, stopped));
-        inner.metrics.sessions_started.inc();
-        tracing::info!(session = %id, key = %key_id, "session started");
-        let live = Live {
-            key_id: key_id.to_string(),
-            work,
-            language,
-            expires_at: record.expires_at,
-            jobs: jobs.clone(),
-            stop,
-            worker,
-        };
-        place.register(id.clone(), live);
-        Ok((id, jobs))
     }
 }
 

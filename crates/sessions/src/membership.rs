@@ -65,17 +65,10 @@ struct State {
     lapsed: bool,
 }
 
-/// Memory the host has available (`MemAvailable`), bytes; 0 if unknown.
-fn memory_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
+/// Memory this node could still give to sessions: the host's, or less
+/// where kiln's cgroup (its pod's) has a limit (see
+/// [`kiln_sandbox::memory_available`]).
+pub use kiln_sandbox::memory_available;
 
 fn chrono(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::seconds(6))
@@ -271,7 +264,9 @@ impl Membership {
                     "another kiln process registered as node {}; this one stands down",
                     rec.id
                 )));
-                self.manager.end_all().await;
+                // The process that took the node id marked this one's rows
+                // lost when it started.
+                self.manager.lose_all().await;
             }
             Err(e) => {
                 let left = self.read().valid_until - Utc::now();
@@ -292,7 +287,7 @@ impl Membership {
             );
             self.manager.refuse_new_sessions(Some("this node cannot renew its lease in the database".into()));
             let _ = self.store.end_all_open(Utc::now()).await;
-            let ended = self.manager.end_all().await;
+            let ended = self.manager.lose_all().await;
             tracing::warn!(sessions = ended, "ended the sessions of the lapsed lease");
         }
         // Sessions whose end could not be written are marked lost now.

@@ -2,8 +2,9 @@
 //! kernel (Python; Deno for JavaScript and TypeScript; bash).
 //!
 //! A new session takes a ready kernel instead of waiting half a second for
-//! one to boot. Each pooled kernel goes to exactly one session and is never
-//! returned (no state can pass between sessions). One background task keeps
+//! one to boot. Each pooled kernel goes to exactly one session; only one
+//! that ran nothing comes back (a start refused by the store, see
+//! `create`), so no state can pass between sessions. One background task keeps
 //! every pool at its target, booting one kernel at a time so that refilling
 //! never takes more than one core from live sessions.
 //!
@@ -44,6 +45,19 @@ pub(crate) fn pool_language(language: Language) -> Language {
 pub(crate) struct Pools {
     pools: Vec<Pool>,
     wake: Arc<Notify>,
+    /// Batch requests running now: while any does, refills are batch work
+    /// too (mostly for its items), and boot at the batch's CPU weight.
+    batches: Arc<AtomicUsize>,
+}
+
+/// Counts a running batch request until dropped.
+#[derive(Debug)]
+pub(crate) struct BatchRunning(Arc<AtomicUsize>);
+
+impl Drop for BatchRunning {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pools {
@@ -59,7 +73,24 @@ impl Pools {
                 Pool::new(language, min, size.saturating_mul(4), kernels.clone(), wake.clone())
             })
             .collect();
-        Pools { pools, wake }
+        Pools { pools, wake, batches: Arc::new(AtomicUsize::new(0)) }
+    }
+
+    /// Note a batch request running until the guard is dropped.
+    pub(crate) fn batch_running(&self) -> BatchRunning {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        BatchRunning(self.batches.clone())
+    }
+
+    /// The priority of the next refill: a batch's while one runs
+    /// (interactive sessions then still come first), else an execute's
+    /// (interactive sessions wait on the pool).
+    fn refill_priority(&self) -> crate::Priority {
+        if self.batches.load(Ordering::Relaxed) > 0 {
+            crate::Priority::Batch
+        } else {
+            crate::Priority::Interactive
+        }
     }
 
     /// The pool of `language`'s kernels.
@@ -241,7 +272,8 @@ pub(crate) async fn fill(
             let _ = tokio::time::timeout(QUIET, pools.wake.notified()).await;
             continue;
         };
-        match kernels.boot_new(kernels.default_network(), pool.language).await {
+        // The session that takes a kernel sets its own weight.
+        match kernels.boot_new(kernels.default_network(), pool.language, pools.refill_priority()).await {
             Ok(k) => {
                 backoff = Duration::from_millis(500);
                 if *stopping.borrow() {

@@ -18,8 +18,10 @@ pub(crate) enum Report {
     Failed { status: ItemStatus, why: String },
 }
 
-/// The runner's line, as `kiln_kernel.judge` prints it.
+/// The runner's line, as `kiln_kernel.judge` prints it (its texts in
+/// base64, so that a line's size is bounded whatever bytes a test printed).
 #[derive(serde::Deserialize)]
+#[serde(from = "WireLine")]
 pub(crate) struct RunnerLine {
     exit: Option<i32>,
     signal: Option<i32>,
@@ -29,6 +31,43 @@ pub(crate) struct RunnerLine {
     stdout_truncated: bool,
     stderr: String,
     ms: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct WireLine {
+    exit: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    completed: bool,
+    stdout_b64: String,
+    stdout_truncated: bool,
+    stderr_b64: String,
+    ms: f64,
+}
+
+impl From<WireLine> for RunnerLine {
+    fn from(w: WireLine) -> Self {
+        RunnerLine {
+            exit: w.exit,
+            signal: w.signal,
+            timed_out: w.timed_out,
+            completed: w.completed,
+            stdout: text_of(&w.stdout_b64),
+            stdout_truncated: w.stdout_truncated,
+            stderr: text_of(&w.stderr_b64),
+            ms: w.ms,
+        }
+    }
+}
+
+/// A test's output as text: its bytes decoded from base64, invalid UTF-8
+/// replaced (as a terminal would show it).
+fn text_of(b64: &str) -> String {
+    use base64::Engine as _;
+    match base64::engine::general_purpose::STANDARD.decode(b64) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::from("[kiln] the runner's report of this output could not be read\n"),
+    }
 }
 
 impl Report {
@@ -188,6 +227,16 @@ mod tests {
         let early = line(Some(0), None, false, "").score(None);
         assert_eq!((early.passed, early.status), (false, ItemStatus::Error));
         assert!(early.stderr.contains("before the test completed"));
+    }
+
+    #[test]
+    fn the_runner_s_texts_arrive_in_base64_whatever_bytes_a_test_printed() -> Result<(), serde_json::Error> {
+        let line = r#"{"exit":0,"signal":null,"timed_out":false,"completed":true,"stdout_b64":"NCD/Cg==","stdout_truncated":false,"stderr_b64":"","ms":1.5}"#;
+        let r: RunnerLine = serde_json::from_str(line)?;
+        assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("4 \u{fffd}\n", ""));
+        let want = "4 \u{fffd}".to_string();
+        assert!(Report::Ran(r).score(Some(&want)).passed);
+        Ok(())
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub(crate) struct Worker {
     pub(crate) metrics: Arc<crate::Metrics>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) readiness: watch::Receiver<Readiness>,
+    /// Set when the node's sessions end because it was lost (see
+    /// `Manager::lose_all`).
+    pub(crate) fenced: Arc<std::sync::atomic::AtomicBool>,
     /// The session's memory limit, bytes (0: none).
     pub(crate) memory_bytes: u64,
 }
@@ -51,13 +54,16 @@ impl Worker {
     ) {
         // The kernel's CPU counter is cumulative since its boot.
         let mut cpu_seen = 0.0;
+        // The priority whose CPU weight the sandbox has (unknown at first:
+        // a pooled kernel booted with the least).
+        let mut weighed = None;
         loop {
             let job = tokio::select! {
                 biased;
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
                 job = jobs.recv() => match job { Some(j) => j, None => break },
             };
-            if let After::End = self.serve(&mut kernel, job, &mut stop, &mut cpu_seen).await {
+            if let After::End = self.serve(&mut kernel, job, &mut stop, &mut cpu_seen, &mut weighed).await {
                 break;
             }
         }
@@ -71,8 +77,9 @@ impl Worker {
         job: Job,
         stop: &mut watch::Receiver<bool>,
         cpu_seen: &mut f64,
+        weighed: &mut Option<crate::Priority>,
     ) -> After {
-        let Job { code, files, limits, mut reply, events, memory_limit } = job;
+        let Job { code, files, limits, mut reply, events, memory_limit, priority } = job;
         if reply.is_closed() {
             return After::Next;
         }
@@ -88,6 +95,12 @@ impl Worker {
                 let _ = reply.send(Err(SessionError::KernelUnavailable("internal error writing files".into())));
                 return After::Next;
             }
+        }
+        if *weighed != Some(priority) {
+            if let Err(e) = kernel.sandbox().set_cpu_weight(priority.cpu_weight()) {
+                tracing::warn!(session = %self.id, error = %e, "could not set the session's CPU weight");
+            }
+            *weighed = Some(priority);
         }
         if let Err(e) = self.store.record_execute(&self.id, Utc::now()).await {
             tracing::warn!(session = %self.id, error = %e, "could not count an execution");
@@ -159,7 +172,8 @@ impl Worker {
             tracing::info!(session = %self.id, %reason, "restarting kernel");
             let old_run = kernel.dirs().run.clone();
             kernel.kill().await;
-            let replaced = match self.kernels.boot_in(kernel.dirs().with_new_run(), self.network, self.language).await {
+            let new_run = kernel.dirs().with_new_run();
+            let replaced = match self.kernels.boot_in(new_run, self.network, self.language, priority).await {
                 Ok(k) => {
                     *kernel = k;
                     *cpu_seen = 0.0;
@@ -191,19 +205,37 @@ impl Worker {
             let _ = job.reply.send(Err(self.ended()));
         }
         self.kernels.destroy(kernel).await;
-        if let Err(e) = self.store.end_session(&self.id, Utc::now()).await {
-            tracing::warn!(session = %self.id, error = %e, "could not mark the session ended");
+        // A lost node's rows are marked lost together (and until that
+        // succeeds, an open row of a lost node reads as lost too); ended
+        // alone it would read as expired.
+        if !self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Err(e) = self.store.end_session(&self.id, Utc::now()).await {
+                tracing::warn!(session = %self.id, error = %e, "could not mark the session ended");
+            }
         }
         tracing::info!(session = %self.id, "session ended");
     }
 
-    /// Why a session ended under a request: the server stopping, or expiry.
+    /// Why a session ended under a request.
     fn ended(&self) -> SessionError {
-        if *self.readiness.borrow() == Readiness::Stopping {
-            SessionError::ShuttingDown
-        } else {
-            SessionError::Expired(self.id.clone())
-        }
+        ended_because(
+            *self.readiness.borrow() == Readiness::Stopping,
+            self.fenced.load(std::sync::atomic::Ordering::SeqCst),
+            &self.id,
+            self.store.node_id(),
+        )
+    }
+}
+
+/// Why session `id` ended under a request: the server stopping, its node
+/// lost to the cluster (`fenced`), or else its time or its caller.
+pub(crate) fn ended_because(stopping: bool, fenced: bool, id: &str, node: &str) -> SessionError {
+    if stopping {
+        SessionError::ShuttingDown
+    } else if fenced {
+        SessionError::Lost { id: id.to_string(), node: node.to_string() }
+    } else {
+        SessionError::Expired(id.to_string())
     }
 }
 

@@ -154,6 +154,9 @@ pub struct KeyRecord {
 pub struct KeyOptions {
     /// Live sessions this key may have (below the server's per-key limit).
     pub max_sessions: Option<u64>,
+    /// Executions this key may run at once; `None` is the server's
+    /// `--max-executions-per-key`. Its queue scales with it.
+    pub max_executions_per_key: Option<u64>,
     /// Network policy of its sessions; `None` is the server's.
     pub network: Option<NetworkPolicy>,
     /// Whether it may use the admin endpoints (list, create, revoke keys).

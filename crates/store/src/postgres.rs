@@ -86,6 +86,11 @@ CREATE TABLE nodes (
 ALTER TABLE sessions ADD COLUMN incarnation TEXT;
 ALTER TABLE sessions ADD COLUMN lost BOOLEAN NOT NULL DEFAULT FALSE;
 ",
+    // A key's own limit of executions at once (`NULL`: the server's
+    // `--max-executions-per-key`). Existing keys keep the server's.
+    r"
+ALTER TABLE api_keys ADD COLUMN max_executions_per_key BIGINT CHECK (max_executions_per_key >= 1);
+",
 ];
 
 /// The condition under which a session row (`s`) is live at `$2`: not
@@ -389,7 +394,8 @@ fn pool_err(what: &'static str) -> impl Fn(PoolError) -> StoreError {
     }
 }
 
-const KEY_COLS: &str = "id, hash, origin, label, created_at, max_sessions, network, revoked_at, admin";
+const KEY_COLS: &str =
+    "id, hash, origin, label, created_at, max_sessions, network, revoked_at, admin, max_executions_per_key";
 
 fn key_row(what: &'static str, r: &Row) -> Result<KeyRecord> {
     let get = |e: tokio_postgres::Error| StoreError::Query { what, detail: e.to_string() };
@@ -401,6 +407,7 @@ fn key_row(what: &'static str, r: &Row) -> Result<KeyRecord> {
         created_at: r.try_get(4).map_err(get)?,
         options: KeyOptions {
             max_sessions: r.try_get::<_, Option<i64>>(5).map_err(get)?.map(to_u64),
+            max_executions_per_key: r.try_get::<_, Option<i64>>(9).map_err(get)?.map(to_u64),
             network: parse_network(what, &id, r.try_get(6).map_err(get)?)?,
             admin: r.try_get(8).map_err(get)?,
         },
@@ -466,15 +473,20 @@ impl Store for PgStore {
         let what = "add key";
         let id = key_id(&hash);
         let max_sessions = options.max_sessions.map(to_i64);
+        let max_executions = options.max_executions_per_key.map(to_i64);
         let network = options.network.map(|n| n.stored_name());
         let hash_bytes = hash.as_slice();
         // Insert-or-keep; a concurrent insert of the same key by another
-        // node is the "keep" case, not an error.
+        // node is the "keep" case, not an error. No conflict target: the
+        // key's id and hash are both unique, and a race is caught by
+        // whichever index PostgreSQL checks first (with `(hash)` as the
+        // only arbiter, nodes starting at once failed on the primary key).
         self.execute(
             what,
-            "INSERT INTO api_keys (id, hash, origin, label, created_at, max_sessions, network, admin)
-             VALUES ($1, $2, $3, $4, now(), $5, $6, $7) ON CONFLICT (hash) DO NOTHING",
-            &[&id, &hash_bytes, &origin.as_str(), &label, &max_sessions, &network, &options.admin],
+            "INSERT INTO api_keys (id, hash, origin, label, created_at, max_sessions, network, admin,
+                                   max_executions_per_key)
+             VALUES ($1, $2, $3, $4, now(), $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            &[&id, &hash_bytes, &origin.as_str(), &label, &max_sessions, &network, &options.admin, &max_executions],
         )
         .await?;
         let rows =

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Schema migrations, applied in order, each once and in its own
 /// transaction; `PRAGMA user_version` counts those applied.
@@ -108,6 +108,11 @@ CREATE TABLE nodes (
 ALTER TABLE sessions ADD COLUMN incarnation TEXT;
 ALTER TABLE sessions ADD COLUMN lost INTEGER NOT NULL DEFAULT 0 CHECK (lost IN (0, 1));
 ",
+    // A key's own limit of executions at once (`NULL`: the server's
+    // `--max-executions-per-key`). Existing keys keep the server's.
+    r"
+ALTER TABLE api_keys ADD COLUMN max_executions_per_key INTEGER CHECK (max_executions_per_key >= 1);
+",
 ];
 
 /// The condition under which a session row (`s`) is live at `?2`: not
@@ -147,42 +152,74 @@ impl SqliteStore {
     /// Open (creating and migrating) the database at `path`, for the node
     /// `node_id`.
     pub fn open(path: &Path, node_id: &str) -> Result<Self> {
-        let conn = Connection::open(path).map_err(q("open"))?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(q("open"))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(q("open"))?;
+        let mut conn = Connection::open(path).map_err(q("open"))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(q("open"))?;
+        let deadline = Instant::now() + BUSY_TIMEOUT;
+        // Switching a new file to WAL takes its exclusive lock; a process
+        // opening the same file at that moment is refused at once, without
+        // the busy handler, so the switch is retried here.
+        when_not_busy(deadline, || conn.pragma_update(None, "journal_mode", "WAL")).map_err(q("open"))?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(q("open"))?;
-        let mut store = SqliteStore { conn: Mutex::new(conn), node_id: node_id.to_string() };
-        store.migrate()?;
-        Ok(store)
-    }
-
-    /// Apply the migrations this file lacks. Each runs in an IMMEDIATE
-    /// transaction (the write lock first, then the version read), so
-    /// processes opening the same file at once apply each exactly once.
-    fn migrate(&mut self) -> Result<()> {
-        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(q("migrate"))?;
-            let version: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(q("migrate"))?;
-            if version > MIGRATIONS.len() {
-                return Err(StoreError::Config(format!(
-                    "the database's schema is version {version}, newer than this kiln knows ({}): upgrade kiln",
-                    MIGRATIONS.len()
-                )));
-            }
-            let Some(sql) = MIGRATIONS.get(version) else {
-                return Ok(());
-            };
-            tx.execute_batch(sql).map_err(q("migrate"))?;
-            tx.pragma_update(None, "user_version", version + 1).map_err(q("migrate"))?;
-            tx.commit().map_err(q("migrate"))?;
-        }
+        migrate(&mut conn, deadline)?;
+        Ok(SqliteStore { conn: Mutex::new(conn), node_id: node_id.to_string() })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (statements are atomic), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How long opening waits for another process's lock, and how long any
+/// statement does.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Apply the migrations the file at `conn` lacks. Each runs in an IMMEDIATE
+/// transaction (the write lock first, then the version read), so processes
+/// opening the same file at once apply each exactly once.
+fn migrate(conn: &mut Connection, deadline: Instant) -> Result<()> {
+    loop {
+        let version = when_not_busy(deadline, || {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let version: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            if let Some(sql) = MIGRATIONS.get(version) {
+                tx.execute_batch(sql)?;
+                tx.pragma_update(None, "user_version", version + 1)?;
+                tx.commit()?;
+            }
+            Ok(version)
+        })
+        .map_err(q("migrate"))?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Config(format!(
+                "the database's schema is version {version}, newer than this kiln knows ({}): upgrade kiln",
+                MIGRATIONS.len()
+            )));
+        }
+        if version == MIGRATIONS.len() {
+            return Ok(());
+        }
+    }
+}
+
+/// Run `step` again while SQLite answers "busy" or "locked" and `deadline`
+/// has not passed. Only for set-up: SQLite refuses some lock upgrades at
+/// once rather than wait (waiting could deadlock), and a rolled-back step
+/// can simply be run again.
+fn when_not_busy<T>(deadline: Instant, mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match step() {
+            Err(e)
+                if matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -223,7 +260,8 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     })
 }
 
-const KEY_COLS: &str = "id, hash, origin, label, created_at, max_sessions, network, revoked_at, admin";
+const KEY_COLS: &str =
+    "id, hash, origin, label, created_at, max_sessions, network, revoked_at, admin, max_executions_per_key";
 
 /// A key row as stored, before its typed columns are checked.
 struct RawKey {
@@ -236,6 +274,7 @@ struct RawKey {
     network: Option<String>,
     revoked_at: Option<i64>,
     admin: bool,
+    max_executions_per_key: Option<i64>,
 }
 
 fn raw_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawKey> {
@@ -249,6 +288,7 @@ fn raw_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawKey> {
         network: r.get(6)?,
         revoked_at: r.get(7)?,
         admin: r.get(8)?,
+        max_executions_per_key: r.get(9)?,
     })
 }
 
@@ -259,6 +299,7 @@ impl RawKey {
             origin: parse_origin(what, &self.id, &self.origin)?,
             options: KeyOptions {
                 max_sessions: self.max_sessions.map(to_u64),
+                max_executions_per_key: self.max_executions_per_key.map(to_u64),
                 network: parse_network(what, &self.id, self.network)?,
                 admin: self.admin,
             },
@@ -338,11 +379,13 @@ impl Store for SqliteStore {
         let id = key_id(&hash);
         let now = Utc::now();
         let conn = self.conn();
-        // Insert-or-keep in one statement; the row read back is the stored
+        // Insert-or-keep in one statement (whichever of the key's unique
+        // columns, id or hash, conflicts); the row read back is the stored
         // one either way.
         conn.execute(
-            "INSERT INTO api_keys (id, hash, origin, label, created_at, max_sessions, network, admin)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (hash) DO NOTHING",
+            "INSERT INTO api_keys (id, hash, origin, label, created_at, max_sessions, network, admin,
+                                   max_executions_per_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
             params![
                 id,
                 hash.as_slice(),
@@ -351,7 +394,8 @@ impl Store for SqliteStore {
                 micros(now),
                 options.max_sessions.map(to_i64),
                 options.network.map(|n| n.stored_name()),
-                options.admin
+                options.admin,
+                options.max_executions_per_key.map(to_i64)
             ],
         )
         .map_err(q("add key"))?;

@@ -25,6 +25,9 @@ trait Backend: Send + Sync {
     fn sql(&self, sql: &str) -> Result<(), String>;
     /// Run SQL with the CHECK constraints of `api_keys` out of the way.
     fn sql_unchecked(&self, sql: &str);
+    /// Take the schema back to before keys had their own execution limit
+    /// (undo the newest migration), as the previous release left it.
+    fn to_schema_before_execution_limits(&self);
 }
 
 struct Sqlite {
@@ -54,6 +57,9 @@ impl Backend for Sqlite {
         conn.pragma_update(None, "ignore_check_constraints", true).unwrap();
         conn.execute_batch(sql).unwrap();
     }
+    fn to_schema_before_execution_limits(&self) {
+        self.sql("ALTER TABLE api_keys DROP COLUMN max_executions_per_key; PRAGMA user_version = 6;").unwrap();
+    }
 }
 
 struct Postgres {
@@ -81,6 +87,12 @@ impl Backend for Postgres {
             "ALTER TABLE api_keys DROP CONSTRAINT api_keys_network_check, DROP CONSTRAINT api_keys_origin_check; {sql}"
         ));
     }
+    fn to_schema_before_execution_limits(&self) {
+        self.sql(
+            "ALTER TABLE api_keys DROP COLUMN max_executions_per_key; DELETE FROM kiln_migrations WHERE version = 3;",
+        )
+        .unwrap();
+    }
 }
 
 fn session(id: &str, key: &str, ttl_secs: i64) -> SessionRecord {
@@ -100,7 +112,12 @@ fn session(id: &str, key: &str, ttl_secs: i64) -> SessionRecord {
 
 async fn adding_the_same_key_twice_keeps_one_record(b: &dyn Backend) {
     let s = b.open("n1").await;
-    let opts = KeyOptions { max_sessions: Some(3), network: Some(NetworkPolicy::None), admin: true };
+    let opts = KeyOptions {
+        max_sessions: Some(3),
+        max_executions_per_key: Some(2),
+        network: Some(NetworkPolicy::None),
+        admin: true,
+    };
     let a = s.add_key([7; 32], KeyOrigin::Created, "flag", &opts).await.unwrap();
     let again = s.add_key([7; 32], KeyOrigin::Configured, "other", &KeyOptions::default()).await.unwrap();
     assert_eq!(a, again, "the first record stays");
@@ -111,6 +128,36 @@ async fn adding_the_same_key_twice_keeps_one_record(b: &dyn Backend) {
     assert!(s.revoke_key(&a.id).await.unwrap(), "revoking twice still finds the key");
     assert!(!s.revoke_key("key_nope").await.unwrap());
     assert!(s.keys().await.unwrap()[0].revoked_at.is_some());
+}
+
+/// Nodes starting at once with the same configured key (a DaemonSet's
+/// pods, one bootstrap Secret) each add it: every add succeeds and one
+/// record stays, whichever of the key's unique columns the race hits.
+async fn the_same_key_added_by_nodes_at_once_keeps_one_record(b: &dyn Backend) {
+    let mut stores = Vec::new();
+    for i in 0..8 {
+        stores.push(b.open(&format!("n{i}")).await);
+    }
+    for round in 0..100u8 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(stores.len()));
+        let adds: Vec<_> = stores
+            .iter()
+            .map(|s| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    s.add_key([round; 32], KeyOrigin::Configured, "configured", &KeyOptions::default()).await
+                })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for a in adds {
+            ids.push(a.await.unwrap().unwrap_or_else(|e| panic!("round {round}: a concurrent add failed: {e}")).id);
+        }
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "round {round}: one record for one key");
+    }
+    assert_eq!(stores[0].keys().await.unwrap().len(), 100);
 }
 
 async fn every_network_policy_and_origin_round_trips_typed(b: &dyn Backend) {
@@ -124,7 +171,7 @@ async fn every_network_policy_and_origin_round_trips_typed(b: &dyn Backend) {
         .enumerate()
     {
         // A label that looks like an origin is only a name.
-        let opts = KeyOptions { max_sessions: None, network, admin: i % 2 == 0 };
+        let opts = KeyOptions { max_sessions: None, max_executions_per_key: None, network, admin: i % 2 == 0 };
         let rec = s.add_key([i as u8; 32], origin, "configured", &opts).await.unwrap();
         assert_eq!((rec.origin, rec.options.network, rec.options.admin), (origin, network, i % 2 == 0));
     }
@@ -148,6 +195,37 @@ async fn a_policy_the_store_cannot_read_is_an_error_not_the_server_default(b: &d
         Err(StoreError::Invalid { detail, .. }) => assert!(detail.contains("everything"), "{detail}"),
         other => panic!("an unreadable policy must be an error, got {other:?}"),
     }
+}
+
+async fn a_key_s_own_execution_limit_is_kept_and_keys_from_before_it_existed_have_none(b: &dyn Backend) {
+    let s = b.open("n1").await;
+    let limited = KeyOptions { max_executions_per_key: Some(7), ..KeyOptions::default() };
+    let rec = s.add_key([1; 32], KeyOrigin::Created, "limited", &limited).await.unwrap();
+    assert_eq!(rec.options.max_executions_per_key, Some(7));
+    assert_eq!(s.keys().await.unwrap()[0].options, limited);
+    // The store refuses a limit of 0 from any writer.
+    let zero = "UPDATE api_keys SET max_executions_per_key = 0";
+    assert!(b.sql(zero).is_err(), "a limit of 0 was stored");
+    for i in 2..5u8 {
+        let opts = KeyOptions { max_sessions: Some(u64::from(i)), ..KeyOptions::default() };
+        s.add_key([i; 32], KeyOrigin::Created, "older", &opts).await.unwrap();
+    }
+    drop(s);
+    // As the previous release would have left it: no column, so no key
+    // has a limit of its own (the first key's is gone with the column).
+    b.to_schema_before_execution_limits();
+    // Opened by this release: migrated, every key kept, none with a limit
+    // of its own; new keys get theirs.
+    let s = b.open("n2").await;
+    let keys = s.keys().await.unwrap();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert!(keys.iter().all(|k| k.options.max_executions_per_key.is_none()), "{keys:?}");
+    assert_eq!(keys.iter().filter_map(|k| k.options.max_sessions).collect::<Vec<_>>(), vec![2, 3, 4]);
+    let new = s.add_key([9; 32], KeyOrigin::Created, "new", &limited).await.unwrap();
+    assert_eq!(new.options.max_executions_per_key, Some(7));
+    drop(s);
+    // Opening again applies nothing twice.
+    assert_eq!(b.open("n3").await.keys().await.unwrap().len(), 5);
 }
 
 async fn sessions_are_listed_per_key_until_they_end_or_expire(b: &dyn Backend) {
@@ -246,7 +324,7 @@ async fn a_duplicate_session_is_a_constraint_error(b: &dyn Backend) {
 
 async fn nodes_opening_a_new_database_at_once_migrate_it_once(b: &dyn Backend) {
     let db = b.database();
-    let opens: Vec<_> = (0..4)
+    let opens: Vec<_> = (0..8)
         .map(|i| {
             let db = db.clone();
             tokio::spawn(async move { kiln_store::open(&db, &OpenOptions::new(format!("node-{i}"))).await })
@@ -257,7 +335,7 @@ async fn nodes_opening_a_new_database_at_once_migrate_it_once(b: &dyn Backend) {
         stores.push(o.await.unwrap().unwrap_or_else(|e| panic!("a concurrent open failed: {e}")));
     }
     stores[0].add_key([3; 32], KeyOrigin::Generated, "", &KeyOptions::default()).await.unwrap();
-    assert_eq!(stores[3].keys().await.unwrap().len(), 1);
+    assert_eq!(stores[7].keys().await.unwrap().len(), 1);
     // And again, on the migrated database.
     assert_eq!(b.open("late").await.keys().await.unwrap().len(), 1);
 }
@@ -354,7 +432,9 @@ macro_rules! suite {
 
 suite!(
     adding_the_same_key_twice_keeps_one_record,
+    the_same_key_added_by_nodes_at_once_keeps_one_record,
     every_network_policy_and_origin_round_trips_typed,
+    a_key_s_own_execution_limit_is_kept_and_keys_from_before_it_existed_have_none,
     a_policy_the_store_cannot_read_is_an_error_not_the_server_default,
     sessions_are_listed_per_key_until_they_end_or_expire,
     a_restarting_node_ends_only_its_own_sessions,

@@ -5,6 +5,7 @@
 //! and the shared runtime cache, and is stopped with SIGTERM when dropped.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
 pub mod inet;
 pub mod netns;
 
@@ -148,6 +149,17 @@ impl Server {
         v["data"].clone()
     }
 
+    /// The server's `/metrics` page (Prometheus text).
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(format!("{}/metrics", self.url)).send().await.expect("scrape /metrics");
+        resp.text().await.expect("/metrics body")
+    }
+
+    /// One value from a fresh scrape of `/metrics`; see [`metric`].
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        metric(&self.metrics().await, name)
+    }
+
     pub async fn sessions(&self, key: &str) -> Vec<Value> {
         let resp = self.http.get(format!("{}/v1/tci/sessions", self.url)).bearer_auth(key).send().await.expect("list");
         assert_eq!(resp.status().as_u16(), 200);
@@ -231,6 +243,35 @@ pub fn clients_dir() -> PathBuf {
     .clone()
 }
 
+/// The value of the sample `name` in Prometheus text: a whole name, with its
+/// labels if it has any (`kiln_pool_ready`, or
+/// `kiln_pool_ready_by_language{language="python"}`), so that one name is
+/// never read as the start of a longer one.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Run one of the real clients' seed examples (`tests/clients/<script>`,
+/// with `program`) against the server at `url`: it must exit cleanly and
+/// report at least one passed example and none failed.
+pub fn run_client(program: PathBuf, script: &str, url: &str) {
+    let out = Command::new(&program)
+        .arg(repo().join("tests/clients").join(script))
+        .env("KILN_BASE_URL", url)
+        .env("KILN_API_KEY", KEY)
+        .env("KILN_NODE_CLIENT_DIR", clients_dir().join("node"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed against {url}:\n{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.ends_with(" 0 failed") && !last.starts_with("0 passed"), "{script}: {last}");
+}
+
 /// Text of all outputs of one type, concatenated.
 pub fn text_of(data: &Value, kind: &str) -> String {
     data["outputs"]
@@ -311,4 +352,27 @@ pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric;
+
+    const TEXT: &str = "\
+# HELP kiln_pool_ready Ready kernels in the warm pool.
+# TYPE kiln_pool_ready gauge
+kiln_pool_ready_by_language{language=\"python\"} 4
+kiln_pool_ready 2
+kiln_pool_target 3.5 1700000000
+";
+
+    #[test]
+    fn a_metric_is_read_by_its_whole_name_and_never_by_a_prefix() {
+        assert_eq!(metric(TEXT, "kiln_pool_ready"), Some(2.0));
+        assert_eq!(metric(TEXT, "kiln_pool_ready_by_language{language=\"python\"}"), Some(4.0));
+        assert_eq!(metric(TEXT, "kiln_pool_target"), Some(3.5));
+        assert_eq!(metric(TEXT, "kiln_pool"), None);
+        assert_eq!(metric(TEXT, "kiln_pool_ready_by_language"), None);
+        assert_eq!(metric(TEXT, "kiln_sessions_live"), None);
+    }
 }

@@ -5,7 +5,7 @@ The server sends a cell that calls :func:`program` or :func:`check` with a
 few tests; for each, the call forks the kernel, runs the test in the child
 with its own time limit, and prints one line, ``KILN_JUDGE <json>``, that
 the server parses: the child's exit status, whether it timed out or was killed,
-whether it completed, and its stdout and stderr (cut at a cap).
+whether it completed, and its stdout and stderr (cut at a cap, in base64).
 
 Why a fork: the child starts from the kernel's state at that moment (the
 runtime's imports already done, so a test costs a fork instead of an
@@ -20,7 +20,10 @@ parent is a child subreaper, so whatever the test starts stays its
 descendant even when orphaned; after the child ends, every descendant that
 appeared since the fork (a grandchild that left its process group
 included) is killed, so nothing a test started lives on into the next one,
-and nothing that is not the test's is touched.
+and nothing that is not the test's is touched. The work directory, which
+forks share, is copied before the first test and put back after each
+(workdir.py), and a test cannot signal the kernel it was forked from
+(guard.py), so none can end the runner before that.
 
 * :func:`program` runs ``code`` as a program (``__name__ == "__main__"``,
   fresh globals) once per standard input it is given; the server compares
@@ -44,6 +47,8 @@ import time
 import traceback
 import types
 
+from . import guard as _guard, workdir as _workdir
+
 # Bound now, at import (before any candidate code runs in this process).
 _fork = os.fork
 _waitpid = os.waitpid
@@ -58,6 +63,7 @@ _getpid = os.getpid
 _memfd_create = os.memfd_create
 _monotonic = time.monotonic
 _dumps = json.dumps
+_b64encode = base64.b64encode
 # The interpreter's own input(): a cell runs with the kernel's in its place.
 _input = builtins.input if isinstance(builtins.input, types.BuiltinFunctionType) else None
 
@@ -67,15 +73,32 @@ STDOUT_CAP = 1 << 20
 STDERR_CAP = 64 << 10
 # What the server looks for in the cell's stdout.
 MARKER = "KILN_JUDGE "
+# The session's work directory: the kernel's cwd when it started (set by
+# kernel.main, before any cell runs). Every test starts from what it held
+# when the runner was called; see workdir.py.
+WORK_DIR = None
 
 
-def _prctl(option: int, value: int) -> None:
+def _libc_prctl():
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except Exception:
-        pass
+        return None
+
+
+# Resolved once, at import: loading the C library is most of a call's cost
+# (four calls a test).
+_PRCTL = _libc_prctl()
+
+
+def _prctl(option: int, value: int) -> None:
+    if _PRCTL is not None:
+        try:
+            _PRCTL(option, value, 0, 0, 0)
+        except Exception:
+            pass
 
 
 def _set_dumpable(on: bool) -> None:
@@ -174,6 +197,13 @@ def _child_io(stdin_fd: int, out_w: int, err_w: int, keep: int) -> None:
         os.setsid()
     except OSError:
         pass
+    # Should a test exhaust the session's memory, it is the one the OOM
+    # killer picks, not the kernel that runs the next tests.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
 
 
 def _read_line(prompt=""):
@@ -210,6 +240,7 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
     err_r, err_w = _pipe()
     done_r, done_w = _pipe()
     before = set(_descendants())
+    parent = _guard.parent()
     _set_dumpable(False)
     _set_subreaper(True)
     started = _monotonic()
@@ -219,6 +250,9 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
             for fd in (out_r, err_r, done_r):
                 _close(fd)
             _child_io(stdin_fd, out_w, err_w, done_w)
+            # The test cannot signal this kernel (so it cannot end the runner
+            # before the work directory is put back).
+            _guard.protect(parent)
             body(done_w)
         finally:
             os._exit(70)
@@ -235,6 +269,10 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
     deadline = started + timeout
     timed_out = False
     status = None
+    # Whether the child was reaped and everything it left was killed: then
+    # no process of the test is left to start another, and no second sweep
+    # is needed.
+    swept = False
     try:
         while True:
             left = deadline - _monotonic()
@@ -251,6 +289,7 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
                     # The child is gone: whatever still holds its pipes
                     # (a grandchild) is killed, so they reach their end.
                     _sweep(before)
+                    swept = True
                     continue
                 try:
                     data = _read(fd, 65536)
@@ -270,7 +309,8 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
             except OSError:
                 pass
             _, status = _waitpid(pid, 0)
-        _sweep(before)
+        if not swept:
+            _sweep(before)
         for fd in [*list(bufs), pidfd]:
             try:
                 _close(fd)
@@ -282,20 +322,56 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     term = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     out = bytes(bufs[out_r])
+    # The texts in base64: a report's size is then bounded by the caps
+    # (4/3 of them), whatever bytes the test printed, so the server knows
+    # how many reports fit in one cell's output.
     return {
         "exit": exit_code,
         "signal": None if timed_out else term,
         "timed_out": timed_out,
         "completed": bytes(bufs[done_r]) == b"done",
-        "stdout": out[:STDOUT_CAP].decode("utf-8", "replace"),
+        "stdout_b64": _b64(out[:STDOUT_CAP]),
         "stdout_truncated": len(out) > STDOUT_CAP,
-        "stderr": bytes(bufs[err_r]).decode("utf-8", "replace"),
+        "stderr_b64": _b64(bytes(bufs[err_r])),
         "ms": elapsed * 1000.0,
     }
 
 
+def _b64(data: bytes) -> str:
+    return _b64encode(data).decode("ascii")
+
+
 def _report(result: dict) -> None:
     print(MARKER + _dumps(result), flush=True)
+
+
+def _each_from_the_same_work_dir(tests, run_one) -> None:
+    """``run_one`` for each of ``tests``, reporting each; the work directory
+    is put back as it was before the first after every one (a test's files
+    never reach the next test, the item's code, or a kept session)."""
+    snapshot = None
+    # kiln's kernel records its starting cwd; another (ipykernel) has it
+    # from the environment kiln started it with.
+    work = WORK_DIR or os.environ.get("KILN_WORK_DIR")
+    if work:
+        try:
+            snapshot = _workdir.Snapshot(work)
+        except _workdir.TooLarge as e:
+            raise RuntimeError(f"[kiln] the tests did not run: {e}") from None
+    try:
+        for test in tests:
+            result = run_one(test)
+            if snapshot is not None:
+                try:
+                    snapshot.restore()
+                except OSError as e:
+                    # Reported with this test; the next would not start clean.
+                    _report(result)
+                    raise RuntimeError(f"[kiln] the work directory could not be put back after a test: {e}") from None
+            _report(result)
+    finally:
+        if snapshot is not None:
+            snapshot.close()
 
 
 def _args(b64: str) -> dict:
@@ -334,8 +410,7 @@ def program(b64: str) -> None:
             _write(done_fd, b"done")
         os._exit(status & 0xFF)
 
-    for stdin in args["stdins"]:
-        _report(_run(body, stdin.encode(), float(args["timeout"])))
+    _each_from_the_same_work_dir(args["stdins"], lambda stdin: _run(body, stdin.encode(), float(args["timeout"])))
 
 
 def check(b64: str) -> None:
@@ -365,5 +440,4 @@ def check(b64: str) -> None:
 
         return body
 
-    for code in args["codes"]:
-        _report(_run(body_for(code), b"", float(args["timeout"])))
+    _each_from_the_same_work_dir(args["codes"], lambda code: _run(body_for(code), b"", float(args["timeout"])))

@@ -67,7 +67,7 @@ from IPython.core.error import StdinNotImplementedError
 
 # Imported with the kernel (in the zygote), before any cell runs: the batch
 # tests' runner binds the functions it uses while nothing has changed them.
-from . import judge as _judge  # noqa: F401 (imported for its side effect)
+from . import judge as _judge
 from .display import install_comm
 from .flusher import Flusher
 from .handlers import RequestHandlers
@@ -479,6 +479,8 @@ def main(connection_file: str) -> None:
     # Idle: SIGINT is ignored (ipykernel's init_signal); cells get default_int_handler.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    # The cwd kiln started this kernel in is the session's work directory.
+    _judge.WORK_DIR = os.getcwd()
     kernel, prepared = (_prepared, True) if _prepared is not None else (Kernel(conn), False)
     _prepared = None
     if prepared:

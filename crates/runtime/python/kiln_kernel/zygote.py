@@ -35,10 +35,13 @@ import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 
 # The largest request the server sends (see MAX_MESSAGE in zygote.rs).
 MAX_MESSAGE = 1 << 20
+# How long an init may take to build its root and enter its user namespace.
+MAP_TIMEOUT = 30.0
 
 
 def _log(msg):
@@ -64,6 +67,16 @@ class Zygote:
         self.lifeline = lifeline
         self.buf = bytearray(MAX_MESSAGE)
         self.children = set()
+        self.sel = selectors.DefaultSelector()
+        # Children whose id maps are still to be written, by the read end
+        # of their "unshared" pipe: (request id, pid, pidfd or None, error,
+        # write end of their "mapped" pipe, deadline). Each init builds its
+        # root while this loop serves the next fork: the zygote's own,
+        # serial, share of a sandbox is the fork and the two map writes.
+        self.mapping = {}
+        # Exit events of children whose fork reply is not sent yet: the
+        # server must see the reply (with the pidfd) first.
+        self.deferred = {}
 
     def send(self, obj, fds=()):
         data = json.dumps(obj).encode()
@@ -76,13 +89,16 @@ class Zygote:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        sel = selectors.DefaultSelector()
+        sel = self.sel
         sel.register(self.sock.fileno(), selectors.EVENT_READ, "request")
         sel.register(wake_r, selectors.EVENT_READ, "child")
         sel.register(self.lifeline, selectors.EVENT_READ, "lifeline")
         self.send({"ready": True, "pid": os.getpid()})
         while True:
-            for key, _ in sel.select():
+            timeout = None
+            if self.mapping:
+                timeout = max(0.0, min(m[5] for m in self.mapping.values()) - time.monotonic())
+            for key, _ in sel.select(timeout):
                 if key.data == "lifeline":
                     return  # the server has gone: end, and the children with us
                 if key.data == "child":
@@ -92,8 +108,11 @@ class Zygote:
                     except BlockingIOError:
                         pass
                     self.reap()
+                elif key.data == "mapping":
+                    self.map_ids(key.fd)
                 elif not self.handle_request():
                     return
+            self.expire_mappings()
             self.reap()
 
     def reap(self):
@@ -106,9 +125,46 @@ class Zygote:
                 return
             self.children.discard(pid)
             if os.WIFSIGNALED(status):
-                self.send({"exit": pid, "signal": os.WTERMSIG(status)})
+                event = {"exit": pid, "signal": os.WTERMSIG(status)}
             else:
-                self.send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+                event = {"exit": pid, "code": os.waitstatus_to_exitcode(status)}
+            if any(m[1] == pid for m in self.mapping.values()):
+                self.deferred[pid] = event
+            else:
+                self.send(event)
+
+    def map_ids(self, unshared_r):
+        """init has entered its user namespace (or ended): write its maps,
+        then answer the fork request."""
+        rid, pid, pidfd, error, mapped_w, _ = self.mapping.pop(unshared_r)
+        self.sel.unregister(unshared_r)
+        # Takes both ends; returns at once (the pipe is readable).
+        self.lib.kiln_zygote_map_ids(pid, unshared_r, mapped_w)
+        self.answer(rid, pid, pidfd, error)
+
+    def expire_mappings(self):
+        """init did not enter its user namespace in time: closing both ends
+        makes it fail that step; the server hears of it as of any exit."""
+        now = time.monotonic()
+        for unshared_r in [fd for fd, m in self.mapping.items() if m[5] <= now]:
+            rid, pid, pidfd, error, mapped_w, _ = self.mapping.pop(unshared_r)
+            self.sel.unregister(unshared_r)
+            os.close(unshared_r)
+            os.close(mapped_w)
+            _log(f"init {pid} did not enter its user namespace in time")
+            self.answer(rid, pid, pidfd, error)
+
+    def answer(self, rid, pid, pidfd, error):
+        if pidfd is None:
+            self.send({"id": rid, "error": error})
+        else:
+            try:
+                self.send({"id": rid, "pid": pid}, [pidfd])
+            finally:
+                os.close(pidfd)
+        event = self.deferred.pop(pid, None)
+        if event is not None:
+            self.send(event)
 
     def handle_request(self):
         buf = self.buf
@@ -159,15 +215,11 @@ class Zygote:
         os.close(unshared_w)
         os.close(mapped_r)
         self.children.add(pid)
-        # Takes both ends; returns once the maps are written, or init gave up.
-        self.lib.kiln_zygote_map_ids(pid, unshared_r, mapped_w)
-        if pidfd is None:
-            self.send({"id": rid, "error": error})
-            return True
-        try:
-            self.send({"id": rid, "pid": pid}, [pidfd])
-        finally:
-            os.close(pidfd)
+        # The maps are written when init asks (see map_ids); meanwhile this
+        # loop serves other forks.
+        self.mapping[unshared_r] = (rid, pid, pidfd, None if pidfd is not None else error, mapped_w,
+                                    time.monotonic() + MAP_TIMEOUT)
+        self.sel.register(unshared_r, selectors.EVENT_READ, "mapping")
         return True
 
 

@@ -17,12 +17,16 @@ from kiln_kernel import judge
 
 
 def run(function, **args):
-    """Call the runner; its report lines, parsed."""
+    """Call the runner; its report lines, parsed, with the texts decoded."""
     b64 = base64.b64encode(json.dumps(args).encode()).decode()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         getattr(judge, function)(b64)
-    return [json.loads(line[len(judge.MARKER) :]) for line in out.getvalue().splitlines()]
+    reports = [json.loads(line[len(judge.MARKER) :]) for line in out.getvalue().splitlines()]
+    for r in reports:
+        for name in ("stdout", "stderr"):
+            r[name] = base64.b64decode(r.pop(name + "_b64")).decode("utf-8", "replace")
+    return reports
 
 
 def alive(pid):
@@ -47,6 +51,17 @@ class ProgramTest(unittest.TestCase):
         self.assertEqual((r["exit"], r["stdout"]), (1, "1\n"))
         self.assertIn("ZeroDivisionError", r["stderr"])
         self.assertNotIn("judge.py", r["stderr"], "the runner's own frames are not shown")
+
+    def test_a_report_is_one_short_line_whatever_bytes_the_program_printed(self):
+        code = "import sys\nsys.stdout.buffer.write(bytes(range(256)) * 8)\nprint('\\n' * 3)"
+        b64 = base64.b64encode(json.dumps({"code": code, "stdins": [""], "timeout": 10}).encode()).decode()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            judge.program(b64)
+        (line,) = out.getvalue().splitlines()
+        r = json.loads(line[len(judge.MARKER) :])
+        self.assertEqual(base64.b64decode(r["stdout_b64"]), bytes(range(256)) * 8 + b"\n" * 4)
+        self.assertLess(len(line), 2048 * 4 / 3 + 1024, "a report is its texts in base64 and a few fields")
 
     def test_the_time_limit_holds(self):
         started = time.monotonic()

@@ -2,9 +2,12 @@
 //!
 //! A session's network namespace has no interface but loopback, so nothing
 //! leaves it directly. When its policy allows some egress, the session gets
-//! a Unix socket of its own ([`Port`]), bound into its sandbox, and an HTTP
-//! proxy address inside (`127.0.0.1:3128`, the [`forward`]er relaying to
-//! that socket). On the host, kiln answers each connection: it reads a
+//! an HTTP proxy address inside (`127.0.0.1:3128`): a listener of its own
+//! ([`Port`]) that the server made in the sandbox's network namespace and
+//! holds, so no process of the sandbox's relays for it (an earlier design
+//! forked a forwarder per session: another copy of the kernel's address
+//! space, a third of a fresh session's cost). kiln answers each
+//! connection: it reads a
 //! `CONNECT host:port` ([`request`], strict), asks the session's [`Policy`]
 //! whether the name and port may be reached at all, resolves the name, and
 //! connects only to addresses that are public by range and not this host's
@@ -22,17 +25,17 @@
 //! [`Limits::max_duration`]. Name lookups are bounded for the whole server.
 //! The accept loop outlives running out of descriptors (see [`port`]).
 
-mod forward;
 pub mod policy;
 mod port;
 pub mod request;
 mod tunnel;
 
-pub use forward::{forward, PROXY_PORT};
+/// The port of the proxy inside each session.
+pub const PROXY_PORT: u16 = 3128;
+
 pub use policy::{is_public, Policy};
 pub use port::Port;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,8 +90,6 @@ pub struct Egress {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) limits: Limits,
-    /// Host uid of the session user (owner of each socket).
-    pub(crate) owner: u32,
     pub(crate) lookups: Arc<Semaphore>,
     /// When the last "out of descriptors" warning was logged (ms since
     /// the epoch): at most one every ten seconds for the whole server.
@@ -112,13 +113,11 @@ impl Shared {
 }
 
 impl Egress {
-    /// Egress with these limits; sockets are owned by `owner` (the host
-    /// uid of the session user).
-    pub fn new(limits: Limits, owner: u32) -> Egress {
+    /// Egress with these limits.
+    pub fn new(limits: Limits) -> Egress {
         Egress {
             shared: Arc::new(Shared {
                 limits,
-                owner,
                 lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
                 warned_at: AtomicU64::new(0),
                 pauses: AtomicU64::new(0),
@@ -138,10 +137,10 @@ impl Egress {
         self.shared.pauses.load(Ordering::Relaxed)
     }
 
-    /// Open a session's socket at `path` (in a directory only the server
-    /// can reach) and serve it under `policy` until the [`Port`] is
-    /// dropped. Must be called within the tokio runtime.
-    pub fn open(&self, path: &Path, policy: Arc<Policy>) -> std::io::Result<Port> {
-        Port::open(path, policy, self.shared.clone())
+    /// Serve a session's `listener` (see `Sandbox::listen_inside`) under
+    /// `policy` until the [`Port`] is dropped. Must be called within the
+    /// tokio runtime.
+    pub fn open(&self, listener: std::net::TcpListener, policy: Arc<Policy>) -> std::io::Result<Port> {
+        Port::open(listener, policy, self.shared.clone())
     }
 }

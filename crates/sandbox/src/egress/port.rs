@@ -1,53 +1,40 @@
-//! One session's way out: a Unix socket of its own, bound into its sandbox
-//! and nowhere else, with its own cap on open connections.
+//! One session's way out: a TCP listener of its own at `127.0.0.1:3128`
+//! inside its sandbox's network namespace (made there and held by the
+//! server, see `Sandbox::listen_inside`), with its own cap on open
+//! connections.
 //!
 //! The accept loop never gives up: running out of descriptors (`EMFILE`,
 //! `ENFILE`) or kernel memory is waited out with a growing pause, and any
 //! other error is one failed connection. Should the loop end anyway (a
 //! panic is a bug, but one session's bug must not end its egress), it is
-//! started again on the same socket: a new socket would not help, because
-//! the sandbox holds the bind mount of this one.
+//! started again on the same listener: it is the only one the sandbox's
+//! network has.
 
 use super::policy::Policy;
 use super::Shared;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
-/// A session's egress socket and the task serving it. Dropping it stops
-/// the listener and every tunnel it opened, and removes the socket.
+/// A session's egress listener and the task serving it. Dropping it stops
+/// the listener and every tunnel it opened.
 #[derive(Debug)]
 pub struct Port {
-    path: PathBuf,
     task: AbortHandle,
 }
 
 impl Port {
-    pub(super) fn open(path: &Path, policy: Arc<Policy>, shared: Arc<Shared>) -> std::io::Result<Port> {
-        use std::os::unix::fs::PermissionsExt;
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(path)?;
-        // Only the session user (whose forwarder connects) may use it; the
-        // directory it is in is the server's alone anyway.
-        let set_up = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::os::unix::fs::chown(path, Some(shared.owner), Some(shared.owner)));
-        if let Err(e) = set_up {
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
+    pub(super) fn open(
+        listener: std::net::TcpListener,
+        policy: Arc<Policy>,
+        shared: Arc<Shared>,
+    ) -> std::io::Result<Port> {
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
         let task = tokio::spawn(supervise(Arc::new(listener), policy, shared)).abort_handle();
-        Ok(Port { path: path.to_path_buf(), task })
-    }
-
-    /// The socket's path on the host.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Port { task })
     }
 
     /// Keep the port open until `exit` turns `Some` (the sandbox using it
@@ -63,7 +50,6 @@ impl Port {
 impl Drop for Port {
     fn drop(&mut self) {
         self.task.abort();
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -77,7 +63,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Run the accept loop, and run it again if it ever ends.
-async fn supervise(listener: Arc<UnixListener>, policy: Arc<Policy>, shared: Arc<Shared>) {
+async fn supervise(listener: Arc<TcpListener>, policy: Arc<Policy>, shared: Arc<Shared>) {
     loop {
         let run = tokio::spawn(accept_loop(listener.clone(), policy.clone(), shared.clone()));
         let _guard = AbortOnDrop(run.abort_handle());
@@ -88,7 +74,7 @@ async fn supervise(listener: Arc<UnixListener>, policy: Arc<Policy>, shared: Arc
 }
 
 /// Accept connections forever; serve each within the session's cap.
-pub(super) async fn accept_loop(listener: Arc<UnixListener>, policy: Arc<Policy>, shared: Arc<Shared>) {
+pub(super) async fn accept_loop(listener: Arc<TcpListener>, policy: Arc<Policy>, shared: Arc<Shared>) {
     let slots = Arc::new(Semaphore::new(shared.limits.connections));
     // Dropped with the loop: every tunnel ends with its port.
     let mut tunnels = JoinSet::new();
@@ -131,7 +117,7 @@ fn resource_exhausted(e: &std::io::Error) -> bool {
 
 /// Say why, without waiting for the session to read it, and close: the
 /// descriptor is held for no longer than this call.
-fn refuse_over_cap(conn: UnixStream, cap: usize) {
+fn refuse_over_cap(conn: TcpStream, cap: usize) {
     let why = format!(
         "this session already has {cap} connections open through the egress proxy, the most it may have; \
          close some first\n"
@@ -155,8 +141,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn ask(path: &Path, head: &str) -> String {
-        let mut c = UnixStream::connect(path).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    async fn ask(addr: std::net::SocketAddr, head: &str) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect: {e}"));
         c.write_all(head.as_bytes()).await.unwrap_or_default();
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out)).await;
@@ -165,24 +151,24 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_session_past_its_connection_cap_is_told_so_and_its_slots_free_up() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().join("egress.sock");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let limits = super::super::Limits {
             connections: 8,
             head_timeout: Duration::from_millis(700),
             ..super::super::Limits::default()
         };
-        let egress = super::super::Egress::new(limits, nix::unistd::getuid().as_raw());
-        let _port = egress.open(&path, Arc::new(Policy::Full)).unwrap_or_else(|e| panic!("{e}"));
+        let egress = super::super::Egress::new(limits);
+        let _port = egress.open(listener, Arc::new(Policy::Full)).unwrap_or_else(|e| panic!("{e}"));
         // Eight slow connections (a byte, then nothing) take every slot.
         let mut slow = Vec::new();
         for _ in 0..8 {
-            let mut c = UnixStream::connect(&path).await.unwrap_or_else(|e| panic!("{e}"));
+            let mut c = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
             c.write_all(b"C").await.unwrap_or_else(|e| panic!("{e}"));
             slow.push(c);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let over = ask(&path, "CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n").await;
+        let over = ask(addr, "CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n").await;
         assert!(over.starts_with("HTTP/1.1 429") && over.contains("8 connections"), "{over}");
         // The head timeout closes the slow ones, and their slots are free again.
         let started = std::time::Instant::now();
@@ -193,7 +179,7 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let after = ask(&path, "CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n").await;
+        let after = ask(addr, "CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n").await;
         assert!(after.starts_with("HTTP/1.1 403"), "{after}");
     }
 }

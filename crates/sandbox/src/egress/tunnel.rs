@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// How long writing a refusal may take (a session that never reads its
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serve one accepted connection.
-pub(super) async fn serve(mut conn: UnixStream, policy: &Policy, shared: &Shared) {
+pub(super) async fn serve(mut conn: TcpStream, policy: &Policy, shared: &Shared) {
     let limits = &shared.limits;
     let (target, early) = match read_head(&mut conn, limits.head_timeout).await {
         Ok(Some(h)) => h,
@@ -63,7 +63,7 @@ pub(super) async fn serve(mut conn: UnixStream, policy: &Policy, shared: &Shared
 
 /// The parsed head and the bytes that followed it, `None` if the client
 /// went away or was too slow (nothing to answer), or why it is refused.
-async fn read_head(conn: &mut UnixStream, within: Duration) -> Result<Option<(Target, Vec<u8>)>, BadHead> {
+async fn read_head(conn: &mut TcpStream, within: Duration) -> Result<Option<(Target, Vec<u8>)>, BadHead> {
     let deadline = Instant::now() + within;
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
@@ -88,7 +88,7 @@ async fn read_head(conn: &mut UnixStream, within: Duration) -> Result<Option<(Ta
 }
 
 /// Write a short refusal and close.
-async fn answer(conn: &mut UnixStream, status: &str, why: &str) {
+async fn answer(conn: &mut TcpStream, status: &str, why: &str) {
     let msg = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: {}\r\n\r\nkiln: {why}\n",
         why.len() + 7

@@ -1,0 +1,112 @@
+"""A batch test cannot signal the kernel it was forked from.
+
+The runner (judge.py) forks the kernel for each test; the kernel then puts
+the work directory back after the test and runs the next. A test runs as the
+same user as its parent, so it could ``kill`` it (or stop it) and so end the
+runner before the work directory is put back: the next tests would then
+start, in a new runner, from whatever the killer left. :func:`protect`, in
+the child before any test code runs, adds a seccomp filter (filters only
+ever narrow the sandbox's policy) under which every signal aimed at the
+parent fails with ``EPERM``: ``kill``, ``tkill``, ``tgkill``,
+``rt_sigqueueinfo`` and ``rt_tgsigqueueinfo`` to the parent's pid, any of its
+threads, its process group or everyone (``-1``), ``pidfd_open`` of them, and
+``pidfd_send_signal`` altogether (its target is a descriptor, which could be
+a ``/proc/<pid>`` directory, so it cannot be checked by number). Signals to
+the test's own processes work as before.
+"""
+
+import ctypes
+import os
+import platform
+
+# (AUDIT_ARCH, syscall numbers) per machine.
+_ARCHES = {
+    "x86_64": (0xC000003E, {"kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
+                            "rt_tgsigqueueinfo": 297, "pidfd_open": 434, "pidfd_send_signal": 424}),
+    "aarch64": (0xC00000B7, {"kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
+                             "rt_tgsigqueueinfo": 240, "pidfd_open": 434, "pidfd_send_signal": 424}),
+}
+_TARGETED = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open")
+
+_LD_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JEQ = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_RET = 0x06  # BPF_RET | BPF_K
+_ALLOW = 0x7FFF0000
+_EPERM = 0x00050000 | 1  # SECCOMP_RET_ERRNO | EPERM
+# Offsets in struct seccomp_data: nr, arch, the low half of args[0].
+_NR, _ARCH, _ARG0 = 0, 4, 16
+
+
+class _Filter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Filter))]
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+# Resolved once, at import (in the zygote): a test's fork only calls prctl.
+_LIBC = _libc()
+_MACHINE = platform.machine()
+
+
+def parent():
+    """In the parent, before the fork: the filter that keeps the child from
+    reaching this process (built here, so the child only installs it)."""
+    try:
+        tids = tuple(int(t) for t in os.listdir("/proc/self/task"))
+    except OSError:
+        tids = ()
+    prog = program(os.getpid(), tids, os.getpgid(0), _MACHINE)
+    if not prog or _LIBC is None:
+        return None
+    filters = (_Filter * len(prog))(*[_Filter(*f) for f in prog])
+    return _Prog(len(prog), filters), filters
+
+
+def program(pid: int, tids: tuple, pgid: int, machine: str) -> list:
+    """The filter as (code, jt, jf, k) tuples; empty for an unknown machine."""
+    if machine not in _ARCHES:
+        return []
+    arch, nrs = _ARCHES[machine]
+    protected = sorted({pid & 0xFFFFFFFF, *(t & 0xFFFFFFFF for t in tids), 0xFFFFFFFF, (-pgid) & 0xFFFFFFFF})
+    checked = [nrs[n] for n in _TARGETED]
+    # Layout: [arch check] [nr: always denied] [nr: checked] allow | [arg0 checks] allow | deny | allow
+    head = 3 + 1 + len(checked)  # ld arch, jeq arch, ld nr, jeq denied, jeq checked...
+    allow1 = head
+    check = allow1 + 1
+    allow2 = check + 1 + len(protected)
+    deny = allow2 + 1
+    allow = deny + 1
+    prog = [(_LD_ABS, 0, 0, _ARCH), (_JEQ, 0, allow - 2, arch), (_LD_ABS, 0, 0, _NR)]
+    prog.append((_JEQ, deny - 4, 0, nrs["pidfd_send_signal"]))
+    for nr in checked:
+        prog.append((_JEQ, check - (len(prog) + 1), 0, nr))
+    prog.append((_RET, 0, 0, _ALLOW))
+    prog.append((_LD_ABS, 0, 0, _ARG0))
+    for value in protected:
+        prog.append((_JEQ, deny - (len(prog) + 1), 0, value))
+    prog.append((_RET, 0, 0, _ALLOW))
+    prog.append((_RET, 0, 0, _EPERM))
+    prog.append((_RET, 0, 0, _ALLOW))
+    assert len(prog) == allow + 1 and all(0 <= jt < 256 and 0 <= jf < 256 for _, jt, jf, _ in prog)
+    return prog
+
+
+def protect(prepared) -> bool:
+    """In the child: install the filter ``parent`` built; whether it is in
+    place."""
+    if prepared is None:
+        return False
+    fprog, _ = prepared
+    # PR_SET_NO_NEW_PRIVS (already set by the sandbox; needed without one).
+    _LIBC.prctl(38, 1, 0, 0, 0)
+    # PR_SET_SECCOMP, SECCOMP_MODE_FILTER.
+    return _LIBC.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0
