@@ -129,12 +129,7 @@ async fn the_generated_key_is_an_admin_and_cli_keys_are_admins_only_with_the_fla
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert_eq!(answers, (403, 200));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["keys", "list", "--json"])
-        .env("KILN_DATA_DIR", &dir)
-        .output()
-        .unwrap();
-    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = common::listed_keys(&dir);
     let flags: Vec<(String, bool)> = listed
         .as_array()
         .unwrap()

@@ -122,12 +122,7 @@ async fn a_key_limited_to_one_is_refused_past_its_queue_while_a_key_on_the_defau
     assert!(default_answers.iter().all(|a| a.0 == 200), "the default key is unaffected: {default_answers:?}");
     assert_eq!(most_at_once(&spans(&default_answers)), 4, "{default_answers:?}");
     // The listing shows both: the CLI's limit and the server's default.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["keys", "list", "--json"])
-        .env("KILN_DATA_DIR", &dir)
-        .output()
-        .unwrap();
-    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = common::listed_keys(&dir);
     let limits: Vec<Value> = listed.as_array().unwrap().iter().map(|k| k["max_executions_per_key"].clone()).collect();
     assert_eq!(limits, vec![Value::Null, json!(1)], "{listed}");
     let table = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))

@@ -43,6 +43,24 @@ fn remote(e: kiln_client::ClientError) -> ApiError {
     e.to_api()
 }
 
+/// `run_code` as an API request (MCP runs Python only).
+fn python_request(
+    code: String,
+    session_id: Option<String>,
+    files: Vec<FileUpload>,
+    timeout: Option<f64>,
+) -> ExecuteRequest {
+    ExecuteRequest {
+        code,
+        language: Some("python".into()),
+        session_id,
+        files: Some(files),
+        timeout,
+        stream: None,
+        memory_limit: None,
+    }
+}
+
 fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ApiError> {
     ctx.extensions
         .get::<http::request::Parts>()
@@ -84,15 +102,7 @@ impl Backend {
                 m.execute(&who.key_id, exec).await.map_err(api)
             }
             Backend::Remote(c) => {
-                let req = ExecuteRequest {
-                    code,
-                    language: Some("python".into()),
-                    session_id,
-                    files: Some(files),
-                    timeout,
-                    stream: None,
-                    memory_limit: None,
-                };
+                let req = python_request(code, session_id, files, timeout);
                 match events {
                     Some(tx) => c
                         .execute_streamed(&req, |e| {
@@ -105,15 +115,7 @@ impl Backend {
             }
             Backend::Routed(api) => {
                 let who = caller(ctx)?;
-                let req = ExecuteRequest {
-                    code,
-                    language: Some("python".into()),
-                    session_id,
-                    files: Some(files),
-                    timeout,
-                    stream: None,
-                    memory_limit: None,
-                };
+                let req = python_request(code, session_id, files, timeout);
                 api.execute(&who, req, events).await
             }
         }

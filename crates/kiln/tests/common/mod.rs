@@ -342,6 +342,17 @@ pub fn running(pids: &[i32], comm: &str) -> usize {
     pids.iter().filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)).count()
 }
 
+/// `kiln keys list --json` for the server whose data dir is `data`.
+pub fn listed_keys(data: &Path) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["keys", "list", "--json"])
+        .env("KILN_DATA_DIR", data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kiln keys list: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Poll `f` until it holds or `secs` pass.
 pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
