@@ -368,21 +368,20 @@ impl Cgroup {
     }
 }
 
-/// SIGKILL every process listed in the cgroup `dir` now; false when none
-/// was listed (or, on v2, when `cgroup.kill` did it all at once).
-fn kill_once(dir: &Path, unified: bool) -> bool {
+/// SIGKILL every process listed in the cgroup `dir` now (on v2 with
+/// `cgroup.kill`, all at once).
+fn kill_once(dir: &Path, unified: bool) {
     if unified && std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-        return false;
+        return;
     }
     let pids: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    for pid in &pids {
-        signal_if_member(*pid, dir);
+    for pid in pids {
+        signal_if_member(pid, dir);
     }
-    !pids.is_empty()
 }
 
 /// SIGKILL `pid` if it is (still) a member of the cgroup `dir`: the pid is
