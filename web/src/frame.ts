@@ -16,7 +16,12 @@ document.adoptedStyleSheets = [...document.adoptedStyleSheets, sheet];
 let last = -1;
 function report(): void {
   const height = Math.ceil(document.documentElement.getBoundingClientRect().height);
-  if (height === last) return;
+  // A laid-out document is never 0 tall (the body has padding): 0 means
+  // Chromium has not laid this frame out yet, as it does not lay out a
+  // cross-origin frame below the fold until it scrolls into view. Reporting
+  // it would shrink the frame to nothing until then; the ResizeObserver
+  // reports the real height once there is one.
+  if (height === 0 || height === last) return;
   last = height;
   parent.postMessage({ kiln: 'frame-height', height }, '*');
 }
