@@ -263,6 +263,50 @@ async fn a_node_cut_off_from_the_database_stops_taking_sessions_and_comes_back_a
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_new_session_shows_in_the_nodes_row_before_its_next_lease_renewal() {
+    let pg = PgServer::start();
+    // A 10 s lease is renewed every 3.3 s.
+    let s = solo(&pg.url(), "10s");
+    let row = |cols: &str| pg.psql(&format!("SELECT {cols} FROM nodes WHERE id = 'solo'"));
+    let began = Instant::now();
+    while row("ready_kernels > 0 AND live_sessions = 0") != "t" {
+        assert!(began.elapsed() < Duration::from_secs(30), "never ready and idle: {}", row("*"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Right after a write of the row (its lease moved on) ...
+    let lease = || row("extract(epoch FROM lease_expires_at)");
+    let first = lease();
+    let began = Instant::now();
+    let written = loop {
+        let now = lease();
+        if now != first {
+            break now.parse::<f64>().unwrap();
+        }
+        assert!(began.elapsed() < Duration::from_secs(10), "the lease was never renewed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // ... a new session takes the node's ready kernel ...
+    new_session(&s.url, KEY, "x = 1").await;
+    // ... and the row says so in a write well before the renewal due 3.3 s
+    // after the last one: peers place by it, so it must not wait for that.
+    let began = Instant::now();
+    let published = loop {
+        let r = row("live_sessions, extract(epoch FROM lease_expires_at)");
+        if let Some(("1", at)) = r.split_once('|') {
+            break at.parse::<f64>().unwrap();
+        }
+        assert!(began.elapsed() < Duration::from_secs(10), "the session never showed: {r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("published {:.2} s after the write before it", published - written);
+    assert!(
+        published - written < 3.0,
+        "the new session was published {:.2} s after the write before it: with the renewal, not at once",
+        published - written
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_the_lease_says_so_and_a_running_cell_finishes() {
     let pg = PgServer::start();
     let mut s = solo(&pg.url(), "6s");

@@ -6,6 +6,11 @@
 //! third of its length, publishing the node's capacity and draining flag,
 //! and reads the peers' rows every second. Routing decisions read that
 //! cached table ([`Membership::owner`]), so a request costs no store lookup.
+//! What placement decides on (ready kernels, live and maximum sessions) is
+//! published within half a second of a change, not only at the next
+//! renewal: once a burst empties a node's pool, its peers see it at their
+//! next read of the table. Free memory, which moves all the time, waits
+//! for the renewal.
 //!
 //! The lease fences the node: if it cannot renew before its lease runs out
 //! (cut off from the store), its peers already answer `session_lost` for
@@ -63,6 +68,23 @@ struct State {
     /// The lease ran out unrenewed; sessions were ended, a new incarnation
     /// is registered when the store answers.
     lapsed: bool,
+    /// What placement reads of this node, as last written to the store.
+    published: Option<Offer>,
+}
+
+/// The part of a node's capacity that placement decides on: a change in it
+/// is published at once (see the module header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Offer {
+    ready_kernels: u64,
+    live_sessions: u64,
+    max_sessions: u64,
+}
+
+impl From<&Capacity> for Offer {
+    fn from(c: &Capacity) -> Offer {
+        Offer { ready_kernels: c.ready_kernels, live_sessions: c.live_sessions, max_sessions: c.max_sessions }
+    }
 }
 
 /// Memory this node could still give to sessions: the host's, or less
@@ -97,12 +119,17 @@ impl Membership {
                 draining: false,
                 replaced: false,
                 lapsed: false,
+                published: None,
             }),
             stop: watch::channel(false).0,
         });
         let rec = m.record().await;
         m.store.put_node(&rec).await?;
-        m.write().valid_until = rec.lease_expires_at;
+        {
+            let mut st = m.write();
+            st.valid_until = rec.lease_expires_at;
+            st.published = Some(Offer::from(&rec.capacity));
+        }
         m.refresh().await;
         tracing::info!(node = %rec.id, tag = %rec.tag, incarnation = %rec.incarnation, advertise = ?rec.advertise,
             lease = ?lease, "joined the cluster");
@@ -121,9 +148,8 @@ impl Membership {
     /// This node's row as it would write it now.
     async fn record(&self) -> NodeRecord {
         let me = self.manager.identity();
-        let (ready, _) = self.manager.pool_level().await;
+        let offer = self.offer().await;
         let draining = self.read().draining;
-        let serving = self.manager.readiness() == Readiness::Ready;
         NodeRecord {
             id: me.node_id,
             tag: me.tag,
@@ -132,13 +158,31 @@ impl Membership {
             lease_expires_at: Utc::now() + chrono(self.lease),
             draining,
             capacity: Capacity {
-                // A node still provisioning has nothing to offer yet.
-                ready_kernels: if serving { ready as u64 } else { 0 },
-                live_sessions: self.manager.live_count() as u64,
-                max_sessions: if serving { self.manager.max_sessions() as u64 } else { 0 },
+                ready_kernels: offer.ready_kernels,
+                live_sessions: offer.live_sessions,
+                max_sessions: offer.max_sessions,
                 memory_available_bytes: memory_available(),
             },
         }
+    }
+
+    /// What placement would read of this node now.
+    async fn offer(&self) -> Offer {
+        let (ready, _) = self.manager.pool_level().await;
+        // A node still provisioning has nothing to offer yet.
+        let serving = self.manager.readiness() == Readiness::Ready;
+        Offer {
+            ready_kernels: if serving { ready as u64 } else { 0 },
+            live_sessions: self.manager.live_count() as u64,
+            max_sessions: if serving { self.manager.max_sessions() as u64 } else { 0 },
+        }
+    }
+
+    /// Whether placement would now read something other than what this
+    /// node last published.
+    async fn offer_changed(&self) -> bool {
+        let offer = self.offer().await;
+        self.read().published != Some(offer)
     }
 
     /// Read every node's row again (kept as it was if the store fails).
@@ -255,7 +299,11 @@ impl Membership {
         }
         let rec = self.record().await;
         match self.store.renew_node(&rec).await {
-            Ok(true) => self.write().valid_until = rec.lease_expires_at,
+            Ok(true) => {
+                let mut st = self.write();
+                st.valid_until = rec.lease_expires_at;
+                st.published = Some(Offer::from(&rec.capacity));
+            }
             Ok(false) => {
                 self.write().replaced = true;
                 tracing::error!(node = %rec.id, "another kiln process registered under this node id: this one takes \
@@ -302,6 +350,7 @@ impl Membership {
                 let draining = {
                     let mut st = self.write();
                     st.valid_until = rec.lease_expires_at;
+                    st.published = Some(Offer::from(&rec.capacity));
                     st.lapsed = false;
                     st.draining
                 };
@@ -321,8 +370,9 @@ impl Membership {
     }
 }
 
-/// Renew every third of the lease and read the peers every second, until
-/// told to stop or the membership is dropped.
+/// Renew every third of the lease, or sooner when what placement reads of
+/// this node changed, and read the peers every second, until told to stop
+/// or the membership is dropped.
 async fn run(m: std::sync::Weak<Membership>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -334,7 +384,7 @@ async fn run(m: std::sync::Weak<Membership>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         let Some(m) = m.upgrade() else { return };
-        if last_renew.elapsed() >= m.lease / 3 || !m.lease_holds() {
+        if last_renew.elapsed() >= m.lease / 3 || !m.lease_holds() || m.offer_changed().await {
             last_renew = tokio::time::Instant::now();
             m.renew().await;
         }
