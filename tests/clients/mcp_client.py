@@ -6,7 +6,6 @@
 
 Prints one line per check and `N passed, M failed`; exits 1 on a failure.
 """
-import asyncio
 import base64
 import os
 import sys
@@ -14,21 +13,13 @@ import sys
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamablehttp_client
+from mcp_checks import Checks, texts
 
 MODE = sys.argv[1]
 BASE = os.environ.get("KILN_BASE_URL", "")
 KEY = os.environ.get("KILN_API_KEY", "")
 BIN = os.environ.get("KILN_BIN", "kiln")
-results = []
-
-
-def check(name, ok, detail=""):
-    results.append(ok)
-    print(("ok - " if ok else "not ok - ") + f"mcp-{MODE}: {name}" + ("" if ok else f" ({detail})"), flush=True)
-
-
-def texts(result):
-    return "".join(c.text for c in result.content if c.type == "text")
+check = Checks(f"mcp-{MODE}")
 
 
 async def exercise(s: ClientSession):
@@ -101,7 +92,4 @@ async def main():
                 await exercise(s)
 
 
-asyncio.run(asyncio.wait_for(main(), 300))
-passed = sum(results)
-print(f"{passed} passed, {len(results) - passed} failed")
-sys.exit(0 if results and all(results) else 1)
+check.run(main(), 300)

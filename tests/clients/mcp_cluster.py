@@ -9,26 +9,17 @@ Round robin sends consecutive requests to different nodes, so the calls of
 `session_id: <id>` for the caller; both print one line per check and
 `N passed, M failed`, and exit 1 on a failure.
 """
-import asyncio
 import os
 import sys
 
 from mcp import ClientSession
 from mcp.client.streamable_http import streamablehttp_client
+from mcp_checks import Checks, texts
 
 MODE = sys.argv[1]
 BASE = os.environ["KILN_BASE_URL"]
 KEY = os.environ["KILN_API_KEY"]
-results = []
-
-
-def check(name, ok, detail=""):
-    results.append(ok)
-    print(("ok - " if ok else "not ok - ") + f"mcp-cluster: {name}" + ("" if ok else f" ({detail})"), flush=True)
-
-
-def texts(result):
-    return "".join(c.text for c in result.content if c.type == "text")
+check = Checks("mcp-cluster")
 
 
 async def keep(s: ClientSession):
@@ -86,7 +77,4 @@ async def main():
                 await lost(s, sys.argv[2])
 
 
-asyncio.run(asyncio.wait_for(main(), 120))
-passed = sum(results)
-print(f"{passed} passed, {len(results) - passed} failed")
-sys.exit(0 if results and all(results) else 1)
+check.run(main(), 120)
