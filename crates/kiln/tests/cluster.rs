@@ -365,7 +365,16 @@ async fn requests_waiting_in_a_session_whose_node_lapsed_answer_session_lost_not
     // On node-a itself: one cell running, one queued behind it.
     let (url, id) = (a.url.clone(), s.clone());
     let running = tokio::spawn(async move { exec(&url, KEY, "time.sleep(60)", Some(&id)).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Running: the session counts an execute when it starts one.
+    let began = Instant::now();
+    loop {
+        let r = send(&a.url, reqwest::Method::GET, &format!("/v1/tci/sessions/{s}"), KEY, None).await;
+        if r.body["data"]["execute_count"] == 2 {
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(30), "the cell never started: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (url, id) = (a.url.clone(), s.clone());
     let queued = tokio::spawn(async move { exec(&url, KEY, "print('after')", Some(&id)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
