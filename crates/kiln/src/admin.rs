@@ -30,7 +30,7 @@ impl DataDir {
         }
     }
 
-    async fn store(&self) -> anyhow::Result<Arc<dyn Store>> {
+    pub(crate) async fn store(&self) -> anyhow::Result<Arc<dyn Store>> {
         let db = Database::from_setting(self.database.as_deref(), &self.path()?)?;
         if let Database::Sqlite(path) = &db {
             anyhow::ensure!(

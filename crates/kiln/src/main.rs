@@ -14,6 +14,7 @@ mod config;
 mod fds;
 mod http;
 mod mcp;
+mod nodes;
 mod serve;
 mod table;
 
@@ -48,6 +49,15 @@ enum Command {
     Mcp(mcp::McpArgs),
     /// Usage per API key: sessions, executions, CPU, memory (operator).
     Usage {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data: admin::DataDir,
+    },
+    /// The nodes of a cluster, from the database they share: state, address,
+    /// ready kernels, sessions, free memory, lease (operator).
+    Nodes {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -98,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sessions(cmd) => rt.block_on(client::sessions(cmd)),
         Command::Keys(cmd) => rt.block_on(admin::keys(cmd)),
         Command::Usage { json, data } => rt.block_on(admin::usage(json, data)),
+        Command::Nodes { json, data } => rt.block_on(nodes::nodes(json, data)),
         Command::Mcp(args) => {
             serve::init_logging(choices::LogFormat::Text);
             rt.block_on(mcp::run(args))

@@ -1,7 +1,8 @@
 //! `kiln serve --database postgres://…` against a real PostgreSQL that the
 //! test starts (kiln-testpg): a database restart while kiln serves, keys
-//! managed from the command line on the shared database, and usage that
-//! adds up across two nodes, one of them SIGKILLed.
+//! managed from the command line on the shared database, usage that adds
+//! up across two nodes, one of them SIGKILLed, and `kiln nodes` showing a
+//! cluster's nodes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -218,4 +219,69 @@ async fn usage_adds_up_across_nodes_and_a_killed_node_loses_nothing_it_answered(
     let all: Value = serde_json::from_slice(&out.stdout).unwrap();
     let total: u64 = all.as_array().unwrap().iter().map(|k| k["executions"].as_u64().unwrap()).sum();
     assert_eq!(total, 6, "{all}");
+}
+
+/// `kiln nodes --json --database ...`, parsed.
+async fn nodes_json(db: &str) -> Vec<Value> {
+    let out = kiln_async(vec!["nodes".into(), "--json".into(), "--database".into(), db.into()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+fn row<'a>(nodes: &'a [Value], id: &str) -> &'a Value {
+    nodes.iter().find(|n| n["id"] == id).unwrap_or_else(|| panic!("no {id} in {nodes:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_nodes_shows_each_node_its_sessions_and_a_stopped_one_as_gone() {
+    let pg = PgServer::start();
+    let db = pg.url();
+    let mut a = common::cluster::solo_named(&db, "3s", "node-a");
+    let b = common::cluster::solo_named(&db, "3s", "node-b");
+
+    // Both serving once their pools have a kernel, at their addresses.
+    let began = Instant::now();
+    let nodes = loop {
+        let nodes = nodes_json(&db).await;
+        if nodes.len() == 2 && nodes.iter().all(|n| n["state"] == "serving" && n["ready_kernels"].as_u64() >= Some(1)) {
+            break nodes;
+        }
+        assert!(began.elapsed() < Duration::from_secs(30), "not both serving: {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(nodes[0]["id"], "node-a", "sorted by id: {nodes:?}");
+    assert_eq!(row(&nodes, "node-b")["advertise"], b.url.as_str());
+    assert!(row(&nodes, "node-a")["max_sessions"].as_u64() > Some(0), "{nodes:?}");
+    assert!(row(&nodes, "node-a")["memory_available_bytes"].as_u64() > Some(1 << 20), "{nodes:?}");
+
+    // A session on node-a is in its row (published on change, not at the
+    // next renewal), and in the table an operator reads.
+    common::cluster::session_on(&a, "node-a", "x = 1").await;
+    let began = Instant::now();
+    while row(&nodes_json(&db).await, "node-a")["live_sessions"] != 1 {
+        assert!(began.elapsed() < Duration::from_secs(10), "the session never showed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = kiln_async(vec!["nodes".into(), "--database".into(), db.clone()]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("NODE") && lines[0].contains("SESSIONS"), "{table}");
+    assert!(lines[1].starts_with("node-a") && lines[1].contains(" serving ") && lines[1].contains(" 1 of "), "{table}");
+    assert!(lines[2].starts_with("node-b") && lines[2].contains(&b.url), "{table}");
+
+    // node-a stops: its lease ends with it, and it is gone at once.
+    assert!(a.stop().success());
+    let nodes = nodes_json(&db).await;
+    assert_eq!(row(&nodes, "node-a")["state"], "gone", "{nodes:?}");
+    assert_eq!(row(&nodes, "node-b")["state"], "serving", "{nodes:?}");
+}
+
+#[test]
+fn kiln_nodes_on_a_database_no_node_registered_in_says_so() {
+    let pg = PgServer::start();
+    let out = kiln(&["nodes", "--database", &pg.url()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no nodes"), "{}", String::from_utf8_lossy(&out.stderr));
 }
