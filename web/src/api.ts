@@ -245,8 +245,22 @@ export interface KeyInfo {
   revoked_at: string | null;
 }
 
+/** One node of a cluster (`GET /v1/admin/nodes`). */
+export interface NodeInfo {
+  id: string;
+  state: 'serving' | 'starting' | 'draining' | 'gone';
+  advertise: string | null;
+  incarnation: string;
+  lease_expires_at: string;
+  ready_kernels: number;
+  live_sessions: number;
+  max_sessions: number;
+  memory_available_bytes: number;
+}
+
 export const admin = {
   keys: () => call<{ keys: KeyInfo[] }>('GET', '/v1/admin/keys').then((d) => d.keys),
+  nodes: () => call<{ this_node: string | null; nodes: NodeInfo[] }>('GET', '/v1/admin/nodes'),
   create: (body: { label: string; admin: boolean; network?: string; max_sessions?: number }) =>
     call<{ key: string; record: KeyInfo }>('POST', '/v1/admin/keys', body),
   revoke: (id: string) => call<unknown>('DELETE', `/v1/admin/keys/${encodeURIComponent(id)}`),

@@ -3,7 +3,7 @@
 // revoke).
 
 import './style.css';
-import { admin, ApiError, sessions, status, usage, type KeyInfo, type SessionInfo } from './api';
+import { admin, ApiError, sessions, status, usage, type KeyInfo, type NodeInfo, type SessionInfo } from './api';
 import { describe } from './errors';
 import { setupKeyForm } from './key';
 import { currentKey } from './storage';
@@ -127,6 +127,40 @@ async function loadKeys(): Promise<void> {
   }
 }
 
+/** A cluster's nodes, for an admin key of a server that is part of one. */
+async function loadNodes(): Promise<void> {
+  const panel = $('nodes-panel');
+  if (!currentKey()) {
+    panel.hidden = true;
+    return;
+  }
+  try {
+    const list = await admin.nodes();
+    // Alone, a server has no cluster to show; a key that is not an admin
+    // key is told why in the keys panel.
+    panel.hidden = list.this_node === null;
+    const me = list.this_node;
+    ($('nodes').querySelector('tbody') as HTMLTableSectionElement).replaceChildren(...list.nodes.map((n) => nodeRow(n, me)));
+  } catch {
+    panel.hidden = true;
+  }
+}
+
+function nodeRow(n: NodeInfo, me: string | null): HTMLTableRowElement {
+  const left = timeLeft(n.lease_expires_at);
+  return h(
+    'tr',
+    { 'data-node': n.id, 'data-state': n.state },
+    h('td', {}, n.id === me ? `${n.id} (this node)` : n.id),
+    h('td', {}, n.state),
+    h('td', {}, n.advertise ?? '–'),
+    h('td', {}, String(n.ready_kernels)),
+    h('td', {}, `${n.live_sessions} of ${n.max_sessions}`),
+    h('td', {}, bytes(n.memory_available_bytes)),
+    h('td', {}, left ? `${left} left` : 'ended'),
+  );
+}
+
 function keyRow(k: KeyInfo): HTMLTableRowElement {
   let action: Node = document.createTextNode('');
   if (!k.revoked_at && k.id !== keyId) {
@@ -187,6 +221,7 @@ function refresh(): void {
   void loadUsage();
   void loadSessions();
   void loadKeys();
+  void loadNodes();
 }
 
 setupAlert();
@@ -207,4 +242,5 @@ $('sessions-refresh').addEventListener('click', () => {
 setInterval(() => {
   void loadServer();
   void loadSessions();
+  void loadNodes();
 }, 5000);

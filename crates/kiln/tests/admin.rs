@@ -57,6 +57,11 @@ async fn only_admin_keys_manage_keys_and_their_changes_apply_at_once() {
     assert_eq!((status, full["errors"][0]["code"].as_str()), (429, Some("too_many_sessions")), "its own limit");
     let (status, _) = call(&s, reqwest::Method::GET, "/v1/admin/keys", &new_key, None).await;
     assert_eq!(status, 403, "not an admin key");
+    let (status, _) = call(&s, reqwest::Method::GET, "/v1/admin/nodes", &new_key, None).await;
+    assert_eq!(status, 403, "not an admin key");
+    // Alone, a server is no cluster: no nodes.
+    let (status, nodes) = call(&s, reqwest::Method::GET, "/v1/admin/nodes", KEY, None).await;
+    assert_eq!((status, &nodes["data"]), (200, &json!({"this_node": null, "nodes": []})), "{nodes}");
     // Its key never appears in a listing, only its id.
     let (_, listed) = call(&s, reqwest::Method::GET, "/v1/admin/keys", KEY, None).await;
     assert!(!listed.to_string().contains(&new_key));

@@ -270,6 +270,24 @@ async fn kiln_nodes_shows_each_node_its_sessions_and_a_stopped_one_as_gone() {
     assert!(lines[1].starts_with("node-a") && lines[1].contains(" serving ") && lines[1].contains(" 1 of "), "{table}");
     assert!(lines[2].starts_with("node-b") && lines[2].contains(&b.url), "{table}");
 
+    // The admin API of either node says the same (from its cached table,
+    // at most a second old), for admin keys only.
+    let began = Instant::now();
+    let listed = loop {
+        let r = send(&b, reqwest::Method::GET, "/v1/admin/nodes", KEY, None).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        if r.body["data"]["nodes"].as_array().is_some_and(|n| n.len() == 2 && row(n, "node-a")["live_sessions"] == 1) {
+            break r.body["data"].clone();
+        }
+        assert!(began.elapsed() < Duration::from_secs(10), "node-b never listed both: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed["this_node"], "node-b");
+    let api: Vec<_> =
+        listed["nodes"].as_array().unwrap().iter().map(|n| (n["id"].clone(), n["state"].clone())).collect();
+    assert_eq!(api, [(json!("node-a"), json!("serving")), (json!("node-b"), json!("serving"))]);
+    assert_eq!(send(&b, reqwest::Method::GET, "/v1/admin/nodes", common::OTHER_KEY, None).await.status, 403);
+
     // node-a stops: its lease ends with it, and it is gone at once.
     assert!(a.stop().success());
     let nodes = nodes_json(&db).await;

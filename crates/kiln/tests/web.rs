@@ -88,6 +88,13 @@ async fn the_console_shows_health_usage_and_sessions_and_ends_them() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_console_of_a_cluster_node_shows_the_nodes_to_an_admin_key() {
+    let pg = kiln_testpg::PgServer::start();
+    let s = common::cluster::solo(&pg.url(), "6s");
+    browse(&s, "nodes.test.mjs").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_full_server_is_reported_as_full_in_the_playground() {
     let s = start(&["--max-sessions", "1"]);
     browse(&s, "capacity.test.mjs").await;

@@ -1,6 +1,7 @@
-//! Wire types of the admin endpoints (`/v1/admin/keys`): API keys as an
-//! admin key sees them, never the keys themselves (only their ids), except
-//! once, in the answer that created one.
+//! Wire types of the admin endpoints: API keys as an admin key sees them
+//! (`/v1/admin/keys`), never the keys themselves (only their ids), except
+//! once, in the answer that created one; and a cluster's nodes
+//! (`/v1/admin/nodes`, and `kiln nodes --json`).
 
 use crate::NetworkPolicy;
 use serde::{Deserialize, Serialize};
@@ -121,4 +122,67 @@ pub struct RevokedKey {
     pub id: String,
     /// Always true.
     pub revoked: bool,
+}
+
+/// What a node of a cluster is doing, from its row in the shared database.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Alive and taking new sessions.
+    Serving,
+    /// Alive, still building its runtime or pool: it offers no places yet.
+    Starting,
+    /// Alive, serving its sessions but taking no new ones (it was told to
+    /// stop).
+    Draining,
+    /// Its lease ended (it stopped, died or was cut off from the database):
+    /// its sessions answer `session_lost`.
+    Gone,
+}
+
+impl NodeState {
+    /// As the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Serving => "serving",
+            NodeState::Starting => "starting",
+            NodeState::Draining => "draining",
+            NodeState::Gone => "gone",
+        }
+    }
+}
+
+/// One node of a cluster, as it last published itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct NodeInfo {
+    /// Its `--node-id`.
+    pub id: String,
+    /// What it is doing.
+    pub state: NodeState,
+    /// Where its peers reach it (`--advertise`).
+    pub advertise: Option<String>,
+    /// Random per start of its process: a restarted node is a new one.
+    pub incarnation: String,
+    /// Its lease holds until then unless renewed (every third of it).
+    #[serde(with = "crate::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub lease_expires_at: chrono::DateTime<chrono::Utc>,
+    /// Kernels booted and waiting in its warm pool.
+    pub ready_kernels: u64,
+    /// Sessions it runs.
+    pub live_sessions: u64,
+    /// Sessions it may run (`--max-sessions`; 0 while starting).
+    pub max_sessions: u64,
+    /// Memory it could still give to sessions, bytes.
+    pub memory_available_bytes: u64,
+}
+
+/// `data` of `GET /v1/admin/nodes`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct NodeList {
+    /// The node that answered (`null` when it is not part of a cluster).
+    pub this_node: Option<String>,
+    /// Every node the shared database knows, by id; empty when this server
+    /// is not part of a cluster.
+    pub nodes: Vec<NodeInfo>,
 }

@@ -20,7 +20,9 @@ mod files;
 mod network;
 mod time;
 
-pub use admin::{CreateKey, CreatedKey, KeyInfo, KeyList, RevokedKey, MAX_KEY_EXECUTIONS};
+pub use admin::{
+    CreateKey, CreatedKey, KeyInfo, KeyList, NodeInfo, NodeList, NodeState, RevokedKey, MAX_KEY_EXECUTIONS,
+};
 pub use batch::{
     parse_memory, same_stdout, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals, ItemStatus,
     TestCase, TestKind, TestResult, MAX_BATCH_ITEMS, MAX_ITEM_TESTS, MEMORY_PATTERN,

@@ -1,5 +1,5 @@
-//! Admin endpoints: the server's API keys (list, create, revoke), for admin
-//! keys only. A key is an admin key when it was made with `kiln keys create
+//! Admin endpoints: the server's API keys (list, create, revoke) and a
+//! cluster's nodes, for admin keys only. A key is an admin key when it was made with `kiln keys create
 //! --admin` (or with `"admin": true` here), or is the first key the server was
 //! configured with, or the one it generated at its first start. Any other
 //! valid key gets `403 forbidden`.
@@ -16,7 +16,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::{Extension, Json};
 use kiln_protocol::{
-    ApiError, CreateKey, CreatedKey, Envelope, ErrorCode, ErrorEnvelope, KeyInfo, KeyList, RevokedKey,
+    ApiError, CreateKey, CreatedKey, Envelope, ErrorCode, ErrorEnvelope, KeyInfo, KeyList, NodeInfo, NodeList,
+    RevokedKey,
 };
 use kiln_sessions::{Caller, SessionError};
 use kiln_store::{KeyOptions, KeyOrigin, KeyRecord};
@@ -42,8 +43,8 @@ pub(crate) async fn require_admin(
     Err(ApiError::new(
         ErrorCode::Forbidden,
         format!(
-            "key {} is not an admin key: managing keys needs one (`kiln keys create --admin` on the server, \
-             or the key kiln generated at its first start)",
+            "key {} is not an admin key: the admin endpoints (keys, nodes) need one (`kiln keys create \
+             --admin` on the server, or the key kiln generated at its first start)",
             caller.key_id
         ),
     )
@@ -188,4 +189,24 @@ fn info(state: &AppState, r: &KeyRecord) -> KeyInfo {
         max_executions_per_key: live.as_ref().map_or(r.options.max_executions_per_key, |k| k.max_executions_per_key),
         revoked_at: r.revoked_at,
     }
+}
+
+/// The nodes of this server's cluster, as it last read the shared database
+/// (every second): what `kiln nodes` shows. Empty alone.
+#[utoipa::path(get, path = "/v1/admin/nodes", tag = "admin",
+    responses(
+        (status = 200, description = "Every node the database knows, by id (at most a second old)", body = Envelope<NodeList>),
+        (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
+        (status = 403, description = "Not an admin key", body = ErrorEnvelope),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn nodes(State(state): State<AppState>) -> Json<Envelope<NodeList>> {
+    let Some(cluster) = &state.cluster else {
+        return Json(Envelope::ok(NodeList { this_node: None, nodes: Vec::new() }));
+    };
+    let now = chrono::Utc::now();
+    let mut nodes: Vec<NodeInfo> = cluster.membership.nodes().iter().map(|n| n.info(now)).collect();
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(Envelope::ok(NodeList { this_node: Some(cluster.membership.node_id()), nodes }))
 }

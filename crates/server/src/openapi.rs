@@ -37,6 +37,7 @@ use utoipa::{Modify, OpenApi};
         crate::admin::list,
         crate::admin::create,
         crate::admin::revoke,
+        crate::admin::nodes,
         json,
         docs,
     ),

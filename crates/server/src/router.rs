@@ -36,6 +36,7 @@ pub(crate) fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/v1/admin/keys", get(admin::list).post(admin::create))
         .route("/v1/admin/keys/{id}", delete(admin::revoke))
+        .route("/v1/admin/nodes", get(admin::nodes))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     // MCP over streamable HTTP, with the same keys: tools act as the caller.

@@ -9,6 +9,7 @@
 //! or stops renewing has lost its sessions, and everybody can tell.
 
 use chrono::{DateTime, Utc};
+use kiln_protocol::{NodeInfo, NodeState};
 
 /// Room a node has for new sessions, as it last published it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,5 +55,67 @@ impl NodeRecord {
     /// Whether its lease still holds at `now`.
     pub fn is_alive(&self, now: DateTime<Utc>) -> bool {
         self.lease_expires_at > now
+    }
+
+    /// What it is doing at `now`, from what it last published.
+    pub fn state(&self, now: DateTime<Utc>) -> NodeState {
+        if !self.is_alive(now) {
+            NodeState::Gone
+        } else if self.draining {
+            NodeState::Draining
+        } else if self.capacity.max_sessions == 0 {
+            NodeState::Starting
+        } else {
+            NodeState::Serving
+        }
+    }
+
+    /// As the admin API and `kiln nodes` show it at `now`.
+    pub fn info(&self, now: DateTime<Utc>) -> NodeInfo {
+        let c = &self.capacity;
+        NodeInfo {
+            id: self.id.clone(),
+            state: self.state(now),
+            advertise: self.advertise.clone(),
+            incarnation: self.incarnation.clone(),
+            lease_expires_at: self.lease_expires_at,
+            ready_kernels: c.ready_kernels,
+            live_sessions: c.live_sessions,
+            max_sessions: c.max_sessions,
+            memory_available_bytes: c.memory_available_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(expires_in_secs: i64, draining: bool, max_sessions: u64, now: DateTime<Utc>) -> NodeRecord {
+        NodeRecord {
+            id: "n".into(),
+            tag: "abcd".into(),
+            incarnation: "xyz123".into(),
+            advertise: None,
+            lease_expires_at: now + chrono::Duration::seconds(expires_in_secs),
+            draining,
+            capacity: Capacity { max_sessions, ..Capacity::default() },
+        }
+    }
+
+    #[test]
+    fn a_node_is_gone_once_its_lease_ended_whatever_it_said_before() {
+        let now = Utc::now();
+        assert_eq!(node(-1, false, 8, now).state(now), NodeState::Gone);
+        assert_eq!(node(-1, true, 8, now).state(now), NodeState::Gone);
+        assert_eq!(node(0, false, 8, now).state(now), NodeState::Gone);
+    }
+
+    #[test]
+    fn a_live_node_is_draining_starting_or_serving() {
+        let now = Utc::now();
+        assert_eq!(node(5, true, 8, now).state(now), NodeState::Draining);
+        assert_eq!(node(5, false, 0, now).state(now), NodeState::Starting);
+        assert_eq!(node(5, false, 8, now).state(now), NodeState::Serving);
     }
 }
