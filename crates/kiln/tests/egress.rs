@@ -132,7 +132,12 @@ async fn under_full_egress_every_address_of_this_host_is_refused_and_the_interne
 
 /// The attack: three processes hold as many connections to the session's
 /// egress proxy as they can (1,000 each), sending a byte a second, for
-/// `secs`; then each writes what it saw to `/work/attack-<n>.json`.
+/// `secs`; then each writes what it saw to `/work/attack-<n>.json`. Each
+/// counts the connections it still holds only once all three have stopped
+/// connecting: from then on none is opened, so what they hold between them
+/// is at most what was open at one moment, whichever of them ran late (on a
+/// loaded host one can start after another's connections have already
+/// reached the server's head timeout and freed their slots).
 fn attack(secs: u64) -> String {
     format!(
         r#"import subprocess, sys
@@ -151,6 +156,10 @@ for i in range(1000):
         # Refused and closed before its first byte.
         refused += 1; c.close(); continue
     held.append(c); opened_at[c.fileno()] = time.monotonic()
+open(f'/work/attack-ready-{{sys.argv[1]}}', 'w').close()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not all(os.path.exists(f'/work/attack-ready-{{i}}') for i in range(3)):
+    time.sleep(0.05)
 time.sleep(2)
 live = []
 for c in held:
