@@ -4,24 +4,24 @@
 //! imported the kernel and the heavy packages. It loads this crate as a
 //! shared library (`libkiln_sandbox.so`, built beside the `kiln` binary).
 //! For each sandbox it unshares a pid namespace for its next child
-//! ([`kiln_zygote_unshare_pid`]), forks, and restores its own
-//! ([`kiln_zygote_restore_pid`]); the child, PID 1 of the new namespace,
-//! calls [`kiln_sandbox_enter_init`], which runs the same steps as the
+//! ([`kiln_zygote_unshare_pid`]), forks through [`kiln_zygote_fork`], and
+//! restores its own ([`kiln_zygote_restore_pid`]). The child, PID 1 of the
+//! new namespace, runs only this crate's code: the same steps as the
 //! `kiln __sandbox-init` helper (see [`crate::init`]) while the zygote
-//! writes its id maps ([`kiln_zygote_map_ids`]). It returns only in the
-//! confined program process, which goes on to run the kernel in memory it
-//! shares, copy-on-write, with the zygote.
+//! writes its id maps ([`kiln_zygote_map_ids`]). The fork returns a second
+//! time only in the confined program process, which goes on to run the
+//! kernel in memory it shares, copy-on-write, with the zygote.
 //!
 //! The functions that take descriptors over are `unsafe`: the caller
 //! promises that each descriptor is open, is its own to give, and is not
 //! used or closed by it afterwards.
 
 use crate::init::{IdMapping, Tethers};
-use crate::jail::Jail;
+use crate::jail::ForkRequest;
 use crate::step::Step;
 use nix::sched::{setns, unshare, CloneFlags};
-use std::io::Write;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 /// In the zygote, before it forks a sandbox's init: the next child becomes
 /// PID 1 of a new pid namespace. Returns 0 or an errno.
@@ -70,49 +70,144 @@ pub unsafe extern "C" fn kiln_zygote_map_ids(pid: i32, unshared: i32, mapped: i3
     0
 }
 
-/// In the zygote's child, PID 1 of its new pid namespace: build the sandbox
-/// described by the JSON [`Jail`] in `jail[..len]` around it, with the
-/// zygote writing the id maps over the pipe ends `unshared` (written) and
-/// `mapped` (read); `lifeline` is the server's lifeline (read end) and
-/// `parent` a pidfd of the zygote (see [`crate::init`] for what init does
-/// with them). Returns 0 in the confined program process; init never
-/// returns. Returns the failed step's code (see [`crate::step`]) if the
-/// description cannot be read; later failures end the process with that
-/// code.
+/// In the zygote, between [`kiln_zygote_unshare_pid`] and
+/// [`kiln_zygote_restore_pid`]: fork the sandbox's init, PID 1 of the new
+/// pid namespace, which builds the sandbox that `request[..len]` (a JSON
+/// [`ForkRequest`]) describes around itself and forks the program into it.
+///
+/// Returns, like `fork`: the child's pid in the zygote (or minus an errno
+/// if there is no child), and 0 in the confined program process, which then
+/// runs the kernel. init never returns: it runs only this crate's code from
+/// the fork on, never the interpreter's, so the one process of the sandbox
+/// that copies the zygote's pages as it runs Python is the program. (The
+/// zygote calls `PyOS_BeforeFork` before this and `PyOS_AfterFork_Parent`
+/// after it; the program calls `PyOS_AfterFork_Child` when this returns 0.)
+///
+/// In init, `unshared` and `mapped` are its ends of the id-mapping pipes
+/// (written, read: see [`crate::init::map_ids`]), `lifeline` the server's
+/// lifeline (read end) and `parent` a pidfd of the zygote; init takes them
+/// over, and every other descriptor it inherited is closed. The zygote
+/// keeps all four; it closes its copies of `unshared` and `mapped`.
 ///
 /// # Safety
-/// `jail` must point to `len` readable bytes; the four descriptors must be
-/// open and the caller's to give (it must not use or close them
-/// afterwards); the caller must be single-threaded (a child just forked).
+/// `request` must point to `len` readable bytes; the four descriptors must
+/// be open for the whole call. The caller must be single-threaded, and no
+/// other thread may hold a lock the child could need (the zygote is
+/// single-threaded and holds the interpreter's locks through
+/// `PyOS_BeforeFork`).
 #[no_mangle]
-pub unsafe extern "C" fn kiln_sandbox_enter_init(
-    jail: *const u8,
+pub unsafe extern "C" fn kiln_zygote_fork(
+    request: *const u8,
     len: usize,
     unshared: i32,
     mapped: i32,
     lifeline: i32,
     parent: i32,
 ) -> i32 {
-    if jail.is_null() {
-        return Step::ReadPolicy.code();
+    if request.is_null() {
+        return -libc::EINVAL;
     }
-    // SAFETY: the caller guarantees `len` readable bytes at `jail`; they are
-    // only read, and not kept beyond this call.
-    let bytes = unsafe { std::slice::from_raw_parts(jail, len) };
-    // SAFETY: the caller hands these descriptors over (see above).
+    // SAFETY: the caller guarantees `len` readable bytes at `request`; they
+    // are only read, and not kept beyond this call (the child parses them
+    // before anything else).
+    let request = unsafe { std::slice::from_raw_parts(request, len) };
+    // SAFETY: the caller is single-threaded (see above), so the child may
+    // run arbitrary code after the fork.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { child }) => child.as_raw(),
+        Err(e) => -(e as i32),
+        Ok(nix::unistd::ForkResult::Child) => {
+            become_init(request, [unshared, mapped, lifeline, parent]);
+            0
+        }
+    }
+}
+
+/// In the zygote's fresh child: read the request, point standard input at
+/// `/dev/null` and standard output and error at the kernel's log, keep
+/// exactly the four descriptors `fds` (at 3, 4, 5 and 6), then build the
+/// sandbox as its init. Returns only in the program process.
+fn become_init(request: &[u8], fds: [i32; 4]) {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // The zygote's interpreter catches SIGCHLD (its handler would run here,
+    // in a process the interpreter no longer owns, and write to the
+    // zygote's wake-up pipe) and ignores SIGINT; init waits for these
+    // synchronously (see crate::init), the program sets its own.
+    for s in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: SIG_DFL installs no handler, so no code of ours can run
+        // in signal context.
+        if let Err(e) = unsafe { signal(s, SigHandler::SigDfl) } {
+            crate::init::fail(Step::ForkInit, format!("resetting {s}: {e}"));
+        }
+    }
+    let request: ForkRequest = match serde_json::from_slice(request) {
+        Ok(r) => r,
+        Err(e) => crate::init::fail(Step::ReadPolicy, e),
+    };
+    if let Err(e) = plumb(&request.log, fds) {
+        crate::init::fail(Step::Pipe, e);
+    }
+    // SAFETY: `plumb` placed the caller's four descriptors at 3..=6, and
+    // nothing else in this process owns them.
     let (ids, tethers) = unsafe {
         (
-            IdMapping { unshared: OwnedFd::from_raw_fd(unshared), mapped: OwnedFd::from_raw_fd(mapped) },
-            Tethers { lifeline: OwnedFd::from_raw_fd(lifeline), parent: OwnedFd::from_raw_fd(parent) },
+            IdMapping { unshared: OwnedFd::from_raw_fd(3), mapped: OwnedFd::from_raw_fd(4) },
+            Tethers { lifeline: OwnedFd::from_raw_fd(5), parent: OwnedFd::from_raw_fd(6) },
         )
     };
-    let jail: Jail = match serde_json::from_slice(bytes) {
-        Ok(j) => j,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "kiln sandbox: step ReadPolicy failed: {e}");
-            return Step::ReadPolicy.code();
-        }
+    crate::init::enter_as_init(&request.jail, ids, tethers);
+}
+
+/// Standard input from `/dev/null`, output and error appended to `log`,
+/// `fds` moved to 3, 4, 5 and 6 (close-on-exec), every other descriptor
+/// closed: nothing of the zygote's stays open (its socket, its selector,
+/// its wake-up pipe, the server's other requests).
+fn plumb(log: &std::path::Path, fds: [i32; 4]) -> Result<(), String> {
+    use std::os::fd::IntoRawFd;
+    let open = |path: &std::path::Path, write: bool| -> Result<i32, String> {
+        let file = if write {
+            std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path)
+        } else {
+            std::fs::File::open(path)
+        };
+        file.map(IntoRawFd::into_raw_fd).map_err(|e| format!("{}: {e}", path.display()))
     };
-    crate::init::enter_as_init(&jail, ids, tethers);
-    0
+    let log = open(log, true)?;
+    let null = open(std::path::Path::new("/dev/null"), false)?;
+    // First out of the way (above every target), then into place.
+    let mut high = [0; 4];
+    for (slot, fd) in high.iter_mut().zip(fds) {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates an open descriptor (the
+        // caller's) and touches no memory.
+        *slot = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) }, "duplicating a descriptor")?;
+    }
+    let moves = [(null, 0), (log, 1), (log, 2)].into_iter().chain(high.iter().zip(3..).map(|(fd, to)| (*fd, to)));
+    for (from, to) in moves {
+        let flags = if to > 2 { libc::O_CLOEXEC } else { 0 };
+        if from == to {
+            // Opened at its own place (the zygote had it closed): only
+            // clear close-on-exec, which `open` set, so that the kernel's
+            // own children inherit standard input, output and error.
+            // SAFETY: F_SETFD changes the flags of an open descriptor only.
+            check(unsafe { libc::fcntl(to, libc::F_SETFD, 0) }, "placing a descriptor")?;
+            continue;
+        }
+        // SAFETY: dup3 closes whatever `to` was (nothing this function still
+        // uses: the sources are `null`, `log` and the copies above 100) and
+        // makes it a copy of an open descriptor; it touches no memory.
+        check(unsafe { libc::dup3(from, to, flags) }, "placing a descriptor")?;
+    }
+    // SAFETY: closes descriptors only; everything this process still needs
+    // is at 0..=6.
+    check(unsafe { libc::syscall(libc::SYS_close_range, 7u32, u32::MAX, 0u32) } as i32, "closing descriptors")?;
+    Ok(())
+}
+
+/// A libc return value, or the error it stands for.
+fn check(rc: i32, what: &str) -> Result<i32, String> {
+    if rc < 0 {
+        Err(format!("{what}: {}", std::io::Error::last_os_error()))
+    } else {
+        Ok(rc)
+    }
 }

@@ -49,6 +49,18 @@ pub(crate) struct Jail {
     pub program: Program,
 }
 
+/// What the server asks the zygote for, one per kernel: the sandbox to
+/// build, and the file the kernel's standard output and error go to (its
+/// log). Serialised by the server ([`crate::Sandboxes`]), read by the
+/// zygote's child ([`crate::ffi::kiln_zygote_fork`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ForkRequest {
+    /// The sandbox, as the helper would read it.
+    pub jail: Jail,
+    /// The kernel's log (created if missing, appended to).
+    pub log: PathBuf,
+}
+
 /// A copy-on-write view of a shared directory.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Overlay {

@@ -9,7 +9,7 @@
 //! description and workspaces stay private to this crate.
 
 use crate::cgroup::{Cgroup, Plan};
-use crate::jail::Jail;
+use crate::jail::{ForkRequest, Jail};
 use crate::process::Owned;
 use crate::registry::{Record, Registration};
 use crate::zygote::{Zygote, ZygoteError, ZygoteSpec};
@@ -369,8 +369,8 @@ fn start_helper(
 /// built by the same steps, around a process that already has the
 /// runtime's packages imported.
 async fn fork_from(zygote: &Zygote, jail: &Jail, log: &Path) -> Result<Owned, SandboxError> {
-    let body = serde_json::json!({ "jail": jail, "log": log });
-    let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let request = ForkRequest { jail: jail.clone(), log: log.to_path_buf() };
+    let mut bytes = serde_json::to_vec(&request).unwrap_or_default();
     let forked = zygote.fork(&bytes).await;
     bytes.fill(0);
     let (fd, pid, exit) = forked?;

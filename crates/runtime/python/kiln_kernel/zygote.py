@@ -2,11 +2,12 @@
 
 Booting a Python kernel costs a third of a second of CPU, and importing
 pandas and matplotlib as much again. The zygote pays that once: it imports
-the kernel and the heavy packages, then forks one child per kernel. Each
-child enters a fresh sandbox through kiln's own sandbox code (the same
-steps as ``kiln __sandbox-init``, loaded as ``libkiln_sandbox.so``), reseeds
-its random state and runs the kernel module, sharing the zygote's memory
-copy-on-write.
+the kernel and the heavy packages, then forks one sandbox per kernel
+through kiln's own sandbox code (``libkiln_sandbox.so``): the child, the
+sandbox's init, builds it (the same steps as ``kiln __sandbox-init``)
+running none of this interpreter's code, and forks the program process,
+which reseeds its random state and runs the kernel module, sharing the
+zygote's memory copy-on-write.
 
 Protocol (see ``crates/sandbox/src/zygote.rs``), over a SOCK_SEQPACKET
 socket at fd 3, one message per datagram: a request is an 8-byte id
@@ -42,6 +43,11 @@ import traceback
 MAX_MESSAGE = 1 << 20
 # How long an init may take to build its root and enter its user namespace.
 MAP_TIMEOUT = 30.0
+# The interpreter's own fork hooks (os.fork's), called around the sandbox
+# library's fork.
+_python = ctypes.pythonapi
+for _f in (_python.PyOS_BeforeFork, _python.PyOS_AfterFork_Parent, _python.PyOS_AfterFork_Child):
+    _f.argtypes, _f.restype = [], None
 
 
 def _log(msg):
@@ -52,10 +58,10 @@ class Zygote:
     def __init__(self, library, control, lifeline):
         # PyDLL: the calls keep the GIL (the child's must: it forks).
         lib = self.lib = ctypes.PyDLL(library)
-        lib.kiln_sandbox_enter_init.argtypes = [ctypes.c_char_p, ctypes.c_size_t] + [ctypes.c_int] * 4
+        lib.kiln_zygote_fork.argtypes = [ctypes.c_char_p, ctypes.c_size_t] + [ctypes.c_int] * 4
         lib.kiln_zygote_restore_pid.argtypes = [ctypes.c_int]
         lib.kiln_zygote_map_ids.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        for f in (lib.kiln_sandbox_enter_init, lib.kiln_zygote_unshare_pid, lib.kiln_zygote_restore_pid,
+        for f in (lib.kiln_zygote_fork, lib.kiln_zygote_unshare_pid, lib.kiln_zygote_restore_pid,
                   lib.kiln_zygote_map_ids):
             f.restype = ctypes.c_int
         # To come back to after each fork into a new pid namespace.
@@ -181,29 +187,42 @@ class Zygote:
         # The child is the sandbox's init: PID 1 of a new pid namespace,
         # which this process unshares for it and then leaves again. This
         # process also plays the sandbox's outer process: it writes init's
-        # id maps (over two pipes) and reaps it.
+        # id maps (over two pipes) and reaps it. The fork is the sandbox
+        # library's: init runs none of this interpreter's code, and the
+        # interpreter's own fork handling (os.fork's) happens around it:
+        # here before and after, in the program when it returns there.
         unshared_r, unshared_w = os.pipe()
         mapped_r, mapped_w = os.pipe()
+        request = bytes(body)
         pid = -1
         try:
             err = self.lib.kiln_zygote_unshare_pid()
             if err:
                 raise OSError(err, os.strerror(err), "unshare(CLONE_NEWPID)")
             try:
-                pid = os.fork()
+                _python.PyOS_BeforeFork()
+                try:
+                    pid = self.lib.kiln_zygote_fork(request, len(request), unshared_w, mapped_r, self.lifeline,
+                                                    self.own_pidfd)
+                finally:
+                    if pid != 0:
+                        _python.PyOS_AfterFork_Parent()
             finally:
                 if pid != 0:
                     err = self.lib.kiln_zygote_restore_pid(self.own_pid_ns)
                     if err:  # every later child would land in that namespace
                         _log(f"cannot return to the zygote's pid namespace: {os.strerror(err)}")
                         os._exit(70)
+            if pid < 0:
+                raise OSError(-pid, os.strerror(-pid))
         except OSError as e:
             for fd in (unshared_r, unshared_w, mapped_r, mapped_w):
                 os.close(fd)
             self.send({"id": rid, "error": f"fork: {e}"})
             return True
         if pid == 0:
-            _child(self.lib, bytes(body), unshared_w, mapped_r, self.lifeline, self.own_pidfd)
+            _program(request)
+        request = None
         # The child's pidfd, before anything here could reap it (only
         # reap() does, from the loop), so it names this child and no other.
         try:
@@ -223,46 +242,24 @@ class Zygote:
         return True
 
 
-def _place(fds):
-    """Put ``fds`` at descriptors 3, 4, ... (close-on-exec), whatever
-    numbers they have now, and close every other descriptor above 2."""
-    import fcntl
-
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
-    for target, fd in enumerate(high, start=3):
-        os.dup2(fd, target, inheritable=False)
-    os.closerange(3 + len(fds), 1 << 20)
-
-
-def _child(lib, body, unshared, mapped, lifeline, parent):
-    """Become init of a new sandbox; returns (in the program process) as its
-    kernel. Never returns to the zygote's loop."""
+def _program(request):
+    """Run the kernel in the sandbox's program process, where the library's
+    fork returned a second time: confined already (the session user, no
+    capabilities, seccomp), with the log at standard output and error.
+    Never returns to the zygote's loop."""
     code = 120
     try:
+        # What os.fork does in its child, which the library's fork did not:
+        # the interpreter's locks and threads, and the at-fork hooks.
+        _python.PyOS_AfterFork_Child()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        request = json.loads(body)
-        body = None
-        jail = request["jail"]
-        fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        # The id-mapping pipes, the lifeline and the zygote's pidfd at fixed
-        # places; nothing else of the zygote's stays open (its socket,
-        # selector, wake-up pipe).
-        _place([unshared, mapped, lifeline, parent])
-        program = jail["program"]
+        program = json.loads(request)["jail"]["program"]
+        request = None
         os.environ.clear()
         for name, value in program["env"]:
             os.environ[name] = value
-        raw = json.dumps(jail).encode()
-        rc = lib.kiln_sandbox_enter_init(raw, len(raw), 3, 4, 5, 6)
-        if rc != 0:
-            os._exit(rc)
-        # Confined from here on: the session user, no capabilities, seccomp.
         _reseed()
         args = program["args"]
         if len(args) < 2 or args[0] != "-m":
