@@ -112,6 +112,11 @@ const CORPUS: &[Cell] = &[
     same("from IPython.display import clear_output\nprint('a')\nclear_output()\nprint('b')"),
     Cell { code: "import time\nprint('before')\ntime.sleep(30)", timeout: 2, check: Check::Reference },
     same("print('after the interrupt', x)"),
+    // `__main__` is the user's namespace, so what a cell defines pickles
+    // by reference and reaches multiprocessing's workers.
+    same("import sys\nsys.modules['__main__'].__name__, 'x' in vars(sys.modules['__main__'])"),
+    same("import pickle\ndef double(n):\n    return 2 * n\npickle.loads(pickle.dumps(double))(21)"),
+    same("import multiprocessing\nwith multiprocessing.Pool(2) as pool:\n    print(pool.map(double, [1, 2, 3]))"),
     same("import sys\nsys.exit(3)"),
     same("Out[2], In[2]"),
 ];

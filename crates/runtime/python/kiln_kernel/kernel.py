@@ -468,6 +468,8 @@ def zygote_prepare():
     kernel.init_shell()
     adopt_ipykernel_input(Kernel)
     _prepared = kernel
+    # The entry point the zygote calls in each child (kiln_kernel.zygote_run).
+    import kiln_kernel.__main__  # noqa: F401
 
 
 def main(connection_file: str) -> None:
@@ -485,6 +487,11 @@ def main(connection_file: str) -> None:
     _prepared = None
     if prepared:
         kernel.adopt_connection(conn)
+        # `__main__` is the user's namespace, as in any IPython kernel, so
+        # that what a cell defines pickles by reference (multiprocessing,
+        # joblib, concurrent.futures): however the zygote started this
+        # process, it must not be the module that launched the kernel.
+        kernel.shell.init_sys_modules()
     publisher = kernel.publisher
     # The cap is the session's (read here, after the fork, not in the zygote).
     publisher.budget.limit = output_limit(os.environ)

@@ -265,10 +265,16 @@ def _program(request):
         if len(args) < 2 or args[0] != "-m":
             print(f"kiln zygote: cannot run {args!r}: only `-m module` is supported", file=sys.stderr)
             os._exit(code)
-        import runpy
-
         sys.argv = [program["path"], *args[2:]]
-        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        # A preloaded module may offer its `-m` entry point as a function
+        # (the lean kernel does); anything else runs as `python -m` would.
+        run = getattr(sys.modules.get(args[1]), "zygote_run", None)
+        if callable(run):
+            run()
+        else:
+            import runpy
+
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
