@@ -20,8 +20,25 @@ use crate::init::{IdMapping, Tethers};
 use crate::jail::ForkRequest;
 use crate::step::Step;
 use nix::sched::{setns, unshare, CloneFlags};
+use std::io::Write;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+
+/// In the zygote, once, before its first fork: build what every sandbox's
+/// program needs and no session changes (the compiled seccomp filters), so
+/// that each fork inherits it instead of building it. Returns 0, or the
+/// seccomp step's code after writing why on stderr (every program would
+/// then fail that step with the same message).
+#[no_mangle]
+pub extern "C" fn kiln_zygote_prepare() -> i32 {
+    match crate::seccomp::compiled() {
+        Ok(_) => 0,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "kiln sandbox: {e}");
+            Step::Seccomp.code()
+        }
+    }
+}
 
 /// In the zygote, before it forks a sandbox's init: the next child becomes
 /// PID 1 of a new pid namespace. Returns 0 or an errno.

@@ -470,11 +470,11 @@ fn confine(jail: &Jail) {
         fail(Step::Landlock, e);
     }
     if jail.seccomp {
-        let filters = match crate::seccomp::filters() {
+        let filters = match crate::seccomp::compiled() {
             Ok(f) => f,
             Err(e) => fail(Step::Seccomp, e),
         };
-        for f in &filters {
+        for f in filters {
             if let Err(e) = seccompiler::apply_filter(f) {
                 fail(Step::Seccomp, e);
             }

@@ -484,6 +484,17 @@ pub fn filters() -> Result<Vec<BpfProgram>, PolicyError> {
     Ok(vec![allowlist.try_into()?, no_clone3.try_into()?])
 }
 
+/// [`filters`], compiled once per process: the zygote compiles them before
+/// it forks anything ([`crate::ffi::kiln_zygote_prepare`]), so that every
+/// sandbox's program process finds them compiled in the memory it shares
+/// with the zygote (compiling costs ~1 ms and a few hundred copied pages in
+/// each new process). The policy is constant: nothing of a session's goes
+/// into it.
+pub(crate) fn compiled() -> Result<&'static [BpfProgram], String> {
+    static COMPILED: std::sync::OnceLock<Result<Vec<BpfProgram>, String>> = std::sync::OnceLock::new();
+    COMPILED.get_or_init(|| filters().map_err(|e| e.to_string())).as_deref().map_err(Clone::clone)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,8 +62,12 @@ class Zygote:
         lib.kiln_zygote_restore_pid.argtypes = [ctypes.c_int]
         lib.kiln_zygote_map_ids.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         for f in (lib.kiln_zygote_fork, lib.kiln_zygote_unshare_pid, lib.kiln_zygote_restore_pid,
-                  lib.kiln_zygote_map_ids):
+                  lib.kiln_zygote_map_ids, lib.kiln_zygote_prepare):
             f.restype = ctypes.c_int
+        # What every sandbox needs and no session changes (the compiled
+        # seccomp filters), built once here and inherited by every fork.
+        if lib.kiln_zygote_prepare() != 0:
+            _log("preparing the sandbox library failed (see above)")
         # To come back to after each fork into a new pid namespace.
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         # Each child's init watches it: readable once this process is gone.
