@@ -8,7 +8,6 @@
 use crate::admin::DataDir;
 use crate::table::print_table;
 use chrono::{DateTime, Utc};
-use kiln_protocol::NodeInfo;
 
 /// Seconds from `now` to `at`, said the way a person reads it.
 fn lease_text(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
@@ -22,8 +21,7 @@ fn lease_text(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
 
 pub async fn nodes(json: bool, data: DataDir) -> anyhow::Result<()> {
     let now = Utc::now();
-    let mut nodes: Vec<NodeInfo> = data.store().await?.nodes().await?.iter().map(|n| n.info(now)).collect();
-    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    let nodes = kiln_store::node_infos(&data.store().await?.nodes().await?, now);
     if json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(());

@@ -3,12 +3,14 @@
 //!
 //! The zygote is a Python process of the runtime (`kiln_kernel.zygote`,
 //! shipped with kiln and installed into the runtime) that has imported the
-//! kernel and the heavy packages once. For each kernel it forks; the child
-//! calls this crate's C entry point ([`crate::ffi`]), which runs every step
-//! of the sandbox helper ([`crate::init`]) and returns in the confined
-//! program process, which then runs the kernel module. The child shares the
-//! zygote's memory copy-on-write, so it starts with numpy, pandas and
-//! matplotlib already imported, in a few megabytes of its own.
+//! kernel and the heavy packages once. For each kernel it forks through
+//! this crate's C entry point ([`crate::ffi::kiln_zygote_fork`]): the
+//! child, the sandbox's init, runs every step of the sandbox helper
+//! ([`crate::init`]) and none of the zygote's Python, and the fork returns
+//! a second time in the confined program process, which then runs the
+//! kernel module. The program shares the zygote's memory copy-on-write, so
+//! it starts with numpy, pandas and matplotlib already imported, in a few
+//! megabytes of its own.
 //!
 //! The zygote holds no secret: it is started with exactly a kernel's
 //! environment, and every request it receives (paths, environment) is

@@ -1,8 +1,8 @@
 //! Admin endpoints: the server's API keys (list, create, revoke) and a
-//! cluster's nodes, for admin keys only. A key is an admin key when it was made with `kiln keys create
-//! --admin` (or with `"admin": true` here), or is the first key the server was
-//! configured with, or the one it generated at its first start. Any other
-//! valid key gets `403 forbidden`.
+//! cluster's nodes, for admin keys only. A key is an admin key when it was
+//! made with `kiln keys create --admin` (or with `"admin": true` here), or
+//! is the first key the server was configured with, or the one it
+//! generated at its first start. Any other valid key gets `403 forbidden`.
 //!
 //! Changes go to the store, where every server reading it picks them up
 //! within seconds, and to this server's key ring at once.
@@ -16,8 +16,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::{Extension, Json};
 use kiln_protocol::{
-    ApiError, CreateKey, CreatedKey, Envelope, ErrorCode, ErrorEnvelope, KeyInfo, KeyList, NodeInfo, NodeList,
-    RevokedKey,
+    ApiError, CreateKey, CreatedKey, Envelope, ErrorCode, ErrorEnvelope, KeyInfo, KeyList, NodeList, RevokedKey,
 };
 use kiln_sessions::{Caller, SessionError};
 use kiln_store::{KeyOptions, KeyOrigin, KeyRecord};
@@ -206,7 +205,6 @@ pub(crate) async fn nodes(State(state): State<AppState>) -> Json<Envelope<NodeLi
         return Json(Envelope::ok(NodeList { this_node: None, nodes: Vec::new() }));
     };
     let now = chrono::Utc::now();
-    let mut nodes: Vec<NodeInfo> = cluster.membership.nodes().iter().map(|n| n.info(now)).collect();
-    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    let nodes = kiln_store::node_infos(&cluster.membership.nodes(), now);
     Json(Envelope::ok(NodeList { this_node: Some(cluster.membership.node_id()), nodes }))
 }

@@ -25,7 +25,7 @@ mod sqlite;
 
 pub use database::{open, Database, OpenOptions};
 pub use kiln_protocol::NetworkPolicy;
-pub use nodes::{Capacity, NodeRecord};
+pub use nodes::{node_infos, Capacity, NodeRecord};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -87,6 +87,14 @@ impl NodeRecord {
     }
 }
 
+/// Every node of `nodes` as the admin API and `kiln nodes` show them at
+/// `now`, in the order of their ids.
+pub fn node_infos(nodes: &[NodeRecord], now: DateTime<Utc>) -> Vec<NodeInfo> {
+    let mut infos: Vec<NodeInfo> = nodes.iter().map(|n| n.info(now)).collect();
+    infos.sort_by(|a, b| a.id.cmp(&b.id));
+    infos
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +125,17 @@ mod tests {
         assert_eq!(node(5, true, 8, now).state(now), NodeState::Draining);
         assert_eq!(node(5, false, 0, now).state(now), NodeState::Starting);
         assert_eq!(node(5, false, 8, now).state(now), NodeState::Serving);
+    }
+
+    #[test]
+    fn node_infos_lists_every_node_by_id_with_its_state() {
+        let now = Utc::now();
+        let named =
+            |id: &str, expires_in_secs: i64| NodeRecord { id: id.into(), ..node(expires_in_secs, false, 8, now) };
+        let infos = node_infos(&[named("node-b", 10), named("node-a", -1), named("node-c", 10)], now);
+        let ids: Vec<&str> = infos.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["node-a", "node-b", "node-c"]);
+        assert_eq!(infos[0].state, NodeState::Gone);
+        assert_eq!(infos[1].state, NodeState::Serving);
     }
 }
