@@ -58,7 +58,7 @@ class Zygote:
     def __init__(self, library, control, lifeline):
         # PyDLL: the calls keep the GIL (the child's must: it forks).
         lib = self.lib = ctypes.PyDLL(library)
-        lib.kiln_zygote_fork.argtypes = [ctypes.c_char_p, ctypes.c_size_t] + [ctypes.c_int] * 4
+        lib.kiln_zygote_fork.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 4
         lib.kiln_zygote_restore_pid.argtypes = [ctypes.c_int]
         lib.kiln_zygote_map_ids.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         for f in (lib.kiln_zygote_fork, lib.kiln_zygote_unshare_pid, lib.kiln_zygote_restore_pid,
@@ -197,7 +197,12 @@ class Zygote:
         # here before and after, in the program when it returns there.
         unshared_r, unshared_w = os.pipe()
         mapped_r, mapped_w = os.pipe()
-        request = bytes(body)
+        # The library reads the request where it is, in the buffer the
+        # caller zeroes after the fork: no copy of a session's paths or
+        # environment stays in this process's memory for a later fork to
+        # inherit.
+        size = len(body)
+        request = (ctypes.c_char * size).from_buffer(body)
         pid = -1
         try:
             err = self.lib.kiln_zygote_unshare_pid()
@@ -206,8 +211,8 @@ class Zygote:
             try:
                 _python.PyOS_BeforeFork()
                 try:
-                    pid = self.lib.kiln_zygote_fork(request, len(request), unshared_w, mapped_r, self.lifeline,
-                                                    self.own_pidfd)
+                    pid = self.lib.kiln_zygote_fork(ctypes.addressof(request), size, unshared_w, mapped_r,
+                                                    self.lifeline, self.own_pidfd)
                 finally:
                     if pid != 0:
                         _python.PyOS_AfterFork_Parent()
@@ -220,13 +225,14 @@ class Zygote:
             if pid < 0:
                 raise OSError(-pid, os.strerror(-pid))
         except OSError as e:
+            del request  # the buffer's export, before the caller zeroes it
             for fd in (unshared_r, unshared_w, mapped_r, mapped_w):
                 os.close(fd)
             self.send({"id": rid, "error": f"fork: {e}"})
             return True
         if pid == 0:
-            _program(request)
-        request = None
+            _program(bytes(body))  # this process's own copy of the buffer
+        del request
         # The child's pidfd, before anything here could reap it (only
         # reap() does, from the loop), so it names this child and no other.
         try:
