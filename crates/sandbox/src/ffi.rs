@@ -191,28 +191,24 @@ fn plumb(log: &std::path::Path, fds: [i32; 4]) -> Result<(), String> {
     };
     let log = open(log, true)?;
     let null = open(std::path::Path::new("/dev/null"), false)?;
-    // First out of the way (above every target), then into place.
-    let mut high = [0; 4];
-    for (slot, fd) in high.iter_mut().zip(fds) {
-        // SAFETY: F_DUPFD_CLOEXEC duplicates an open descriptor (the
-        // caller's) and touches no memory.
+    // First every source out of the way (above every target: wherever the
+    // zygote's descriptors or these two opens landed, no move below can
+    // close a source it still needs), then each into its place.
+    let sources = [null, log, log, fds[0], fds[1], fds[2], fds[3]];
+    let mut high = [0; 7];
+    for (slot, fd) in high.iter_mut().zip(sources) {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates an open descriptor (ours, or
+        // the caller's) and touches no memory.
         *slot = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) }, "duplicating a descriptor")?;
     }
-    let moves = [(null, 0), (log, 1), (log, 2)].into_iter().chain(high.iter().zip(3..).map(|(fd, to)| (*fd, to)));
-    for (from, to) in moves {
+    for (to, fd) in (0..).zip(high) {
+        // Standard input, output and error without close-on-exec: the
+        // kernel's own children inherit them.
         let flags = if to > 2 { libc::O_CLOEXEC } else { 0 };
-        if from == to {
-            // Opened at its own place (the zygote had it closed): only
-            // clear close-on-exec, which `open` set, so that the kernel's
-            // own children inherit standard input, output and error.
-            // SAFETY: F_SETFD changes the flags of an open descriptor only.
-            check(unsafe { libc::fcntl(to, libc::F_SETFD, 0) }, "placing a descriptor")?;
-            continue;
-        }
-        // SAFETY: dup3 closes whatever `to` was (nothing this function still
-        // uses: the sources are `null`, `log` and the copies above 100) and
-        // makes it a copy of an open descriptor; it touches no memory.
-        check(unsafe { libc::dup3(from, to, flags) }, "placing a descriptor")?;
+        // SAFETY: dup3 closes whatever `to` was (no source: every source
+        // has a copy above 100 by now) and makes it a copy of an open
+        // descriptor; it touches no memory.
+        check(unsafe { libc::dup3(fd, to, flags) }, "placing a descriptor")?;
     }
     // SAFETY: closes descriptors only; everything this process still needs
     // is at 0..=6.
