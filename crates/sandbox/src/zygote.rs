@@ -180,12 +180,13 @@ impl Zygote {
             .map_err(|e| spawn_err(e.into()))
             .and_then(|_| crate::process::register(ours).map_err(spawn_err))?;
         let socket = Arc::new(socket);
-        let first = tokio::time::timeout(spec.ready_timeout, receive(&socket)).await;
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let first = tokio::time::timeout(spec.ready_timeout, receive(&socket, &mut buf)).await;
         match first {
-            Ok(Ok((bytes, _))) if serde_json::from_slice::<Line>(&bytes).ok().and_then(|l| l.ready) == Some(true) => {}
-            Ok(Ok((bytes, _))) => {
+            Ok(Ok((n, _))) if serde_json::from_slice::<Line>(&buf[..n]).ok().and_then(|l| l.ready) == Some(true) => {}
+            Ok(Ok((n, _))) => {
                 process.signal(nix::sys::signal::Signal::SIGKILL);
-                let what = String::from_utf8_lossy(&bytes).into_owned();
+                let what = String::from_utf8_lossy(&buf[..n]).into_owned();
                 return Err(ZygoteError::NotReady(format!("{what:?}; see {}", spec.log.display())));
             }
             Ok(Err(e)) => {
@@ -258,16 +259,20 @@ async fn read_replies(
     state: Arc<Mutex<State>>,
     mut exited: watch::Receiver<Option<Exit>>,
 ) {
+    // One buffer for every message: the largest a message may be, and
+    // zeroed once rather than for each of the two a session costs.
+    let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
-        let (bytes, fd) = tokio::select! {
-            got = receive(&socket) => match got {
+        let (n, fd) = tokio::select! {
+            got = receive(&socket, &mut buf) => match got {
                 Ok(m) => m,
                 Err(_) => break,
             },
             _ = exited.wait_for(Option::is_some) => break,
         };
-        let Ok(line) = serde_json::from_slice::<Line>(&bytes) else {
-            tracing::warn!(line = %String::from_utf8_lossy(&bytes), "unreadable message from the zygote");
+        let bytes = &buf[..n];
+        let Ok(line) = serde_json::from_slice::<Line>(bytes) else {
+            tracing::warn!(line = %String::from_utf8_lossy(bytes), "unreadable message from the zygote");
             continue;
         };
         let Ok(mut st) = state.lock() else { break };
@@ -314,15 +319,15 @@ async fn send(socket: &AsyncFd<OwnedFd>, msg: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Receive one datagram and the descriptor it carries, if any. End of file
-/// (the zygote has gone) is an error.
-async fn receive(socket: &AsyncFd<OwnedFd>) -> std::io::Result<(Vec<u8>, Option<OwnedFd>)> {
-    let mut buf = vec![0u8; MAX_MESSAGE];
+/// Receive one datagram into `buf` and the descriptor it carries, if any;
+/// returns the datagram's length. End of file (the zygote has gone) is an
+/// error.
+async fn receive(socket: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<(usize, Option<OwnedFd>)> {
     loop {
         let mut ready = socket.readable().await?;
         let got = ready.try_io(|s| {
             let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut iov = [IoSliceMut::new(buf)];
             let msg = recvmsg::<()>(s.get_ref().as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
                 .map_err(std::io::Error::from)?;
             let mut fd = None;
@@ -341,10 +346,7 @@ async fn receive(socket: &AsyncFd<OwnedFd>) -> std::io::Result<(Vec<u8>, Option<
         });
         match got {
             Ok(Ok((0, _))) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(Ok((n, fd))) => {
-                buf.truncate(n);
-                return Ok((buf, fd));
-            }
+            Ok(Ok((n, fd))) => return Ok((n, fd)),
             Ok(Err(e)) => return Err(e),
             Err(_would_block) => continue,
         }
