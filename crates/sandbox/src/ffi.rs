@@ -40,6 +40,44 @@ pub extern "C" fn kiln_zygote_prepare() -> i32 {
     }
 }
 
+/// In the zygote, first thing after loading this library: reserve the
+/// range its Python arenas will come from (see [`crate::arenas`]). Returns
+/// 0 or an errno; on failure the zygote keeps CPython's own allocator.
+#[no_mangle]
+pub extern "C" fn kiln_arenas_reserve() -> i32 {
+    match crate::arenas::reserve() {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
+    }
+}
+
+/// In the zygote, once its imports are done: give back the arena range
+/// past its last arena (see [`crate::arenas`]). Returns the chunks kept.
+/// Called with the interpreter's lock held, so that no arena is handed out
+/// meanwhile.
+#[no_mangle]
+pub extern "C" fn kiln_arenas_seal() -> usize {
+    crate::arenas::seal()
+}
+
+/// CPython's arena allocator's `alloc` (`PyObjectArenaAllocator`).
+#[no_mangle]
+pub extern "C" fn kiln_arena_alloc(_ctx: *mut std::ffi::c_void, size: usize) -> *mut std::ffi::c_void {
+    crate::arenas::alloc(size)
+}
+
+/// CPython's arena allocator's `free` (`PyObjectArenaAllocator`).
+///
+/// # Safety
+/// Only CPython's object allocator calls it, with an arena it got from
+/// [`kiln_arena_alloc`] (or mapped before that was installed) and no longer
+/// uses.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_arena_free(_ctx: *mut std::ffi::c_void, ptr: *mut std::ffi::c_void, size: usize) {
+    // SAFETY: the caller's promise is crate::arenas::free's.
+    unsafe { crate::arenas::free(ptr, size) }
+}
+
 /// In the zygote, before it forks a sandbox's init: the next child becomes
 /// PID 1 of a new pid namespace. Returns 0 or an errno.
 #[no_mangle]

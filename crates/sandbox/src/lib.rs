@@ -30,6 +30,7 @@
 // The workspace denies unsafe code; this crate is the one exception.
 #![allow(unsafe_code)]
 
+mod arenas;
 mod cgroup;
 pub mod egress;
 mod ffi;
