@@ -33,7 +33,7 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// CPython's arena size on 64-bit builds (3.10 and later).
-pub(crate) const CHUNK: usize = 1 << 20;
+const CHUNK: usize = 1 << 20;
 /// Chunks in the range until it is sealed: 1 GiB of address space, far
 /// more than the runtime's imports take (~40 MiB).
 const CHUNKS: usize = 1024;

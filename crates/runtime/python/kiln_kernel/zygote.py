@@ -62,8 +62,9 @@ class Zygote:
         lib.kiln_zygote_restore_pid.argtypes = [ctypes.c_int]
         lib.kiln_zygote_map_ids.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         for f in (lib.kiln_zygote_fork, lib.kiln_zygote_unshare_pid, lib.kiln_zygote_restore_pid,
-                  lib.kiln_zygote_map_ids, lib.kiln_zygote_prepare):
+                  lib.kiln_zygote_map_ids, lib.kiln_zygote_prepare, lib.kiln_arenas_reserve):
             f.restype = ctypes.c_int
+        lib.kiln_arenas_seal.restype = ctypes.c_size_t
         # Before anything heavy is imported: the interpreter's arenas from
         # one range, which the huge-page step can collapse (arenas.rs).
         _arenas_in_one_range(lib)
@@ -340,7 +341,6 @@ def _arenas_in_one_range(lib):
     2 MiB pages, one range can (see :func:`_collapse_into_huge_pages`).
     Every fork inherits the allocator with its own copy of the range."""
     try:
-        lib.kiln_arenas_reserve.restype = ctypes.c_int
         err = lib.kiln_arenas_reserve()
         if err != 0:
             _log(f"reserving the arena range failed: {os.strerror(err)}")
@@ -428,7 +428,6 @@ def main(argv=None):
     gc.freeze()
     # The arena range past the last arena goes back (arenas.rs): a kernel's
     # address space is then no larger than with CPython's allocator.
-    zygote.lib.kiln_arenas_seal.restype = ctypes.c_size_t
     _log(f"{zygote.lib.kiln_arenas_seal()} MiB of arenas in one range")
     _collapse_into_huge_pages()
     zygote.serve()
