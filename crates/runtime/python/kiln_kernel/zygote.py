@@ -316,14 +316,22 @@ def _reseed():
 def _warm_shell():
     """Run one silent cell in a shell built ahead of the fork, so that what
     IPython builds lazily on its first cell (compiler and transformer state,
-    caches) is built once here and shared, rather than in every kernel. No
-    execution count, no history, no output."""
+    caches, ``bdb``) is built once here and shared, rather than in every
+    kernel. No execution count, no history, no output.
+
+    A silent cell skips the transcript logger (``%logstart``'s), which
+    IPython builds on the first cell that is not: importing
+    ``IPython.core.logger`` from disk, in the sandbox, during every
+    session's first request. It is built here too, as the kernel would
+    build it (from the shell's home directory, which the zygote fixed
+    already); it writes nothing until ``%logstart``."""
     try:
         from IPython import get_ipython
 
         shell = get_ipython()
         if shell is not None:
             shell.run_cell("print(end='')", store_history=False, silent=True)
+            _ = shell.logger
     except Exception as e:  # an optimisation only
         _log(f"warming the shell failed: {e!r}")
 

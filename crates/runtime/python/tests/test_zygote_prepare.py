@@ -1,0 +1,72 @@
+"""What the zygote builds before it forks kernels (the lean kernel's
+``zygote_prepare``, then the zygote's ``_warm_shell``), in a process of its
+own (IPython's shell is a per-process singleton): a kernel forked from it
+finds its first cell's machinery built, and the shell's state as a new
+kernel's.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import unittest
+
+# Run in a fresh interpreter: prepare as the zygote's main does, fork as it
+# does, run a first cell (not silent, as a session's is) in the child, report.
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from kiln_kernel import kernel, zygote
+    kernel.zygote_prepare()
+    zygote._warm_shell()
+    shell = kernel._prepared.shell
+    state = {
+        "execution_count": shell.execution_count,
+        "user_names": sorted(k for k in shell.user_ns if not k.startswith("_")),
+        "inputs": list(shell.user_ns["In"]),
+        "history": list(shell.history_manager.get_range(raw=True)),
+    }
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        before = set(sys.modules)
+        result = shell.run_cell("x = 1", store_history=True)
+        new = sorted(set(sys.modules) - before)
+        os.write(w, json.dumps({"new": new, "ok": result.success, "x": shell.user_ns.get("x")}).encode())
+        os._exit(0)
+    os.close(w)
+    child = json.loads(os.read(r, 1 << 16).decode())
+    os.waitpid(pid, 0)
+    print(json.dumps({"state": state, "child": child}))
+    """
+)
+
+
+class ZygotePrepareTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        out = subprocess.run(
+            [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        if out.returncode != 0:
+            raise AssertionError(f"the prepared-kernel script failed:\n{out.stderr}")
+        cls.report = json.loads(out.stdout.strip().splitlines()[-1])
+
+    def test_a_forked_kernels_first_cell_imports_no_module(self):
+        child = self.report["child"]
+        self.assertTrue(child["ok"])
+        self.assertEqual(child["x"], 1)
+        self.assertEqual(child["new"], [])
+
+    def test_the_prepared_shell_has_run_no_cell(self):
+        state = self.report["state"]
+        self.assertEqual(state["execution_count"], 1)
+        self.assertEqual(state["user_names"], ["In", "Out", "exit", "get_ipython", "open", "quit"])
+        self.assertEqual(state["inputs"], [""])
+        self.assertFalse(state["history"])
+
+
+if __name__ == "__main__":
+    unittest.main()
