@@ -66,6 +66,30 @@ print("parent", os.getppid(), "user", os.getuid(), os.geteuid())
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_sessions_first_plot_imports_only_matplotlib_inline_and_its_figure_is_shown() {
+    let server = start(&[]);
+    // No `plt.show()`: the figure is shown by the inline backend's hook at
+    // the end of the cell, which the backend's import installs; were that
+    // module imported in the zygote (before any shell), no kernel would
+    // ever get the hook.
+    let code = r#"
+import sys
+before = set(sys.modules)
+import matplotlib.pyplot as plt
+plt.plot([1, 2, 3]); plt.title("first")
+print("new", sorted(set(sys.modules) - before))
+"#;
+    let data = server.exec(code, None).await;
+    let out = text_of(&data, "stdout");
+    assert!(
+        out.contains("new ['matplotlib_inline', 'matplotlib_inline.backend_inline', 'matplotlib_inline.config']"),
+        "{data}"
+    );
+    let shown = data["outputs"].as_array().unwrap().iter().filter(|o| o["type"] == "display_data").count();
+    assert_eq!(shown, 1, "{data}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn when_the_zygote_dies_its_sessions_restart_and_new_sessions_still_start() {
     let server = start(&[]);
     let first = server.exec("x = 41", None).await;
