@@ -52,6 +52,16 @@ async fn many_sessions_come_and_go_without_leaking_processes_or_files() {
     }
     assert!(settled, "leftovers beyond the pool: {:?}", sandboxes(&dir));
     assert_eq!(running(&sandboxed_pids(&dir), "sleep"), 0);
+    // The kernel directories came and went on the server's own tmpfs, not
+    // on the data directory's disk.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let fs_of = |point: &std::path::Path| {
+        mounts.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (std::path::Path::new(f[4]) == point).then(|| f[f.iter().position(|x| *x == "-").unwrap() + 1].to_string())
+        })
+    };
+    assert_eq!(fs_of(&s.sessions_dir()).as_deref(), Some("tmpfs"), "{mounts}");
     // A clean shutdown takes the pool with it.
     let status = s.stop();
     assert!(status.success(), "{status:?}");

@@ -133,10 +133,11 @@ impl Sandboxes {
     /// Take this server's place on the host, before the first spawn: make
     /// the lifeline; when isolated, refuse a sessions directory that a live
     /// server uses, make this server's cgroups beneath its own cgroup,
-    /// register it among the live servers, and reap every dead server's
+    /// register it among the live servers, reap every dead server's
     /// leftovers (the processes in its cgroups, the cgroups, its
-    /// workspaces and kernel directories), never a live one's. Returns how
-    /// many dead servers were reaped. Blocking.
+    /// workspaces and kernel directories), never a live one's, and mount a
+    /// tmpfs for this server's kernel directories. Returns how many dead
+    /// servers were reaped. Blocking.
     pub fn claim(&self) -> std::io::Result<usize> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let _ = self.shared.lifeline.set(Lifeline { read, _write: write });
@@ -179,14 +180,24 @@ impl Sandboxes {
         })?;
         // Workspaces of a server that predates the registry.
         crate::workspace::unmount_all_under(&self.shared.sessions_dir);
+        crate::workspace::mount_sessions_dir(&self.shared.sessions_dir).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("mounting a tmpfs for kernel directories at {}: {e}", self.shared.sessions_dir.display()),
+            )
+        })?;
         Ok(reaped)
     }
 
-    /// Remove this server's cgroups and registration: a clean stop, once
-    /// every sandbox has been torn down. Blocking.
+    /// Remove this server's cgroups, the tmpfs of its kernel directories
+    /// and its registration: a clean stop, once every sandbox has been torn
+    /// down. Blocking.
     pub fn release(&self) {
         if let Some(plan) = self.shared.plan.get() {
             crate::cgroup::remove_instance(plan);
+            if let Err(e) = crate::workspace::unmount_workspace(&self.shared.sessions_dir) {
+                tracing::warn!(error = %e, dir = %self.shared.sessions_dir.display(), "could not unmount the kernel directories");
+            }
         }
         if let Some(r) = self.shared.registration.lock().unwrap_or_else(|p| p.into_inner()).take() {
             r.remove();

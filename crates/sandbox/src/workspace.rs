@@ -20,6 +20,33 @@ pub fn mount_workspace(dir: &Path, bytes: u64, uid: u32) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
+/// Size of the tmpfs that holds a server's kernel directories (see
+/// [`mount_sessions_dir`]): their own files are a few small ones each (a
+/// description, sockets, mount points); what sessions write lives in their
+/// own tmpfs mounts below it, which this bound does not count.
+pub const SESSIONS_DIR_BYTES: u64 = 64 << 20;
+
+/// Mount a tmpfs of [`SESSIONS_DIR_BYTES`] at the server's sessions
+/// directory `dir`, mode 0700, owned by the server. Every session creates
+/// and removes a handful of directories and sockets there; on a disk
+/// filesystem that is journaled metadata churn (ext4 searches its inode
+/// bitmap past recently deleted inodes on every create), on a tmpfs it is
+/// memory. Nothing there needs to outlive the server: the next start reaps
+/// whatever a dead one left.
+pub fn mount_sessions_dir(dir: &Path) -> io::Result<()> {
+    let uid = nix::unistd::geteuid();
+    let gid = nix::unistd::getegid();
+    let opts = format!("size={SESSIONS_DIR_BYTES},mode=0700,uid={uid},gid={gid}");
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(opts.as_str()),
+    )
+    .map_err(io::Error::from)
+}
+
 /// Unmount the workspace at `dir` (lazily: a process still holding a file
 /// there cannot keep it alive for anyone else).
 pub fn unmount_workspace(dir: &Path) -> io::Result<()> {
