@@ -7,8 +7,10 @@ kernel's.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import unittest
 
@@ -27,13 +29,26 @@ SCRIPT = textwrap.dedent(
         "inputs": list(shell.user_ns["In"]),
         "history": list(shell.history_manager.get_range(raw=True)),
     }
+    zygote_profile = shell.profile_dir.location
+    unplaced = id(kernel._prepared.unplaced_profile)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        # Adopted as a kernel of a session whose home is new and empty.
+        os.environ["HOME"] = home = sys.argv[1]
         before = set(sys.modules)
+        kernel._prepared.adopt_connection({"key": "k"})
+        profile = shell.profile_dir.location
+        startup = shell.profile_dir.startup_dir
         result = shell.run_cell("x = 1", store_history=True)
         new = sorted(set(sys.modules) - before)
-        os.write(w, json.dumps({"new": new, "ok": result.success, "x": shell.user_ns.get("x")}).encode())
+        os.write(w, json.dumps({
+            "new": new, "ok": result.success, "x": shell.user_ns.get("x"), "home": home,
+            "profile": profile, "zygote_profile": zygote_profile, "startup": startup,
+            "readme": os.path.isfile(os.path.join(startup, "README")),
+            "dirs": sorted(os.listdir(profile)),
+            "built_before_the_fork": id(shell.profile_dir) == unplaced,
+        }).encode())
         os._exit(0)
     os.close(w)
     child = json.loads(os.read(r, 1 << 16).decode())
@@ -47,8 +62,10 @@ class ZygotePrepareTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        home = tempfile.mkdtemp(prefix="kiln-zygote-home-")
+        cls.addClassCleanup(shutil.rmtree, home)
         out = subprocess.run(
-            [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120, check=False
+            [sys.executable, "-c", SCRIPT, home], env=env, capture_output=True, text=True, timeout=120, check=False
         )
         if out.returncode != 0:
             raise AssertionError(f"the prepared-kernel script failed:\n{out.stderr}")
@@ -59,6 +76,16 @@ class ZygotePrepareTest(unittest.TestCase):
         self.assertTrue(child["ok"])
         self.assertEqual(child["x"], 1)
         self.assertEqual(child["new"], [])
+
+    def test_an_adopted_kernel_has_its_profile_directory_in_the_sessions_home(self):
+        child = self.report["child"]
+        self.assertEqual(child["profile"], os.path.join(child["home"], ".ipython", "profile_default"))
+        self.assertNotEqual(child["profile"], child["zygote_profile"])
+        self.assertEqual(child["startup"], os.path.join(child["profile"], "startup"))
+        self.assertTrue(child["readme"])
+        self.assertEqual(child["dirs"], ["log", "pid", "security", "startup"])
+        # The object built in the zygote, only placed in the child.
+        self.assertTrue(child["built_before_the_fork"])
 
     def test_the_prepared_shell_has_run_no_cell(self):
         state = self.report["state"]
