@@ -50,33 +50,16 @@ pub async fn serve(s: Settings) -> anyhow::Result<()> {
     tokio::spawn(reload_keys(keys.clone(), configured, store.clone(), version, clamp));
 
     let manager = Manager::new(s.sessions.clone(), store.clone());
-    manager.recover().await.context("could not clean up after a previous run")?;
-
-    // One of a cluster: register (a fresh incarnation) and keep the lease.
-    let cluster = match &s.cluster {
-        None => None,
-        Some(c) => {
-            if s.database.is_sqlite() {
-                tracing::warn!(
-                    "--advertise with the SQLite store: only nodes on this host can share it; use --database \
-                    postgres://… for a real cluster"
-                );
-            }
-            let membership =
-                kiln_sessions::Membership::join(manager.clone(), store.clone(), Some(c.advertise.clone()), c.lease)
-                    .await
-                    .context("could not register this node in the database")?;
-            Some(Arc::new(
-                kiln_server::Cluster::new(membership, &c.secret.0, s.http.idle_timeout).map_err(anyhow::Error::msg)?,
-            ))
+    // From here on the server holds its place on the host (its registration,
+    // cgroups and the tmpfs of its kernel directories): a start that fails
+    // before it serves gives that back, as a stop does.
+    let (cluster, listener, addr) = match take_place(&s, &manager, &store).await {
+        Ok(placed) => placed,
+        Err(e) => {
+            manager.shutdown().await;
+            return Err(e);
         }
     };
-
-    let listener = tokio::net::TcpListener::bind(s.listen)
-        .await
-        .with_context(|| format!("could not listen on {}; is another kiln running? (--listen)", s.listen))?;
-    let addr = listener.local_addr()?;
-    let listener = crate::http::Listener::new(listener, s.http);
 
     // Provision in the background so /healthz can say "starting" meanwhile.
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
@@ -288,6 +271,52 @@ fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     writeln!(f, "{secret}")?;
     f.sync_all()
+}
+
+/// Take the server's place: clean up after a previous run (and claim the
+/// host's resources), join the cluster when one is configured, and bind
+/// the listener.
+async fn take_place(
+    s: &Settings,
+    manager: &Manager,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<(Option<Arc<kiln_server::Cluster>>, crate::http::Listener, std::net::SocketAddr)> {
+    manager.recover().await.context("could not clean up after a previous run")?;
+
+    // One of a cluster: register (a fresh incarnation) and keep the lease.
+    let cluster = match &s.cluster {
+        None => None,
+        Some(c) => {
+            if s.database.is_sqlite() {
+                tracing::warn!(
+                    "--advertise with the SQLite store: only nodes on this host can share it; use --database \
+                    postgres://… for a real cluster"
+                );
+            }
+            let membership =
+                kiln_sessions::Membership::join(manager.clone(), store.clone(), Some(c.advertise.clone()), c.lease)
+                    .await
+                    .context("could not register this node in the database")?;
+            Some(Arc::new(
+                kiln_server::Cluster::new(membership, &c.secret.0, s.http.idle_timeout).map_err(anyhow::Error::msg)?,
+            ))
+        }
+    };
+
+    let bound = match tokio::net::TcpListener::bind(s.listen).await {
+        Ok(l) => l.local_addr().map(|addr| (l, addr)),
+        Err(e) => Err(e),
+    };
+    match bound {
+        Ok((listener, addr)) => Ok((cluster, crate::http::Listener::new(listener, s.http), addr)),
+        Err(e) => {
+            if let Some(c) = &cluster {
+                c.membership.leave().await;
+            }
+            Err(anyhow::Error::from(e)
+                .context(format!("could not listen on {}; is another kiln running? (--listen)", s.listen)))
+        }
+    }
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

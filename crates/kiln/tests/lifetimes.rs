@@ -269,3 +269,28 @@ fn a_cache_dir_the_sandbox_would_hide_is_refused_at_start_with_a_clear_error() {
         assert!(!Path::new("/tmp/kiln-cache-test").exists(), "nothing is built there");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_cannot_listen_says_why_and_gives_back_its_place_on_the_host() {
+    // The port is taken; the server has claimed its place on the host
+    // (registration, cgroups, the tmpfs of its kernel directories) by then.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let sessions = data.path().join("sessions");
+    let out = locked(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["serve", "--listen", &addr, "--api-key", KEY])
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .unwrap()
+    })
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("could not listen on") && err.contains(&addr), "{err}");
+    assert!(mounts_under(data.path()).is_empty(), "{:?}", mounts_under(data.path()));
+    assert!(common::instance_cgroup(&sessions, "pids").is_none(), "its registration and cgroups are gone");
+    std::fs::remove_dir(&sessions).expect("an empty directory, no mount point");
+}
