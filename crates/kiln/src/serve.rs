@@ -303,10 +303,12 @@ async fn take_place(
         }
     };
 
-    let bound = match tokio::net::TcpListener::bind(s.listen).await {
-        Ok(l) => l.local_addr().map(|addr| (l, addr)),
-        Err(e) => Err(e),
-    };
+    let bound: std::io::Result<_> = async {
+        let listener = tokio::net::TcpListener::bind(s.listen).await?;
+        let addr = listener.local_addr()?;
+        Ok((listener, addr))
+    }
+    .await;
     match bound {
         Ok((listener, addr)) => Ok((cluster, crate::http::Listener::new(listener, s.http), addr)),
         Err(e) => {

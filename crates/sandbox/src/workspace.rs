@@ -7,6 +7,9 @@
 //! the session. It is owned by the session's host user, so the unprivileged
 //! user inside can write to it and nothing else on the host can be written
 //! through it.
+//!
+//! The same kind of mount, bounded and private to the server, holds the
+//! server's kernel directories ([`mount_sessions_dir`]).
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::io;
