@@ -75,7 +75,10 @@ async fn a_database_that_does_not_answer_is_unavailable_within_the_time_limit() 
     let took = began.elapsed();
     assert!(took >= limit && took < limit + Duration::from_millis(500), "took {took:?} for a limit of {limit:?}");
     assert!(holder.join().unwrap().unwrap().success());
-    // Once the lock is gone the same store works.
+    // Once the lock is gone the same store works: a write, and a read that
+    // finds it (the writes above may all have met the lock, on a host that
+    // started the holder before the first of them).
+    s.add_key([255; 32], KeyOrigin::Created, "", &KeyOptions::default()).await.unwrap();
     assert!(!s.keys().await.unwrap().is_empty());
 }
 
