@@ -18,9 +18,7 @@ use std::path::Path;
 /// Mount a tmpfs of `bytes` at `dir` (created if needed), owned by `uid`.
 pub fn mount_workspace(dir: &Path, bytes: u64, uid: u32) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let opts = format!("size={bytes},mode=0755,uid={uid},gid={uid}");
-    mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
-        .map_err(io::Error::from)
+    mount_tmpfs(dir, MsFlags::empty(), &format!("size={bytes},mode=0755,uid={uid},gid={uid}"))
 }
 
 /// Size of the tmpfs that holds a server's kernel directories (see
@@ -39,15 +37,14 @@ pub const SESSIONS_DIR_BYTES: u64 = 64 << 20;
 pub fn mount_sessions_dir(dir: &Path) -> io::Result<()> {
     let uid = nix::unistd::geteuid();
     let gid = nix::unistd::getegid();
-    let opts = format!("size={SESSIONS_DIR_BYTES},mode=0700,uid={uid},gid={gid}");
-    mount(
-        Some("tmpfs"),
-        dir,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(opts.as_str()),
-    )
-    .map_err(io::Error::from)
+    mount_tmpfs(dir, MsFlags::MS_NOEXEC, &format!("size={SESSIONS_DIR_BYTES},mode=0700,uid={uid},gid={gid}"))
+}
+
+/// Mount a tmpfs with `options` at `dir`: never set-uid programs or device
+/// files, whatever `flags` add.
+fn mount_tmpfs(dir: &Path, flags: MsFlags, options: &str) -> io::Result<()> {
+    let flags = flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some(options)).map_err(io::Error::from)
 }
 
 /// Unmount the workspace at `dir` (lazily: a process still holding a file

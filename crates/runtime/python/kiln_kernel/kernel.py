@@ -122,15 +122,12 @@ class Kernel(RequestHandlers):
         # The zygote's IPython directory is not the session's: use the one
         # in this session's home, as a kernel started here would.
         shell.ipython_dir = get_ipython_dir()
-        profile, self.unplaced_profile = self.unplaced_profile, None
-        if profile is None:
-            shell.init_profile_dir(None)
-        else:
-            # What `init_profile_dir(None)` does, on an object built before
-            # the fork: building one here (a traitlets object) cost each
-            # kernel ~0.7 ms and ~100 copied pages; placing it is the rest.
-            profile.location = os.path.join(shell.ipython_dir, "profile_default")
-            shell.init_profile_dir(profile)
+        # What `init_profile_dir(None)` does, on the object zygote_prepare
+        # built before the fork: building one here (a traitlets object) cost
+        # each kernel ~0.7 ms and ~100 copied pages; placing it is the rest.
+        profile = self.unplaced_profile
+        profile.location = os.path.join(shell.ipython_dir, "profile_default")
+        shell.init_profile_dir(profile)
 
     # -- sockets ---------------------------------------------------------
     def _bind(self, sock, port_key):
