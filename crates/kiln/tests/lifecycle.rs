@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, metric, running, sandboxed_pids, sandboxes, start, start_in, KEY};
+use common::{eventually, metric, mounts, mounts_under, running, sandboxed_pids, sandboxes, start, start_in, KEY};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 
@@ -54,21 +54,15 @@ async fn many_sessions_come_and_go_without_leaking_processes_or_files() {
     assert_eq!(running(&sandboxed_pids(&dir), "sleep"), 0);
     // The kernel directories came and went on the server's own tmpfs, not
     // on the data directory's disk.
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let fs_of = |point: &std::path::Path| {
-        mounts.lines().find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (std::path::Path::new(f[4]) == point).then(|| f[f.iter().position(|x| *x == "-").unwrap() + 1].to_string())
-        })
-    };
-    assert_eq!(fs_of(&s.sessions_dir()).as_deref(), Some("tmpfs"), "{mounts}");
+    let all = mounts();
+    let sessions = all.iter().find(|(point, _)| *point == s.sessions_dir());
+    assert_eq!(sessions.map(|(_, fstype)| fstype.as_str()), Some("tmpfs"), "{all:?}");
     // A clean shutdown takes the pool with it.
     let status = s.stop();
     assert!(status.success(), "{status:?}");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     assert!(sandboxes(&dir).is_empty(), "{:?}", sandboxes(&dir));
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(dir.to_str().unwrap()), "a workspace is still mounted");
+    assert!(mounts_under(&dir).is_empty(), "still mounted: {:?}", mounts_under(&dir));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{sandbox_dirs, sandboxed_pids, start, start_in, zygote_pid, Server, KEY};
+use common::{mounts_under, sandbox_dirs, sandboxed_pids, start, start_in, zygote_pid, Server, KEY};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -128,12 +128,6 @@ async fn a_sigkilled_server_leaves_no_sandbox_process_within_two_seconds() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_server_without_the_zygote_leaves_no_sandbox_process_within_two_seconds() {
     a_sigkilled_server_leaves_no_sandbox_process(&["--zygote", "off"]).await;
-}
-
-/// The mount points below `dir`.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines().filter_map(|l| l.split_whitespace().nth(4)).map(PathBuf::from).filter(|p| p.starts_with(dir)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

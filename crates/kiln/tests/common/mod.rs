@@ -332,6 +332,25 @@ pub fn zygote_pid(data: &Path) -> Option<i32> {
         .find(|pid| std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|l| l == log))
 }
 
+/// The host's mounts, as (mount point, filesystem type) from this
+/// process's `/proc/self/mountinfo`.
+pub fn mounts() -> Vec<(PathBuf, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Optional fields end at a lone "-"; the type follows it.
+            let fstype = f.iter().position(|x| *x == "-").map(|i| f[i + 1]).unwrap_or_default();
+            (PathBuf::from(f[4]), fstype.to_string())
+        })
+        .collect()
+}
+
+/// The mount points at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    mounts().into_iter().map(|(point, _)| point).filter(|p| p.starts_with(dir)).collect()
+}
+
 /// All pids in the server's sandboxes.
 pub fn sandboxed_pids(dir: &Path) -> Vec<i32> {
     sandboxes(dir).into_iter().flatten().collect()
