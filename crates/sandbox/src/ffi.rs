@@ -239,15 +239,10 @@ fn plumb(log: &std::path::Path, fds: [i32; 4]) -> Result<(), String> {
         // the caller's) and touches no memory.
         *slot = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) }, "duplicating a descriptor")?;
     }
-    for (to, fd) in (0..).zip(high) {
-        // Standard input, output and error without close-on-exec: the
-        // kernel's own children inherit them.
-        let flags = if to > 2 { libc::O_CLOEXEC } else { 0 };
-        // SAFETY: dup3 closes whatever `to` was (no source: every source
-        // has a copy above 100 by now) and makes it a copy of an open
-        // descriptor; it touches no memory.
-        check(unsafe { libc::dup3(fd, to, flags) }, "placing a descriptor")?;
-    }
+    // Standard input, output and error without close-on-exec: the kernel's
+    // own children inherit them.
+    crate::process::place_descriptors(&high, 0, |target| target <= 2)
+        .map_err(|e| format!("placing a descriptor: {e}"))?;
     // SAFETY: closes descriptors only; everything this process still needs
     // is at 0..=6.
     check(unsafe { libc::syscall(libc::SYS_close_range, 7u32, u32::MAX, 0u32) } as i32, "closing descriptors")?;

@@ -5,7 +5,8 @@
 use crate::cgroup::Cgroup;
 use crate::{Limits, Mounts, Program};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 
 /// Host uid that the session's root maps to; its user (uid 1000 inside) is
 /// `UID_BASE + 1000`. Chosen far above real users and the usual subordinate
@@ -52,13 +53,14 @@ pub(crate) struct Jail {
 /// What the server asks the zygote for, one per kernel: the sandbox to
 /// build, and the file the kernel's standard output and error go to (its
 /// log). Serialised by the server ([`crate::Sandboxes`]), read by the
-/// zygote's child ([`crate::ffi::kiln_zygote_fork`]).
+/// zygote's child ([`crate::ffi::kiln_zygote_fork`]): the server borrows
+/// what it sends, the child owns what it read.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct ForkRequest {
+pub(crate) struct ForkRequest<'a> {
     /// The sandbox, as the helper would read it.
-    pub jail: Jail,
+    pub jail: Cow<'a, Jail>,
     /// The kernel's log (created if missing, appended to).
-    pub log: PathBuf,
+    pub log: Cow<'a, Path>,
 }
 
 /// A copy-on-write view of a shared directory.

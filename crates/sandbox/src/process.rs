@@ -162,3 +162,24 @@ async fn reap(fd: &AsyncFd<OwnedFd>, reaped: &Mutex<bool>) -> Exit {
         }
     }
 }
+
+/// Make descriptors `first`, `first + 1`, ... copies of `sources`, in
+/// order, each close-on-exec unless `inherited(target)`: how a process kiln
+/// starts gets what it is given at the numbers it expects. Every source must
+/// lie above the last target (copied up first with `F_DUPFD_CLOEXEC`), so
+/// that no placement closes a source still to be placed.
+///
+/// Async-signal-safe (it only calls `dup3` and allocates nothing), so it
+/// may run between `fork` and `exec`.
+pub(crate) fn place_descriptors(sources: &[i32], first: i32, inherited: fn(i32) -> bool) -> io::Result<()> {
+    for (target, &source) in (first..).zip(sources) {
+        let flags = if inherited(target) { 0 } else { libc::O_CLOEXEC };
+        // SAFETY: dup3 closes whatever `target` was (never a source: they
+        // all lie above it) and makes it a copy of an open descriptor; it
+        // touches no memory.
+        if unsafe { libc::dup3(source, target, flags) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@ use crate::registry::{Record, Registration};
 use crate::zygote::{Zygote, ZygoteError, ZygoteSpec};
 use crate::{Exit, Mounts, Program, SandboxError, SandboxSpec};
 use nix::sys::signal::Signal;
+use std::borrow::Cow;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -341,17 +342,15 @@ pub(crate) fn plumb(cmd: &mut std::process::Command, log: &Path, pass: &[&OwnedF
         .iter()
         .map(|fd| Ok(rustix::io::fcntl_dupfd_cloexec(fd, 10)?))
         .collect::<std::io::Result<Vec<OwnedFd>>>()?;
+    let sources: Vec<i32> = high.iter().map(AsRawFd::as_raw_fd).collect();
     // SAFETY: the closure runs in the child between fork and exec, where
-    // only async-signal-safe calls are allowed: it calls dup2 only, on
-    // descriptors that `high` keeps open, and allocates nothing.
+    // only async-signal-safe calls are allowed: `place_descriptors` is, on
+    // descriptors that `high` keeps open (the closure owns it), and the
+    // closure allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            for (target, fd) in (3..).zip(high.iter()) {
-                if libc::dup2(fd.as_raw_fd(), target) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
+            let _open = &high;
+            crate::process::place_descriptors(&sources, 3, |_| true)
         });
     }
     Ok(())
@@ -380,7 +379,7 @@ fn start_helper(
 /// built by the same steps, around a process that already has the
 /// runtime's packages imported.
 async fn fork_from(zygote: &Zygote, jail: &Jail, log: &Path) -> Result<Owned, SandboxError> {
-    let request = ForkRequest { jail: jail.clone(), log: log.to_path_buf() };
+    let request = ForkRequest { jail: Cow::Borrowed(jail), log: Cow::Borrowed(log) };
     let mut bytes = serde_json::to_vec(&request).unwrap_or_default();
     let forked = zygote.fork(&bytes).await;
     bytes.fill(0);
