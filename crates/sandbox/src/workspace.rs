@@ -13,7 +13,7 @@
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Mount a tmpfs of `bytes` at `dir` (created if needed), owned by `uid`.
 pub fn mount_workspace(dir: &Path, bytes: u64, uid: u32) -> io::Result<()> {
@@ -62,13 +62,30 @@ pub fn unmount_all_under(dir: &Path) -> usize {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return 0;
     };
-    let mut points: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|p| Path::new(p).starts_with(dir))
-        .map(str::to_string)
-        .collect();
+    let mut points: Vec<PathBuf> = mount_points(&info).into_iter().filter(|p| p.starts_with(dir)).collect();
     // Deepest first.
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    points.iter().filter(|p| unmount_workspace(Path::new(p)).is_ok()).count()
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    points.iter().filter(|p| unmount_workspace(p).is_ok()).count()
+}
+
+/// The mount points listed in `mountinfo` (the text of
+/// `/proc/self/mountinfo`), unescaped: a data directory whose path holds a
+/// space is listed with `\040` in its place.
+fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(crate::cgroup::unescape(p))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_read_unescaped_from_mountinfo() {
+        let info = "36 25 0:31 / /tmp/data\\040dir/sessions rw,nosuid - tmpfs tmpfs rw,size=65536k\n\
+                    37 36 0:32 / /tmp/data\\040dir/sessions/k1/data rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            mount_points(info),
+            [PathBuf::from("/tmp/data dir/sessions"), PathBuf::from("/tmp/data dir/sessions/k1/data")]
+        );
+    }
 }
