@@ -68,7 +68,11 @@ async fn files_can_be_uploaded_listed_and_downloaded_without_running_code() {
 async fn file_endpoints_never_leave_the_working_directory() {
     let s = start(&[]);
     let id = s
-        .exec("import os\nos.symlink('/etc/passwd', 'link')\nos.symlink('/etc', 'dirlink')\nos.mkdir('d')", None)
+        .exec(
+            "import os, socket\nos.symlink('/etc/passwd', 'link')\nos.symlink('/etc', 'dirlink')\nos.mkdir('d')\n\
+             listener = socket.socket(socket.AF_UNIX)\nlistener.bind('sock')",
+            None,
+        )
         .await["session_id"]
         .as_str()
         .unwrap()
@@ -85,6 +89,8 @@ async fn file_endpoints_never_leave_the_working_directory() {
         (format!("/tci/sessions/{id}/files?path=dirlink"), 409, "file_conflict"),
         (format!("/tci/sessions/{id}/files?path=../../.."), 400, "invalid_file"),
         (format!("/tci/sessions/{id}/files/d"), 409, "file_conflict"),
+        // A socket the code bound is not a file: the user's doing, not kiln's.
+        (format!("/tci/sessions/{id}/files/sock"), 409, "file_conflict"),
         (format!("/tci/sessions/{id}/files/missing.txt"), 404, "file_not_found"),
         ("/tci/sessions/ses_nope/files".to_string(), 404, "session_not_found"),
     ] {

@@ -29,6 +29,9 @@ pub enum BrowseError {
     Io(String, std::io::Error),
 }
 
+/// Why a socket or FIFO the session made cannot be downloaded.
+const NOT_REGULAR: &str = "is not a regular file (a socket or a FIFO) and cannot be downloaded";
+
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 fn open(work: &Path, components: &[String], flags: OFlags) -> Result<OwnedFd, BrowseError> {
@@ -44,6 +47,8 @@ fn open(work: &Path, components: &[String], flags: OFlags) -> Result<OwnedFd, Br
         Errno::LOOP | Errno::XDEV => BrowseError::Symlink(shown.clone()),
         Errno::NOTDIR => BrowseError::WrongKind(shown.clone(), "is not a directory"),
         Errno::ISDIR => BrowseError::WrongKind(shown.clone(), "is a directory: list it instead"),
+        // What opening a socket for reading answers.
+        Errno::NXIO => BrowseError::WrongKind(shown.clone(), NOT_REGULAR),
         e => BrowseError::Io(shown.clone(), e.into()),
     })
 }
@@ -83,10 +88,16 @@ pub fn read_file(work: &Path, components: &[String], max: u64) -> Result<Vec<u8>
     if components.is_empty() {
         return Err(BrowseError::WrongKind(shown, "is a directory: list it instead"));
     }
-    let fd = open(work, components, OFlags::RDONLY)?;
+    // Non-blocking: opening a FIFO for reading would otherwise wait for a
+    // writer that the session may never provide, holding a server thread.
+    let fd = open(work, components, OFlags::RDONLY | OFlags::NONBLOCK)?;
     let st = rustix::fs::fstat(&fd).map_err(|e| BrowseError::Io(shown.clone(), e.into()))?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-        return Err(BrowseError::WrongKind(shown, "is a directory: list it instead"));
+    match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+        rustix::fs::FileType::RegularFile => {}
+        rustix::fs::FileType::Directory => {
+            return Err(BrowseError::WrongKind(shown, "is a directory: list it instead"));
+        }
+        _ => return Err(BrowseError::WrongKind(shown, NOT_REGULAR)),
     }
     let size = st.st_size as u64;
     if size > max {
@@ -122,6 +133,27 @@ mod tests {
             assert!(matches!(read_file(d.path(), &path, 1 << 20), Err(BrowseError::Symlink(_))), "{path:?}");
         }
         assert!(matches!(read_file(d.path(), &["nope".into()], 10), Err(BrowseError::NotFound(_))));
+        assert!(matches!(read_file(d.path(), &["sub".into()], 10), Err(BrowseError::WrongKind(..))));
         assert!(matches!(read_file(d.path(), &["sub".into(), "a.txt".into()], 2), Err(BrowseError::TooLarge(..))));
+    }
+
+    #[test]
+    fn a_socket_or_a_fifo_is_refused_as_not_a_file_without_waiting_for_a_writer() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let _socket = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap_or_else(|e| panic!("{e}"));
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            d.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::RUSR | Mode::WUSR,
+            0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for name in ["sock", "fifo"] {
+            let got = read_file(d.path(), &[name.to_string()], 1 << 20);
+            assert!(matches!(&got, Err(BrowseError::WrongKind(_, why)) if *why == NOT_REGULAR), "{name}: {got:?}");
+        }
+        let kinds: Vec<_> = list_dir(d.path(), &[]).map(|l| l.entries).unwrap_or_default();
+        assert!(kinds.iter().all(|e| e.r#type == "other"), "{kinds:?}");
     }
 }
