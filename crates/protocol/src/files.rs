@@ -22,13 +22,32 @@ const MAX_NAME: usize = 1024;
 /// The rules of a name, as a regular expression (for the OpenAPI document:
 /// a schema-valid name is one this module accepts). Not absolute, no NUL,
 /// no `..` component, and at least one component that is not empty or `.`.
-pub const NAME_PATTERN: &str =
-    r"^(?![/\\])(?!(?:.*/)?\.\.(?:/|$))(?=(?:.*/)?(?:[^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)(?:/|$))[^\x00]+$";
+///
+/// Spelled without lookarounds, component by component: a first component
+/// that is a real name (and does not start with `\`), or `.` followed later
+/// by a real one, then any components but `..`; each component at most 255
+/// characters (the 255 bytes the code counts are the same for ASCII; a
+/// pattern cannot count UTF-8 bytes, so the description says it). Generators such as
+/// hypothesis (schemathesis) build strings from such a pattern directly; a
+/// lookahead they can only meet by drawing and discarding, which took them
+/// minutes for a 1,024-character name. It also cannot be fooled by a
+/// newline, which a lookahead's `.` does not cross.
+pub const NAME_PATTERN: &str = concat!(
+    r"^(?:(?:[^/.\\\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})",
+    r"|\.(?:/(?:\.|[^/.\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})?)*",
+    r"/(?:[^/.\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253}))",
+    r"(?:/(?:\.|[^/.\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})?)*$"
+);
 
 /// The rules of a path inside a session's working directory: like a name,
 /// but a leading `/` is the working directory itself and an empty path or
-/// `.` is allowed (the directory itself).
-pub const PATH_PATTERN: &str = r"^(?!/*\\)(?!(?:.*/)?\.\.(?:/|$))[^\x00]*$";
+/// `.` is allowed (the directory itself). Without lookarounds too: leading
+/// slashes, then a first component that is not `..` and does not start
+/// with `\`, then any components but `..`.
+pub const PATH_PATTERN: &str = concat!(
+    r"^/*(?:(?:\.|[^/.\\\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})",
+    r"(?:/(?:\.|[^/.\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})?)*)?$"
+);
 
 /// Base64 as clients produce it: standard alphabet, padding optional.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
@@ -300,8 +319,23 @@ mod tests {
         ] {
             assert_eq!(documented(name), ok, "{name:?}");
         }
+        // A component's length, at the bounds (ASCII: characters are bytes).
+        let long = |n: usize| "a".repeat(n);
+        for (name, ok) in [
+            (long(255), true),
+            (long(256), false),
+            (format!("d/{}", long(255)), true),
+            (format!("d/{}/e", long(256)), false),
+            (format!(".{}", long(254)), true),
+            (format!(".{}", long(255)), false),
+            (format!("..{}", long(253)), true),
+            (format!("..{}", long(254)), false),
+            (format!("./{}", long(255)), true),
+        ] {
+            assert_eq!(documented(&name), ok, "{} characters", name.len());
+        }
         // Every short name over a small alphabet, both ways.
-        let alphabet = ['a', '.', '/', '\\'];
+        let alphabet = ['a', '.', '/', '\\', '\n'];
         let mut names = vec![String::new()];
         for _ in 0..5 {
             let longer: Vec<String> =

@@ -116,6 +116,13 @@ pub fn document_for(
         {"title": "assertion", "required": ["code"],
          "properties": {"code": string, "stdin": absent, "expected_stdout": absent}},
     ]);
+    // Tests run in forks of the item's Python kernel: an item with tests
+    // is a Python item (absent means python), so the document says so
+    // instead of letting a schema-valid batch be refused for it.
+    doc["components"]["schemas"]["BatchItem"]["anyOf"] = json!([
+        {"title": "untested", "properties": {"tests": {"oneOf": [absent, {"type": "array", "maxItems": 0}]}}},
+        {"title": "python", "properties": {"language": {"oneOf": [absent, {"type": "string", "enum": ["python"]}]}}},
+    ]);
     // `language` takes exactly what this server runs (its runtime profile's
     // languages), so a schema-valid request is never refused for it.
     if !languages.is_empty() {
