@@ -57,11 +57,29 @@ pub struct BatchJob {
 }
 
 /// Why an attempt at an item failed: kiln's failure, with its message.
-struct Infra(String);
+#[derive(Debug)]
+struct Infra {
+    why: String,
+    /// Whether another attempt could fare better. A kernel or sandbox that
+    /// failed is retried on another kernel; no room for the item's session
+    /// (the key's or the server's session limit, or the key's queue, still
+    /// full after [`ROOM_WAIT`]) is not: waiting as long again would only
+    /// double the item's time before the same answer.
+    retry: bool,
+}
 
 impl From<SessionError> for Infra {
     fn from(e: SessionError) -> Self {
-        Infra(e.to_api().message)
+        let message = e.to_api().message;
+        match e {
+            SessionError::TooManySessions(_) | SessionError::NoCapacity(_) | SessionError::RateLimited { .. } => {
+                Infra {
+                    why: format!("no room for this item within {} s: {message}", ROOM_WAIT.as_secs()),
+                    retry: false,
+                }
+            }
+            _ => Infra { why: message, retry: true },
+        }
     }
 }
 
@@ -120,7 +138,7 @@ impl Manager {
         let started = Instant::now();
         let first = self.attempt(key_id, &job).await;
         let outcome = match first {
-            Err(Infra(why)) if job.exec.session_id.is_none() => {
+            Err(Infra { why, retry: true }) if job.exec.session_id.is_none() => {
                 tracing::warn!(index = job.index, reason = %why, "batch item failed on kiln's side; retrying once");
                 self.attempt(key_id, &job).await
             }
@@ -128,7 +146,7 @@ impl Manager {
         };
         let mut result = match outcome {
             Ok(r) => r,
-            Err(Infra(why)) => infra_result(job.index, why),
+            Err(Infra { why, .. }) => infra_result(job.index, why),
         };
         result.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         result
@@ -428,4 +446,24 @@ fn cap_outputs(outputs: Vec<Output>) -> Vec<Output> {
         kept.push(o);
     }
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_kernel_is_retried_but_no_room_after_the_wait_is_not() {
+        let kernel = Infra::from(SessionError::KernelUnavailable("the sandbox's init exited".into()));
+        assert!(kernel.retry, "{kernel:?}");
+        for full in [
+            SessionError::TooManySessions(64),
+            SessionError::NoCapacity(256),
+            SessionError::RateLimited { running: 8, queued: 64 },
+        ] {
+            let infra = Infra::from(full);
+            assert!(!infra.retry, "{infra:?}");
+            assert!(infra.why.starts_with("no room for this item within 120 s: "), "{infra:?}");
+        }
+    }
 }
