@@ -318,6 +318,14 @@ async fn a_bad_item_refuses_the_whole_batch_before_anything_runs() {
             400,
             "items[1].files[0]",
         ),
+        (
+            json!([ok, {"code": "x", "files": [
+                {"name": "a/b", "encoding": "string", "content": ""},
+                {"name": "a//b/", "encoding": "string", "content": ""},
+            ]}]),
+            409,
+            "items[1].files[1]",
+        ),
         (json!([ok, {"code": "x", "session_id": "ses_nope"}]), 404, "items[1].session_id"),
         (json!([]), 400, "items"),
     ];
