@@ -34,6 +34,22 @@ async fn the_document_covers_every_endpoint_and_the_docs_page_renders_it() {
         assert!(paths.contains(&p), "{p} missing from {paths:?}");
     }
     assert!(doc["components"]["schemas"]["ErrorEnvelope"].is_object());
+    // Every operation has an id of its own (OpenAPI requires it; client
+    // generators name their methods by it).
+    let mut ids: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|ops| ops.as_object().unwrap().values())
+        .map(|op| op["operationId"].as_str().unwrap_or_default())
+        .collect();
+    let operations = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((ids.len(), ids.contains(&"")), (operations, false), "{ids:?}");
+    // An upload's answer leads to the download of what it wrote.
+    let link = &doc["paths"]["/v1/tci/sessions/{id}/files"]["post"]["responses"]["200"]["links"]["DownloadFile"];
+    assert_eq!(link["operationId"], "download_file", "{link}");
     // The server's own limits are stated: the default --network is registries,
     // the ceiling of what a created key may ask for.
     let network = &doc["components"]["schemas"]["CreateKey"]["properties"]["network"]["oneOf"][1]["enum"];

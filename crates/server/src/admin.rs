@@ -51,7 +51,7 @@ pub(crate) async fn require_admin(
 }
 
 /// Every API key of this server, revoked ones included.
-#[utoipa::path(get, path = "/v1/admin/keys", tag = "admin",
+#[utoipa::path(get, path = "/v1/admin/keys", operation_id = "list_keys", tag = "admin",
     responses(
         (status = 200, description = "The keys, oldest first (ids, never the keys)", body = Envelope<KeyList>),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
@@ -66,7 +66,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<Envelope<
 }
 
 /// Create an API key. The answer holds the key itself, this once.
-#[utoipa::path(post, path = "/v1/admin/keys", tag = "admin",
+#[utoipa::path(post, path = "/v1/admin/keys", operation_id = "create_key", tag = "admin",
     request_body = CreateKey,
     responses(
         (status = 200, description = "Created; it works at once on this server, within seconds on others", body = Envelope<CreatedKey>),
@@ -136,7 +136,7 @@ pub(crate) async fn create(
 
 /// Revoke an API key: its requests are refused from now on (on other
 /// servers of the same store within seconds).
-#[utoipa::path(delete, path = "/v1/admin/keys/{id}", tag = "admin",
+#[utoipa::path(delete, path = "/v1/admin/keys/{id}", operation_id = "revoke_key", tag = "admin",
     params(("id" = String, Path, description = "The key's id (`key_...`)")),
     responses(
         (status = 200, description = "Revoked (or already revoked)", body = Envelope<RevokedKey>),
@@ -192,7 +192,7 @@ fn info(state: &AppState, r: &KeyRecord) -> KeyInfo {
 
 /// The nodes of this server's cluster, as it last read the shared database
 /// (every second): what `kiln nodes` shows. Empty alone.
-#[utoipa::path(get, path = "/v1/admin/nodes", tag = "admin",
+#[utoipa::path(get, path = "/v1/admin/nodes", operation_id = "list_nodes", tag = "admin",
     responses(
         (status = 200, description = "Every node the database knows, by id (at most a second old)", body = Envelope<NodeList>),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),

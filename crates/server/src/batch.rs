@@ -38,7 +38,7 @@ const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Results come in item order, or with `Accept: application/x-ndjson` as
 /// one JSON line per item in completion order, then `{"totals": ...}`.
 #[utoipa::path(
-    post, path = "/v1/tci/batch", tag = "execute",
+    post, path = "/v1/tci/batch", operation_id = "batch", tag = "execute",
     request_body = BatchRequest,
     responses(
         (status = 200, description = "Every item ran (see each result's `status`: `infra_error` is kiln's \

@@ -12,7 +12,7 @@ use kiln_sessions::Readiness;
 /// The languages this server runs.
 ///
 /// Also served at `/tci/languages`. No key needed.
-#[utoipa::path(get, path = "/v1/tci/languages", tag = "execute", responses(
+#[utoipa::path(get, path = "/v1/tci/languages", operation_id = "list_languages", tag = "execute", responses(
     (status = 200, description = "The values `language` accepts; the default first", body = Envelope<LanguageList>),
 ))]
 pub(crate) async fn languages(State(state): State<AppState>) -> Json<Envelope<LanguageList>> {
@@ -32,7 +32,7 @@ fn language_list(runs: &[Language]) -> LanguageList {
 ///
 /// Always a 200 (it is a report, not a probe: use `/readyz` for that). No
 /// key needed.
-#[utoipa::path(get, path = "/v1/status", tag = "operations", responses(
+#[utoipa::path(get, path = "/v1/status", operation_id = "status", tag = "operations", responses(
     (status = 200, description = "Health, sessions and pool", body = Envelope<ServerStatus>),
 ))]
 pub(crate) async fn status(State(state): State<AppState>) -> Json<Envelope<ServerStatus>> {

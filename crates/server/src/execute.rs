@@ -41,7 +41,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// produced, and finally `done` with the same envelope a plain call returns
 /// (or `failed` with an error envelope).
 #[utoipa::path(
-    post, path = "/v1/tci/execute", tag = "execute",
+    post, path = "/v1/tci/execute", operation_id = "execute", tag = "execute",
     request_body = ExecuteRequest,
     responses(
         (status = 200, description = "The code ran (it may have raised: see `status` and the `error` outputs). \

@@ -23,7 +23,7 @@ pub(crate) struct ListQuery {
 }
 
 /// List a directory of the session's working directory.
-#[utoipa::path(get, path = "/v1/tci/sessions/{id}/files", tag = "files",
+#[utoipa::path(get, path = "/v1/tci/sessions/{id}/files", operation_id = "list_files", tag = "files",
     params(("id" = String, Path, description = "Session id"),
            ("path" = Option<String>, Query,
             description = "Directory, relative to the working directory (no `..`)")),
@@ -48,7 +48,7 @@ pub(crate) async fn list(
 }
 
 /// Download a file of the session's working directory.
-#[utoipa::path(get, path = "/v1/tci/sessions/{id}/files/{path}", tag = "files",
+#[utoipa::path(get, path = "/v1/tci/sessions/{id}/files/{path}", operation_id = "download_file", tag = "files",
     params(("id" = String, Path, description = "Session id"),
            ("path" = String, Path,
             description = "File, relative to the working directory (no `..`)")),
@@ -97,7 +97,7 @@ fn content_disposition(name: &str) -> String {
 }
 
 /// Write files into the session's working directory without running code.
-#[utoipa::path(post, path = "/v1/tci/sessions/{id}/files", tag = "files",
+#[utoipa::path(post, path = "/v1/tci/sessions/{id}/files", operation_id = "upload_files", tag = "files",
     params(("id" = String, Path, description = "Session id")),
     request_body = UploadRequest,
     responses(

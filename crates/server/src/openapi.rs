@@ -146,11 +146,20 @@ pub fn document_for(
         },
     });
     doc["paths"]["/v1/tci/execute"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"] = events;
+    // What an upload wrote can be downloaded: a link for clients and for
+    // stateful testers (schemathesis), which otherwise only guess paths.
+    doc["paths"]["/v1/tci/sessions/{id}/files"]["post"]["responses"]["200"]["links"] = json!({
+        "DownloadFile": {
+            "operationId": "download_file",
+            "parameters": {"id": "$request.path.id", "path": "$response.body#/data/written/0"},
+            "description": "The first file the upload wrote",
+        },
+    });
     doc
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi_document", tag = "operations", responses(
     (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")
 ))]
 pub(crate) async fn json(State(state): State<AppState>) -> Response {
@@ -162,7 +171,7 @@ pub(crate) async fn json(State(state): State<AppState>) -> Response {
 
 /// A page rendering this document (Swagger UI, embedded in the binary: no
 /// CDN, so it works on a machine without internet access).
-#[utoipa::path(get, path = "/docs", tag = "operations", responses(
+#[utoipa::path(get, path = "/docs", operation_id = "docs_page", tag = "operations", responses(
     (status = 200, description = "HTML", content_type = "text/html")
 ))]
 pub(crate) async fn docs(headers: HeaderMap) -> Response {

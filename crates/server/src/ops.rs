@@ -11,7 +11,7 @@ use kiln_protocol::{ApiError, ErrorCode};
 use kiln_sessions::Readiness;
 
 /// 200 once sessions can be served; 503 while starting, failed or stopping.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses(
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "operations", responses(
     (status = 200, description = "Serving"), (status = 503, description = "Not serving (yet)")
 ))]
 pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
@@ -30,7 +30,7 @@ pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics (no key: they hold counts, never ids or code).
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations", responses(
     (status = 200, description = "Prometheus text exposition", content_type = "text/plain")
 ))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
@@ -52,7 +52,7 @@ pub(crate) async fn count_errors(
 }
 
 /// Ready for new sessions: serving, and below the session limit.
-#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations", responses(
     (status = 200, description = "Ready"), (status = 503, description = "Not ready")
 ))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {

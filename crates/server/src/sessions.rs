@@ -10,7 +10,7 @@ use kiln_sessions::Caller;
 
 /// The caller's live sessions. Also served at `/tci/sessions`.
 #[utoipa::path(
-    get, path = "/v1/tci/sessions", tag = "sessions",
+    get, path = "/v1/tci/sessions", operation_id = "list_sessions", tag = "sessions",
     responses(
         (status = 200, description = "Live sessions, oldest first", body = Envelope<SessionList>),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
@@ -26,7 +26,7 @@ pub(crate) async fn list(
 }
 
 /// One of the caller's live sessions.
-#[utoipa::path(get, path = "/v1/tci/sessions/{id}", tag = "sessions",
+#[utoipa::path(get, path = "/v1/tci/sessions/{id}", operation_id = "get_session", tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     responses(
         (status = 200, description = "The session", body = Envelope<SessionInfo>),
@@ -45,7 +45,7 @@ pub(crate) async fn get(
 }
 
 /// End a session now: its kernel, sandbox and files are gone when this answers.
-#[utoipa::path(delete, path = "/v1/tci/sessions/{id}", tag = "sessions",
+#[utoipa::path(delete, path = "/v1/tci/sessions/{id}", operation_id = "end_session", tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     responses(
         (status = 200, description = "Ended", body = Envelope<Deleted>),
@@ -66,7 +66,7 @@ pub(crate) async fn delete(
 
 /// The caller's usage: sessions started (the billing unit), executions,
 /// execution and CPU seconds, peak memory.
-#[utoipa::path(get, path = "/v1/tci/usage", tag = "usage",
+#[utoipa::path(get, path = "/v1/tci/usage", operation_id = "usage", tag = "usage",
     responses(
         (status = 200, description = "The caller's usage", body = Envelope<UsageData>),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
