@@ -19,6 +19,26 @@ const MAX_COMPONENT: usize = 255;
 /// Longest accepted relative name, in characters (at most 4 KiB of UTF-8).
 const MAX_NAME: usize = 1024;
 
+/// The ways a component can name something (not empty, `.` or `..`), at
+/// most 255 characters, as alternatives for [`NAME_PATTERN`] and
+/// [`PATH_PATTERN`]. With an argument, the class of its first character
+/// (the first component's, which must not start with `\` either).
+macro_rules! real_component {
+    () => {
+        real_component!(r"[^/.\x00]")
+    };
+    ($first:literal) => {
+        concat!($first, r"[^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253}")
+    };
+}
+
+/// Any component but `..` after a `/`: empty, `.` or a real one.
+macro_rules! later_component {
+    () => {
+        concat!(r"(?:/(?:\.|", real_component!(), ")?)")
+    };
+}
+
 /// The rules of a name, as a regular expression (for the OpenAPI document:
 /// a schema-valid name is one this module accepts). Not absolute, no NUL,
 /// no `..` component, and at least one component that is not empty or `.`.
@@ -27,16 +47,21 @@ const MAX_NAME: usize = 1024;
 /// that is a real name (and does not start with `\`), or `.` followed later
 /// by a real one, then any components but `..`; each component at most 255
 /// characters (the 255 bytes the code counts are the same for ASCII; a
-/// pattern cannot count UTF-8 bytes, so the description says it). Generators such as
-/// hypothesis (schemathesis) build strings from such a pattern directly; a
-/// lookahead they can only meet by drawing and discarding, which took them
-/// minutes for a 1,024-character name. It also cannot be fooled by a
-/// newline, which a lookahead's `.` does not cross.
+/// pattern cannot count UTF-8 bytes, so the description says it).
+/// Generators such as hypothesis (schemathesis) build strings from such a
+/// pattern directly; a lookahead they can only meet by drawing and
+/// discarding, which took them minutes for a 1,024-character name. It also
+/// cannot be fooled by a newline, which a lookahead's `.` does not cross.
 pub const NAME_PATTERN: &str = concat!(
-    r"^(?:(?:[^/.\\\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})",
-    r"|\.(?:/(?:\.|[^/.\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})?)*",
-    r"/(?:[^/.\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253}))",
-    r"(?:/(?:\.|[^/.\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})?)*$"
+    "^(?:(?:",
+    real_component!(r"[^/.\\\x00]"),
+    r")|\.",
+    later_component!(),
+    "*/(?:",
+    real_component!(),
+    "))",
+    later_component!(),
+    "*$"
 );
 
 /// The rules of a path inside a session's working directory: like a name,
@@ -44,10 +69,8 @@ pub const NAME_PATTERN: &str = concat!(
 /// `.` is allowed (the directory itself). Without lookarounds too: leading
 /// slashes, then a first component that is not `..` and does not start
 /// with `\`, then any components but `..`.
-pub const PATH_PATTERN: &str = concat!(
-    r"^/*(?:(?:\.|[^/.\\\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})",
-    r"(?:/(?:\.|[^/.\x00][^/\x00]{0,254}|\.[^/.\x00][^/\x00]{0,253}|\.\.[^/\x00]{1,253})?)*)?$"
-);
+pub const PATH_PATTERN: &str =
+    concat!(r"^/*(?:(?:\.|", real_component!(r"[^/.\\\x00]"), ")", later_component!(), "*)?$");
 
 /// Base64 as clients produce it: standard alphabet, padding optional.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
