@@ -43,24 +43,6 @@ fn remote(e: kiln_client::ClientError) -> ApiError {
     e.to_api()
 }
 
-/// `run_code` as an API request (MCP runs Python only).
-fn python_request(
-    code: String,
-    session_id: Option<String>,
-    files: Vec<FileUpload>,
-    timeout: Option<f64>,
-) -> ExecuteRequest {
-    ExecuteRequest {
-        code,
-        language: Some("python".into()),
-        session_id,
-        files: Some(files),
-        timeout,
-        stream: None,
-        memory_limit: None,
-    }
-}
-
 fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ApiError> {
     ctx.extensions
         .get::<http::request::Parts>()
@@ -70,54 +52,33 @@ fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ApiError> {
 }
 
 impl Backend {
-    /// Run code; with `events`, each output is also sent there as the
-    /// kernel produces it.
+    /// Run `req`; with `events`, each output is also sent there as the
+    /// kernel produces it. The request is checked where the HTTP API checks
+    /// it: here by the session layer's own [`Exec::from_request`], by the
+    /// server otherwise.
     pub(crate) async fn execute(
         &self,
         ctx: &RequestContext<RoleServer>,
-        code: String,
-        session_id: Option<String>,
-        files: Vec<FileUpload>,
-        timeout: Option<f64>,
+        req: ExecuteRequest,
         events: Option<UnboundedSender<ExecEvent>>,
     ) -> Result<ExecuteData, ApiError> {
         match self {
             Backend::Local(m) => {
                 let who = caller(ctx)?;
-                let files = decode_files(&files)?;
-                let timeout = kiln_protocol::timeout_from_seconds(timeout)?;
-                let exec = Exec {
-                    session_id,
-                    code,
-                    language: kiln_protocol::Language::Python,
-                    files,
-                    timeout,
-                    network: who.network,
-                    max_sessions: who.max_sessions,
-                    max_executions_per_key: who.max_executions_per_key,
-                    events,
-                    memory_limit: None,
-                    priority: kiln_sessions::Priority::Interactive,
-                };
+                let mut exec = Exec::from_request(req, &who, &m.languages())?;
+                exec.events = events;
                 m.execute(&who.key_id, exec).await.map_err(api)
             }
-            Backend::Remote(c) => {
-                let req = python_request(code, session_id, files, timeout);
-                match events {
-                    Some(tx) => c
-                        .execute_streamed(&req, |e| {
-                            let _ = tx.send(e);
-                        })
-                        .await
-                        .map_err(remote),
-                    None => c.execute(&req).await.map_err(remote),
-                }
-            }
-            Backend::Routed(api) => {
-                let who = caller(ctx)?;
-                let req = python_request(code, session_id, files, timeout);
-                api.execute(&who, req, events).await
-            }
+            Backend::Remote(c) => match events {
+                Some(tx) => c
+                    .execute_streamed(&req, |e| {
+                        let _ = tx.send(e);
+                    })
+                    .await
+                    .map_err(remote),
+                None => c.execute(&req).await.map_err(remote),
+            },
+            Backend::Routed(api) => api.execute(&caller(ctx)?, req, events).await,
         }
     }
 

@@ -23,10 +23,10 @@ pub use kiln_client::Client;
 pub use routed::Api;
 
 use base64::Engine as _;
-use kiln_protocol::{ExecuteData, FileUpload, Output};
+use kiln_protocol::{ExecuteData, ExecuteRequest, FileUpload, Output};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, ContentBlock as Content, ServerCapabilities, ServerConfig};
+use rmcp::model::{CallToolResult, ContentBlock as Content, Implementation, ServerCapabilities, ServerConfig};
 use rmcp::service::RequestContext;
 use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, RoleServer, ServerHandler};
 use serde::Deserialize;
@@ -53,10 +53,15 @@ pub struct FileArg {
 /// Arguments of `run_code`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct RunCode {
-    /// Python code, run as one Jupyter notebook cell. `!cmd` runs a shell
-    /// command (e.g. `!pip install requests`); the value of the last
-    /// expression is returned; matplotlib figures come back as images.
+    /// The code, run as one notebook cell. In Python, `!cmd` runs a shell
+    /// command (e.g. `!pip install requests`), the value of the last
+    /// expression is returned, and matplotlib figures come back as images.
     pub code: String,
+    /// "python" (the default), "javascript", "typescript" or "bash", as far
+    /// as the server runs them (an error lists the ones it does). A session
+    /// keeps the language it started with.
+    #[serde(default)]
+    pub language: Option<String>,
     /// Reuse this session (its variables, imports, files and installed
     /// packages). Omit to start a new one; every result says its session_id.
     #[serde(default)]
@@ -67,6 +72,11 @@ pub struct RunCode {
     /// Time limit in seconds (the server's default when omitted).
     #[serde(default)]
     pub timeout: Option<f64>,
+    /// Memory limit for this run, e.g. "256MiB" (at most the server's; the
+    /// server's when omitted). Going over it stops the run with a
+    /// MemoryError; the session lives on.
+    #[serde(default)]
+    pub memory_limit: Option<String>,
 }
 
 /// Arguments naming a session.
@@ -119,16 +129,26 @@ impl KilnMcp {
         KilnMcp { backend, tool_router: Self::tool_router() }
     }
 
-    #[tool(description = "Run Python code in a stateful, sandboxed Jupyter session and return what a notebook \
-        would show: printed text, the last expression's value, errors with tracebacks, and plots as images. \
+    #[tool(description = "Run code in a stateful, sandboxed Jupyter session and return what a notebook would \
+        show: printed text, the last expression's value, errors with tracebacks, and plots as images. Python \
+        by default; set language to \"javascript\", \"typescript\" or \"bash\" where the server runs them. \
         Pass session_id from an earlier result to keep variables, files and installed packages; omit it to \
-        start a fresh session. Sessions live 60 minutes.")]
+        start a fresh session. A session lasts the server's session lifetime from its start (an hour unless \
+        its operator set another).")]
     async fn run_code(
         &self,
         Parameters(args): Parameters<RunCode>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
-        let files = uploads(args.files);
+        let req = ExecuteRequest {
+            code: args.code,
+            language: args.language,
+            session_id: args.session_id,
+            files: Some(uploads(args.files)),
+            timeout: args.timeout,
+            stream: None,
+            memory_limit: args.memory_limit,
+        };
         // A client that asked for progress gets each output as it happens.
         let (events, progress) = match ctx.meta.get_progress_token() {
             Some(token) => {
@@ -137,7 +157,7 @@ impl KilnMcp {
             }
             None => (None, None),
         };
-        let run = self.backend.execute(&ctx, args.code, args.session_id, files, args.timeout, events);
+        let run = self.backend.execute(&ctx, req, events);
         // A cancelled call drops the execution, which interrupts the cell.
         let result = tokio::select! {
             result = run => result,
@@ -211,10 +231,15 @@ impl KilnMcp {
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for KilnMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
-            "A Python code interpreter with stateful, sandboxed sessions. Use run_code; keep the \
-                session_id it returns to continue in the same session.",
-        )
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(
+                Implementation::new("kiln", env!("CARGO_PKG_VERSION")).with_title("kiln code interpreter"),
+            )
+            .with_instructions(
+                "A code interpreter with stateful, sandboxed sessions: Python by default, and JavaScript, \
+                 TypeScript or bash where the server runs them. Use run_code; keep the session_id it returns \
+                 to continue in the same session.",
+            )
     }
 }
 

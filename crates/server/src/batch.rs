@@ -196,7 +196,7 @@ fn item_job(
     max: Duration,
     runs: &[Language],
 ) -> Result<BatchJob, ApiError> {
-    let language = crate::execute::language(item.language.as_deref(), runs)?;
+    let language = kiln_sessions::request::language(item.language.as_deref(), runs)?;
     // Tests are run by kiln's Python runner, in forks of the session's
     // kernel: an item in another language may run, but not be tested.
     if language != Language::Python && item.tests.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -219,7 +219,7 @@ fn item_job(
     };
     let timeout = limit(item.timeout, "timeout")?;
     let tests_timeout = limit(item.tests_timeout, "tests_timeout")?.unwrap_or(DEFAULT_TEST_TIMEOUT.min(max));
-    let memory_limit = crate::execute::memory_limit(item.memory_limit.as_deref())?;
+    let memory_limit = kiln_sessions::request::memory_limit(item.memory_limit.as_deref())?;
     let tests = item.tests.unwrap_or_default();
     if tests.len() > MAX_ITEM_TESTS {
         return Err(ApiError::new(

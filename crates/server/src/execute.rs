@@ -20,9 +20,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use kiln_protocol::{
-    decode_files, ApiError, Envelope, ErrorCode, ErrorEnvelope, ExecEvent, ExecuteData, ExecuteRequest, Language,
-};
+use kiln_protocol::{ApiError, Envelope, ErrorCode, ErrorEnvelope, ExecEvent, ExecuteData, ExecuteRequest};
 use kiln_sessions::{Caller, Exec, Manager, SessionError};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -71,7 +69,7 @@ pub(crate) async fn execute(
     BoundedJson(req): BoundedJson<ExecuteRequest>,
 ) -> Result<Response, AppError> {
     let streamed = req.stream.unwrap_or(false) || accepts_event_stream(&headers);
-    let exec = validate(req, &caller, &state.manager.languages())?;
+    let exec = Exec::from_request(req, &caller, &state.manager.languages())?;
     if streamed {
         return stream(state.manager, caller.key_id, exec).await;
     }
@@ -85,49 +83,6 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.split(',').any(|t| t.trim().starts_with("text/event-stream")))
-}
-
-/// A request's `language` (Python when absent), if this server runs it
-/// (`runs` is empty until the runtime is ready: any known language then).
-pub(crate) fn language(name: Option<&str>, runs: &[Language]) -> Result<Language, ApiError> {
-    let name = name.unwrap_or(Language::Python.as_str());
-    Language::parse(name).filter(|l| runs.is_empty() || runs.contains(l)).ok_or_else(|| {
-        let runs: Vec<&str> = runs.iter().map(|l| l.as_str()).collect();
-        ApiError::new(
-            ErrorCode::UnsupportedLanguage,
-            format!("language {name:?} is not supported; this server runs: {}", runs.join(", ")),
-        )
-        .with_param("language")
-    })
-}
-
-/// A request's `memory_limit` (`"256MiB"`), in bytes.
-pub(crate) fn memory_limit(text: Option<&str>) -> Result<Option<u64>, ApiError> {
-    text.map(kiln_protocol::parse_memory)
-        .transpose()
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit"))
-}
-
-/// Check an execute request and turn it into the session layer's job.
-fn validate(req: ExecuteRequest, caller: &Caller, runs: &[Language]) -> Result<Exec, ApiError> {
-    let language = language(req.language.as_deref(), runs)?;
-    let files = decode_files(req.files.as_deref().unwrap_or_default())?;
-    let timeout = kiln_protocol::timeout_from_seconds(req.timeout)?;
-    let session_id = req.session_id.filter(|s| !s.is_empty());
-    let memory_limit = memory_limit(req.memory_limit.as_deref())?;
-    Ok(Exec {
-        session_id,
-        code: req.code,
-        language,
-        files,
-        timeout,
-        network: caller.network,
-        max_sessions: caller.max_sessions,
-        max_executions_per_key: caller.max_executions_per_key,
-        events: None,
-        memory_limit,
-        priority: kiln_sessions::Priority::Interactive,
-    })
 }
 
 /// What the pump hands the response: an event, or a failure.

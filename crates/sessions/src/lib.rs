@@ -18,7 +18,8 @@
 //!
 //! Every execution first passes [`admission`] (per-key places and queues,
 //! fair between keys). A [`batch`] runs many items through the manager's
-//! own operations and scores their tests ([`scoring`]).
+//! own operations and scores their tests ([`scoring`]). What a request may
+//! ask is checked once, in [`request`], for every way it arrives.
 #![forbid(unsafe_code)]
 
 mod admission;
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod node;
 mod pool;
 mod registry;
+pub mod request;
 mod scoring;
 mod worker;
 
