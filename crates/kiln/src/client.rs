@@ -66,6 +66,9 @@ pub struct ExecArgs {
     /// Time limit in seconds.
     #[arg(long)]
     timeout: Option<f64>,
+    /// Memory limit for this run, e.g. 256MiB (at most the server's).
+    #[arg(long)]
+    memory_limit: Option<String>,
     /// Where images are saved
     #[arg(long, default_value = ".")]
     out_dir: PathBuf,
@@ -100,7 +103,7 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
         files: (!files.is_empty()).then_some(files),
         timeout: args.timeout,
         stream: None,
-        memory_limit: None,
+        memory_limit: args.memory_limit.clone(),
     };
     let client = args.endpoint.client()?;
     let data = if args.json {

@@ -20,8 +20,9 @@ mod table;
 
 use clap::{Parser, Subcommand};
 
-/// A self-hosted code interpreter: runs untrusted Python in stateful Jupyter
-/// sessions behind the Together Code Interpreter API.
+/// A self-hosted code interpreter: runs untrusted Python (and JavaScript,
+/// TypeScript and bash) in stateful Jupyter sessions behind the Together
+/// Code Interpreter API.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, propagate_version = true)]
 struct Cli {
@@ -33,7 +34,8 @@ struct Cli {
 enum Command {
     /// Run the HTTP service (provisions the runtime on first start).
     Serve(Box<config::ServeArgs>),
-    /// Manage the Python runtime sessions run in.
+    /// Manage the runtime sessions run in (Python, its packages, and the
+    /// other languages' kernels).
     #[command(subcommand)]
     Runtime(RuntimeCommand),
     /// Run code on a kiln server and print what it shows (exit 1 if it raised).

@@ -55,11 +55,14 @@ async fn exec_prints_like_a_notebook_saves_images_and_fails_when_code_raises() {
         let second = kiln(&["exec", "--session", &session, "-"], &url, &data, Some("x + 1"));
         let failing = kiln(&["exec", "--session", &session, "1/0"], &url, &data, None);
         let bad = kiln(&["exec", "--session", "ses_nope", "1"], &url, &data, None);
-        (first, second, failing, bad)
+        let big = "big = bytearray(400 * 2**20)";
+        let limited = kiln(&["exec", "--session", &session, "--memory-limit", "128MiB", big], &url, &data, None);
+        let unlimited = kiln(&["exec", "--session", &session, big], &url, &data, None);
+        (first, second, failing, bad, limited, unlimited)
     })
     .await
     .unwrap();
-    let (first, second, failing, bad) = out;
+    let (first, second, failing, bad, limited, unlimited) = out;
     assert!(first.status.success(), "{}", text(&first.stderr));
     let stdout = text(&first.stdout);
     assert!(stdout.contains("from a file") && stdout.contains("[image/png saved to "), "{stdout}");
@@ -70,6 +73,9 @@ async fn exec_prints_like_a_notebook_saves_images_and_fails_when_code_raises() {
     assert!(text(&failing.stderr).contains("ZeroDivisionError"));
     assert_eq!(bad.status.code(), Some(1));
     assert!(text(&bad.stderr).contains("session_not_found"), "{}", text(&bad.stderr));
+    assert_eq!(limited.status.code(), Some(1));
+    assert!(text(&limited.stderr).contains("MemoryError") && text(&limited.stderr).contains("128 MiB"));
+    assert!(unlimited.status.success(), "{}", text(&unlimited.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread")]
