@@ -312,6 +312,7 @@ async fn a_bad_item_refuses_the_whole_batch_before_anything_runs() {
         (json!([ok, {"code": "x", "memory_limit": "lots"}]), 400, "items[1].memory_limit"),
         (json!([ok, {"code": "x", "tests_timeout": 1e6}]), 400, "items[1].tests_timeout"),
         (json!([ok, {"code": "x", "timeout": -1}]), 400, "items[1].timeout"),
+        (json!([ok, {"code": "x", "timeout": 1e6}]), 400, "items[1].timeout"),
         (json!([ok, {"code": "x", "language": "cobol"}]), 400, "items[1].language"),
         (
             json!([ok, {"code": "x", "files": [{"name": "../x", "encoding": "string", "content": ""}]}]),

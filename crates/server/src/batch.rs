@@ -18,8 +18,8 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_protocol::{
-    decode_files, ApiError, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals, Envelope,
-    ErrorCode, ErrorEnvelope, Language, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
+    ApiError, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals, Envelope, ErrorCode,
+    ErrorEnvelope, ExecuteRequest, Language, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
 };
 use kiln_sessions::{BatchJob, Caller, Exec, Manager};
 use std::time::{Duration, Instant};
@@ -196,17 +196,27 @@ fn item_job(
     max: Duration,
     runs: &[Language],
 ) -> Result<BatchJob, ApiError> {
-    let language = kiln_sessions::request::language(item.language.as_deref(), runs)?;
+    let request = ExecuteRequest {
+        code: item.code,
+        language: item.language,
+        session_id: item.session_id,
+        files: item.files,
+        timeout: item.timeout,
+        stream: None,
+        memory_limit: item.memory_limit,
+    };
+    let mut exec = Exec::from_request(request, caller, runs)?;
+    // One item among many: it yields the CPU to executes.
+    exec.priority = kiln_sessions::Priority::Batch;
     // Tests are run by kiln's Python runner, in forks of the session's
     // kernel: an item in another language may run, but not be tested.
-    if language != Language::Python && item.tests.as_ref().is_some_and(|t| !t.is_empty()) {
+    if exec.language != Language::Python && item.tests.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
-            format!("tests run on Python items only; this item's language is {}", language.as_str()),
+            format!("tests run on Python items only; this item's language is {}", exec.language.as_str()),
         )
         .with_param("tests"));
     }
-    let files = decode_files(item.files.as_deref().unwrap_or_default())?;
     let limit = |t: Option<f64>, field: &str| -> Result<Option<Duration>, ApiError> {
         match kiln_protocol::timeout_from_seconds(t).map_err(|e| e.with_param(field))? {
             Some(d) if d > max => Err(ApiError::new(
@@ -217,9 +227,8 @@ fn item_job(
             d => Ok(d),
         }
     };
-    let timeout = limit(item.timeout, "timeout")?;
+    limit(item.timeout, "timeout")?;
     let tests_timeout = limit(item.tests_timeout, "tests_timeout")?.unwrap_or(DEFAULT_TEST_TIMEOUT.min(max));
-    let memory_limit = kiln_sessions::request::memory_limit(item.memory_limit.as_deref())?;
     let tests = item.tests.unwrap_or_default();
     if tests.len() > MAX_ITEM_TESTS {
         return Err(ApiError::new(
@@ -235,24 +244,5 @@ fn item_job(
             t.kind().map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e).with_param(format!("tests[{j}]")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(BatchJob {
-        index,
-        exec: Exec {
-            session_id: item.session_id.filter(|s| !s.is_empty()),
-            code: item.code,
-            language,
-            files,
-            timeout,
-            network: caller.network,
-            max_sessions: caller.max_sessions,
-            max_executions_per_key: caller.max_executions_per_key,
-            events: None,
-            memory_limit,
-            // One item among many: it yields the CPU to executes.
-            priority: kiln_sessions::Priority::Batch,
-        },
-        tests,
-        tests_timeout,
-        keep_session: item.keep_session.unwrap_or(false),
-    })
+    Ok(BatchJob { index, exec, tests, tests_timeout, keep_session: item.keep_session.unwrap_or(false) })
 }
