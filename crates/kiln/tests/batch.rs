@@ -59,6 +59,12 @@ async fn every_status_says_what_the_code_did() {
     let again = batch(&s, json!([{"code": "print(x + 1)", "session_id": kept}])).await;
     assert_eq!(again[0]["outputs"], json!([{"type": "stdout", "data": "2\n"}]));
     assert_eq!(again[0]["session_id"], json!(kept));
+    // Each item is counted by its status, for an operator's dashboard.
+    let items = |status: &str| format!("kiln_batch_items_total{{status=\"{status}\"}}");
+    let text = s.metrics().await;
+    let counts =
+        ["success", "error", "timeout", "memory_exceeded", "infra_error"].map(|st| common::metric(&text, &items(st)));
+    assert_eq!(counts, [Some(3.0), Some(1.0), Some(1.0), Some(1.0), None], "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -82,6 +88,12 @@ async fn kiln_s_own_failure_is_retried_once_and_never_reported_as_an_error() {
     assert_eq!(live_sessions(&s).await, 0);
     // And the server is fine afterwards.
     assert_eq!(batch(&s, item).await[0]["status"], json!("success"));
+    // kiln's failure is counted where an operator can alert on it.
+    let text = s.metrics().await;
+    let counted = ["kiln_batch_items_total{status=\"infra_error\"}", "kiln_batch_items_total{status=\"success\"}"]
+        .map(|m| common::metric(&text, m));
+    assert_eq!(counted, [Some(1.0), Some(2.0)], "{text}");
+    assert_eq!(common::metric(&text, "kiln_batch_tests_total{result=\"passed\"}"), Some(2.0), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -401,7 +413,31 @@ async fn past_its_queue_a_key_is_refused_at_once_with_retry_after() {
     let s = std::sync::Arc::new(start(&["--max-executions-per-key", "1", "--execution-queue-per-key", "2"]));
     let t0 = Instant::now();
     let calls = (0..5).map(|_| timed_exec(s.clone(), KEY, "import time\ntime.sleep(2)", t0));
+    // Meanwhile the gauges show one running and two waiting.
+    let watched = s.clone();
+    let gauges = tokio::spawn(async move {
+        let load = |text: &str| {
+            ["kiln_executions_running", "kiln_executions_queued"].map(|m| common::metric(text, m).unwrap_or(-1.0))
+        };
+        let mut seen = Vec::new();
+        for _ in 0..600 {
+            let now = load(&watched.metrics().await);
+            if seen.last() != Some(&now) {
+                seen.push(now);
+            }
+            if now == [1.0, 2.0] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen
+    });
     let mut answers = futures_join(calls).await;
+    let seen = gauges.await.unwrap();
+    assert_eq!(seen.last(), Some(&[1.0, 2.0]), "running and queued as they changed: {seen:?}");
+    let text = s.metrics().await;
+    let idle = ["kiln_executions_running", "kiln_executions_queued"].map(|m| common::metric(&text, m));
+    assert_eq!(idle, [Some(0.0), Some(0.0)], "{text}");
     answers.sort_by_key(|a| a.3);
     let refused: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
     let ran: Vec<_> = answers.iter().filter(|a| a.0 == 200).collect();

@@ -120,6 +120,14 @@ impl Admission {
         wait.await.map_err(|_| Refused { running: limit, queued: queue })
     }
 
+    /// Executions running now, and waiting for a place (callers that left
+    /// are not counted).
+    pub(crate) fn load(&self) -> (usize, usize) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting = st.keys.values().map(|k| k.waiting.iter().filter(|w| !w.is_closed()).count()).sum();
+        (st.running, waiting)
+    }
+
     /// Give back one place of `key`, and hand out every place that is free.
     fn release(self: &Arc<Self>, key: &str) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -121,6 +121,7 @@ impl Manager {
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "a batch item's task failed");
                     let index = index_of.get(&e.id()).copied().unwrap_or(0);
+                    self.metrics().batch_item(ItemStatus::InfraError.as_str(), 0, 0);
                     infra_result(index, "kiln failed while running this item (an internal error)".into())
                 }
             };
@@ -149,6 +150,8 @@ impl Manager {
             Err(Infra { why, .. }) => infra_result(job.index, why),
         };
         result.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let (passed, failed) = (result.passed.unwrap_or(0), result.failed.unwrap_or(0));
+        self.metrics().batch_item(result.status.as_str(), passed, failed);
         result
     }
 

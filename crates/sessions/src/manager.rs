@@ -366,6 +366,9 @@ impl Manager {
         m.sessions_live.set(i64::try_from(self.live_count()).unwrap_or(i64::MAX));
         m.pool_ready.set(i64::try_from(self.inner.pool.len().await).unwrap_or(i64::MAX));
         m.pool_target.set(i64::try_from(self.inner.pool.target()).unwrap_or(i64::MAX));
+        let (running, queued) = self.inner.admission.load();
+        m.executions_running.set(i64::try_from(running).unwrap_or(i64::MAX));
+        m.executions_queued.set(i64::try_from(queued).unwrap_or(i64::MAX));
         for (language, ready) in self.inner.pool.levels().await {
             let pool = crate::metrics::PoolOf { language: language.as_str().to_string() };
             m.pool_ready_by_language.get_or_create(&pool).set(i64::try_from(ready).unwrap_or(i64::MAX));

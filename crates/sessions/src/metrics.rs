@@ -33,6 +33,20 @@ pub struct PoolOf {
     pub language: String,
 }
 
+/// How a batch item ended (its `status`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ItemOutcome {
+    /// `success`, `error`, `timeout`, `memory_exceeded`, `infra_error`.
+    pub status: String,
+}
+
+/// Whether a batch item's test passed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TestOutcome {
+    /// `passed` or `failed`.
+    pub result: String,
+}
+
 /// An API error code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Code {
@@ -64,6 +78,15 @@ pub struct Metrics {
     pub limits_hit: Family<Limit, Counter>,
     /// Refused or failed requests, by error code.
     pub errors: Family<Code, Counter>,
+    /// Executions holding a place (see `--max-executions`).
+    pub executions_running: Gauge,
+    /// Executions waiting in their key's queue for a place.
+    pub executions_queued: Gauge,
+    /// Batch items by status (`infra_error` is kiln's failure, never the
+    /// code's: the one to alert on).
+    pub batch_items: Family<ItemOutcome, Counter>,
+    /// Batch items' tests, passed or failed.
+    pub batch_tests: Family<TestOutcome, Counter>,
 }
 
 impl Default for Metrics {
@@ -87,6 +110,10 @@ impl Metrics {
             kernel_deaths: Counter::default(),
             limits_hit: Family::default(),
             errors: Family::default(),
+            executions_running: Gauge::default(),
+            executions_queued: Gauge::default(),
+            batch_items: Family::default(),
+            batch_tests: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions_live", "Live sessions", m.sessions_live.clone());
@@ -103,6 +130,14 @@ impl Metrics {
         registry.register("kernel_deaths", "Kernels that died during a cell", m.kernel_deaths.clone());
         registry.register("limits_hit", "Limits hit, by limit", m.limits_hit.clone());
         registry.register("request_errors", "Refused or failed requests, by error code", m.errors.clone());
+        registry.register("executions_running", "Executions holding a place", m.executions_running.clone());
+        registry.register(
+            "executions_queued",
+            "Executions waiting in their key's queue for a place",
+            m.executions_queued.clone(),
+        );
+        registry.register("batch_items", "Batch items by status", m.batch_items.clone());
+        registry.register("batch_tests", "Batch items' tests by result", m.batch_tests.clone());
         Metrics { registry, ..m }
     }
 
@@ -114,6 +149,16 @@ impl Metrics {
     /// Count a limit hit.
     pub fn limit(&self, limit: &str) {
         self.limits_hit.get_or_create(&Limit { limit: limit.to_string() }).inc();
+    }
+
+    /// Count a finished batch item and its tests.
+    pub fn batch_item(&self, status: &str, passed: usize, failed: usize) {
+        self.batch_items.get_or_create(&ItemOutcome { status: status.to_string() }).inc();
+        for (result, n) in [("passed", passed), ("failed", failed)] {
+            if n > 0 {
+                self.batch_tests.get_or_create(&TestOutcome { result: result.to_string() }).inc_by(n as u64);
+            }
+        }
     }
 
     /// Count an error response.
