@@ -25,7 +25,8 @@ check = Checks(f"mcp-{MODE}")
 
 async def exercise(s: ClientSession):
     init = await s.initialize()
-    check("the server says it is kiln", init.serverInfo.name == "kiln" and bool(init.serverInfo.version), init.serverInfo)
+    info = init.serverInfo
+    check("the server says it is kiln", info.name == "kiln" and bool(info.version), info)
     tools = {t.name: t for t in (await s.list_tools()).tools}
     expected = {"run_code", "list_sessions", "upload_file", "read_file", "end_session"}
     check("lists the tools", expected <= set(tools), list(tools))
@@ -114,8 +115,9 @@ async def languages(s: ClientSession):
     r = await s.call_tool("run_code", {"code": "echo from-bash; pwd", "language": "bash"})
     check("bash runs", "from-bash" in texts(r) and not r.isError, texts(r))
     r = await s.call_tool("run_code", {"code": "1", "language": "ruby"})
+    four = "python, javascript, typescript, bash"
     check("an unknown language is refused, naming the four",
-          texts(r).startswith("unsupported_language: ") and "python, javascript, typescript, bash" in texts(r), texts(r))
+          texts(r).startswith("unsupported_language: ") and four in texts(r), texts(r))
 
 
 async def main():

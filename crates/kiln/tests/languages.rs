@@ -434,3 +434,60 @@ async fn npm_imports_reach_the_configured_registry_only_under_the_registries_pol
     assert_eq!(v["data"]["status"], "error", "{v}");
     assert_eq!(net.connections("registry"), reached, "a session under `none` reached the registry");
 }
+
+/// A batch item in JavaScript, TypeScript or bash is scored by program
+/// tests, as a Python one: kiln's judge runs the item's code with the
+/// language's interpreter once per test, from the same `/work`, and a test
+/// can reach neither the judge nor the kernel. Assertions stay Python's.
+#[tokio::test(flavor = "multi_thread")]
+async fn program_tests_score_javascript_typescript_and_bash_items() {
+    let s = start(&["--profile", "full"]);
+    let double_js = "import { readFileSync } from 'node:fs';\nconsole.log(Number(readFileSync(0, 'utf8')) * 2);";
+    let double_ts =
+        "const text: string = await new Response(Deno.stdin.readable).text();\nconsole.log(Number(text) * 2);";
+    let tests = json!([{"stdin": "2\n", "expected_stdout": "4\n"}, {"stdin": "5\n", "expected_stdout": "10"}]);
+    // Each run finds /work as the item left it, whatever the run before did.
+    let once = "import { existsSync, writeFileSync } from 'node:fs';\n\
+                console.log(existsSync('left.txt') ? 'dirty' : 'clean');\nwriteFileSync('left.txt', 'x');";
+    let items = json!([
+        {"language": "javascript", "code": double_js, "tests": tests},
+        {"language": "typescript", "code": double_ts, "tests": tests},
+        {"language": "bash", "code": "read n\necho $((n * 2))", "tests": tests},
+        {"language": "bash", "code": "read n\necho $((n * 3))", "tests": tests},
+        // Prints the right answer, then fails: a failed run.
+        {"language": "javascript", "code": "console.log('4');\nDeno.exit(1);", "tests": [tests[0]]},
+        {"language": "javascript", "code": once, "tests": [
+            {"stdin": "", "expected_stdout": "clean"}, {"stdin": "", "expected_stdout": "clean"}]},
+        // A test that tries to end the judge and the kernel: refused, and
+        // the next test runs as usual.
+        {"language": "bash", "code": "kill -9 $PPID\nkill -9 -1\nread n\necho $((n * 2))", "tests": tests},
+    ]);
+    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
+    assert_eq!(status, 200, "{v}");
+    let results = v["data"]["results"].as_array().unwrap();
+    let passed: Vec<Vec<bool>> = results
+        .iter()
+        .map(|r| r["tests"].as_array().unwrap().iter().map(|t| t["passed"].as_bool().unwrap()).collect())
+        .collect();
+    let expect = [
+        vec![true, true],
+        vec![true, true],
+        vec![true, true],
+        vec![false, false],
+        vec![false],
+        vec![true, true],
+        vec![true, true],
+    ];
+    assert_eq!(passed, expect, "{v:#}");
+    assert_eq!(results[3]["tests"][1]["stdout"], "15\n");
+    assert_eq!(results[4]["tests"][0]["status"], "error", "{}", results[4]);
+    assert!(results[6]["tests"][0]["stderr"].as_str().unwrap().contains("Operation not permitted"), "{}", results[6]);
+    // Every item ended its fresh session.
+    assert!(s.sessions(KEY).await.is_empty());
+
+    // An assertion needs Python's namespace: refused before anything runs.
+    let item = json!({"language": "javascript", "code": "const a = 1", "tests": [tests[0], {"code": "a === 1"}]});
+    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": [item] })).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("items[0].tests[1]")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("Python items only"), "{v}");
+}

@@ -55,7 +55,8 @@ pub struct BatchItem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = r"^[1-9][0-9]{0,6}(MiB|GiB|MB|GB)$")]
     pub memory_limit: Option<String>,
-    /// Tests that score the code.
+    /// Tests that score the code: program runs in every language,
+    /// assertions in Python items only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 100)]
     pub tests: Option<Vec<TestCase>>,

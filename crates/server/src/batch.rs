@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_protocol::{
     ApiError, BatchData, BatchEnd, BatchItem, BatchRequest, BatchResult, BatchTotals, Envelope, ErrorCode,
-    ErrorEnvelope, ExecuteRequest, Language, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
+    ErrorEnvelope, ExecuteRequest, Language, TestKind, MAX_BATCH_ITEMS, MAX_ITEM_TESTS,
 };
 use kiln_sessions::{BatchJob, Caller, Exec, Manager};
 use std::time::{Duration, Instant};
@@ -208,15 +208,6 @@ fn item_job(
     let mut exec = Exec::from_request(request, caller, runs)?;
     // One item among many: it yields the CPU to executes.
     exec.priority = kiln_sessions::Priority::Batch;
-    // Tests are run by kiln's Python runner, in forks of the session's
-    // kernel: an item in another language may run, but not be tested.
-    if exec.language != Language::Python && item.tests.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("tests run on Python items only; this item's language is {}", exec.language.as_str()),
-        )
-        .with_param("tests"));
-    }
     let limit = |t: Option<f64>, field: &str| -> Result<Option<Duration>, ApiError> {
         match kiln_protocol::timeout_from_seconds(t).map_err(|e| e.with_param(field))? {
             Some(d) if d > max => Err(ApiError::new(
@@ -241,7 +232,22 @@ fn item_job(
         .iter()
         .enumerate()
         .map(|(j, t)| {
-            t.kind().map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e).with_param(format!("tests[{j}]")))
+            let kind =
+                t.kind().map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e).with_param(format!("tests[{j}]")))?;
+            // An assertion runs in the item's Python namespace; a program
+            // runs in any language.
+            if matches!(kind, TestKind::Assertion { .. }) && exec.language != Language::Python {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "an assertion test (code) runs on Python items only, and this item's language is {}; \
+                         a program test (stdin, expected_stdout) runs in every language",
+                        exec.language.as_str()
+                    ),
+                )
+                .with_param(format!("tests[{j}]")));
+            }
+            Ok(kind)
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(BatchJob { index, exec, tests, tests_timeout, keep_session: item.keep_session.unwrap_or(false) })

@@ -116,11 +116,13 @@ pub fn document_for(
         {"title": "assertion", "required": ["code"],
          "properties": {"code": string, "stdin": absent, "expected_stdout": absent}},
     ]);
-    // Tests run in forks of the item's Python kernel: an item with tests
-    // is a Python item (absent means python), so the document says so
-    // instead of letting a schema-valid batch be refused for it.
+    // An assertion test runs in the item's Python namespace: an item with
+    // one is a Python item (absent means python), so the document says so
+    // instead of letting a schema-valid batch be refused for it. Program
+    // tests run in every language.
+    let program = json!({"required": ["stdin", "expected_stdout"], "properties": {"code": absent}});
     doc["components"]["schemas"]["BatchItem"]["anyOf"] = json!([
-        {"title": "untested", "properties": {"tests": {"oneOf": [absent, {"type": "array", "maxItems": 0}]}}},
+        {"title": "programs only", "properties": {"tests": {"oneOf": [absent, {"type": "array", "items": program}]}}},
         {"title": "python", "properties": {"language": {"oneOf": [absent, {"type": "string", "enum": ["python"]}]}}},
     ]);
     // `language` takes exactly what this server runs (its runtime profile's

@@ -19,9 +19,9 @@
 //! started or was lost runs once more on another kernel, and is reported as
 //! `infra_error` when that fails too. Nothing kiln causes is an `error`.
 
+use crate::runner::Tests;
 use crate::scoring::{status_of, Report};
 use crate::{Exec, Judged, Manager, SessionError};
-use base64::Engine as _;
 use kiln_protocol::{BatchResult, ExecEvent, ItemStatus, Output, TestKind, TestResult};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -164,7 +164,7 @@ impl Manager {
             files: Some(job.exec.files.clone()),
             ender: Ender::new(self.clone(), key_id, job.exec.session_id.is_none() && !job.keep_session),
         };
-        let mut tests: Vec<Option<TestResult>> = vec![None; job.tests.len()];
+        let mut tests_done: Vec<Option<TestResult>> = vec![None; job.tests.len()];
         // 1. Program runs, from the kernel as it was before the item's code.
         let programs: Vec<(usize, &String, &String)> = job
             .tests
@@ -181,16 +181,16 @@ impl Manager {
         let per_cell = (self.max_output_bytes() / REPORT_BYTES).max(1);
         for chunk in programs.chunks(per_cell) {
             let stdins: Vec<&String> = chunk.iter().map(|(_, stdin, _)| *stdin).collect();
-            let args = serde_json::json!({"code": job.exec.code, "timeout": secs(job.tests_timeout)});
-            let reports = run.runner("program", args, "stdins", &stdins, job.tests_timeout).await?;
+            let tests = Tests::Programs { code: &job.exec.code, stdins: &stdins };
+            let reports = run.runner(&tests, job.tests_timeout).await?;
             for ((i, _, expected), report) in chunk.iter().zip(reports) {
-                tests[*i] = Some(report.score(Some(expected)));
+                tests_done[*i] = Some(report.score(Some(expected)));
             }
         }
         // 2. The cell, unless the item is a program only.
         let program_only = !job.tests.is_empty() && job.tests.iter().all(|t| matches!(t, TestKind::Program { .. }));
         let (status, outputs) = if program_only {
-            let worst = tests.iter().flatten().map(|t| t.status).find(|s| *s != ItemStatus::Success);
+            let worst = tests_done.iter().flatten().map(|t| t.status).find(|s| *s != ItemStatus::Success);
             (worst.unwrap_or(ItemStatus::Success), Vec::new())
         } else {
             match run.cell(job.exec.code.clone(), job.exec.timeout).await {
@@ -211,13 +211,12 @@ impl Manager {
             .collect();
         for chunk in checks.chunks(per_cell) {
             let codes: Vec<&String> = chunk.iter().map(|(_, code)| *code).collect();
-            let args = serde_json::json!({"timeout": secs(job.tests_timeout)});
-            let reports = run.runner("check", args, "codes", &codes, job.tests_timeout).await?;
+            let reports = run.runner(&Tests::Assertions { codes: &codes }, job.tests_timeout).await?;
             for ((i, _), report) in chunk.iter().zip(reports) {
-                tests[*i] = Some(report.score(None));
+                tests_done[*i] = Some(report.score(None));
             }
         }
-        let tests: Vec<TestResult> = tests.into_iter().flatten().collect();
+        let tests: Vec<TestResult> = tests_done.into_iter().flatten().collect();
         let kept = if run.ender.armed { None } else { run.session.clone() };
         run.ender.finish().await;
         let (passed, failed) = (tests.iter().filter(|t| t.passed).count(), tests.iter().filter(|t| !t.passed).count());
@@ -333,31 +332,35 @@ impl Run<'_> {
         answer.unwrap_or_else(|| Err(SessionError::KernelUnavailable("abandoned".into())))
     }
 
-    /// Run tests through the kernel's runner and read their reports, in
-    /// order: `args` with `list` set to (a part of) `tests`. A test that
-    /// ends the runner's cell (it killed or exhausted the kernel) fails,
-    /// and the tests after it run in another cell, so that one test never
-    /// decides another's fate.
-    async fn runner(
-        &mut self,
-        function: &str,
-        mut args: serde_json::Value,
-        list: &str,
-        tests: &[&String],
-        limit: Duration,
-    ) -> Result<Vec<Report>, Infra> {
-        let mut reports = Vec::with_capacity(tests.len());
-        while reports.len() < tests.len() {
-            let rest = &tests[reports.len()..];
-            args[list] = serde_json::json!(rest);
-            let b64 = base64::engine::general_purpose::STANDARD.encode(args.to_string());
-            let code = format!("__import__('kiln_kernel.judge').judge.{function}('{b64}')");
+    /// Run `tests` through the judge and read their reports, in order. A
+    /// test that ends the runner's cell (it killed or exhausted the kernel)
+    /// fails, and the tests after it run in another cell, so that one test
+    /// never decides another's fate.
+    async fn runner(&mut self, tests: &Tests<'_>, limit: Duration) -> Result<Vec<Report>, Infra> {
+        let total = match tests {
+            Tests::Programs { stdins, .. } => stdins.len(),
+            Tests::Assertions { codes } => codes.len(),
+        };
+        let mut reports = Vec::with_capacity(total);
+        while reports.len() < total {
+            let done = reports.len();
+            let rest = match tests {
+                Tests::Programs { code, stdins } => Tests::Programs { code, stdins: &stdins[done..] },
+                Tests::Assertions { codes } => Tests::Assertions { codes: &codes[done..] },
+            };
+            let left = total - done;
+            let Some(code) = crate::runner::cell(self.exec.language, &rest, secs(limit)) else {
+                // Refused before anything ran (the batch checks items first).
+                let why = "assertion tests run in Python sessions only";
+                reports.extend(Report::all_failed(left, ItemStatus::Error, why));
+                break;
+            };
             // Each test's own limit, and a second each for its fork and sweep.
-            let n = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+            let n = u32::try_from(left).unwrap_or(u32::MAX);
             let cell_limit = (limit + Duration::from_secs(1)) * n + RUNNER_MARGIN;
             match self.cell(code, Some(cell_limit)).await {
                 Ok(j) => {
-                    let (ran, culprit) = Report::read(j, rest.len());
+                    let (ran, culprit) = Report::read(j, left);
                     reports.extend(ran);
                     reports.extend(culprit);
                 }
@@ -365,10 +368,10 @@ impl Run<'_> {
                 // killed its kernel and no new one could be started for it.
                 Err(SessionError::Expired(_)) => {
                     let why = "the session ended before this test could run (the item's code ended its kernel)";
-                    reports.extend(Report::all_failed(rest.len(), ItemStatus::Error, why));
+                    reports.extend(Report::all_failed(left, ItemStatus::Error, why));
                 }
                 Err(SessionError::Files(e)) => {
-                    reports.extend(Report::all_failed(rest.len(), ItemStatus::Error, &e.to_string()))
+                    reports.extend(Report::all_failed(left, ItemStatus::Error, &e.to_string()))
                 }
                 Err(e) => return Err(e.into()),
             }

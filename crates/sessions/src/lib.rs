@@ -18,7 +18,8 @@
 //!
 //! Every execution first passes [`admission`] (per-key places and queues,
 //! fair between keys). A [`batch`] runs many items through the manager's
-//! own operations and scores their tests ([`scoring`]). What a request may
+//! own operations, runs their tests in the session's language ([`runner`])
+//! and scores them ([`scoring`]). What a request may
 //! ask is checked once, in [`request`], for every way it arrives.
 #![forbid(unsafe_code)]
 
@@ -37,6 +38,7 @@ pub mod node;
 mod pool;
 mod registry;
 pub mod request;
+mod runner;
 mod scoring;
 mod worker;
 

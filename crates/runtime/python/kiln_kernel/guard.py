@@ -12,7 +12,9 @@ parent fails with ``EPERM``: ``kill``, ``tkill``, ``tgkill``,
 threads, its process group or everyone (``-1``), ``pidfd_open`` of them, and
 ``pidfd_send_signal`` altogether (its target is a descriptor, which could be
 a ``/proc/<pid>`` directory, so it cannot be checked by number). Signals to
-the test's own processes work as before.
+the test's own processes work as before. A runner that is a process of its
+own (``judge.command``, which a Deno or bash session's kernel starts) is
+guarded with its ancestors: the kernel, and the shell between them.
 """
 
 import ctypes
@@ -57,26 +59,67 @@ _LIBC = _libc()
 _MACHINE = platform.machine()
 
 
-def parent():
-    """In the parent, before the fork: the filter that keeps the child from
-    reaching this process (built here, so the child only installs it)."""
+# Extra numbers (pids, thread ids, negated groups) a filter can hold: its
+# jumps are 8 bits wide.
+MAX_EXTRA = 200
+
+
+def _ancestors() -> list:
+    """This process's ancestors within its pid namespace, nearest first
+    (never PID 1, which the kernel shields from its namespace's signals)."""
+    out = []
+    pid = os.getppid()
+    while pid > 1 and len(out) < 8:
+        out.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            break
+        pid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+    return out
+
+
+def _tids(pid) -> tuple:
     try:
-        tids = tuple(int(t) for t in os.listdir("/proc/self/task"))
+        return tuple(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except OSError:
-        tids = ()
-    prog = program(os.getpid(), tids, os.getpgid(0), _MACHINE)
+        return ()
+
+
+def parent(ancestors=False):
+    """In the parent, before the fork: the filter that keeps the child from
+    reaching this process (built here, so the child only installs it). With
+    ``ancestors``, nor any process this one descends from (the runner of a
+    Deno or bash session is a process its kernel starts: a test must reach
+    neither)."""
+    processes, threads = [], []
+    if ancestors:
+        for pid in _ancestors():
+            processes.append(pid)
+            threads.extend(_tids(pid))
+            try:
+                processes.append(-os.getpgid(pid))
+            except OSError:
+                pass
+    # At most what a filter's 8-bit jumps can skip: the processes and their
+    # groups first, then as many of their threads as fit.
+    extra = (processes + threads)[:MAX_EXTRA]
+    prog = program(os.getpid(), _tids("self"), os.getpgid(0), _MACHINE, tuple(extra))
     if not prog or _LIBC is None:
         return None
     filters = (_Filter * len(prog))(*[_Filter(*f) for f in prog])
     return _Prog(len(prog), filters), filters
 
 
-def program(pid: int, tids: tuple, pgid: int, machine: str) -> list:
+def program(pid: int, tids: tuple, pgid: int, machine: str, extra: tuple = ()) -> list:
     """The filter as (code, jt, jf, k) tuples; empty for an unknown machine."""
     if machine not in _ARCHES:
         return []
     arch, nrs = _ARCHES[machine]
-    protected = sorted({pid & 0xFFFFFFFF, *(t & 0xFFFFFFFF for t in tids), 0xFFFFFFFF, (-pgid) & 0xFFFFFFFF})
+    protected = sorted(
+        {pid & 0xFFFFFFFF, *(t & 0xFFFFFFFF for t in (*tids, *extra)), 0xFFFFFFFF, (-pgid) & 0xFFFFFFFF}
+    )
     checked = [nrs[n] for n in _TARGETED]
     # Layout: [arch check] [nr: always denied] [nr: checked] allow | [arg0 checks] allow | deny | allow
     head = 3 + 1 + len(checked)  # ld arch, jeq arch, ld nr, jeq denied, jeq checked...

@@ -30,6 +30,14 @@ forks share, is copied before the first test and put back after each
   the stdout each run reports with the expectation. The server calls it before the
   item's code runs in the kernel, so for a fresh session the parent is a
   kernel no candidate code has touched.
+* :func:`command` is :func:`program` for the other languages: a process of
+  its own (``python3 -m kiln_kernel.judge``), which the kernel of a Deno or
+  bash session starts, runs ``code`` with that language's interpreter
+  (``argv``) once per standard input, each in a fork of itself that execs
+  the interpreter on the program (a copy in memory of the test's own). It is
+  started before the item's code runs, so for a fresh session the kernel
+  that starts it is one no candidate code has touched, and a test can signal
+  neither the runner nor the kernel (guard.py).
 * :func:`check` runs each of its ``codes`` (an ``assert``) in the kernel's
   namespace as it is after the item's code; one passes when it completes. This parent
   *has* run the candidate's code, which could have changed anything in it:
@@ -230,9 +238,11 @@ def _flush() -> None:
             pass
 
 
-def _run(body, stdin: bytes, timeout: float) -> dict:
+def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
     """Fork; in the child call ``body(done_fd)`` (which must not return);
-    in the parent collect the child's output until it ends or ``timeout``."""
+    in the parent collect the child's output until it ends or ``timeout``.
+    ``guard``: the filter the child installs (by default, one that keeps it
+    from signalling this process)."""
     stdin_fd = _memfd_create("kiln-stdin")
     _write(stdin_fd, stdin)
     os.lseek(stdin_fd, 0, os.SEEK_SET)
@@ -240,7 +250,7 @@ def _run(body, stdin: bytes, timeout: float) -> dict:
     err_r, err_w = _pipe()
     done_r, done_w = _pipe()
     before = set(_descendants())
-    parent = _guard.parent()
+    parent = guard if guard is not None else _guard.parent()
     _set_dumpable(False)
     _set_subreaper(True)
     started = _monotonic()
@@ -441,3 +451,42 @@ def check(b64: str) -> None:
         return body
 
     _each_from_the_same_work_dir(args["codes"], lambda code: _run(body_for(code), b"", float(args["timeout"])))
+
+
+def command(b64: str) -> None:
+    """Run ``code`` as a program of another language once per entry of
+    ``stdins``: ``argv`` with ``{program}`` replaced by the path of the
+    program, each in a fork of this process that execs the interpreter;
+    report how each run ended, one line each, in order."""
+    args = _args(b64)
+    code = args["code"].encode()
+    argv = [str(a) for a in args["argv"]]
+    guard = _guard.parent(ancestors=True)
+    work = os.environ.get("KILN_WORK_DIR")
+
+    def body(done_fd):
+        # The test's own copy of the program, in memory: nothing a test
+        # does to it reaches the next.
+        fd = _memfd_create("main", 0)
+        _write(fd, code)
+        os.lseek(fd, 0, os.SEEK_SET)
+        # This interpreter ignores SIGPIPE and SIGXFSZ; a program starts with
+        # the defaults.
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        if work:
+            os.chdir(work)
+        path = f"/proc/self/fd/{fd}"
+        try:
+            os.execvp(argv[0], [a.replace("{program}", path) for a in argv])
+        except OSError as e:
+            print(f"[kiln] cannot start {argv[0]}: {e}", file=sys.stderr, flush=True)
+        os._exit(127)
+
+    _each_from_the_same_work_dir(
+        args["stdins"], lambda stdin: _run(body, stdin.encode(), float(args["timeout"]), guard)
+    )
+
+
+if __name__ == "__main__":
+    command(sys.argv[1])

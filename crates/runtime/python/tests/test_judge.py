@@ -96,6 +96,47 @@ class ProgramTest(unittest.TestCase):
             os.kill(outsider, 9)
 
 
+class CommandTest(unittest.TestCase):
+    """Program runs of another language: the judge in a process of its own,
+    each run an exec of the language's interpreter on the test's own copy
+    of the program."""
+
+    def test_each_input_is_one_run_of_the_interpreter(self):
+        reports = run(
+            "command",
+            code='read n\necho $((n * 2))\nexit $((n > 3))',
+            argv=["bash", "{program}"],
+            stdins=["2\n", "5\n"],
+            timeout=10,
+        )
+        self.assertEqual([(r["exit"], r["stdout"]) for r in reports], [(0, "4\n"), (1, "10\n")])
+
+    def test_a_run_cannot_change_the_program_the_next_run_gets(self):
+        code = 'echo run\necho "echo changed" > "$0"; cat "$0" >&2'
+        reports = run("command", code=code, argv=["bash", "{program}"], stdins=["", ""], timeout=10)
+        self.assertEqual([r["stdout"] for r in reports], ["run\n", "run\n"], reports)
+
+    def test_a_program_gets_the_default_sigpipe_and_a_missing_interpreter_is_its_failure(self):
+        # With SIGPIPE ignored, `yes` would see EPIPE and complain.
+        (r,) = run("command", code="yes | head -1", argv=["bash", "{program}"], stdins=[""], timeout=10)
+        self.assertEqual((r["exit"], r["stdout"], r["stderr"]), (0, "y\n", ""), r)
+        (r,) = run("command", code="", argv=["no-such-interpreter", "{program}"], stdins=[""], timeout=10)
+        self.assertEqual(r["exit"], 127)
+        self.assertIn("cannot start no-such-interpreter", r["stderr"])
+
+    def test_a_run_cannot_signal_the_judge_or_its_ancestors(self):
+        from kiln_kernel import guard
+
+        # This process plays the kernel that started the judge: the judge's
+        # parent. A run that tries to kill it is refused.
+        prepared = guard.parent(ancestors=True)
+        self.assertIsNotNone(prepared)
+        code = f"kill -0 $PPID && echo judge; kill -0 {os.getppid()} && echo ancestor; echo done"
+        (r,) = run("command", code=code, argv=["bash", "{program}"], stdins=[""], timeout=10)
+        self.assertEqual(r["stdout"], "done\n", r)
+        self.assertIn("Operation not permitted", r["stderr"])
+
+
 class CheckTest(unittest.TestCase):
     def test_an_assertion_passes_only_when_it_completes(self):
         reports = run("check", codes=["assert 1 + 1 == 2", "assert 1 + 1 == 3", "import os\nos._exit(0)"], timeout=10)

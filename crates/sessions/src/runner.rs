@@ -1,0 +1,116 @@
+//! The cell that runs some of a batch item's tests in its session, in the
+//! session's own language.
+//!
+//! The tests are run by kiln's judge (`kiln_kernel.judge`, Python), which
+//! prints one report line per test for [`crate::scoring`] to read. In a
+//! Python session the judge is already in the kernel: the cell calls it,
+//! and each test is a fork of the kernel. A Deno or bash kernel cannot fork
+//! a Python interpreter, so there the cell starts the judge as a process of
+//! its own (`python3 -m kiln_kernel.judge`, from the session's `PATH` and
+//! `PYTHONPATH`), which runs each program test as a fork of itself that
+//! execs the language's interpreter on the item's code (`judge.command`),
+//! and passes its report lines on as the cell's output.
+
+use base64::Engine as _;
+use kiln_protocol::Language;
+
+/// What a set of tests asks of the judge.
+pub(crate) enum Tests<'a> {
+    /// Run the item's code as a program once per standard input.
+    Programs { code: &'a str, stdins: &'a [&'a String] },
+    /// Run each assertion from the state the item's code left (Python).
+    Assertions { codes: &'a [&'a String] },
+}
+
+/// How `language` runs a program file (`{program}` stands for its path),
+/// for the languages whose tests run through `judge.command`.
+fn interpreter(language: Language) -> Option<&'static [&'static str]> {
+    // Deno as a Deno notebook runs a cell: every permission (the sandbox
+    // is the boundary), no configuration or lock file from the work dir.
+    match language {
+        Language::Python => None,
+        Language::Javascript => {
+            Some(&["deno", "run", "--allow-all", "--quiet", "--no-config", "--no-lock", "--ext=js", "{program}"])
+        }
+        Language::Typescript => {
+            Some(&["deno", "run", "--allow-all", "--quiet", "--no-config", "--no-lock", "--ext=ts", "{program}"])
+        }
+        Language::Bash => Some(&["bash", "{program}"]),
+    }
+}
+
+/// The cell, in `language`, that runs `tests` with each its own time limit
+/// `timeout_secs`; `None` when the language cannot run them (assertions
+/// are Python's).
+pub(crate) fn cell(language: Language, tests: &Tests<'_>, timeout_secs: f64) -> Option<String> {
+    let (function, args) = match (tests, interpreter(language)) {
+        (Tests::Programs { code, stdins }, None) => {
+            ("program", serde_json::json!({"code": code, "stdins": stdins, "timeout": timeout_secs}))
+        }
+        (Tests::Programs { code, stdins }, Some(argv)) => {
+            ("command", serde_json::json!({"code": code, "stdins": stdins, "timeout": timeout_secs, "argv": argv}))
+        }
+        (Tests::Assertions { codes }, None) => ("check", serde_json::json!({"codes": codes, "timeout": timeout_secs})),
+        (Tests::Assertions { .. }, Some(_)) => return None,
+    };
+    // base64: nothing in the tests can end the cell's string literal.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(args.to_string());
+    Some(match language {
+        Language::Python => format!("__import__('kiln_kernel.judge').judge.{function}('{b64}')"),
+        Language::Javascript | Language::Typescript => format!(
+            "{{\n  const judged = await new Deno.Command(\"python3\", {{ args: [\"-m\", \"kiln_kernel.judge\", \
+             \"{b64}\"], stdin: \"null\" }}).output();\n  const text = new TextDecoder().decode(judged.stdout);\n  \
+             if (text) console.log(text.trimEnd());\n  if (!judged.success) throw new Error(\"[kiln] the test \
+             runner failed: \" + new TextDecoder().decode(judged.stderr));\n}}"
+        ),
+        Language::Bash => format!("python3 -m kiln_kernel.judge '{b64}' < /dev/null"),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args_of(cell: &str) -> serde_json::Value {
+        let b64 = cell.split(['\'', '"']).find(|s| s.len() > 20 && !s.contains(' ')).unwrap();
+        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn python_programs_and_assertions_run_in_the_kernel_itself() {
+        let stdins = [&"1\n".to_string()];
+        let cell = cell(Language::Python, &Tests::Programs { code: "print(1)", stdins: &stdins }, 2.0).unwrap();
+        assert!(cell.starts_with("__import__('kiln_kernel.judge').judge.program('"), "{cell}");
+        assert_eq!(args_of(&cell), serde_json::json!({"code": "print(1)", "stdins": ["1\n"], "timeout": 2.0}));
+        let codes = [&"assert 1".to_string()];
+        let cell = super::cell(Language::Python, &Tests::Assertions { codes: &codes }, 2.0).unwrap();
+        assert!(cell.contains(".judge.check('"), "{cell}");
+    }
+
+    #[test]
+    fn other_languages_start_the_judge_with_their_own_interpreter() {
+        let stdins = [&"1\n".to_string()];
+        for (language, first, ext) in [
+            (Language::Javascript, "deno", Some("--ext=js")),
+            (Language::Typescript, "deno", Some("--ext=ts")),
+            (Language::Bash, "bash", None),
+        ] {
+            let cell = cell(language, &Tests::Programs { code: "x", stdins: &stdins }, 2.0).unwrap();
+            assert!(cell.contains("-m") && cell.contains("kiln_kernel.judge"), "{cell}");
+            let args = args_of(&cell);
+            let argv: Vec<&str> = args["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+            assert_eq!((argv[0], argv.last().copied()), (first, Some("{program}")), "{argv:?}");
+            assert!(ext.is_none_or(|e| argv.contains(&e)), "{argv:?}");
+            assert_eq!(args["code"], "x");
+        }
+    }
+
+    #[test]
+    fn assertions_are_python_s_alone() {
+        let codes = [&"assert 1".to_string()];
+        for language in [Language::Javascript, Language::Typescript, Language::Bash] {
+            assert!(cell(language, &Tests::Assertions { codes: &codes }, 2.0).is_none());
+        }
+    }
+}
