@@ -435,6 +435,13 @@ async fn npm_imports_reach_the_configured_registry_only_under_the_registries_pol
     assert_eq!(net.connections("registry"), reached, "a session under `none` reached the registry");
 }
 
+/// A Deno program that waits a second, says whether `bg.txt` is in
+/// `/work`, then leaves a process behind that writes it.
+const LEAVES_A_WRITER: &str = "import { existsSync } from 'node:fs';\n\
+    await new Promise((r) => setTimeout(r, 1000));\n\
+    console.log(existsSync('bg.txt') ? 'dirty' : 'clean');\n\
+    new Deno.Command('bash', { args: ['-c', 'sleep 0.3; echo x > bg.txt'] }).spawn().unref();";
+
 /// A batch item in JavaScript, TypeScript or bash is scored by program
 /// tests, as a Python one: kiln's judge runs the item's code with the
 /// language's interpreter once per test, from the same `/work`, and a test
@@ -461,6 +468,13 @@ async fn program_tests_score_javascript_typescript_and_bash_items() {
         // A test that tries to end the judge and the kernel: refused, and
         // the next test runs as usual.
         {"language": "bash", "code": "kill -9 $PPID\nkill -9 -1\nread n\necho $((n * 2))", "tests": tests},
+        // What a run leaves running is killed before the next run.
+        {"language": "javascript", "code": LEAVES_A_WRITER, "tests": [
+            {"stdin": "", "expected_stdout": "clean"}, {"stdin": "", "expected_stdout": "clean"}]},
+        {"language": "javascript", "code": "while (true) {}", "tests": [tests[0]], "tests_timeout": 2},
+        // Programs larger than a command-line argument may be.
+        {"language": "javascript", "code": format!("// {}\n{double_js}", "x".repeat(300_000)), "tests": tests},
+        {"language": "bash", "code": format!("# {}\nread n\necho $((n * 2))", "x".repeat(300_000)), "tests": tests},
     ]);
     let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
     assert_eq!(status, 200, "{v}");
@@ -474,6 +488,10 @@ async fn program_tests_score_javascript_typescript_and_bash_items() {
         vec![true, true],
         vec![true, true],
         vec![false, false],
+        vec![false],
+        vec![true, true],
+        vec![true, true],
+        vec![true, true],
         vec![false],
         vec![true, true],
         vec![true, true],

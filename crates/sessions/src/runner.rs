@@ -57,13 +57,17 @@ pub(crate) fn cell(language: Language, tests: &Tests<'_>, timeout_secs: f64) -> 
     let b64 = base64::engine::general_purpose::STANDARD.encode(args.to_string());
     Some(match language {
         Language::Python => format!("__import__('kiln_kernel.judge').judge.{function}('{b64}')"),
+        // The arguments go on the judge's stdin: a program can be larger
+        // than one command-line argument may be.
         Language::Javascript | Language::Typescript => format!(
-            "{{\n  const judged = await new Deno.Command(\"python3\", {{ args: [\"-m\", \"kiln_kernel.judge\", \
-             \"{b64}\"], stdin: \"null\" }}).output();\n  const text = new TextDecoder().decode(judged.stdout);\n  \
-             if (text) console.log(text.trimEnd());\n  if (!judged.success) throw new Error(\"[kiln] the test \
-             runner failed: \" + new TextDecoder().decode(judged.stderr));\n}}"
+            "{{\n  const judge = new Deno.Command(\"python3\", {{ args: [\"-m\", \"kiln_kernel.judge\"], stdin: \
+             \"piped\", stdout: \"piped\", stderr: \"piped\" }}).spawn();\n  const input = judge.stdin.getWriter();\n  \
+             await input.write(new TextEncoder().encode(\"{b64}\"));\n  await input.close();\n  const judged = await \
+             judge.output();\n  const text = new TextDecoder().decode(judged.stdout);\n  if (text) \
+             console.log(text.trimEnd());\n  if (!judged.success) throw new Error(\"[kiln] the test runner failed: \" + \
+             new TextDecoder().decode(judged.stderr));\n}}"
         ),
-        Language::Bash => format!("python3 -m kiln_kernel.judge '{b64}' < /dev/null"),
+        Language::Bash => format!("python3 -m kiln_kernel.judge <<'KILN_JUDGE_ARGS'\n{b64}\nKILN_JUDGE_ARGS"),
     })
 }
 
@@ -73,7 +77,7 @@ mod tests {
     use super::*;
 
     fn args_of(cell: &str) -> serde_json::Value {
-        let b64 = cell.split(['\'', '"']).find(|s| s.len() > 20 && !s.contains(' ')).unwrap();
+        let b64 = cell.split(['\'', '"', '\n', ' ']).max_by_key(|s| s.len()).unwrap();
         serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
     }
 

@@ -489,4 +489,6 @@ def command(b64: str) -> None:
 
 
 if __name__ == "__main__":
-    command(sys.argv[1])
+    # The arguments come on stdin: a program can be larger than one
+    # command-line argument may be (128 KiB on Linux).
+    command(sys.stdin.read())
