@@ -442,10 +442,20 @@ const LEAVES_A_WRITER: &str = "import { existsSync } from 'node:fs';\n\
     console.log(existsSync('bg.txt') ? 'dirty' : 'clean');\n\
     new Deno.Command('bash', { args: ['-c', 'sleep 0.3; echo x > bg.txt'] }).spawn().unref();";
 
+/// A Deno program that prints the command name of its parent's parent: the
+/// kernel that started the judge (`deno`) when the item's own session runs
+/// its tests, something else when a Python kernel does.
+const GRANDPARENT: &str =
+    "const parent = (pid) => Deno.readTextFileSync(`/proc/${pid}/stat`).split(') ')[1].split(' ')[1];\n\
+    console.log(Deno.readTextFileSync(`/proc/${parent(Deno.ppid)}/comm`).trim());";
+
 /// A batch item in JavaScript, TypeScript or bash is scored by program
 /// tests, as a Python one: kiln's judge runs the item's code with the
 /// language's interpreter once per test, from the same `/work`, and a test
 /// can reach neither the judge nor the kernel. Assertions stay Python's.
+/// Both ways the judge runs: from a Python kernel (a program-only item in
+/// a fresh session, which needs no kernel of its language), and as a
+/// process the item's own Deno or bash kernel starts (a kept session).
 #[tokio::test(flavor = "multi_thread")]
 async fn program_tests_score_javascript_typescript_and_bash_items() {
     let s = start(&["--profile", "full"]);
@@ -456,6 +466,7 @@ async fn program_tests_score_javascript_typescript_and_bash_items() {
     // Each run finds /work as the item left it, whatever the run before did.
     let once = "import { existsSync, writeFileSync } from 'node:fs';\n\
                 console.log(existsSync('left.txt') ? 'dirty' : 'clean');\nwriteFileSync('left.txt', 'x');";
+    let clean_twice = json!([{"stdin": "", "expected_stdout": "clean"}, {"stdin": "", "expected_stdout": "clean"}]);
     let items = json!([
         {"language": "javascript", "code": double_js, "tests": tests},
         {"language": "typescript", "code": double_ts, "tests": tests},
@@ -463,45 +474,71 @@ async fn program_tests_score_javascript_typescript_and_bash_items() {
         {"language": "bash", "code": "read n\necho $((n * 3))", "tests": tests},
         // Prints the right answer, then fails: a failed run.
         {"language": "javascript", "code": "console.log('4');\nDeno.exit(1);", "tests": [tests[0]]},
-        {"language": "javascript", "code": once, "tests": [
-            {"stdin": "", "expected_stdout": "clean"}, {"stdin": "", "expected_stdout": "clean"}]},
+        {"language": "javascript", "code": once, "tests": clean_twice},
         // A test that tries to end the judge and the kernel: refused, and
         // the next test runs as usual.
         {"language": "bash", "code": "kill -9 $PPID\nkill -9 -1\nread n\necho $((n * 2))", "tests": tests},
         // What a run leaves running is killed before the next run.
-        {"language": "javascript", "code": LEAVES_A_WRITER, "tests": [
-            {"stdin": "", "expected_stdout": "clean"}, {"stdin": "", "expected_stdout": "clean"}]},
+        {"language": "javascript", "code": LEAVES_A_WRITER, "tests": clean_twice},
         {"language": "javascript", "code": "while (true) {}", "tests": [tests[0]], "tests_timeout": 2},
         // Programs larger than a command-line argument may be.
         {"language": "javascript", "code": format!("// {}\n{double_js}", "x".repeat(300_000)), "tests": tests},
         {"language": "bash", "code": format!("# {}\nread n\necho $((n * 2))", "x".repeat(300_000)), "tests": tests},
+        {"language": "javascript", "code": GRANDPARENT, "tests": [{"stdin": "", "expected_stdout": "deno"}]},
     ]);
-    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
-    assert_eq!(status, 200, "{v}");
-    let results = v["data"]["results"].as_array().unwrap();
-    let passed: Vec<Vec<bool>> = results
-        .iter()
-        .map(|r| r["tests"].as_array().unwrap().iter().map(|t| t["passed"].as_bool().unwrap()).collect())
-        .collect();
-    let expect = [
-        vec![true, true],
-        vec![true, true],
-        vec![true, true],
-        vec![false, false],
-        vec![false],
-        vec![true, true],
-        vec![true, true],
-        vec![true, true],
-        vec![false],
-        vec![true, true],
-        vec![true, true],
-    ];
-    assert_eq!(passed, expect, "{v:#}");
-    assert_eq!(results[3]["tests"][1]["stdout"], "15\n");
-    assert_eq!(results[4]["tests"][0]["status"], "error", "{}", results[4]);
-    assert!(results[6]["tests"][0]["stderr"].as_str().unwrap().contains("Operation not permitted"), "{}", results[6]);
-    // Every item ended its fresh session.
-    assert!(s.sessions(KEY).await.is_empty());
+    for keep in [false, true] {
+        let mut items = items.clone();
+        for item in items.as_array_mut().unwrap() {
+            item["keep_session"] = json!(keep);
+        }
+        let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
+        assert_eq!(status, 200, "{v}");
+        let results = v["data"]["results"].as_array().unwrap();
+        let passed: Vec<Vec<bool>> = results
+            .iter()
+            .map(|r| r["tests"].as_array().unwrap().iter().map(|t| t["passed"].as_bool().unwrap()).collect())
+            .collect();
+        let expect = [
+            vec![true, true],
+            vec![true, true],
+            vec![true, true],
+            vec![false, false],
+            vec![false],
+            vec![true, true],
+            vec![true, true],
+            vec![true, true],
+            vec![false],
+            vec![true, true],
+            vec![true, true],
+            // The item's own Deno kernel started the judge only when kept.
+            vec![keep],
+        ];
+        assert_eq!(passed, expect, "kept: {keep}: {v:#}");
+        assert_eq!(results[3]["tests"][1]["stdout"], "15\n");
+        assert_eq!(results[4]["tests"][0]["status"], "error", "{}", results[4]);
+        assert_eq!(results[8]["tests"][0]["status"], "timeout", "{}", results[8]);
+        assert!(
+            results[6]["tests"][0]["stderr"].as_str().unwrap().contains("Operation not permitted"),
+            "{}",
+            results[6]
+        );
+        // Fresh sessions ended with their items; kept ones live on, each
+        // in its item's language.
+        let live = s.sessions(KEY).await;
+        assert_eq!(live.len(), if keep { results.len() } else { 0 }, "{live:?}");
+        if keep {
+            let id = results[2]["session_id"].as_str().unwrap();
+            let (_, v) = s
+                .post("/v1/tci/execute", Some(KEY), json!({"code": "echo $0", "language": "bash", "session_id": id}))
+                .await;
+            assert_eq!(v["data"]["status"], "success", "{v}");
+            for r in results {
+                let path = format!("/v1/tci/sessions/{}", r["session_id"].as_str().unwrap());
+                let (status, _) = s.raw(reqwest::Method::DELETE, &path, Some(KEY), Vec::new()).await;
+                assert!(status < 300, "{path}: {status}");
+            }
+        }
+    }
 
     // An assertion needs Python's namespace: refused before anything runs.
     let item = json!({"language": "javascript", "code": "const a = 1", "tests": [tests[0], {"code": "a === 1"}]});

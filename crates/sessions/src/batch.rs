@@ -22,7 +22,7 @@
 use crate::runner::Tests;
 use crate::scoring::{status_of, Report};
 use crate::{Exec, Judged, Manager, SessionError};
-use kiln_protocol::{BatchResult, ExecEvent, ItemStatus, Output, TestKind, TestResult};
+use kiln_protocol::{BatchResult, ExecEvent, ItemStatus, Language, Output, TestKind, TestResult};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -156,13 +156,22 @@ impl Manager {
     }
 
     async fn attempt(&self, key_id: &str, job: &BatchJob) -> Result<BatchResult, Infra> {
+        let program_only = !job.tests.is_empty() && job.tests.iter().all(|t| matches!(t, TestKind::Program { .. }));
+        let fresh = job.exec.session_id.is_none() && !job.keep_session;
+        // A program-only item in a session no one will see runs no cell of
+        // its language: its tests run from a Python kernel, forked from the
+        // zygote in tens of milliseconds, where a Deno or bash kernel would
+        // boot in half a second or more of CPU. The programs still run with
+        // their own interpreter (`runner`).
+        let in_python = Exec { language: Language::Python, ..job.exec.clone() };
+        let session = if program_only && fresh { &in_python } else { &job.exec };
         let mut run = Run {
             manager: self,
             key_id,
-            exec: &job.exec,
+            exec: session,
             session: job.exec.session_id.clone(),
             files: Some(job.exec.files.clone()),
-            ender: Ender::new(self.clone(), key_id, job.exec.session_id.is_none() && !job.keep_session),
+            ender: Ender::new(self.clone(), key_id, fresh),
         };
         let mut tests_done: Vec<Option<TestResult>> = vec![None; job.tests.len()];
         // 1. Program runs, from the kernel as it was before the item's code.
@@ -182,13 +191,12 @@ impl Manager {
         for chunk in programs.chunks(per_cell) {
             let stdins: Vec<&String> = chunk.iter().map(|(_, stdin, _)| *stdin).collect();
             let tests = Tests::Programs { code: &job.exec.code, stdins: &stdins };
-            let reports = run.runner(&tests, job.tests_timeout).await?;
+            let reports = run.runner(&tests, job.exec.language, job.tests_timeout).await?;
             for ((i, _, expected), report) in chunk.iter().zip(reports) {
                 tests_done[*i] = Some(report.score(Some(expected)));
             }
         }
         // 2. The cell, unless the item is a program only.
-        let program_only = !job.tests.is_empty() && job.tests.iter().all(|t| matches!(t, TestKind::Program { .. }));
         let (status, outputs) = if program_only {
             let worst = tests_done.iter().flatten().map(|t| t.status).find(|s| *s != ItemStatus::Success);
             (worst.unwrap_or(ItemStatus::Success), Vec::new())
@@ -211,7 +219,8 @@ impl Manager {
             .collect();
         for chunk in checks.chunks(per_cell) {
             let codes: Vec<&String> = chunk.iter().map(|(_, code)| *code).collect();
-            let reports = run.runner(&Tests::Assertions { codes: &codes }, job.tests_timeout).await?;
+            let reports =
+                run.runner(&Tests::Assertions { codes: &codes }, job.exec.language, job.tests_timeout).await?;
             for ((i, _), report) in chunk.iter().zip(reports) {
                 tests_done[*i] = Some(report.score(None));
             }
@@ -332,11 +341,11 @@ impl Run<'_> {
         answer.unwrap_or_else(|| Err(SessionError::KernelUnavailable("abandoned".into())))
     }
 
-    /// Run `tests` through the judge and read their reports, in order. A
-    /// test that ends the runner's cell (it killed or exhausted the kernel)
-    /// fails, and the tests after it run in another cell, so that one test
-    /// never decides another's fate.
-    async fn runner(&mut self, tests: &Tests<'_>, limit: Duration) -> Result<Vec<Report>, Infra> {
+    /// Run `tests` of an item in `language` through the judge and read
+    /// their reports, in order. A test that ends the runner's cell (it
+    /// killed or exhausted the kernel) fails, and the tests after it run in
+    /// another cell, so that one test never decides another's fate.
+    async fn runner(&mut self, tests: &Tests<'_>, language: Language, limit: Duration) -> Result<Vec<Report>, Infra> {
         let total = match tests {
             Tests::Programs { stdins, .. } => stdins.len(),
             Tests::Assertions { codes } => codes.len(),
@@ -349,9 +358,9 @@ impl Run<'_> {
                 Tests::Assertions { codes } => Tests::Assertions { codes: &codes[done..] },
             };
             let left = total - done;
-            let Some(code) = crate::runner::cell(self.exec.language, &rest, secs(limit)) else {
+            let Some(code) = crate::runner::cell(self.exec.language, language, &rest, secs(limit)) else {
                 // Refused before anything ran (the batch checks items first).
-                let why = "assertion tests run in Python sessions only";
+                let why = "these tests cannot run in this session's language";
                 reports.extend(Report::all_failed(left, ItemStatus::Error, why));
                 break;
             };

@@ -9,7 +9,10 @@
 //! its own (`python3 -m kiln_kernel.judge`, from the session's `PATH` and
 //! `PYTHONPATH`), which runs each program test as a fork of itself that
 //! execs the language's interpreter on the item's code (`judge.command`),
-//! and passes its report lines on as the cell's output.
+//! and passes its report lines on as the cell's output. A Python kernel can
+//! call `judge.command` itself: an item that is a program only needs no
+//! kernel of its language (see `batch`), and a Python session, forked from
+//! the zygote, starts far faster than a Deno or bash kernel boots.
 
 use base64::Engine as _;
 use kiln_protocol::Language;
@@ -22,40 +25,49 @@ pub(crate) enum Tests<'a> {
     Assertions { codes: &'a [&'a String] },
 }
 
-/// How `language` runs a program file (`{program}` stands for its path),
-/// for the languages whose tests run through `judge.command`.
-fn interpreter(language: Language) -> Option<&'static [&'static str]> {
+/// How a program in `language` is run (`{program}` stands for its path),
+/// and what it needs in its environment beyond the session's, for the
+/// languages whose tests run through `judge.command`.
+fn interpreter(language: Language) -> Option<serde_json::Value> {
     // Deno as a Deno notebook runs a cell: every permission (the sandbox
-    // is the boundary), no configuration or lock file from the work dir.
+    // is the boundary), no configuration or lock file from the work dir,
+    // no prompts, update checks or colours (its kernel's environment).
+    let deno = |ext: &str| {
+        serde_json::json!({
+            "argv": ["deno", "run", "--allow-all", "--quiet", "--no-config", "--no-lock", ext, "{program}"],
+            "env": {"DENO_NO_PROMPT": "1", "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"},
+        })
+    };
     match language {
         Language::Python => None,
-        Language::Javascript => {
-            Some(&["deno", "run", "--allow-all", "--quiet", "--no-config", "--no-lock", "--ext=js", "{program}"])
-        }
-        Language::Typescript => {
-            Some(&["deno", "run", "--allow-all", "--quiet", "--no-config", "--no-lock", "--ext=ts", "{program}"])
-        }
-        Language::Bash => Some(&["bash", "{program}"]),
+        Language::Javascript => Some(deno("--ext=js")),
+        Language::Typescript => Some(deno("--ext=ts")),
+        Language::Bash => Some(serde_json::json!({"argv": ["bash", "{program}"], "env": {}})),
     }
 }
 
-/// The cell, in `language`, that runs `tests` with each its own time limit
-/// `timeout_secs`; `None` when the language cannot run them (assertions
-/// are Python's).
-pub(crate) fn cell(language: Language, tests: &Tests<'_>, timeout_secs: f64) -> Option<String> {
-    let (function, args) = match (tests, interpreter(language)) {
-        (Tests::Programs { code, stdins }, None) => {
+/// The cell, in the session's language `session`, that runs `tests` of an
+/// item in `program`'s language, each with its own time limit
+/// `timeout_secs`; `None` when they cannot run there (assertions are
+/// Python's; a Python program needs a Python session).
+pub(crate) fn cell(session: Language, program: Language, tests: &Tests<'_>, timeout_secs: f64) -> Option<String> {
+    let (function, args) = match (tests, interpreter(program)) {
+        (Tests::Programs { code, stdins }, None) if session == Language::Python => {
             ("program", serde_json::json!({"code": code, "stdins": stdins, "timeout": timeout_secs}))
         }
-        (Tests::Programs { code, stdins }, Some(argv)) => {
-            ("command", serde_json::json!({"code": code, "stdins": stdins, "timeout": timeout_secs, "argv": argv}))
+        (Tests::Programs { code, stdins }, Some(run)) => (
+            "command",
+            serde_json::json!({"code": code, "stdins": stdins, "timeout": timeout_secs, "argv": run["argv"],
+                               "env": run["env"]}),
+        ),
+        (Tests::Assertions { codes }, None) if session == Language::Python => {
+            ("check", serde_json::json!({"codes": codes, "timeout": timeout_secs}))
         }
-        (Tests::Assertions { codes }, None) => ("check", serde_json::json!({"codes": codes, "timeout": timeout_secs})),
-        (Tests::Assertions { .. }, Some(_)) => return None,
+        _ => return None,
     };
     // base64: nothing in the tests can end the cell's string literal.
     let b64 = base64::engine::general_purpose::STANDARD.encode(args.to_string());
-    Some(match language {
+    Some(match session {
         Language::Python => format!("__import__('kiln_kernel.judge').judge.{function}('{b64}')"),
         // The arguments go on the judge's stdin: a program can be larger
         // than one command-line argument may be.
@@ -84,11 +96,12 @@ mod tests {
     #[test]
     fn python_programs_and_assertions_run_in_the_kernel_itself() {
         let stdins = [&"1\n".to_string()];
-        let cell = cell(Language::Python, &Tests::Programs { code: "print(1)", stdins: &stdins }, 2.0).unwrap();
+        let programs = Tests::Programs { code: "print(1)", stdins: &stdins };
+        let cell = cell(Language::Python, Language::Python, &programs, 2.0).unwrap();
         assert!(cell.starts_with("__import__('kiln_kernel.judge').judge.program('"), "{cell}");
         assert_eq!(args_of(&cell), serde_json::json!({"code": "print(1)", "stdins": ["1\n"], "timeout": 2.0}));
         let codes = [&"assert 1".to_string()];
-        let cell = super::cell(Language::Python, &Tests::Assertions { codes: &codes }, 2.0).unwrap();
+        let cell = super::cell(Language::Python, Language::Python, &Tests::Assertions { codes: &codes }, 2.0).unwrap();
         assert!(cell.contains(".judge.check('"), "{cell}");
     }
 
@@ -100,9 +113,14 @@ mod tests {
             (Language::Typescript, "deno", Some("--ext=ts")),
             (Language::Bash, "bash", None),
         ] {
-            let cell = cell(language, &Tests::Programs { code: "x", stdins: &stdins }, 2.0).unwrap();
+            let programs = Tests::Programs { code: "x", stdins: &stdins };
+            let cell = cell(language, language, &programs, 2.0).unwrap();
             assert!(cell.contains("-m") && cell.contains("kiln_kernel.judge"), "{cell}");
             let args = args_of(&cell);
+            // A Python session runs the same judge function in its kernel.
+            let in_python = super::cell(Language::Python, language, &programs, 2.0).unwrap();
+            assert!(in_python.starts_with("__import__('kiln_kernel.judge').judge.command('"), "{in_python}");
+            assert_eq!(args_of(&in_python), args);
             let argv: Vec<&str> = args["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
             assert_eq!((argv[0], argv.last().copied()), (first, Some("{program}")), "{argv:?}");
             assert!(ext.is_none_or(|e| argv.contains(&e)), "{argv:?}");
@@ -111,10 +129,13 @@ mod tests {
     }
 
     #[test]
-    fn assertions_are_python_s_alone() {
+    fn assertions_are_python_s_alone_and_a_python_program_needs_a_python_session() {
         let codes = [&"assert 1".to_string()];
+        let stdins = [&"1\n".to_string()];
         for language in [Language::Javascript, Language::Typescript, Language::Bash] {
-            assert!(cell(language, &Tests::Assertions { codes: &codes }, 2.0).is_none());
+            assert!(cell(language, language, &Tests::Assertions { codes: &codes }, 2.0).is_none());
+            let programs = Tests::Programs { code: "print(1)", stdins: &stdins };
+            assert!(cell(language, Language::Python, &programs, 2.0).is_none());
         }
     }
 }

@@ -456,11 +456,14 @@ def check(b64: str) -> None:
 def command(b64: str) -> None:
     """Run ``code`` as a program of another language once per entry of
     ``stdins``: ``argv`` with ``{program}`` replaced by the path of the
-    program, each in a fork of this process that execs the interpreter;
-    report how each run ended, one line each, in order."""
+    program, with ``env`` added to this process's environment, each in a
+    fork of this process that execs the interpreter; report how each run
+    ended, one line each, in order. This process is a judge of its own (in
+    a Deno or bash session) or a Python kernel."""
     args = _args(b64)
     code = args["code"].encode()
     argv = [str(a) for a in args["argv"]]
+    env = {**os.environ, **{str(k): str(v) for k, v in args.get("env", {}).items()}}
     guard = _guard.parent(ancestors=True)
     work = os.environ.get("KILN_WORK_DIR")
 
@@ -478,7 +481,7 @@ def command(b64: str) -> None:
             os.chdir(work)
         path = f"/proc/self/fd/{fd}"
         try:
-            os.execvp(argv[0], [a.replace("{program}", path) for a in argv])
+            os.execvpe(argv[0], [a.replace("{program}", path) for a in argv], env)
         except OSError as e:
             print(f"[kiln] cannot start {argv[0]}: {e}", file=sys.stderr, flush=True)
         os._exit(127)
