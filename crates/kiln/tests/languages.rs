@@ -540,6 +540,14 @@ async fn program_tests_score_javascript_typescript_and_bash_items() {
         }
     }
 
+    // An item must speak its named session's language: refused before
+    // anything runs, never an item that fails (or blames kiln) later.
+    let python = s.exec("x = 1", None).await["session_id"].as_str().unwrap().to_string();
+    let item = json!({"language": "javascript", "code": "1", "session_id": python, "tests": [tests[0]]});
+    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": [{"code": "1"}, item] })).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("items[1].language")), "{v}");
+    assert_eq!(v["error"]["code"], "language_mismatch", "{v}");
+
     // An assertion needs Python's namespace: refused before anything runs.
     let item = json!({"language": "javascript", "code": "const a = 1", "tests": [tests[0], {"code": "a === 1"}]});
     let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": [item] })).await;

@@ -49,7 +49,9 @@ const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(10);
                 (Envelope<BatchData> = "application/json"),
                 (String = "application/x-ndjson"),
             )),
-        (status = 400, description = "A bad item (`param` names it, e.g. `items[3].tests[1]`); nothing ran", body = ErrorEnvelope),
+        (status = 400, description = "A bad item (`param` names it, e.g. `items[3].tests[1]`), or one whose \
+            language is not its named session's (`language_mismatch`, e.g. `items[3].language`); nothing ran",
+            body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "An item names a session this key does not have", body = ErrorEnvelope),
         (status = 409, description = "Two of an item's files have the same name (`param` names the second, \
@@ -177,9 +179,15 @@ async fn validate(manager: &Manager, caller: &Caller, req: BatchRequest) -> Resu
             e.param = Some(at(e.param.as_deref().unwrap_or("")).trim_end_matches('.').to_string());
             e
         })?;
+        // A named session must be live and run the item's language: a
+        // request's error now, not an item's failure later.
         if let Some(id) = &job.exec.session_id {
-            if checked.insert(id.clone()) {
-                manager.get(&caller.key_id, id).await.map_err(|e| e.to_api().with_param(at("session_id")))?;
+            if checked.insert((id.clone(), job.exec.language)) {
+                manager.check_session(&caller.key_id, id, job.exec.language).await.map_err(|e| {
+                    let api = e.to_api();
+                    let field = at(api.param.as_deref().unwrap_or("session_id"));
+                    api.with_param(field)
+                })?;
             }
         }
         jobs.push(job);

@@ -292,6 +292,16 @@ impl Manager {
         }
     }
 
+    /// Whether the caller may run `language` in its live session `id`: the
+    /// session's error when it cannot (not found, ended, another language).
+    pub async fn check_session(&self, key_id: &str, id: &str, language: Language) -> Result<(), SessionError> {
+        let (_, session, _) = self.lookup(key_id, id).await?;
+        if session != language {
+            return Err(SessionError::LanguageMismatch { id: id.to_string(), session, asked: language });
+        }
+        Ok(())
+    }
+
     /// End one of the caller's sessions now, and wait until its kernel,
     /// sandbox and files are gone.
     pub async fn end(&self, key_id: &str, id: &str) -> Result<(), SessionError> {
