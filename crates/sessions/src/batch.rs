@@ -163,8 +163,9 @@ impl Manager {
         // zygote in tens of milliseconds, where a Deno or bash kernel would
         // boot in half a second or more of CPU. The programs still run with
         // their own interpreter (`runner`).
-        let in_python = Exec { language: Language::Python, ..job.exec.clone() };
-        let session = if program_only && fresh { &in_python } else { &job.exec };
+        let in_python = (program_only && fresh && job.exec.language != Language::Python)
+            .then(|| Exec { language: Language::Python, ..job.exec.clone() });
+        let session = in_python.as_ref().unwrap_or(&job.exec);
         let mut run = Run {
             manager: self,
             key_id,
@@ -346,18 +347,11 @@ impl Run<'_> {
     /// killed or exhausted the kernel) fails, and the tests after it run in
     /// another cell, so that one test never decides another's fate.
     async fn runner(&mut self, tests: &Tests<'_>, language: Language, limit: Duration) -> Result<Vec<Report>, Infra> {
-        let total = match tests {
-            Tests::Programs { stdins, .. } => stdins.len(),
-            Tests::Assertions { codes } => codes.len(),
-        };
+        let total = tests.len();
         let mut reports = Vec::with_capacity(total);
         while reports.len() < total {
-            let done = reports.len();
-            let rest = match tests {
-                Tests::Programs { code, stdins } => Tests::Programs { code, stdins: &stdins[done..] },
-                Tests::Assertions { codes } => Tests::Assertions { codes: &codes[done..] },
-            };
-            let left = total - done;
+            let rest = tests.after(reports.len());
+            let left = rest.len();
             let Some(code) = crate::runner::cell(self.exec.language, language, &rest, secs(limit)) else {
                 // Refused before anything ran (the batch checks items first).
                 let why = "these tests cannot run in this session's language";

@@ -37,7 +37,7 @@ pub mod metrics;
 pub mod node;
 mod pool;
 mod registry;
-pub mod request;
+mod request;
 mod runner;
 mod scoring;
 mod worker;

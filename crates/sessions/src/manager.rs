@@ -210,10 +210,7 @@ impl Manager {
         let (reply, answer) = oneshot::channel();
         let (id, jobs) = match req.session_id {
             Some(id) => {
-                let (_, language, jobs) = self.lookup(key_id, &id).await?;
-                if language != req.language {
-                    return Err(SessionError::LanguageMismatch { id, session: language, asked: req.language });
-                }
+                let jobs = self.speaking(key_id, &id, req.language).await?;
                 (id, jobs)
             }
             None => {
@@ -295,11 +292,21 @@ impl Manager {
     /// Whether the caller may run `language` in its live session `id`: the
     /// session's error when it cannot (not found, ended, another language).
     pub async fn check_session(&self, key_id: &str, id: &str, language: Language) -> Result<(), SessionError> {
-        let (_, session, _) = self.lookup(key_id, id).await?;
+        self.speaking(key_id, id, language).await.map(|_| ())
+    }
+
+    /// The queue of the caller's live session `id` if it runs `language`.
+    async fn speaking(
+        &self,
+        key_id: &str,
+        id: &str,
+        language: Language,
+    ) -> Result<mpsc::UnboundedSender<Job>, SessionError> {
+        let (_, session, jobs) = self.lookup(key_id, id).await?;
         if session != language {
             return Err(SessionError::LanguageMismatch { id: id.to_string(), session, asked: language });
         }
-        Ok(())
+        Ok(jobs)
     }
 
     /// End one of the caller's sessions now, and wait until its kernel,

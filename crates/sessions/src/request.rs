@@ -8,7 +8,7 @@ use kiln_protocol::{decode_files, ApiError, ErrorCode, ExecuteRequest, Language}
 
 /// A request's `language` (Python when absent), if this server runs it
 /// (`runs` is empty until the runtime is ready: any known language then).
-pub fn language(name: Option<&str>, runs: &[Language]) -> Result<Language, ApiError> {
+fn language(name: Option<&str>, runs: &[Language]) -> Result<Language, ApiError> {
     let name = name.unwrap_or(Language::Python.as_str());
     Language::parse(name).filter(|l| runs.is_empty() || runs.contains(l)).ok_or_else(|| {
         let runs: Vec<&str> = runs.iter().map(|l| l.as_str()).collect();
@@ -21,7 +21,7 @@ pub fn language(name: Option<&str>, runs: &[Language]) -> Result<Language, ApiEr
 }
 
 /// A request's `memory_limit` (`"256MiB"`), in bytes.
-pub fn memory_limit(text: Option<&str>) -> Result<Option<u64>, ApiError> {
+fn memory_limit(text: Option<&str>) -> Result<Option<u64>, ApiError> {
     text.map(kiln_protocol::parse_memory)
         .transpose()
         .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("memory_limit: {e}")).with_param("memory_limit"))

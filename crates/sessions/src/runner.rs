@@ -25,6 +25,24 @@ pub(crate) enum Tests<'a> {
     Assertions { codes: &'a [&'a String] },
 }
 
+impl<'a> Tests<'a> {
+    /// How many tests.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Tests::Programs { stdins, .. } => stdins.len(),
+            Tests::Assertions { codes } => codes.len(),
+        }
+    }
+
+    /// The tests after the first `done`.
+    pub(crate) fn after(&self, done: usize) -> Tests<'a> {
+        match self {
+            Tests::Programs { code, stdins } => Tests::Programs { code, stdins: &stdins[done..] },
+            Tests::Assertions { codes } => Tests::Assertions { codes: &codes[done..] },
+        }
+    }
+}
+
 /// How a program in `language` is run (`{program}` stands for its path),
 /// and what it needs in its environment beyond the session's, for the
 /// languages whose tests run through `judge.command`.
