@@ -37,6 +37,8 @@ const FILES: &[(&str, &str)] = &[
     ("judge.py", include_str!("../python/kiln_kernel/judge.py")),
     ("workdir.py", include_str!("../python/kiln_kernel/workdir.py")),
     ("guard.py", include_str!("../python/kiln_kernel/guard.py")),
+    ("forkserver.py", include_str!("../python/kiln_kernel/forkserver.py")),
+    ("ipc.py", include_str!("../python/kiln_kernel/ipc.py")),
     ("relay.py", include_str!("../python/kiln_kernel/relay.py")),
     ("bash.py", include_str!("../python/kiln_kernel/bash.py")),
 ];
@@ -139,6 +141,21 @@ mod tests {
         // No scratch directory is left behind.
         let entries: Vec<_> = std::fs::read_dir(root.path().join("kiln-kernel"))?.flatten().collect();
         assert_eq!(entries.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn every_module_of_the_package_s_sources_is_in_the_binary() -> std::io::Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/kiln_kernel");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".py"))
+            .collect();
+        let mut embedded: Vec<String> = FILES.iter().map(|(n, _)| n.to_string()).collect();
+        on_disk.sort();
+        embedded.sort();
+        assert_eq!(embedded, on_disk);
         Ok(())
     }
 

@@ -3,8 +3,10 @@
 //! failed to do (see `POST /v1/tci/batch`).
 //!
 //! An item runs in its own fresh session (ended when it is done, unless
-//! kept) or in one it names. Its tests run in forks of that session's
-//! kernel (`kiln_kernel.judge`), each with its own time limit and the same
+//! kept) or in one it names; one that is a program only, with no files and
+//! no session to keep, runs in one of the batch's lanes (`lanes`). Its tests
+//! run in forks of that session's kernel, or of the kernel's lean fork
+//! server (`kiln_kernel.judge`), each with its own time limit and the same
 //! starting state, and kiln (here, not the candidate's process) decides
 //! whether each passed:
 //!
@@ -19,6 +21,7 @@
 //! started or was lost runs once more on another kernel, and is reported as
 //! `infra_error` when that fails too. Nothing kiln causes is an `error`.
 
+use crate::lanes::Lanes;
 use crate::runner::Tests;
 use crate::scoring::{status_of, Report};
 use crate::{Exec, Judged, Manager, SessionError};
@@ -96,14 +99,27 @@ impl Manager {
         results: mpsc::Sender<BatchResult>,
     ) {
         let _batch = self.pool_batch_running();
+        let lanes = std::sync::Arc::new(Lanes::new(self.clone(), key_id));
+        self.drive_batch(key_id, items, concurrency, results, &lanes).await;
+        lanes.close().await;
+    }
+
+    async fn drive_batch(
+        &self,
+        key_id: &str,
+        items: Vec<BatchJob>,
+        concurrency: usize,
+        results: mpsc::Sender<BatchResult>,
+        lanes: &std::sync::Arc<Lanes>,
+    ) {
         let mut queue = items.into_iter();
         let mut running = JoinSet::new();
         let mut index_of = std::collections::HashMap::new();
         let spawn =
             |running: &mut JoinSet<BatchResult>, index_of: &mut std::collections::HashMap<_, _>, job: BatchJob| {
-                let (manager, key) = (self.clone(), key_id.to_string());
+                let (manager, key, lanes) = (self.clone(), key_id.to_string(), lanes.clone());
                 let index = job.index;
-                let handle = running.spawn(async move { manager.run_item(&key, job).await });
+                let handle = running.spawn(async move { manager.run_item(&key, job, &lanes).await });
                 index_of.insert(handle.id(), index);
             };
         for job in queue.by_ref().take(concurrency.max(1)) {
@@ -135,13 +151,13 @@ impl Manager {
     }
 
     /// Run one item: once, and once more on another kernel if kiln failed.
-    pub async fn run_item(&self, key_id: &str, job: BatchJob) -> BatchResult {
+    async fn run_item(&self, key_id: &str, job: BatchJob, lanes: &Lanes) -> BatchResult {
         let started = Instant::now();
-        let first = self.attempt(key_id, &job).await;
+        let first = self.attempt(key_id, &job, lanes).await;
         let outcome = match first {
             Err(Infra { why, retry: true }) if job.exec.session_id.is_none() => {
                 tracing::warn!(index = job.index, reason = %why, "batch item failed on kiln's side; retrying once");
-                self.attempt(key_id, &job).await
+                self.attempt(key_id, &job, lanes).await
             }
             other => other,
         };
@@ -155,9 +171,18 @@ impl Manager {
         result
     }
 
-    async fn attempt(&self, key_id: &str, job: &BatchJob) -> Result<BatchResult, Infra> {
+    async fn attempt(&self, key_id: &str, job: &BatchJob, lanes: &Lanes) -> Result<BatchResult, Infra> {
         let program_only = !job.tests.is_empty() && job.tests.iter().all(|t| matches!(t, TestKind::Program { .. }));
         let fresh = job.exec.session_id.is_none() && !job.keep_session;
+        // Such an item's tests leave its session as they found it: it
+        // shares one with the batch's other such items (`lanes`), unless it
+        // is a Python program that imports packages, which its tests would
+        // import anew each time there (`stdlib`).
+        let lane = (program_only
+            && fresh
+            && job.exec.files.is_empty()
+            && (job.exec.language != Language::Python || crate::stdlib::imports_only_stdlib(&job.exec.code)))
+        .then(|| lanes.take());
         // A program-only item in a session no one will see runs no cell of
         // its language: its tests run from a Python kernel, forked from the
         // zygote in tens of milliseconds, where a Deno or bash kernel would
@@ -166,13 +191,18 @@ impl Manager {
         let in_python = (program_only && fresh && job.exec.language != Language::Python)
             .then(|| Exec { language: Language::Python, ..job.exec.clone() });
         let session = in_python.as_ref().unwrap_or(&job.exec);
+        let session_id = lane.as_ref().map_or(job.exec.session_id.clone(), |l| l.id.clone());
+        let mut ender = Ender::new(self.clone(), key_id, fresh);
+        ender.id = lane.as_ref().and_then(|l| l.id.clone());
         let mut run = Run {
             manager: self,
             key_id,
             exec: session,
-            session: job.exec.session_id.clone(),
+            session: session_id,
             files: Some(job.exec.files.clone()),
-            ender: Ender::new(self.clone(), key_id, fresh),
+            ender,
+            lane: lane.is_some(),
+            clean: true,
         };
         let mut tests_done: Vec<Option<TestResult>> = vec![None; job.tests.len()];
         // 1. Program runs, from the kernel as it was before the item's code.
@@ -228,7 +258,13 @@ impl Manager {
         }
         let tests: Vec<TestResult> = tests_done.into_iter().flatten().collect();
         let kept = if run.ender.armed { None } else { run.session.clone() };
-        run.ender.finish().await;
+        match (lane, run.ender.id.take()) {
+            (Some(lane), Some(id)) => lanes.give_back(lane, id, run.clean).await,
+            (_, id) => {
+                run.ender.id = id;
+                run.ender.finish().await;
+            }
+        }
         let (passed, failed) = (tests.iter().filter(|t| t.passed).count(), tests.iter().filter(|t| !t.passed).count());
         let has_tests = !job.tests.is_empty();
         Ok(BatchResult {
@@ -253,6 +289,10 @@ struct Run<'a> {
     /// The item's files, sent with its first cell.
     files: Option<Vec<kiln_protocol::ValidFile>>,
     ender: Ender,
+    /// The session is one of the batch's lanes.
+    lane: bool,
+    /// Every runner cell so far ended as it should (a lane may serve on).
+    clean: bool,
 }
 
 impl Run<'_> {
@@ -352,7 +392,7 @@ impl Run<'_> {
         while reports.len() < total {
             let rest = tests.after(reports.len());
             let left = rest.len();
-            let Some(code) = crate::runner::cell(self.exec.language, language, &rest, secs(limit)) else {
+            let Some(code) = crate::runner::cell(self.exec.language, language, &rest, secs(limit), self.lane) else {
                 // Refused before anything ran (the batch checks items first).
                 let why = "these tests cannot run in this session's language";
                 reports.extend(Report::all_failed(left, ItemStatus::Error, why));
@@ -363,9 +403,17 @@ impl Run<'_> {
             let cell_limit = (limit + Duration::from_secs(1)) * n + RUNNER_MARGIN;
             match self.cell(code, Some(cell_limit)).await {
                 Ok(j) => {
+                    self.clean &= j.outcome == crate::Outcome::Success;
                     let (ran, culprit) = Report::read(j, left);
+                    self.clean &= culprit.is_none();
                     reports.extend(ran);
                     reports.extend(culprit);
+                }
+                // A lane's kernel runs no code of the item's, and its tests
+                // cannot end it: its end is kiln's (its lifetime, a lost
+                // kernel), and the item runs again in another.
+                Err(SessionError::Expired(e)) if self.lane => {
+                    return Err(Infra { why: format!("the batch's session {e} ended under the tests"), retry: true })
                 }
                 // The session ended under the tests: the previous cell
                 // killed its kernel and no new one could be started for it.

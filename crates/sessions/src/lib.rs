@@ -31,6 +31,7 @@ mod browse;
 mod create;
 mod files;
 mod job;
+mod lanes;
 mod manager;
 pub mod membership;
 pub mod metrics;
@@ -40,6 +41,7 @@ mod registry;
 mod request;
 mod runner;
 mod scoring;
+mod stdlib;
 mod worker;
 
 pub use admission::Limits as AdmissionLimits;

@@ -309,6 +309,23 @@ impl Manager {
         Ok(jobs)
     }
 
+    /// Whether the caller's session `id` has written nothing into the
+    /// runtime (its copy-on-write layer over it is empty): what a batch
+    /// lane must hold before another item uses it (see `lanes`).
+    pub(crate) async fn runtime_untouched(&self, key_id: &str, id: &str) -> bool {
+        let Ok((work, _, _)) = self.lookup(key_id, id).await else { return false };
+        // `work` is `<root>/data/work` (`KernelDirs::under`).
+        let Some(root) = work.parent().and_then(|data| data.parent()) else { return false };
+        let upper = kiln_kernel::KernelDirs::under(root.to_path_buf()).layer_upper();
+        // One directory read on the session's tmpfs.
+        std::fs::read_dir(&upper).map(|mut d| d.next().is_none()).unwrap_or(false)
+    }
+
+    /// How long a session lives from its start.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.inner.cfg.ttl
+    }
+
     /// End one of the caller's sessions now, and wait until its kernel,
     /// sandbox and files are gone.
     pub async fn end(&self, key_id: &str, id: &str) -> Result<(), SessionError> {

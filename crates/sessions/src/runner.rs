@@ -4,7 +4,9 @@
 //! The tests are run by kiln's judge (`kiln_kernel.judge`, Python), which
 //! prints one report line per test for [`crate::scoring`] to read. In a
 //! Python session the judge is already in the kernel: the cell calls it,
-//! and each test is a fork of the kernel. A Deno or bash kernel cannot fork
+//! and each test is a fork of the kernel, or in a batch's lane a fork of
+//! the kernel's lean fork server (`kiln_kernel.forkserver`), which is far
+//! cheaper to fork and holds nothing of an earlier item. A Deno or bash kernel cannot fork
 //! a Python interpreter, so there the cell starts the judge as a process of
 //! its own (`python3 -m kiln_kernel.judge`, from the session's `PATH` and
 //! `PYTHONPATH`), which runs each program test as a fork of itself that
@@ -67,16 +69,25 @@ fn interpreter(language: Language) -> Option<serde_json::Value> {
 /// The cell, in the session's language `session`, that runs `tests` of an
 /// item in `program`'s language, each with its own time limit
 /// `timeout_secs`; `None` when they cannot run there (assertions are
-/// Python's; a Python program needs a Python session).
-pub(crate) fn cell(session: Language, program: Language, tests: &Tests<'_>, timeout_secs: f64) -> Option<String> {
+/// Python's; a Python program needs a Python session). In a batch's `lane`
+/// no test runs in a fork of the kernel, which served other items before
+/// (they fork from the judge's fork server, whose forks hold only this
+/// call).
+pub(crate) fn cell(
+    session: Language,
+    program: Language,
+    tests: &Tests<'_>,
+    timeout_secs: f64,
+    lane: bool,
+) -> Option<String> {
     let (function, args) = match (tests, interpreter(program)) {
         (Tests::Programs { code, stdins }, None) if session == Language::Python => {
-            ("program", serde_json::json!({"code": code, "stdins": stdins, "timeout": timeout_secs}))
+            ("program", serde_json::json!({"code": code, "stdins": stdins, "timeout": timeout_secs, "lane": lane}))
         }
         (Tests::Programs { code, stdins }, Some(run)) => (
             "command",
             serde_json::json!({"code": code, "stdins": stdins, "timeout": timeout_secs, "argv": run["argv"],
-                               "env": run["env"]}),
+                               "env": run["env"], "lane": lane}),
         ),
         (Tests::Assertions { codes }, None) if session == Language::Python => {
             ("check", serde_json::json!({"codes": codes, "timeout": timeout_secs}))
@@ -115,11 +126,17 @@ mod tests {
     fn python_programs_and_assertions_run_in_the_kernel_itself() {
         let stdins = [&"1\n".to_string()];
         let programs = Tests::Programs { code: "print(1)", stdins: &stdins };
-        let cell = cell(Language::Python, Language::Python, &programs, 2.0).unwrap();
+        let cell = cell(Language::Python, Language::Python, &programs, 2.0, false).unwrap();
         assert!(cell.starts_with("__import__('kiln_kernel.judge').judge.program('"), "{cell}");
-        assert_eq!(args_of(&cell), serde_json::json!({"code": "print(1)", "stdins": ["1\n"], "timeout": 2.0}));
+        assert_eq!(
+            args_of(&cell),
+            serde_json::json!({"code": "print(1)", "stdins": ["1\n"], "timeout": 2.0, "lane": false})
+        );
+        let in_lane = super::cell(Language::Python, Language::Python, &programs, 2.0, true).unwrap();
+        assert_eq!(args_of(&in_lane)["lane"], true);
         let codes = [&"assert 1".to_string()];
-        let cell = super::cell(Language::Python, Language::Python, &Tests::Assertions { codes: &codes }, 2.0).unwrap();
+        let cell =
+            super::cell(Language::Python, Language::Python, &Tests::Assertions { codes: &codes }, 2.0, false).unwrap();
         assert!(cell.contains(".judge.check('"), "{cell}");
     }
 
@@ -132,13 +149,15 @@ mod tests {
             (Language::Bash, "bash", None),
         ] {
             let programs = Tests::Programs { code: "x", stdins: &stdins };
-            let cell = cell(language, language, &programs, 2.0).unwrap();
+            let cell = cell(language, language, &programs, 2.0, false).unwrap();
             assert!(cell.contains("-m") && cell.contains("kiln_kernel.judge"), "{cell}");
             let args = args_of(&cell);
             // A Python session runs the same judge function in its kernel.
-            let in_python = super::cell(Language::Python, language, &programs, 2.0).unwrap();
+            let in_python = super::cell(Language::Python, language, &programs, 2.0, false).unwrap();
             assert!(in_python.starts_with("__import__('kiln_kernel.judge').judge.command('"), "{in_python}");
             assert_eq!(args_of(&in_python), args);
+            let in_lane = super::cell(Language::Python, language, &programs, 2.0, true).unwrap();
+            assert_eq!(args_of(&in_lane)["lane"], true);
             let argv: Vec<&str> = args["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
             assert_eq!((argv[0], argv.last().copied()), (first, Some("{program}")), "{argv:?}");
             assert!(ext.is_none_or(|e| argv.contains(&e)), "{argv:?}");
@@ -151,9 +170,9 @@ mod tests {
         let codes = [&"assert 1".to_string()];
         let stdins = [&"1\n".to_string()];
         for language in [Language::Javascript, Language::Typescript, Language::Bash] {
-            assert!(cell(language, language, &Tests::Assertions { codes: &codes }, 2.0).is_none());
+            assert!(cell(language, language, &Tests::Assertions { codes: &codes }, 2.0, false).is_none());
             let programs = Tests::Programs { code: "print(1)", stdins: &stdins };
-            assert!(cell(language, Language::Python, &programs, 2.0).is_none());
+            assert!(cell(language, Language::Python, &programs, 2.0, false).is_none());
         }
     }
 }

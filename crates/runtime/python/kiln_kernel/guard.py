@@ -12,7 +12,9 @@ parent fails with ``EPERM``: ``kill``, ``tkill``, ``tgkill``,
 threads, its process group or everyone (``-1``), ``pidfd_open`` of them, and
 ``pidfd_send_signal`` altogether (its target is a descriptor, which could be
 a ``/proc/<pid>`` directory, so it cannot be checked by number). Signals to
-the test's own processes work as before. A runner that is a process of its
+the test's own processes work as before. The same filter refuses
+``mq_open``: a POSIX message queue would outlive the test, for the next one
+to find, and cannot be listed to be removed (ipc.py). A runner that is a process of its
 own (``judge.command``, which a Deno or bash session's kernel starts) is
 guarded with its ancestors: the kernel, and the shell between them.
 """
@@ -24,11 +26,15 @@ import platform
 # (AUDIT_ARCH, syscall numbers) per machine.
 _ARCHES = {
     "x86_64": (0xC000003E, {"kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
-                            "rt_tgsigqueueinfo": 297, "pidfd_open": 434, "pidfd_send_signal": 424}),
+                            "rt_tgsigqueueinfo": 297, "pidfd_open": 434, "pidfd_send_signal": 424, "mq_open": 240}),
     "aarch64": (0xC00000B7, {"kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
-                             "rt_tgsigqueueinfo": 240, "pidfd_open": 434, "pidfd_send_signal": 424}),
+                             "rt_tgsigqueueinfo": 240, "pidfd_open": 434, "pidfd_send_signal": 424, "mq_open": 180}),
 }
 _TARGETED = ("kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open")
+# Denied whatever their arguments: pidfd_send_signal (see above), and
+# mq_open, whose queues outlive the test in the session's IPC namespace and
+# cannot be listed to be removed after it (ipc.py).
+_ALWAYS = ("pidfd_send_signal", "mq_open")
 
 _LD_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
 _JEQ = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
@@ -121,15 +127,17 @@ def program(pid: int, tids: tuple, pgid: int, machine: str, extra: tuple = ()) -
         {pid & 0xFFFFFFFF, *(t & 0xFFFFFFFF for t in (*tids, *extra)), 0xFFFFFFFF, (-pgid) & 0xFFFFFFFF}
     )
     checked = [nrs[n] for n in _TARGETED]
+    always = [nrs[n] for n in _ALWAYS]
     # Layout: [arch check] [nr: always denied] [nr: checked] allow | [arg0 checks] allow | deny | allow
-    head = 3 + 1 + len(checked)  # ld arch, jeq arch, ld nr, jeq denied, jeq checked...
+    head = 3 + len(always) + len(checked)  # ld arch, jeq arch, ld nr, jeq denied..., jeq checked...
     allow1 = head
     check = allow1 + 1
     allow2 = check + 1 + len(protected)
     deny = allow2 + 1
     allow = deny + 1
     prog = [(_LD_ABS, 0, 0, _ARCH), (_JEQ, 0, allow - 2, arch), (_LD_ABS, 0, 0, _NR)]
-    prog.append((_JEQ, deny - 4, 0, nrs["pidfd_send_signal"]))
+    for nr in always:
+        prog.append((_JEQ, deny - (len(prog) + 1), 0, nr))
     for nr in checked:
         prog.append((_JEQ, check - (len(prog) + 1), 0, nr))
     prog.append((_RET, 0, 0, _ALLOW))

@@ -38,6 +38,12 @@ forks share, is copied before the first test and put back after each
   started before the item's code runs, so for a fresh session the kernel
   that starts it is one no candidate code has touched, and a test can signal
   neither the runner nor the kernel (guard.py).
+* In a batch's lane (``"lane": true``), a session that runs one item's
+  tests after another's, :func:`program` and :func:`command` hand the call
+  to the kernel's fork server (forkserver.py): no test forks from the
+  kernel, whose memory held earlier items. Every call also puts back the
+  home directory, ``/tmp`` and ``/dev/shm`` (in kiln's sandbox, where they
+  are the session's own) and removes the IPC objects a test made (ipc.py).
 * :func:`check` runs each of its ``codes`` (an ``assert``) in the kernel's
   namespace as it is after the item's code; one passes when it completes. This parent
   *has* run the candidate's code, which could have changed anything in it:
@@ -55,7 +61,7 @@ import time
 import traceback
 import types
 
-from . import guard as _guard, workdir as _workdir
+from . import forkserver as _forkserver, guard as _guard, ipc as _ipc, workdir as _workdir
 
 # Bound now, at import (before any candidate code runs in this process).
 _fork = os.fork
@@ -85,6 +91,12 @@ MARKER = "KILN_JUDGE "
 # kernel.main, before any cell runs). Every test starts from what it held
 # when the runner was called; see workdir.py.
 WORK_DIR = None
+# The filter a test's fork installs, built in the parent before each fork
+# (guard.py): by default the parent is protected; the fork server protects
+# the kernel above it too.
+GUARD = _guard.parent
+# The kernel's fork server (forkserver.py), started at its first use.
+_SERVER = None
 
 
 def _libc_prctl():
@@ -250,7 +262,8 @@ def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
     err_r, err_w = _pipe()
     done_r, done_w = _pipe()
     before = set(_descendants())
-    parent = guard if guard is not None else _guard.parent()
+    ipc_before = _ipc.objects() if _private() else None
+    parent = guard if guard is not None else GUARD()
     _set_dumpable(False)
     _set_subreaper(True)
     started = _monotonic()
@@ -321,6 +334,8 @@ def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
             _, status = _waitpid(pid, 0)
         if not swept:
             _sweep(before)
+        if ipc_before is not None:
+            _ipc.remove_new(ipc_before)
         for fd in [*list(bufs), pidfd]:
             try:
                 _close(fd)
@@ -355,44 +370,111 @@ def _report(result: dict) -> None:
     print(MARKER + _dumps(result), flush=True)
 
 
+def _private() -> bool:
+    """Whether ``/tmp``, ``/dev/shm`` and the IPC objects are the session's
+    own (kiln's sandbox says so in the kernel's environment), so that the
+    runner may put them back; with ``--sandbox none`` they are the host's."""
+    return os.environ.get("KILN_PRIVATE_TMP") == "1"
+
+
+def _writable_dirs() -> list:
+    """The directories a test can write that every test must find as the
+    first found them: the work directory, the home directory, and in kiln's
+    sandbox its private ``/tmp`` and ``/dev/shm``."""
+    work = _kernel_work_dir()
+    if not work:
+        return []
+    dirs = [work]
+    home = os.environ.get("HOME")
+    if home and os.path.isdir(home) and _private():
+        dirs.append(home)
+    if _private():
+        dirs.extend(d for d in ("/tmp", "/dev/shm") if os.path.isdir(d))
+    return dirs
+
+
 def _each_from_the_same_work_dir(tests, run_one) -> None:
     """``run_one`` for each of ``tests``, reporting each; the work directory
-    is put back as it was before the first after every one (a test's files
-    never reach the next test, the item's code, or a kept session)."""
-    snapshot = None
-    # kiln's kernel records its starting cwd; another (ipykernel) has it
-    # from the environment kiln started it with.
-    work = WORK_DIR or os.environ.get("KILN_WORK_DIR")
-    if work:
-        try:
-            snapshot = _workdir.Snapshot(work)
-        except _workdir.TooLarge as e:
-            raise RuntimeError(f"[kiln] the tests did not run: {e}") from None
+    (and the other writable directories, ``_writable_dirs``) is put back as
+    it was before the first after every one (a test's files never reach the
+    next test, the item's code, a kept session or the next item)."""
+    snapshots = []
+    try:
+        for d in _writable_dirs():
+            snapshots.append(_workdir.Snapshot(d))
+    except _workdir.TooLarge as e:
+        for snapshot in snapshots:
+            snapshot.close()
+        raise RuntimeError(f"[kiln] the tests did not run: {e}") from None
     try:
         for test in tests:
             result = run_one(test)
-            if snapshot is not None:
+            for snapshot in snapshots:
                 try:
                     snapshot.restore()
                 except OSError as e:
                     # Reported with this test; the next would not start clean.
                     _report(result)
-                    raise RuntimeError(f"[kiln] the work directory could not be put back after a test: {e}") from None
+                    raise RuntimeError(
+                        f"[kiln] {snapshot.root} could not be put back after a test: {e}"
+                    ) from None
             _report(result)
     finally:
-        if snapshot is not None:
+        for snapshot in snapshots:
             snapshot.close()
+
+
+def _kernel_work_dir():
+    """The work directory of the kernel this runs in: kiln's kernel records
+    its starting cwd; another (ipykernel) has it from the environment kiln
+    started it with. ``None`` outside a kernel (a test of this module)."""
+    return WORK_DIR or os.environ.get("KILN_WORK_DIR")
+
+
+def _in_fork_server(function: str, b64: str) -> None:
+    """Run judge ``function`` in the kernel's fork server (forkserver.py),
+    starting it first if needed; its report lines become this cell's."""
+    global _SERVER
+    if _SERVER is None:
+        _SERVER = _forkserver.Server(_kernel_work_dir())
+    # This kernel's memory holds what earlier cells sent and printed: no
+    # test may read it through /proc while the call runs.
+    _set_dumpable(False)
+    try:
+        _SERVER.call(function, b64, _forward)
+    except RuntimeError:
+        raise
+    except BaseException as e:
+        server, _SERVER = _SERVER, None
+        server.stop()
+        if isinstance(e, (OSError, EOFError)):
+            raise RuntimeError(f"[kiln] the tests' runner ended: {e}") from None
+        raise
+    finally:
+        _set_dumpable(True)
+
+
+def _forward(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
 
 
 def _args(b64: str) -> dict:
     return json.loads(base64.b64decode(b64))
 
 
-def program(b64: str) -> None:
+def program(b64: str, serving: bool = False) -> None:
     """Run ``code`` as a program once per entry of ``stdins``, each with that
-    standard input; report how each run ended, one line each, in order."""
+    standard input; report how each run ended, one line each, in order.
+    In a batch's lane (``lane``: the kernel serves other items too, and a
+    fork of it would inherit what they sent) the runs are forks of the
+    kernel's fork server instead (``serving``: this is that server's
+    child)."""
     args = _args(b64)
     code = args["code"]
+    if not serving and args.get("lane") and _kernel_work_dir():
+        _in_fork_server("program", b64)
+        return
     compiled = None
     try:
         compiled = compile(code, "main.py", "exec")
@@ -453,14 +535,19 @@ def check(b64: str) -> None:
     _each_from_the_same_work_dir(args["codes"], lambda code: _run(body_for(code), b"", float(args["timeout"])))
 
 
-def command(b64: str) -> None:
+def command(b64: str, serving: bool = False) -> None:
     """Run ``code`` as a program of another language once per entry of
     ``stdins``: ``argv`` with ``{program}`` replaced by the path of the
     program, with ``env`` added to this process's environment, each in a
     fork of this process that execs the interpreter; report how each run
     ended, one line each, in order. This process is a judge of its own (in
-    a Deno or bash session) or a Python kernel."""
+    a Deno or bash session), a child of a Python kernel's fork server
+    (``serving``), or a Python kernel, which in a batch's lane (``lane``)
+    hands the call to its fork server."""
     args = _args(b64)
+    if not serving and args.get("lane") and _kernel_work_dir():
+        _in_fork_server("command", b64)
+        return
     code = args["code"].encode()
     argv = [str(a) for a in args["argv"]]
     env = {**os.environ, **{str(k): str(v) for k, v in args.get("env", {}).items()}}
@@ -494,4 +581,4 @@ def command(b64: str) -> None:
 if __name__ == "__main__":
     # The arguments come on stdin: a program can be larger than one
     # command-line argument may be (128 KiB on Linux).
-    command(sys.stdin.read())
+    command(sys.stdin.read(), serving=True)

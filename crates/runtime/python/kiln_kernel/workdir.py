@@ -46,22 +46,23 @@ class TooLarge(Exception):
 
 
 class _Budget:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, root: str):
         self.bytes = 0
         self.entries = 0
         self.max_bytes = max_bytes
+        self.root = root
 
     def take(self, size: int) -> None:
         self.bytes += size
         self.entries += 1
         if self.bytes > self.max_bytes:
             raise TooLarge(
-                f"the work directory holds more than {self.max_bytes >> 20} MiB of files; batch tests each "
+                f"{self.root} holds more than {self.max_bytes >> 20} MiB of files; batch tests each "
                 "start from a copy of it, which is limited to that size: keep the item's files smaller"
             )
         if self.entries > MAX_ENTRIES:
             raise TooLarge(
-                f"the work directory holds more than {MAX_ENTRIES} entries; batch tests each start from a "
+                f"{self.root} holds more than {MAX_ENTRIES} entries; batch tests each start from a "
                 "copy of it, which is limited to that many: keep the item's files fewer"
             )
 
@@ -221,14 +222,18 @@ class Snapshot:
                 st = os.fstat(fd)
                 self._mode = stat.S_IMODE(st.st_mode)
                 self._mtime = st.st_mtime_ns
+                # A shared directory (``/tmp``, mode 1777) belongs to someone
+                # else: its own mode and time are left as they are.
+                self._own = st.st_uid == os.geteuid()
                 vfs = os.fstatvfs(fd)
                 size_limit = vfs.f_blocks * vfs.f_frsize or MAX_BYTES
-                if st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+                if self._own and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
                     os.fchmod(fd, self._mode | stat.S_IRWXU)
                 try:
-                    self._tree = _take(fd, _Budget(min(MAX_BYTES, size_limit)), self._mem)
+                    self._tree = _take(fd, _Budget(min(MAX_BYTES, size_limit), root), self._mem)
                 finally:
-                    os.fchmod(fd, self._mode)
+                    if self._own:
+                        os.fchmod(fd, self._mode)
             finally:
                 os.close(fd)
             fcntl.fcntl(self._mem, fcntl.F_ADD_SEALS, _SEALS)
@@ -240,10 +245,12 @@ class Snapshot:
         """Make the work directory match the snapshot again."""
         fd = os.open(self.root, _DIR_FLAGS)
         try:
-            os.fchmod(fd, self._mode | stat.S_IRWXU)
+            if self._own:
+                os.fchmod(fd, self._mode | stat.S_IRWXU)
             _restore(fd, self._tree, self._mem)
-            os.utime(fd, ns=(self._mtime, self._mtime))
-            os.fchmod(fd, self._mode)
+            if self._own:
+                os.utime(fd, ns=(self._mtime, self._mtime))
+                os.fchmod(fd, self._mode)
         finally:
             os.close(fd)
 

@@ -1,0 +1,184 @@
+"""The fork server a batch lane's tests run from (kiln_kernel.forkserver),
+and what the runner puts back after each test besides the work directory
+(IPC objects, and a directory that is not the runner's own, like ``/tmp``).
+
+This process plays the kernel: with ``judge.WORK_DIR`` set, as kiln's
+kernel sets it, a lane's program tests go to a fork server it starts.
+"""
+
+import base64
+import contextlib
+import ctypes
+import io
+import json
+import os
+import shutil
+import tempfile
+import unittest
+
+from kiln_kernel import guard, ipc, judge, workdir
+
+
+def run(function, **args):
+    args.setdefault("lane", True)
+    b64 = base64.b64encode(json.dumps(args).encode()).decode()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        getattr(judge, function)(b64)
+    reports = [json.loads(line[len(judge.MARKER) :]) for line in out.getvalue().splitlines()]
+    for r in reports:
+        for name in ("stdout", "stderr"):
+            r[name] = base64.b64decode(r.pop(name + "_b64")).decode("utf-8", "replace")
+    return reports
+
+
+class ForkServerTest(unittest.TestCase):
+    def setUp(self):
+        self.work = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.work, True)
+        judge.WORK_DIR = self.work
+        self.addCleanup(self._stop)
+
+    def _stop(self):
+        if judge._SERVER is not None:
+            judge._SERVER.stop()
+            judge._SERVER = None
+        judge.WORK_DIR = None
+
+    def test_a_standard_library_program_runs_in_forks_of_one_server_that_survives_the_calls(self):
+        code = (
+            "import os\nn = int(input())\nstat = open(f'/proc/{os.getppid()}/stat').read()\n"
+            "print(n * 2, os.getppid(), stat.rsplit(')', 1)[1].split()[1])"
+        )
+        first = run("program", code=code, stdins=["2\n", "5\n"], timeout=10)
+        server = judge._SERVER
+        self.assertIsNotNone(server)
+        second = run("program", code=code, stdins=["7\n"], timeout=10)
+        self.assertIs(judge._SERVER, server, "one server serves the kernel's later calls")
+        outs = [r["stdout"].split() for r in first + second]
+        self.assertEqual([o[0] for o in outs], ["4", "10", "14"])
+        # Each test is a fork of its call's own child of the server.
+        self.assertEqual({o[2] for o in outs}, {str(server.pid)})
+        self.assertEqual(outs[0][1], outs[1][1])
+        self.assertNotEqual(outs[0][1], outs[2][1])
+
+    def test_a_test_finds_nothing_of_an_earlier_call_in_the_memory_it_inherited(self):
+        # Secrets the scan's own text cannot match: its pattern is a regex.
+        code = "# KILNSECRET0123456789abcdef\nprint(input())"
+        run("program", code=code, stdins=["KILNSECRETfedcba9876543210\n"], timeout=10)
+        scan = (
+            "import re\nfound = 0\nmem = open('/proc/self/mem', 'rb', 0)\n"
+            "for line in open('/proc/self/maps'):\n"
+            "    lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+            "    if line.split()[1][0] != 'r' or hi - lo > 1 << 28:\n"
+            "        continue\n"
+            "    try:\n"
+            "        mem.seek(lo)\n"
+            "        found += len(re.findall(rb'KILNSECRET[0-9a-f]{16}', mem.read(hi - lo)))\n"
+            "    except (OSError, ValueError, OverflowError):\n"
+            "        pass\n"
+            "print(found)"
+        )
+        (r,) = run("program", code=scan, stdins=[""], timeout=60)
+        self.assertEqual(r["stdout"], "0\n", r)
+        # The scan finds what is there: a secret of its own call.
+        (r,) = run("program", code="# KILNSECRET00000000000000ff\n" + scan, stdins=[""], timeout=60)
+        self.assertGreater(int(r["stdout"]), 0, r)
+
+    def test_a_test_cannot_signal_the_server_or_the_kernel_and_the_work_dir_comes_back(self):
+        code = (
+            "import os, signal\n"
+            "open('left.txt', 'w').write('x')\n"
+            "for pid in (os.getppid(), int(input())):\n"
+            "    try:\n"
+            "        os.kill(pid, signal.SIGKILL)\n"
+            "    except PermissionError:\n"
+            "        print('refused')\n"
+        )
+        reports = run("program", code=code, stdins=[f"{os.getpid()}\n"] * 2, timeout=10)
+        self.assertEqual([r["stdout"] for r in reports], ["refused\nrefused\n"] * 2, reports)
+        self.assertEqual(os.listdir(self.work), [])
+
+    def test_a_server_that_died_is_the_call_s_failure_and_the_next_call_starts_another(self):
+        run("program", code="print(1)", stdins=[""], timeout=10)
+        old = judge._SERVER
+        os.kill(old.pid, 9)
+        with self.assertRaisesRegex(RuntimeError, "the tests' runner ended"):
+            run("program", code="print(1)", stdins=[""], timeout=10)
+        (r,) = run("program", code="print(2)", stdins=[""], timeout=10)
+        self.assertEqual(r["stdout"], "2\n")
+        self.assertNotEqual(judge._SERVER.pid, old.pid)
+
+    def test_other_languages_run_from_the_server_too(self):
+        (r,) = run("command", code="read n; echo $((n + 1))", argv=["bash", "{program}"], stdins=["4\n"], timeout=10)
+        self.assertEqual(r["stdout"], "5\n")
+        self.assertIsNotNone(judge._SERVER)
+
+    def test_a_work_dir_too_large_to_copy_fails_the_call_and_the_server_serves_on(self):
+        with open(os.path.join(self.work, "big"), "wb") as f:
+            f.truncate(workdir.MAX_BYTES + 1)
+        with self.assertRaisesRegex(RuntimeError, "the tests did not run"):
+            run("program", code="print(1)", stdins=[""], timeout=10)
+        os.unlink(os.path.join(self.work, "big"))
+        (r,) = run("program", code="print(3)", stdins=[""], timeout=10)
+        self.assertEqual(r["stdout"], "3\n")
+
+
+class PutBackTest(unittest.TestCase):
+    def test_ipc_objects_made_since_are_removed_and_older_ones_stay(self):
+        libc = ctypes.CDLL(None, use_errno=True)
+        old = libc.shmget(0, 4096, 0o1600)  # IPC_PRIVATE, IPC_CREAT
+        self.assertGreaterEqual(old, 0)
+        self.addCleanup(libc.shmctl, old, 0, None)
+        before = ipc.objects()
+        new_shm = libc.shmget(0, 4096, 0o1600)
+        new_sem = libc.semget(0, 1, 0o1600)
+        self.assertIn(("shm", new_shm), ipc.objects())
+        self.assertEqual(ipc.remove_new(before), [])
+        after = ipc.objects()
+        self.assertIn(("shm", old), after)
+        self.assertNotIn(("shm", new_shm), after)
+        self.assertNotIn(("sem", new_sem), after)
+
+    def test_a_shared_directory_someone_else_owns_is_put_back_without_touching_its_own_mode(self):
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root, True)
+        os.chmod(root, 0o1777)
+        with open(os.path.join(root, "kept"), "w") as f:
+            f.write("before")
+        owned_by_other = os.geteuid() == 0
+        if owned_by_other:
+            os.chown(root, 65534, 65534)
+        snap = workdir.Snapshot(root)
+        self.addCleanup(snap.close)
+        self.assertEqual(snap._own, not owned_by_other)
+        with open(os.path.join(root, "kept"), "w") as f:
+            f.write("changed")
+        os.mkdir(os.path.join(root, "made"))
+        snap.restore()
+        self.assertEqual(sorted(os.listdir(root)), ["kept"])
+        with open(os.path.join(root, "kept")) as f:
+            self.assertEqual(f.read(), "before")
+        self.assertEqual(os.stat(root).st_mode & 0o7777, 0o1777)
+
+    def test_a_test_cannot_open_a_posix_message_queue(self):
+        prepared = guard.parent()
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                guard.protect(prepared)
+                libc = ctypes.CDLL(None, use_errno=True)
+                rt = ctypes.CDLL("librt.so.1", use_errno=True) if not hasattr(libc, "mq_open") else libc
+                fd = rt.mq_open(b"/kiln-test-queue", os.O_CREAT | os.O_RDWR, 0o600, None)
+                code = 0 if fd == -1 and ctypes.get_errno() == 1 else 1
+                if fd != -1:
+                    rt.mq_unlink(b"/kiln-test-queue")
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0, "mq_open must fail with EPERM")
+
+
+if __name__ == "__main__":
+    unittest.main()
