@@ -171,6 +171,7 @@ def _serve() -> None:
     if work:
         os.chdir(work)
     judge.GUARD = lambda: guard.parent(ancestors=True)
+    judge.ONLY_TESTS = True
     server = os.getpid()
     while True:
         pid = os.fork()

@@ -97,6 +97,9 @@ WORK_DIR = None
 GUARD = _guard.parent
 # The kernel's fork server (forkserver.py), started at its first use.
 _SERVER = None
+# Set in a child of the fork server, whose only children are its tests: it
+# need not list its descendants before a test to know which are new.
+ONLY_TESTS = False
 
 
 def _libc_prctl():
@@ -261,7 +264,7 @@ def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
     out_r, out_w = _pipe()
     err_r, err_w = _pipe()
     done_r, done_w = _pipe()
-    before = set(_descendants())
+    before = set() if ONLY_TESTS else set(_descendants())
     ipc_before = _ipc.objects() if _private() else None
     parent = guard if guard is not None else GUARD()
     _set_dumpable(False)
@@ -440,8 +443,11 @@ def _in_fork_server(function: str, b64: str) -> None:
     # This kernel's memory holds what earlier cells sent and printed: no
     # test may read it through /proc while the call runs.
     _set_dumpable(False)
+    # The reports go out together, as one stream message (the server reads
+    # them when the cell ends), and those that came also when the call fails.
+    lines = []
     try:
-        _SERVER.call(function, b64, _forward)
+        _SERVER.call(function, b64, lines.append)
     except RuntimeError:
         raise
     except BaseException as e:
@@ -452,11 +458,9 @@ def _in_fork_server(function: str, b64: str) -> None:
         raise
     finally:
         _set_dumpable(True)
-
-
-def _forward(line: str) -> None:
-    sys.stdout.write(line)
-    sys.stdout.flush()
+        if lines:
+            sys.stdout.write("".join(lines))
+            sys.stdout.flush()
 
 
 def _args(b64: str) -> dict:
@@ -502,7 +506,12 @@ def program(b64: str, serving: bool = False) -> None:
             _write(done_fd, b"done")
         os._exit(status & 0xFF)
 
-    _each_from_the_same_work_dir(args["stdins"], lambda stdin: _run(body, stdin.encode(), float(args["timeout"])))
+    # The fork server's child, the server and the kernel keep their threads
+    # for the call: one filter serves all its tests.
+    guard = GUARD() if serving else None
+    _each_from_the_same_work_dir(
+        args["stdins"], lambda stdin: _run(body, stdin.encode(), float(args["timeout"]), guard)
+    )
 
 
 def check(b64: str) -> None:
