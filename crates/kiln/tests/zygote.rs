@@ -51,7 +51,7 @@ for fd in os.listdir("/proc/self/fd"):
         pass
 print("pipes", sorted(fd for fd, l in links.items() if l.startswith("pipe:")))
 print("stdin", links.get("0"))
-print("env", sorted(k for k in os.environ if k.startswith("KILN_") and k not in ("KILN_NETWORK", "KILN_MAX_OUTPUT_BYTES", "KILN_WORK_DIR")))
+print("env", sorted(k for k in os.environ if k.startswith("KILN_") and k not in ("KILN_NETWORK", "KILN_MAX_OUTPUT_BYTES", "KILN_WORK_DIR", "KILN_PRIVATE_TMP")))
 print("parent", os.getppid(), "user", os.getuid(), os.geteuid())
 "#;
     let data = server.exec(code, None).await;

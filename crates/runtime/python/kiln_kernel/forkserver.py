@@ -98,12 +98,8 @@ class Server:
             _waitpid(self.pid, 0)
         except ChildProcessError:
             pass
-        for f in (self._out,):
-            try:
-                f.close()
-            except OSError:
-                pass
         try:
+            self._out.close()
             _close(self._req)
         except OSError:
             pass
@@ -111,6 +107,7 @@ class Server:
 
 # A call's child exits with this when the kernel has closed its end.
 _EOF_STATUS = 3
+_PR_SET_PDEATHSIG = 1
 
 
 def _read_call() -> bytes:
@@ -147,15 +144,6 @@ def _one_call(judge) -> int:
     return 0
 
 
-def _prctl():
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except Exception:
-        return None
-
-
 def _serve() -> None:
     """The server: a child per call, one after another, until the kernel
     closes its end or a child fails (then the kernel's call sees the end of
@@ -164,9 +152,7 @@ def _serve() -> None:
 
     # Whatever the kernel held that was not close-on-exec.
     os.closerange(3, 1 << 16)
-    prctl = _prctl()
-    if prctl is not None:
-        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    judge._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     work = os.environ.get("KILN_WORK_DIR")
     if work:
         os.chdir(work)
@@ -180,8 +166,7 @@ def _serve() -> None:
             try:
                 # A call's child dies with the server too (the setting is
                 # not inherited), so that none is left holding the pipes.
-                if prctl is not None:
-                    prctl(1, signal.SIGKILL, 0, 0, 0)
+                judge._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() == server:
                     status = _one_call(judge)
             finally:

@@ -11,20 +11,10 @@ a test at all (guard.py). Objects that were there before the test (made by
 the session's own code) stay.
 """
 
-import ctypes
+from .guard import _LIBC  # the C library, loaded once
 
 _IPC_RMID = 0
 _TABLES = ("shm", "sem", "msg")
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
 
 
 def objects() -> set:
