@@ -100,8 +100,11 @@ impl Manager {
     ) {
         let _batch = self.pool_batch_running();
         let lanes = std::sync::Arc::new(Lanes::new(self.clone(), key_id));
-        self.drive_batch(key_id, items, concurrency, results, &lanes).await;
+        self.drive_batch(key_id, items, concurrency, &results, &lanes).await;
+        // Before the results end (the answer, or its totals line): when its
+        // caller hears that the batch is over, its sessions are gone.
         lanes.close().await;
+        drop(results);
     }
 
     async fn drive_batch(
@@ -109,7 +112,7 @@ impl Manager {
         key_id: &str,
         items: Vec<BatchJob>,
         concurrency: usize,
-        results: mpsc::Sender<BatchResult>,
+        results: &mpsc::Sender<BatchResult>,
         lanes: &std::sync::Arc<Lanes>,
     ) {
         let mut queue = items.into_iter();
