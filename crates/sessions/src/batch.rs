@@ -261,12 +261,14 @@ impl Manager {
         }
         let tests: Vec<TestResult> = tests_done.into_iter().flatten().collect();
         let kept = if run.ender.armed { None } else { run.session.clone() };
-        match (lane, run.ender.id.take()) {
-            (Some(lane), Some(id)) => lanes.give_back(lane, id, run.clean).await,
-            (_, id) => {
-                run.ender.id = id;
-                run.ender.finish().await;
+        match lane {
+            // Taken from the ender, which would end it on drop.
+            Some(lane) => {
+                if let Some(id) = run.ender.id.take() {
+                    lanes.give_back(lane, id, run.clean).await;
+                }
             }
+            None => run.ender.finish().await,
         }
         let (passed, failed) = (tests.iter().filter(|t| t.passed).count(), tests.iter().filter(|t| !t.passed).count());
         let has_tests = !job.tests.is_empty();

@@ -148,7 +148,7 @@ def _serve() -> None:
     """The server: a child per call, one after another, until the kernel
     closes its end or a child fails (then the kernel's call sees the end of
     the server's output and starts another)."""
-    from . import guard, judge
+    from . import judge
 
     # Whatever the kernel held that was not close-on-exec.
     os.closerange(3, 1 << 16)
@@ -156,7 +156,6 @@ def _serve() -> None:
     work = os.environ.get("KILN_WORK_DIR")
     if work:
         os.chdir(work)
-    judge.GUARD = lambda: guard.parent(ancestors=True)
     judge.ONLY_TESTS = True
     server = os.getpid()
     while True:

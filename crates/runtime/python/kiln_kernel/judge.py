@@ -91,10 +91,6 @@ MARKER = "KILN_JUDGE "
 # kernel.main, before any cell runs). Every test starts from what it held
 # when the runner was called; see workdir.py.
 WORK_DIR = None
-# The filter a test's fork installs, built in the parent before each fork
-# (guard.py): by default the parent is protected; the fork server protects
-# the kernel above it too.
-GUARD = _guard.parent
 # The kernel's fork server (forkserver.py), started at its first use.
 _SERVER = None
 # Set in a child of the fork server, whose only children are its tests: it
@@ -266,7 +262,7 @@ def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
     done_r, done_w = _pipe()
     before = set() if ONLY_TESTS else set(_descendants())
     ipc_before = _ipc.objects() if _private() else None
-    parent = guard if guard is not None else GUARD()
+    parent = guard if guard is not None else _guard.parent()
     _set_dumpable(False)
     _set_subreaper(True)
     started = _monotonic()
@@ -388,11 +384,8 @@ def _writable_dirs() -> list:
     if not work:
         return []
     dirs = [work]
-    home = os.environ.get("HOME")
-    if home and os.path.isdir(home) and _private():
-        dirs.append(home)
     if _private():
-        dirs.extend(d for d in ("/tmp", "/dev/shm") if os.path.isdir(d))
+        dirs.extend(d for d in (os.environ.get("HOME"), "/tmp", "/dev/shm") if d and os.path.isdir(d))
     return dirs
 
 
@@ -506,9 +499,10 @@ def program(b64: str, serving: bool = False) -> None:
             _write(done_fd, b"done")
         os._exit(status & 0xFF)
 
-    # The fork server's child, the server and the kernel keep their threads
-    # for the call: one filter serves all its tests.
-    guard = GUARD() if serving else None
+    # A child of the fork server guards the server and the kernel above it
+    # too; they keep their threads for the call: one filter serves all its
+    # tests.
+    guard = _guard.parent(ancestors=True) if serving else None
     _each_from_the_same_work_dir(
         args["stdins"], lambda stdin: _run(body, stdin.encode(), float(args["timeout"]), guard)
     )
