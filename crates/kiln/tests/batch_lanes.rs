@@ -103,3 +103,63 @@ async fn program_only_items_share_a_session_and_none_leaves_anything_for_the_nex
     }
     assert_eq!(left, 0, "the batch's lanes ended with it");
 }
+
+/// A Python program with a package: which preloaded packages it found
+/// imported, how many strings of `KILNLANE` and 16 hex digits its whole
+/// memory holds (the pattern's own text has none), and its lane's init.
+const SCAN: &str = r#"import sys
+preloaded = sorted(m for m in ("numpy", "pandas") if m in sys.modules)
+import ctypes, json, re, numpy
+# Read in place (a sandboxed process cannot open its own /proc/self/mem):
+# every readable private anonymous mapping, where an interpreter's objects live.
+found = 0
+with open("/proc/self/maps") as maps:
+    for line in maps.read().splitlines():
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        name = fields[5] if len(fields) > 5 else ""
+        if fields[1][0] != "r" or name not in ("", "[heap]", "[stack]") or hi - lo > 1 << 30:
+            continue
+        found += len(re.findall(rb"KILN" rb"LANE[0-9a-f]{16}", ctypes.string_at(lo, hi - lo)))
+init_started = open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19]
+print(json.dumps({"preloaded": preloaded, "found": found, "init": init_started}))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn programs_with_packages_share_a_lane_whose_tests_have_them_imported_and_nothing_of_an_earlier_item() {
+    // One session per key: each lane that starts must first end the idle
+    // lane of the other kind, which no item of the batch can use.
+    let s = start(&["--profile", "minimal", "--max-sessions-per-key", "1", "--pool-size", "1"]);
+    let started = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
+    // First: a server forked from the kernel once the item's cell had
+    // reached it would hold the secret for every later test.
+    let secret = "import numpy, sys\n# KILNLANE0123456789abcdef\nprint(input())\n\
+                  print(open('/proc/1/stat').read().rsplit(')', 1)[1].split()[19], file=sys.stderr)";
+    let stdin = "KILNLANEfedcba9876543210";
+    let items = json!([
+        {"language": "python", "code": secret, "tests": [{"stdin": stdin, "expected_stdout": stdin}]},
+        item("python", SCAN),
+        item("python", OBSERVER),
+        item("python", &format!("# KILNLANE00000000000000ff\n{SCAN}")),
+    ]);
+    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
+    assert_eq!(status, 200, "{v}");
+    let r = v["data"]["results"].as_array().unwrap();
+    for (i, result) in r.iter().enumerate() {
+        assert_eq!(result["status"], "success", "item {i}: {result}");
+    }
+    let scan = seen(&r[1]);
+    assert_eq!(json!(r[0]["tests"][0]["stderr"].as_str().unwrap().trim()), scan["init"], "one lane: {scan}");
+    // Forked from the kernel (whose zygote imported them), not spawned.
+    assert_eq!(scan["preloaded"], json!(["numpy", "pandas"]), "{scan}");
+    assert_eq!(scan["found"], json!(0), "nothing of the item before it in a test's memory: {scan}");
+    // A standard-library item: a lean lane, which the idle image lane made
+    // room for (on one session per key).
+    assert_eq!(seen(&r[2])["probe"], json!(false));
+    // The scan finds what is there (its own item's secret), in a new image lane.
+    let last = seen(&r[3]);
+    assert!(last["found"].as_u64().unwrap() > 0, "{last}");
+    assert_ne!(last["init"], scan["init"], "{last}");
+    let now = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
+    assert_eq!(now - started, 3.0, "four items, three lanes");
+}

@@ -21,7 +21,7 @@
 //! started or was lost runs once more on another kernel, and is reported as
 //! `infra_error` when that fails too. Nothing kiln causes is an `error`.
 
-use crate::lanes::Lanes;
+use crate::lanes::{LaneKind, Lanes};
 use crate::runner::Tests;
 use crate::scoring::{status_of, Report};
 use crate::{Exec, Judged, Manager, SessionError};
@@ -36,6 +36,8 @@ const ITEM_OUTPUT_BYTES: usize = 1 << 20;
 /// What the test runner's cell may take beyond the test's own limit (the
 /// runner enforces that one; this bounds the runner itself).
 const RUNNER_MARGIN: Duration = Duration::from_secs(10);
+/// How long the cell that forks an image lane's tests' server may take.
+const IMAGE_SERVER_LIMIT: Duration = Duration::from_secs(30);
 /// How long an item waits for room (a session place) before kiln gives up
 /// on it as its own failure.
 const ROOM_WAIT: Duration = Duration::from_secs(120);
@@ -178,14 +180,10 @@ impl Manager {
         let program_only = !job.tests.is_empty() && job.tests.iter().all(|t| matches!(t, TestKind::Program { .. }));
         let fresh = job.exec.session_id.is_none() && !job.keep_session;
         // Such an item's tests leave its session as they found it: it
-        // shares one with the batch's other such items (`lanes`), unless it
-        // is a Python program that imports packages, which its tests would
-        // import anew each time there (`stdlib`).
-        let lane = (program_only
-            && fresh
-            && job.exec.files.is_empty()
-            && (job.exec.language != Language::Python || crate::stdlib::imports_only_stdlib(&job.exec.code)))
-        .then(|| lanes.take());
+        // shares one with the batch's other such items (`lanes`), of the
+        // kind its imports call for.
+        let lane = (program_only && fresh && job.exec.files.is_empty())
+            .then(|| lanes.take(LaneKind::of(job.exec.language, &job.exec.code)));
         // A program-only item in a session no one will see runs no cell of
         // its language: its tests run from a Python kernel, forked from the
         // zygote in tens of milliseconds, where a Deno or bash kernel would
@@ -205,8 +203,12 @@ impl Manager {
             files: Some(job.exec.files.clone()),
             ender,
             lane: lane.is_some(),
+            lanes,
             clean: true,
         };
+        if lane.as_ref().is_some_and(|l| l.kind == LaneKind::Image && l.id.is_none()) {
+            run.image_server().await?;
+        }
         let mut tests_done: Vec<Option<TestResult>> = vec![None; job.tests.len()];
         // 1. Program runs, from the kernel as it was before the item's code.
         let programs: Vec<(usize, &String, &String)> = job
@@ -296,6 +298,8 @@ struct Run<'a> {
     ender: Ender,
     /// The session is one of the batch's lanes.
     lane: bool,
+    /// The batch's idle lanes.
+    lanes: &'a Lanes,
     /// Every runner cell so far ended as it should (a lane may serve on).
     clean: bool,
 }
@@ -338,6 +342,10 @@ impl Run<'_> {
                 Err(SessionError::TooManySessions(_) | SessionError::NoCapacity(_))
                     if self.session.is_none() && waited.elapsed() < ROOM_WAIT =>
                 {
+                    // The batch's own idle lanes give way first.
+                    if self.lanes.end_one().await {
+                        continue;
+                    }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(500));
                 }
@@ -385,6 +393,17 @@ impl Run<'_> {
         let answer = task.await.map_err(|e| SessionError::KernelUnavailable(format!("the item's task failed: {e}")))?;
         drop(waiting);
         answer.unwrap_or_else(|| Err(SessionError::KernelUnavailable("abandoned".into())))
+    }
+
+    /// Start a new image lane's session with the cell that forks its tests'
+    /// server from the kernel (`lanes::LaneKind::Image`): before the item's
+    /// first cell, so that the server holds nothing of any item. Should it
+    /// fail, the item's calls start a lean server (slower, as correct) and
+    /// the lane is not used again.
+    async fn image_server(&mut self) -> Result<(), Infra> {
+        let j = self.cell(crate::runner::IMAGE_SERVER.to_string(), Some(IMAGE_SERVER_LIMIT)).await?;
+        self.clean &= j.outcome == crate::Outcome::Success;
+        Ok(())
     }
 
     /// Run `tests` of an item in `language` through the judge and read

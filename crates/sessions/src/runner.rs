@@ -66,6 +66,10 @@ fn interpreter(language: Language) -> Option<serde_json::Value> {
     }
 }
 
+/// The cell that makes a kernel's fork server a fork of the kernel itself
+/// (`judge.image_server`): the first cell of an image lane.
+pub(crate) const IMAGE_SERVER: &str = "__import__('kiln_kernel.judge').judge.image_server()";
+
 /// The cell, in the session's language `session`, that runs `tests` of an
 /// item in `program`'s language, each with its own time limit
 /// `timeout_secs`; `None` when they cannot run there (assertions are

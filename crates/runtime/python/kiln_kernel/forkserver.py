@@ -24,6 +24,14 @@ calls, is non-dumpable while a call runs (no ``/proc/<pid>/mem``), and no
 test can signal it, the server or the call's child
 (``guard.parent(ancestors=True)``); the server dies with the kernel
 (``PR_SET_PDEATHSIG``).
+
+A lane for Python programs that import packages has a server of the other
+kind: a fork of the kernel itself (:meth:`Server.forked`), made by a cell
+of its own before the lane's first item reaches the kernel. Its tests then
+find the zygote's preloaded packages already imported, as a test forked
+from a fresh session's kernel does, where a spawned server would import
+numpy anew in every test; and its memory holds only what the kernel held
+before any item (the zygote's image, the kernel's boot and that cell).
 """
 
 import os
@@ -40,6 +48,7 @@ _close = os.close
 _kill = os.kill
 _waitpid = os.waitpid
 _executable = sys.executable
+_fork = os.fork
 
 
 class Server:
@@ -65,6 +74,39 @@ class Server:
             _close(req_r)
             _close(resp_w)
         self._out = os.fdopen(self._resp, "rb", buffering=1 << 16)
+
+    @classmethod
+    def forked(cls, work_dir: str) -> "Server":
+        """A server that is a fork of this process, with everything it has
+        imported. Only for a kernel that holds no item yet (see above): the
+        server keeps a copy of all of its memory for the tests to inherit."""
+        self = cls.__new__(cls)
+        kernel = os.getpid()
+        req_r, self._req = _pipe()
+        self._resp, resp_w = _pipe()
+        try:
+            self.pid = _fork()
+        except BaseException:
+            for fd in (req_r, self._req, self._resp, resp_w):
+                _close(fd)
+            raise
+        if self.pid == 0:
+            try:
+                os.dup2(req_r, 0)
+                os.dup2(resp_w, 1)
+                # The kernel's streams publish to its sockets; the reports
+                # go to the pipe, as a spawned server's do.
+                sys.stdin = open(0, closefd=False)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False, buffering=1)
+                _serve(work_dir, kernel)
+            finally:
+                # Never the kernel's exit handlers (its sockets' context).
+                os._exit(0)
+        _close(req_r)
+        _close(resp_w)
+        self._out = os.fdopen(self._resp, "rb", buffering=1 << 16)
+        return self
 
     def call(self, function: str, b64: str, forward) -> None:
         """Run judge ``function`` with ``b64`` there; each report line is
@@ -144,16 +186,18 @@ def _one_call(judge) -> int:
     return 0
 
 
-def _serve() -> None:
+def _serve(work: str | None, kernel: int | None = None) -> None:
     """The server: a child per call, one after another, until the kernel
     closes its end or a child fails (then the kernel's call sees the end of
     the server's output and starts another)."""
     from . import judge
 
-    # Whatever the kernel held that was not close-on-exec.
+    # Whatever the kernel held that was not close-on-exec (a forked
+    # server's: all of the kernel's descriptors, its sockets among them).
     os.closerange(3, 1 << 16)
     judge._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    work = os.environ.get("KILN_WORK_DIR")
+    if kernel is not None and os.getppid() != kernel:
+        return  # the kernel died before the death signal was set
     if work:
         os.chdir(work)
     judge.ONLY_TESTS = True
@@ -176,4 +220,4 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(os.environ.get("KILN_WORK_DIR"))

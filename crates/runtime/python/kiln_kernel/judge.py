@@ -41,7 +41,10 @@ forks share, is copied before the first test and put back after each
 * In a batch's lane (``"lane": true``), a session that runs one item's
   tests after another's, :func:`program` and :func:`command` hand the call
   to the kernel's fork server (forkserver.py): no test forks from the
-  kernel, whose memory held earlier items. Every call also puts back the
+  kernel, whose memory held earlier items. A lane for programs that import
+  packages made its server a fork of the kernel before its first item
+  (:func:`image_server`); another starts a fresh interpreter at its first
+  call. Every call also puts back the
   home directory, ``/tmp`` and ``/dev/shm`` (in kiln's sandbox, where they
   are the session's own) and removes the IPC objects a test made (ipc.py).
 * :func:`check` runs each of its ``codes`` (an ``assert``) in the kernel's
@@ -120,10 +123,19 @@ def _prctl(option: int, value: int) -> None:
             pass
 
 
-def _set_dumpable(on: bool) -> None:
+def _set_dumpable(on: bool) -> bool:
     """PR_SET_DUMPABLE: while 0, processes of the same user cannot open this
-    one's /proc/<pid>/mem, fd/ or environ."""
+    one's /proc/<pid>/mem, fd/ or environ. Returns what it was, to be put
+    back (in kiln's sandbox a kernel is not dumpable to begin with: it
+    changed its credentials)."""
+    was = True
+    if _PRCTL is not None:
+        try:
+            was = _PRCTL(3, 0, 0, 0, 0) == 1  # PR_GET_DUMPABLE
+        except Exception:
+            pass
     _prctl(4, 1 if on else 0)
+    return was
 
 
 def _set_subreaper(on: bool) -> None:
@@ -263,7 +275,7 @@ def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
     before = set() if ONLY_TESTS else set(_descendants())
     ipc_before = _ipc.objects() if _private() else None
     parent = guard if guard is not None else _guard.parent()
-    _set_dumpable(False)
+    dumpable = _set_dumpable(False)
     _set_subreaper(True)
     started = _monotonic()
     pid = _fork()
@@ -342,7 +354,7 @@ def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
                 pass
         sel.close()
         _set_subreaper(False)
-        _set_dumpable(True)
+        _set_dumpable(dumpable)
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     term = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     out = bytes(bufs[out_r])
@@ -427,6 +439,17 @@ def _kernel_work_dir():
     return WORK_DIR or os.environ.get("KILN_WORK_DIR")
 
 
+def image_server() -> None:
+    """Make the kernel's fork server a fork of the kernel itself, with the
+    packages it has imported (forkserver.py): the cell a lane for programs
+    that import packages runs before its first item. Never in a kernel
+    that has run or read an item: the server, and every test forked from
+    it, keeps a copy of its memory."""
+    global _SERVER
+    if _SERVER is None:
+        _SERVER = _forkserver.Server.forked(_kernel_work_dir())
+
+
 def _in_fork_server(function: str, b64: str) -> None:
     """Run judge ``function`` in the kernel's fork server (forkserver.py),
     starting it first if needed; its report lines become this cell's."""
@@ -435,7 +458,7 @@ def _in_fork_server(function: str, b64: str) -> None:
         _SERVER = _forkserver.Server(_kernel_work_dir())
     # This kernel's memory holds what earlier cells sent and printed: no
     # test may read it through /proc while the call runs.
-    _set_dumpable(False)
+    dumpable = _set_dumpable(False)
     # The reports go out together, as one stream message (the server reads
     # them when the cell ends), and those that came also when the call fails.
     lines = []
@@ -450,7 +473,7 @@ def _in_fork_server(function: str, b64: str) -> None:
             raise RuntimeError(f"[kiln] the tests' runner ended: {e}") from None
         raise
     finally:
-        _set_dumpable(True)
+        _set_dumpable(dumpable)
         if lines:
             sys.stdout.write("".join(lines))
             sys.stdout.flush()

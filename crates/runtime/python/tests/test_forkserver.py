@@ -35,6 +35,17 @@ class ForkServerTest(unittest.TestCase):
             judge._SERVER = None
         judge.WORK_DIR = None
 
+    @staticmethod
+    def _spawned_sees(code):
+        """``code``'s reports from a spawned server of its own."""
+        saved, judge._SERVER = judge._SERVER, None
+        try:
+            return run("program", code=code, stdins=["1\n"], timeout=10)
+        finally:
+            if judge._SERVER is not None:
+                judge._SERVER.stop()
+            judge._SERVER = saved
+
     def test_a_standard_library_program_runs_in_forks_of_one_server_that_survives_the_calls(self):
         code = (
             "import os\nn = int(input())\nstat = open(f'/proc/{os.getppid()}/stat').read()\n"
@@ -56,23 +67,11 @@ class ForkServerTest(unittest.TestCase):
         # Secrets the scan's own text cannot match: its pattern is a regex.
         code = "# KILNSECRET0123456789abcdef\nprint(input())"
         run("program", code=code, stdins=["KILNSECRETfedcba9876543210\n"], timeout=10)
-        scan = (
-            "import re\nfound = 0\nmem = open('/proc/self/mem', 'rb', 0)\n"
-            "for line in open('/proc/self/maps'):\n"
-            "    lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
-            "    if line.split()[1][0] != 'r' or hi - lo > 1 << 28:\n"
-            "        continue\n"
-            "    try:\n"
-            "        mem.seek(lo)\n"
-            "        found += len(re.findall(rb'KILNSECRET[0-9a-f]{16}', mem.read(hi - lo)))\n"
-            "    except (OSError, ValueError, OverflowError):\n"
-            "        pass\n"
-            "print(found)"
-        )
-        (r,) = run("program", code=scan, stdins=[""], timeout=60)
+        program = scan("KILNSECRET")
+        (r,) = run("program", code=program, stdins=[""], timeout=60)
         self.assertEqual(r["stdout"], "0\n", r)
         # The scan finds what is there: a secret of its own call.
-        (r,) = run("program", code="# KILNSECRET00000000000000ff\n" + scan, stdins=[""], timeout=60)
+        (r,) = run("program", code="# KILNSECRET00000000000000ff\n" + program, stdins=[""], timeout=60)
         self.assertGreater(int(r["stdout"]), 0, r)
 
     def test_a_test_cannot_signal_the_server_or_the_kernel_and_the_work_dir_comes_back(self):
@@ -112,6 +111,94 @@ class ForkServerTest(unittest.TestCase):
         os.unlink(os.path.join(self.work, "big"))
         (r,) = run("program", code="print(3)", stdins=[""], timeout=10)
         self.assertEqual(r["stdout"], "3\n")
+
+
+SCAN = (
+    "import re\nfound = 0\nmem = open('/proc/self/mem', 'rb', 0)\n"
+    "for line in open('/proc/self/maps'):\n"
+    "    lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+    "    if line.split()[1][0] != 'r' or hi - lo > 1 << 28:\n"
+    "        continue\n"
+    "    try:\n"
+    "        mem.seek(lo)\n"
+    "        found += len(re.findall(rb'{prefix}[0-9a-f]{{16}}', mem.read(hi - lo)))\n"
+    "    except (OSError, ValueError, OverflowError):\n"
+    "        pass\n"
+    "print(found)"
+)
+
+
+def scan(prefix):
+    """A program that counts the strings of ``prefix`` and 16 hex digits in
+    its whole memory (a pattern: its own text has none)."""
+    return SCAN.replace("{prefix}", prefix).replace("{{16}}", "{16}")
+
+
+class ImageServerTest(unittest.TestCase):
+    """A server forked from the kernel (judge.image_server), as a lane for
+    programs that import packages has: this process plays that kernel."""
+
+    setUp = ForkServerTest.setUp
+    _stop = ForkServerTest._stop
+
+    def test_its_tests_find_what_the_kernel_had_imported_and_fork_from_one_child_per_call(self):
+        judge.image_server()
+        server = judge._SERVER
+        with open(f"/proc/{server.pid}/stat") as f:
+            self.assertEqual(int(f.read().rsplit(")", 1)[1].split()[1]), os.getpid(), "a child of the kernel")
+        code = "import sys\nprint('test_judge' in sys.modules, int(input()) + 1)"
+        first = run("program", code=code, stdins=["1\n", "2\n"], timeout=10)
+        second = run("program", code=code, stdins=["3\n"], timeout=10)
+        self.assertIs(judge._SERVER, server, "the server serves the later calls")
+        # Imported by this process (the kernel) before the fork: a spawned
+        # server would not have it.
+        self.assertEqual([r["stdout"] for r in first + second], ["True 2\n", "True 3\n", "True 4\n"])
+        (spawned,) = ForkServerTest._spawned_sees(code)
+        self.assertEqual(spawned["stdout"], "False 2\n")
+
+    def test_the_server_holds_none_of_the_kernel_s_descriptors(self):
+        kept = os.open(os.devnull, os.O_RDONLY)  # inheritable or not, a fork copies it
+        self.addCleanup(os.close, kept)
+        judge.image_server()
+        run("program", code="print(1)", stdins=[""], timeout=10)  # it serves: it has closed them
+        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{judge._SERVER.pid}/fd"))
+        self.assertEqual(fds, [0, 1, 2])
+
+    def test_a_test_finds_nothing_of_an_earlier_call_in_the_memory_it_inherited(self):
+        judge.image_server()
+        # Made after the fork, and of a prefix nothing in this module has
+        # (the server has this process's memory, with this module's text,
+        # as a lane's has the kernel's boot).
+        prefix = "KILN" + "IMAGE"
+        code, stdin, own = (prefix + os.urandom(8).hex() for _ in range(3))
+        run("program", code=f"# {code}\nprint(input())", stdins=[stdin + "\n"], timeout=10)
+        (r,) = run("program", code=scan(prefix), stdins=[""], timeout=60)
+        self.assertEqual(r["stdout"], "0\n", r)
+        (r,) = run("program", code=f"# {own}\n" + scan(prefix), stdins=[""], timeout=60)
+        self.assertGreater(int(r["stdout"]), 0, r)
+
+    def test_a_test_cannot_signal_the_server_or_the_kernel(self):
+        judge.image_server()
+        code = (
+            "import os, signal\n"
+            "for pid in (os.getppid(), int(input())):\n"
+            "    try:\n"
+            "        os.kill(pid, signal.SIGKILL)\n"
+            "    except PermissionError:\n"
+            "        print('refused')\n"
+        )
+        for pid in (judge._SERVER.pid, os.getpid()):
+            (r,) = run("program", code=code, stdins=[f"{pid}\n"], timeout=10)
+            self.assertEqual(r["stdout"], "refused\nrefused\n", r)
+
+    def test_when_it_dies_the_call_fails_and_the_next_call_gets_a_spawned_server(self):
+        judge.image_server()
+        old = judge._SERVER
+        os.kill(old.pid, 9)
+        with self.assertRaisesRegex(RuntimeError, "the tests' runner ended"):
+            run("program", code="print(1)", stdins=[""], timeout=10)
+        (r,) = run("program", code="import sys\nprint('test_judge' in sys.modules)", stdins=[""], timeout=10)
+        self.assertEqual(r["stdout"], "False\n", "a spawned server: correct, without the kernel's imports")
 
 
 class PutBackTest(unittest.TestCase):
