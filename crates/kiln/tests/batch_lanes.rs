@@ -163,3 +163,60 @@ async fn programs_with_packages_share_a_lane_whose_tests_have_them_imported_and_
     let now = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
     assert_eq!(now - started, 3.0, "four items, three lanes");
 }
+
+/// The pids of the lanes' fork servers (spawned ones: `-m kiln_kernel.forkserver`)
+/// under `server` (the other tests' servers have theirs).
+fn fork_servers(server: u32) -> Vec<i32> {
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let under = |mut pid: i32| {
+        while pid > 1 {
+            if pid == server as i32 {
+                return true;
+            }
+            pid = parent(pid).unwrap_or(0);
+        }
+        false
+    };
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("kiln_kernel.forkserver") && under(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lane_whose_tests_runner_dies_under_an_item_runs_it_again_in_another_and_never_blames_the_candidate() {
+    let s = start(&["--profile", "minimal", "--max-sessions-per-key", "1", "--pool-size", "1"]);
+    let started = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
+    let slow = json!({"language": "python", "code": "import time\ntime.sleep(2)\nprint('ok')",
+                      "tests": [{"stdin": "", "expected_stdout": "ok"}], "tests_timeout": 20});
+    let batch = s.post("/v1/tci/batch", Some(KEY), json!({ "items": [slow] }));
+    let killer = async {
+        // The lane's server, once its first test runs: killed as the OOM
+        // killer or an operator might.
+        for _ in 0..200 {
+            if let Some(pid) = fork_servers(s.pid()).first() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    let ((status, v), killed) = tokio::join!(batch, killer);
+    assert!(killed, "no fork server was seen to kill");
+    assert_eq!(status, 200, "{v}");
+    let r = &v["data"]["results"][0];
+    assert_eq!(r["status"], "success", "kiln's failure was retried, not scored: {r}");
+    assert_eq!(r["passed"], 1, "{r}");
+    let now = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
+    assert_eq!(now - started, 2.0, "the lost lane was not used again");
+}

@@ -426,6 +426,13 @@ impl Run<'_> {
             let n = u32::try_from(left).unwrap_or(u32::MAX);
             let cell_limit = (limit + Duration::from_secs(1)) * n + RUNNER_MARGIN;
             match self.cell(code, Some(cell_limit)).await {
+                // A lane's kernel runs only the judge, and no test can end
+                // its fork server or a call's child (the guard): losing
+                // them is kiln's failure, never the item's. The item runs
+                // again in another lane; this one ends with its ender.
+                Ok(j) if self.lane && crate::runner::lost_its_server(&j) => {
+                    return Err(Infra { why: "the lane's tests' runner ended under the item".into(), retry: true })
+                }
                 Ok(j) => {
                     self.clean &= j.outcome == crate::Outcome::Success;
                     let (ran, culprit) = Report::read(j, left);

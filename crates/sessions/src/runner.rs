@@ -66,6 +66,17 @@ fn interpreter(language: Language) -> Option<serde_json::Value> {
     }
 }
 
+/// How the judge's error begins when the kernel's fork server (or the
+/// call's child of it) ended under a call (`judge._in_fork_server`).
+const SERVER_ENDED: &str = "[kiln] the tests' runner ended";
+
+/// Whether a runner cell failed because its fork server ended under it. In
+/// a lane only the judge's own errors reach the cell's error output (the
+/// kernel runs no item's code; tests' outputs come back encoded).
+pub(crate) fn lost_its_server(j: &crate::Judged) -> bool {
+    j.data.outputs.iter().any(|o| matches!(o, kiln_protocol::Output::Error(e) if e.contains(SERVER_ENDED)))
+}
+
 /// The cell that makes a kernel's fork server a fork of the kernel itself
 /// (`judge.image_server`): the first cell of an image lane.
 pub(crate) const IMAGE_SERVER: &str = "__import__('kiln_kernel.judge').judge.image_server()";

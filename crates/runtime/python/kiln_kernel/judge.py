@@ -470,6 +470,7 @@ def _in_fork_server(function: str, b64: str) -> None:
         server, _SERVER = _SERVER, None
         server.stop()
         if isinstance(e, (OSError, EOFError)):
+            # The server reads this beginning (runner.rs, SERVER_ENDED).
             raise RuntimeError(f"[kiln] the tests' runner ended: {e}") from None
         raise
     finally:
