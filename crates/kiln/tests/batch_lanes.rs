@@ -1,8 +1,9 @@
 //! The sessions that a batch's program-only items share (lanes), against a
 //! real server: one session serves item after item, and nothing an item
 //! leaves behind (files in the work, home, `/tmp` and `/dev/shm`
-//! directories, IPC objects, processes, in Python or in bash) reaches the
-//! next; an item that wrote into the runtime retires its lane.
+//! directories, IPC objects, processes, in Python or in bash, its own
+//! files) reaches the next; an item that wrote into the runtime retires
+//! its lane.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -72,6 +73,11 @@ async fn program_only_items_share_a_session_and_none_leaves_anything_for_the_nex
         item("python", OBSERVER),
         item("python", RUNTIME_WRITER),
         item("python", OBSERVER),
+        // With files: its tests find them, the next item does not.
+        {"language": "python", "code": "import os\nprint(sorted(os.listdir('.')), open('data/in.txt').read())",
+         "files": [{"name": "data/in.txt", "encoding": "string", "content": "A"}, {"name": "b.txt", "encoding": "string", "content": ""}],
+         "tests": [{"stdin": "", "expected_stdout": "['b.txt', 'data'] A"}, {"stdin": "", "expected_stdout": "['b.txt', 'data'] A"}]},
+        item("python", OBSERVER),
     ]);
     let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
     assert_eq!(status, 200, "{v}");
@@ -90,8 +96,13 @@ async fn program_only_items_share_a_session_and_none_leaves_anything_for_the_nex
     assert_ne!(last["init"], first["init"], "the lane that wrote into the runtime was not used again: {last}");
     last["init"] = first["init"].clone();
     assert_eq!(last, first);
+    assert_eq!(r[7]["passed"], json!(2), "the item's files were there for each test: {}", r[7]);
+    let mut after_files = seen(&r[8]);
+    assert_eq!(after_files["init"], seen(&r[6])["init"], "the item with files left its lane usable");
+    after_files["init"] = first["init"].clone();
+    assert_eq!(after_files, first, "and left no file in it");
     let now = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
-    assert_eq!(now - started, 2.0, "seven items, two lanes");
+    assert_eq!(now - started, 2.0, "nine items, two lanes");
     // The batch over, its lanes are gone.
     let mut left = usize::MAX;
     for _ in 0..100 {

@@ -75,7 +75,8 @@ async fn uploaded_files_land_in_the_working_directory_before_the_code_runs() {
             Some(KEY),
             json!({
                 "language": "python",
-                "code": "!python myscript.py\nimport pandas as pd\nprint(pd.read_csv('data/raw/t.csv').b.sum())\nprint(open('bin.dat','rb').read())",
+                "code": "!python myscript.py\nimport pandas as pd\nprint(pd.read_csv('data/raw/t.csv').b.sum())\nprint(open('bin.dat','rb').read())\n\
+                         open('data/raw/mine.txt', 'w').write('folders made for the files are the session\\'s')\nprint('wrote')",
                 "files": [
                     {"name": "myscript.py", "encoding": "string", "content": "import sys\nprint(f'Hello from inside {sys.argv[0]}!')"},
                     {"name": "data/raw/t.csv", "encoding": "string", "content": "a,b\n1,2\n3,4\n"},
@@ -89,6 +90,7 @@ async fn uploaded_files_land_in_the_working_directory_before_the_code_runs() {
     assert!(out.starts_with("Hello from inside myscript.py!"), "{out}");
     assert!(out.contains("\n6\n"), "{out}");
     assert!(out.contains("b'\\x00\\x01\\x02\\xff'"), "{out}");
+    assert!(out.ends_with("wrote\n"), "the code writes into a folder its files came in: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,10 +3,10 @@
 //! failed to do (see `POST /v1/tci/batch`).
 //!
 //! An item runs in its own fresh session (ended when it is done, unless
-//! kept) or in one it names; one that is a program only, with no files and
-//! no session to keep, runs in one of the batch's lanes (`lanes`). Its tests
-//! run in forks of that session's kernel, or of the kernel's lean fork
-//! server (`kiln_kernel.judge`), each with its own time limit and the same
+//! kept) or in one it names; one that is a program only, with no session to
+//! keep, runs in one of the batch's lanes (`lanes`). Its tests run in forks
+//! of that session's kernel, or of the kernel's fork server
+//! (`kiln_kernel.judge`), each with its own time limit and the same
 //! starting state, and kiln (here, not the candidate's process) decides
 //! whether each passed:
 //!
@@ -36,8 +36,9 @@ const ITEM_OUTPUT_BYTES: usize = 1 << 20;
 /// What the test runner's cell may take beyond the test's own limit (the
 /// runner enforces that one; this bounds the runner itself).
 const RUNNER_MARGIN: Duration = Duration::from_secs(10);
-/// How long the cell that forks an image lane's tests' server may take.
-const IMAGE_SERVER_LIMIT: Duration = Duration::from_secs(30);
+/// How long a lane's own cells (forking its image server, emptying its
+/// work directory) may take.
+const LANE_CELL_LIMIT: Duration = Duration::from_secs(30);
 /// How long an item waits for room (a session place) before kiln gives up
 /// on it as its own failure.
 const ROOM_WAIT: Duration = Duration::from_secs(120);
@@ -179,11 +180,11 @@ impl Manager {
     async fn attempt(&self, key_id: &str, job: &BatchJob, lanes: &Lanes) -> Result<BatchResult, Infra> {
         let program_only = !job.tests.is_empty() && job.tests.iter().all(|t| matches!(t, TestKind::Program { .. }));
         let fresh = job.exec.session_id.is_none() && !job.keep_session;
-        // Such an item's tests leave its session as they found it: it
+        // Such an item's tests leave its session as they found it (its
+        // files, which its first runner cell writes, go with its call): it
         // shares one with the batch's other such items (`lanes`), of the
         // kind its imports call for.
-        let lane = (program_only && fresh && job.exec.files.is_empty())
-            .then(|| lanes.take(LaneKind::of(job.exec.language, &job.exec.code)));
+        let lane = (program_only && fresh).then(|| lanes.take(LaneKind::of(job.exec.language, &job.exec.code)));
         // A program-only item in a session no one will see runs no cell of
         // its language: its tests run from a Python kernel, forked from the
         // zygote in tens of milliseconds, where a Deno or bash kernel would
@@ -266,6 +267,9 @@ impl Manager {
         match lane {
             // Taken from the ender, which would end it on drop.
             Some(lane) => {
+                if !job.exec.files.is_empty() && run.session.is_some() {
+                    run.empty_work_dir().await;
+                }
                 if let Some(id) = run.ender.id.take() {
                     lanes.give_back(lane, id, run.clean).await;
                 }
@@ -401,9 +405,17 @@ impl Run<'_> {
     /// fail, the item's calls start a lean server (slower, as correct) and
     /// the lane is not used again.
     async fn image_server(&mut self) -> Result<(), Infra> {
-        let j = self.cell(crate::runner::IMAGE_SERVER.to_string(), Some(IMAGE_SERVER_LIMIT)).await?;
+        let j = self.cell(crate::runner::IMAGE_SERVER.to_string(), Some(LANE_CELL_LIMIT)).await?;
         self.clean &= j.outcome == crate::Outcome::Success;
         Ok(())
+    }
+
+    /// Remove the item's files from its lane's work directory (the next
+    /// item finds it empty, as every item does); the lane is not used
+    /// again if that fails.
+    async fn empty_work_dir(&mut self) {
+        let done = self.cell(crate::runner::EMPTY_WORK_DIR.to_string(), Some(LANE_CELL_LIMIT)).await;
+        self.clean &= done.is_ok_and(|j| j.outcome == crate::Outcome::Success);
     }
 
     /// Run `tests` of an item in `language` through the judge and read

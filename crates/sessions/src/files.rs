@@ -99,10 +99,20 @@ pub fn write_files(work: &Path, files: &[ValidFile], owner: Option<u32>) -> Resu
             dir = match open_beneath(&dir, c, OFlags::PATH | OFlags::DIRECTORY) {
                 Ok(d) => d,
                 Err(Errno::NOENT) => {
-                    rustix::fs::mkdirat(&dir, c.as_str(), Mode::from_raw_mode(0o755))
-                        .or_else(|e| if e == Errno::EXIST { Ok(()) } else { Err(e) })
-                        .map_err(io(index, &name))?;
-                    open_beneath(&dir, c, OFlags::PATH | OFlags::DIRECTORY).map_err(io(index, &name))?
+                    let created = match rustix::fs::mkdirat(&dir, c.as_str(), Mode::from_raw_mode(0o755)) {
+                        Ok(()) => true,
+                        Err(Errno::EXIST) => false,
+                        Err(e) => return Err(io(index, &name)(e)),
+                    };
+                    let d = open_beneath(&dir, c, OFlags::RDONLY | OFlags::DIRECTORY).map_err(io(index, &name))?;
+                    // The session's, as its files are: its code (and the
+                    // batch runner, which puts the work dir back) may
+                    // write there.
+                    if let (true, Some(uid)) = (created, owner) {
+                        std::os::unix::fs::fchown(&d, Some(uid), Some(uid))
+                            .map_err(|e| io(index, &name)(Errno::from_io_error(&e).unwrap_or(Errno::IO)))?;
+                    }
+                    d
                 }
                 Err(e) => return Err(io(index, &name)(e)),
             };
@@ -162,6 +172,18 @@ mod tests {
         assert_eq!(std::fs::read_to_string(d.path().join("x/y/z.csv")).unwrap_or_default(), "<x/y/z.csv>");
         // Overwriting a file is fine.
         write_files(d.path(), &files(&["a.txt"]), None).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn folders_created_on_the_way_belong_to_the_session_user_like_its_files() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir(d.path().join("x")).unwrap_or(());
+        write_files(d.path(), &files(&["x/y/z.csv"]), Some(4242)).unwrap_or_else(|e| panic!("{e}"));
+        let uid = |p: &str| std::fs::symlink_metadata(d.path().join(p)).map(|m| m.uid()).unwrap_or(0);
+        assert_eq!(uid("x/y"), 4242);
+        assert_eq!(uid("x/y/z.csv"), 4242);
+        assert_ne!(uid("x"), 4242, "a folder that was there keeps its owner");
     }
 
     #[test]

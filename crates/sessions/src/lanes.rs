@@ -1,9 +1,10 @@
 //! Lanes: the sessions that a batch's program-only items share.
 //!
-//! An item whose tests are all program runs (`stdin`, `expected_stdout`),
-//! that sends no files and keeps no session, needs of a session only a
-//! place for its tests to run, and never runs its code in the kernel: each
-//! test is a fork that starts from the same state. The judge puts the
+//! An item whose tests are all program runs (`stdin`, `expected_stdout`)
+//! and that keeps no session needs of a session only a place for its tests
+//! to run, and never runs its code in the kernel: each test is a fork that
+//! starts from the same state. Its files are written into the work
+//! directory with its first cell and removed after it. The judge puts the
 //! work, home, `/tmp` and `/dev/shm` directories back and removes the IPC
 //! objects after every test, and kills whatever the test started
 //! (`kiln_kernel.judge`). A session per such item would cost more CPU than
@@ -13,7 +14,7 @@
 //!
 //! A lane is given back only if the item left it as it found it: every
 //! runner cell ended normally (none was cut short, none failed to put a
-//! directory back), and the session's layer over the runtime is still
+//! directory back or to remove its files), and the session's layer over the runtime is still
 //! empty (nothing installed, nothing written into the runtime's
 //! directories, which the judge does not put back). Otherwise the lane is
 //! ended and the next item starts another. Lanes are also retired with age,

@@ -81,6 +81,10 @@ pub(crate) fn lost_its_server(j: &crate::Judged) -> bool {
 /// (`judge.image_server`): the first cell of an image lane.
 pub(crate) const IMAGE_SERVER: &str = "__import__('kiln_kernel.judge').judge.image_server()";
 
+/// The cell that empties a lane's work directory after an item that came
+/// with files (`judge.empty_work_dir`).
+pub(crate) const EMPTY_WORK_DIR: &str = "__import__('kiln_kernel.judge').judge.empty_work_dir()";
+
 /// The cell, in the session's language `session`, that runs `tests` of an
 /// item in `program`'s language, each with its own time limit
 /// `timeout_secs`; `None` when they cannot run there (assertions are

@@ -58,6 +58,7 @@ import builtins
 import json
 import os
 import selectors
+import shutil
 import signal
 import sys
 import time
@@ -478,6 +479,21 @@ def _in_fork_server(function: str, b64: str) -> None:
         if lines:
             sys.stdout.write("".join(lines))
             sys.stdout.flush()
+
+
+def empty_work_dir() -> None:
+    """After a lane's item that came with files: the work directory as
+    every item finds it, empty. The server wrote the item's files there for
+    its tests (each test had its changes put back); nothing else writes
+    there between items, as a lane's kernel runs no item's code. Should this
+    fail, the cell does, and the server ends the lane."""
+    work = _kernel_work_dir()
+    for name in _listdir(work):
+        path = os.path.join(work, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
 
 
 def _args(b64: str) -> dict:

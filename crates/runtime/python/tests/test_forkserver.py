@@ -98,6 +98,21 @@ class ForkServerTest(unittest.TestCase):
         self.assertEqual(r["stdout"], "2\n")
         self.assertNotEqual(judge._SERVER.pid, old.pid)
 
+    def test_after_an_item_with_files_its_work_dir_is_emptied_without_following_links(self):
+        outside = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, outside, True)
+        with open(os.path.join(outside, "kept"), "w") as f:
+            f.write("x")
+        os.makedirs(os.path.join(self.work, "data", "raw"))
+        with open(os.path.join(self.work, "data", "raw", "t.csv"), "w") as f:
+            f.write("a,b\n")
+        with open(os.path.join(self.work, "b.txt"), "w") as f:
+            f.write("")
+        os.symlink(outside, os.path.join(self.work, "link"))
+        judge.empty_work_dir()
+        self.assertEqual(os.listdir(self.work), [])
+        self.assertEqual(os.listdir(outside), ["kept"])
+
     def test_other_languages_run_from_the_server_too(self):
         (r,) = run("command", code="read n; echo $((n + 1))", argv=["bash", "{program}"], stdins=["4\n"], timeout=10)
         self.assertEqual(r["stdout"], "5\n")
