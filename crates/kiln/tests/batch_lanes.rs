@@ -151,6 +151,10 @@ async fn programs_with_packages_share_a_lane_whose_tests_have_them_imported_and_
         {"language": "python", "code": secret, "tests": [{"stdin": stdin, "expected_stdout": stdin}]},
         item("python", SCAN),
         item("python", OBSERVER),
+        // Starts an image lane with files: they are there for its tests.
+        {"language": "python", "code": "import numpy\nprint(int(numpy.loadtxt('data/in.txt').sum()))",
+         "files": [{"name": "data/in.txt", "encoding": "string", "content": "1 2 3\n"}],
+         "tests": [{"stdin": "", "expected_stdout": "6"}]},
         item("python", &format!("# KILNLANE00000000000000ff\n{SCAN}")),
     ]);
     let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
@@ -168,11 +172,11 @@ async fn programs_with_packages_share_a_lane_whose_tests_have_them_imported_and_
     // room for (on one session per key).
     assert_eq!(seen(&r[2])["probe"], json!(false));
     // The scan finds what is there (its own item's secret), in a new image lane.
-    let last = seen(&r[3]);
+    let last = seen(&r[4]);
     assert!(last["found"].as_u64().unwrap() > 0, "{last}");
     assert_ne!(last["init"], scan["init"], "{last}");
     let now = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
-    assert_eq!(now - started, 3.0, "four items, three lanes");
+    assert_eq!(now - started, 3.0, "five items, three lanes");
 }
 
 /// The pids of the lanes' fork servers (spawned ones: `-m kiln_kernel.forkserver`)

@@ -405,8 +405,12 @@ impl Run<'_> {
     /// fail, the item's calls start a lean server (slower, as correct) and
     /// the lane is not used again.
     async fn image_server(&mut self) -> Result<(), Infra> {
-        let j = self.cell(crate::runner::IMAGE_SERVER.to_string(), Some(LANE_CELL_LIMIT)).await?;
-        self.clean &= j.outcome == crate::Outcome::Success;
+        // The item's files go with its first runner cell, where a file that
+        // cannot be written fails its tests, as in any session.
+        let files = self.files.take();
+        let done = self.cell(crate::runner::IMAGE_SERVER.to_string(), Some(LANE_CELL_LIMIT)).await;
+        self.files = files;
+        self.clean &= done?.outcome == crate::Outcome::Success;
         Ok(())
     }
 
