@@ -14,9 +14,9 @@
 //!
 //! A lane is given back only if the item left it as it found it: every
 //! runner cell ended normally (none was cut short, none failed to put a
-//! directory back or to remove its files), and the session's layer over the runtime is still
-//! empty (nothing installed, nothing written into the runtime's
-//! directories, which the judge does not put back). Otherwise the lane is
+//! directory back or to remove its files), and the session's layer over
+//! the runtime is still empty (nothing installed, nothing written into the
+//! runtime's directories, which the judge does not put back). Otherwise the lane is
 //! ended and the next item starts another. Lanes are also retired with age,
 //! well before their session's lifetime ends, and at the end of the batch.
 //! One that an item holds when its batch is dropped (its client went away)

@@ -26,7 +26,7 @@ test can signal it, the server or the call's child
 (``PR_SET_PDEATHSIG``).
 
 A lane for Python programs that import packages has a server of the other
-kind: a fork of the kernel itself (:meth:`Server.forked`), made by a cell
+kind: a fork of the kernel itself (``Server(work, fork=True)``), made by a cell
 of its own before the lane's first item reaches the kernel. Its tests then
 find the zygote's preloaded packages already imported, as a test forked
 from a fresh session's kernel does, where a spawned server would import
@@ -54,18 +54,15 @@ _fork = os.fork
 class Server:
     """The kernel's handle on its fork server (one per kernel)."""
 
-    def __init__(self, work_dir: str):
+    def __init__(self, work_dir: str, fork: bool = False):
+        """Start a server in ``work_dir``: a fresh interpreter, or with
+        ``fork`` a fork of this process with everything it has imported
+        (only for a kernel that holds no item yet, see above: the server
+        keeps a copy of all of its memory for the tests to inherit)."""
         req_r, self._req = _pipe()
         self._resp, resp_w = _pipe()
-        env = dict(os.environ)
-        env["KILN_WORK_DIR"] = work_dir
         try:
-            self.pid = _posix_spawn(
-                _executable,
-                [_executable, "-m", "kiln_kernel.forkserver"],
-                env,
-                file_actions=[(os.POSIX_SPAWN_DUP2, req_r, 0), (os.POSIX_SPAWN_DUP2, resp_w, 1)],
-            )
+            self.pid = _forked(req_r, resp_w, work_dir) if fork else _spawned(req_r, resp_w, work_dir)
         except BaseException:
             for fd in (self._req, self._resp):
                 _close(fd)
@@ -74,39 +71,6 @@ class Server:
             _close(req_r)
             _close(resp_w)
         self._out = os.fdopen(self._resp, "rb", buffering=1 << 16)
-
-    @classmethod
-    def forked(cls, work_dir: str) -> "Server":
-        """A server that is a fork of this process, with everything it has
-        imported. Only for a kernel that holds no item yet (see above): the
-        server keeps a copy of all of its memory for the tests to inherit."""
-        self = cls.__new__(cls)
-        kernel = os.getpid()
-        req_r, self._req = _pipe()
-        self._resp, resp_w = _pipe()
-        try:
-            self.pid = _fork()
-        except BaseException:
-            for fd in (req_r, self._req, self._resp, resp_w):
-                _close(fd)
-            raise
-        if self.pid == 0:
-            try:
-                os.dup2(req_r, 0)
-                os.dup2(resp_w, 1)
-                # The kernel's streams publish to its sockets; the reports
-                # go to the pipe, as a spawned server's do.
-                sys.stdin = open(0, closefd=False)
-                sys.stdout = open(1, "w", closefd=False)
-                sys.stderr = open(2, "w", closefd=False, buffering=1)
-                _serve(work_dir, kernel)
-            finally:
-                # Never the kernel's exit handlers (its sockets' context).
-                os._exit(0)
-        _close(req_r)
-        _close(resp_w)
-        self._out = os.fdopen(self._resp, "rb", buffering=1 << 16)
-        return self
 
     def call(self, function: str, b64: str, forward) -> None:
         """Run judge ``function`` with ``b64`` there; each report line is
@@ -145,6 +109,38 @@ class Server:
             _close(self._req)
         except OSError:
             pass
+
+
+def _spawned(req_r: int, resp_w: int, work_dir: str) -> int:
+    """A fresh interpreter running :func:`_serve` on the two pipes."""
+    env = dict(os.environ)
+    env["KILN_WORK_DIR"] = work_dir
+    return _posix_spawn(
+        _executable,
+        [_executable, "-m", "kiln_kernel.forkserver"],
+        env,
+        file_actions=[(os.POSIX_SPAWN_DUP2, req_r, 0), (os.POSIX_SPAWN_DUP2, resp_w, 1)],
+    )
+
+
+def _forked(req_r: int, resp_w: int, work_dir: str) -> int:
+    """A fork of this process running :func:`_serve` on the two pipes."""
+    kernel = os.getpid()
+    pid = _fork()
+    if pid != 0:
+        return pid
+    try:
+        os.dup2(req_r, 0)
+        os.dup2(resp_w, 1)
+        # The kernel's streams publish to its sockets; the reports go to the
+        # pipe, as a spawned server's do.
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False, buffering=1)
+        _serve(work_dir, kernel)
+    finally:
+        # Never the kernel's exit handlers (its sockets' context).
+        os._exit(0)
 
 
 # A call's child exits with this when the kernel has closed its end.

@@ -58,7 +58,6 @@ import builtins
 import json
 import os
 import selectors
-import shutil
 import signal
 import sys
 import time
@@ -116,27 +115,24 @@ def _libc_prctl():
 _PRCTL = _libc_prctl()
 
 
-def _prctl(option: int, value: int) -> None:
+def _prctl(option: int, value: int):
+    """prctl's result, or None without the C library."""
     if _PRCTL is not None:
         try:
-            _PRCTL(option, value, 0, 0, 0)
+            return _PRCTL(option, value, 0, 0, 0)
         except Exception:
             pass
+    return None
 
 
-def _set_dumpable(on: bool) -> bool:
+def _set_dumpable(value: int) -> int:
     """PR_SET_DUMPABLE: while 0, processes of the same user cannot open this
-    one's /proc/<pid>/mem, fd/ or environ. Returns what it was, to be put
-    back (in kiln's sandbox a kernel is not dumpable to begin with: it
-    changed its credentials)."""
-    was = True
-    if _PRCTL is not None:
-        try:
-            was = _PRCTL(3, 0, 0, 0, 0) == 1  # PR_GET_DUMPABLE
-        except Exception:
-            pass
-    _prctl(4, 1 if on else 0)
-    return was
+    one's /proc/<pid>/mem, fd/ or environ. Returns what it was
+    (PR_GET_DUMPABLE), to be put back: in kiln's sandbox a kernel is not
+    dumpable to begin with (it changed its credentials)."""
+    was = _prctl(3, 0)
+    _prctl(4, value)
+    return 1 if was is None else was
 
 
 def _set_subreaper(on: bool) -> None:
@@ -276,7 +272,7 @@ def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
     before = set() if ONLY_TESTS else set(_descendants())
     ipc_before = _ipc.objects() if _private() else None
     parent = guard if guard is not None else _guard.parent()
-    dumpable = _set_dumpable(False)
+    dumpable = _set_dumpable(0)
     _set_subreaper(True)
     started = _monotonic()
     pid = _fork()
@@ -448,7 +444,7 @@ def image_server() -> None:
     it, keeps a copy of its memory."""
     global _SERVER
     if _SERVER is None:
-        _SERVER = _forkserver.Server.forked(_kernel_work_dir())
+        _SERVER = _forkserver.Server(_kernel_work_dir(), fork=True)
 
 
 def _in_fork_server(function: str, b64: str) -> None:
@@ -459,7 +455,7 @@ def _in_fork_server(function: str, b64: str) -> None:
         _SERVER = _forkserver.Server(_kernel_work_dir())
     # This kernel's memory holds what earlier cells sent and printed: no
     # test may read it through /proc while the call runs.
-    dumpable = _set_dumpable(False)
+    dumpable = _set_dumpable(0)
     # The reports go out together, as one stream message (the server reads
     # them when the cell ends), and those that came also when the call fails.
     lines = []
@@ -487,13 +483,7 @@ def empty_work_dir() -> None:
     its tests (each test had its changes put back); nothing else writes
     there between items, as a lane's kernel runs no item's code. Should this
     fail, the cell does, and the server ends the lane."""
-    work = _kernel_work_dir()
-    for name in _listdir(work):
-        path = os.path.join(work, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+    _workdir.empty(_kernel_work_dir())
 
 
 def _args(b64: str) -> dict:

@@ -150,6 +150,16 @@ def _remove(dir_fd: int, name: str, st: os.stat_result) -> None:
     os.rmdir(name, dir_fd=dir_fd)
 
 
+def empty(root: str) -> None:
+    """Remove everything in ``root``, never following a link."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for name in _names(fd):
+            _remove(fd, name, os.stat(name, dir_fd=fd, follow_symlinks=False))
+    finally:
+        os.close(fd)
+
+
 def _write_out(dir_fd: int, name: str, mode: int, mtime: int, mem: int, where: tuple) -> None:
     out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
