@@ -446,10 +446,11 @@ impl Run<'_> {
                 // its fork server or a call's child (the guard): losing
                 // them is kiln's failure, never the item's. The item runs
                 // again in another lane; this one ends with its ender.
-                Ok(j) if self.lane && crate::runner::lost_its_server(&j) => {
-                    return Err(Infra { why: "the lane's tests' runner ended under the item".into(), retry: true })
-                }
                 Ok(j) => {
+                    if let Some(why) = crate::runner::lost_its_server(&j).filter(|_| self.lane) {
+                        let why = format!("the lane's tests' runner ended under the item ({why})");
+                        return Err(Infra { why, retry: true });
+                    }
                     self.clean &= j.outcome == crate::Outcome::Success;
                     let (ran, culprit) = Report::read(j, left);
                     self.clean &= culprit.is_none();

@@ -70,11 +70,19 @@ fn interpreter(language: Language) -> Option<serde_json::Value> {
 /// call's child of it) ended under a call (`judge._in_fork_server`).
 const SERVER_ENDED: &str = "[kiln] the tests' runner ended";
 
-/// Whether a runner cell failed because its fork server ended under it. In
-/// a lane only the judge's own errors reach the cell's error output (the
-/// kernel runs no item's code; tests' outputs come back encoded).
-pub(crate) fn lost_its_server(j: &crate::Judged) -> bool {
-    j.data.outputs.iter().any(|o| matches!(o, kiln_protocol::Output::Error(e) if e.contains(SERVER_ENDED)))
+/// Why a runner cell failed, when it failed because its fork server ended
+/// under it: the judge's line, from [`SERVER_ENDED`] on (with the reason
+/// the call's child gave, if it gave one). In a lane only the judge's own
+/// errors reach the cell's error output (the kernel runs no item's code;
+/// tests' outputs come back encoded).
+pub(crate) fn lost_its_server(j: &crate::Judged) -> Option<String> {
+    j.data.outputs.iter().find_map(|o| match o {
+        kiln_protocol::Output::Error(e) => {
+            let from = e.find(SERVER_ENDED)?;
+            Some(e[from..].lines().next().unwrap_or_default().trim_end().to_string())
+        }
+        _ => None,
+    })
 }
 
 /// The cell that makes a kernel's fork server a fork of the kernel itself
@@ -157,6 +165,33 @@ mod tests {
         let cell =
             super::cell(Language::Python, Language::Python, &Tests::Assertions { codes: &codes }, 2.0, false).unwrap();
         assert!(cell.contains(".judge.check('"), "{cell}");
+    }
+
+    #[test]
+    fn a_lost_runner_is_told_apart_by_the_judge_s_own_line_and_keeps_its_reason() {
+        let judged = |outputs| crate::Judged {
+            data: kiln_protocol::ExecuteData {
+                session_id: "ses_x".into(),
+                status: kiln_protocol::ExecuteStatus::Error,
+                outputs,
+            },
+            outcome: crate::Outcome::Raised,
+        };
+        let lost = judged(vec![
+            kiln_protocol::Output::Stdout("KILN_JUDGE {}\n".into()),
+            kiln_protocol::Output::Error(format!(
+                "RuntimeError: {SERVER_ENDED}: the tests' fork server ended: binascii.Error: Incorrect padding\n\
+                 Traceback (most recent call last):\n  ..."
+            )),
+        ]);
+        assert_eq!(
+            lost_its_server(&lost).as_deref(),
+            Some("[kiln] the tests' runner ended: the tests' fork server ended: binascii.Error: Incorrect padding")
+        );
+        // A test's own error, or a judge's error of another kind, is not.
+        let other = judged(vec![kiln_protocol::Output::Error("RuntimeError: [kiln] the tests did not run".into())]);
+        assert_eq!(lost_its_server(&other), None);
+        assert_eq!(lost_its_server(&judged(vec![kiln_protocol::Output::Stderr(SERVER_ENDED.into())])), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod netns;
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -333,17 +334,39 @@ pub fn zygote_pid(data: &Path) -> Option<i32> {
 }
 
 /// The host's mounts, as (mount point, filesystem type) from this
-/// process's `/proc/self/mountinfo`.
+/// process's `/proc/self/mountinfo`, the mount points unescaped.
 pub fn mounts() -> Vec<(PathBuf, String)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     info.lines()
         .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
+            let f: Vec<&str> = l.split(' ').collect();
             // Optional fields end at a lone "-"; the type follows it.
             let fstype = f.iter().position(|x| *x == "-").map(|i| f[i + 1]).unwrap_or_default();
-            (PathBuf::from(f[4]), fstype.to_string())
+            (PathBuf::from(std::ffi::OsString::from_vec(unescape_octal(f[4]))), fstype.to_string())
         })
         .collect()
+}
+
+/// mountinfo writes a space, tab, newline or backslash in a path as `\ooo`
+/// (octal): the path's bytes back.
+fn unescape_octal(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok()).filter(|_| bytes[i] == b'\\');
+        match code.and_then(|d| u8::from_str_radix(d, 8).ok()) {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// The mount points at or below `dir`.

@@ -15,7 +15,9 @@ call, which reads the call from the kernel (one line on the shared stdin:
 the judge function's name and its base64 arguments), runs it (each test a
 fork of that child; the report lines go to the shared stdout, as they would
 to a cell's), writes :data:`END`, or :data:`FAIL` and why when the call
-could not run its tests, and exits. So a test finds in its memory its own
+could not run its tests, and exits. A child that fails in kiln's own code
+(not a test's) writes :data:`LOST` and why, and exits with an error: the
+server ends with it, and the kernel's call fails saying why. So a test finds in its memory its own
 item's code and inputs and nothing of an earlier call's, which matters when
 the kernel serves a batch's items one after another (a lane, see the
 server's ``lanes``): a candidate cannot dig another's program or outputs out
@@ -37,9 +39,11 @@ before any item (the zygote's image, the kernel's boot and that cell).
 import os
 import signal
 import sys
+import traceback
 
 END = b"KILN_END\n"
 FAIL = b"KILN_FAIL "
+LOST = b"KILN_LOST "
 
 # Bound at import, before any candidate code runs in the kernel.
 _posix_spawn = os.posix_spawn
@@ -81,13 +85,16 @@ class Server:
         while view:
             view = view[os.write(self._req, view) :]
         failed = None
+        lost = ""
         while True:
             line = self._out.readline()
             if not line.endswith(b"\n"):
-                raise EOFError("the tests' fork server ended")
+                raise EOFError("the tests' fork server ended" + lost)
             if line == END:
                 break
-            if line.startswith(FAIL):
+            if line.startswith(LOST):
+                lost = ": " + line[len(LOST) :].decode("utf-8", "replace").rstrip("\n")
+            elif line.startswith(FAIL):
                 failed = line[len(FAIL) :].decode("utf-8", "replace").rstrip("\n")
             else:
                 forward(line.decode("utf-8", "replace"))
@@ -173,6 +180,15 @@ def _one_call(judge) -> int:
         getattr(judge, function)(b64, serving=True)
     except RuntimeError as e:
         failed = str(e).replace("\n", " ")
+    except BaseException as e:
+        # kiln's own failure, not a test's (a test is a process of its
+        # own): this child ends with an error, and so does the server; the
+        # kernel's call says why, for the server to report.
+        why = traceback.format_exception_only(type(e), e)[-1].strip().replace("\n", " ")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(LOST + why.encode("utf-8", "replace") + b"\n")
+        sys.stdout.flush()
+        raise
     sys.stdout.flush()
     out = sys.stdout.buffer
     if failed is not None:

@@ -98,6 +98,17 @@ class ForkServerTest(unittest.TestCase):
         self.assertEqual(r["stdout"], "2\n")
         self.assertNotEqual(judge._SERVER.pid, old.pid)
 
+    def test_a_call_that_fails_outside_its_tests_ends_the_server_and_says_why(self):
+        run("program", code="print(1)", stdins=[""], timeout=10)
+        old = judge._SERVER
+        # Arguments the call's child cannot decode: kiln's failure, not a test's.
+        with self.assertRaisesRegex(RuntimeError, r"the tests' runner ended: .*fork server ended: .*Error"):
+            judge._in_fork_server("program", "not base64!")
+        self.assertIsNone(judge._SERVER)
+        (r,) = run("program", code="print(2)", stdins=[""], timeout=10)
+        self.assertEqual(r["stdout"], "2\n")
+        self.assertNotEqual(judge._SERVER.pid, old.pid)
+
     def test_after_an_item_with_files_its_work_dir_is_emptied_without_following_links(self):
         outside = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, outside, True)
