@@ -127,6 +127,23 @@ impl Collector {
     }
 }
 
+/// The outputs a notebook would show for `messages` (iopub message types
+/// and contents, in the order they were sent), collected as one
+/// execution's under the output limit `limit`; and whether one was an
+/// error. For messages a kernel recorded instead of sending (a batch item's
+/// cell in a lane, `kiln_kernel.recorder`); a message of a type or shape
+/// that shows nothing is skipped, as on iopub.
+pub fn outputs_of(messages: impl IntoIterator<Item = (String, Value)>, limit: usize) -> (Vec<Output>, bool) {
+    let mut collector = Collector::new(limit, None);
+    for (msg_type, content) in messages {
+        if let Ok(content) = JupyterMessageContent::from_type_and_content(&msg_type, content) {
+            collector.accept(&content);
+        }
+    }
+    let raised = collector.saw_error;
+    (collector.finish(), raised)
+}
+
 fn bundle(media: &jupyter_protocol::Media) -> Map<String, Value> {
     match serde_json::to_value(media) {
         Ok(Value::Object(m)) => m,
@@ -153,6 +170,33 @@ mod tests {
 
     fn stdout(t: &str) -> JupyterMessageContent {
         JupyterMessageContent::StreamContent(StreamContent::stdout(t))
+    }
+
+    #[test]
+    fn recorded_messages_become_the_outputs_iopub_would_have_given() {
+        let messages = vec![
+            ("stream".to_string(), serde_json::json!({"name": "stdout", "text": "a"})),
+            ("stream".to_string(), serde_json::json!({"name": "stdout", "text": "b\n"})),
+            ("comm_open".to_string(), serde_json::json!({"comm_id": "x", "target_name": "t", "data": {}})),
+            (
+                "execute_result".to_string(),
+                serde_json::json!({"data": {"text/plain": "3"}, "metadata": {}, "execution_count": 1}),
+            ),
+            ("stream".to_string(), serde_json::json!({"nonsense": true})),
+            (
+                "error".to_string(),
+                serde_json::json!({"ename": "ValueError", "evalue": "no", "traceback": ["\u{1b}[31mValueError\u{1b}[0m: no"]}),
+            ),
+        ];
+        let (outputs, raised) = outputs_of(messages, 1 << 20);
+        assert!(raised);
+        assert_eq!(outputs.len(), 3, "{outputs:?}");
+        assert!(matches!(&outputs[0], Output::Stdout(s) if s == "ab\n"));
+        assert!(matches!(&outputs[1], Output::ExecuteResult(d) if d["text/plain"] == "3"));
+        assert!(matches!(&outputs[2], Output::Error(e) if e.contains("ValueError: no") && !e.contains('\u{1b}')));
+        let (capped, _) =
+            outputs_of([("stream".to_string(), serde_json::json!({"name": "stderr", "text": "x".repeat(50)}))], 10);
+        assert!(matches!(&capped[..], [Output::Stderr(m)] if m.contains("output limit of 10 bytes")), "{capped:?}");
     }
 
     #[test]

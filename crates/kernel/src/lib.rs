@@ -20,7 +20,7 @@ mod fence;
 pub mod guard;
 
 pub use boot::{Completion, KernelDirs, KernelKind, KernelSpec, CONNECTION_FILE, INSIDE_HOME, INSIDE_RUN, INSIDE_WORK};
-pub use collect::strip_ansi;
+pub use collect::{outputs_of, strip_ansi};
 pub use execute::{End, ExecLimits, Execution};
 
 use jupyter_zmq_client::{DealerSendConnection, JupyterMessage};

@@ -235,3 +235,90 @@ async fn a_lane_whose_tests_runner_dies_under_an_item_runs_it_again_in_another_a
     let now = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
     assert_eq!(now - started, 2.0, "the lost lane was not used again");
 }
+
+/// What an item's cell finds of its sandbox and of earlier items, as one
+/// line: the work directory and `/tmp`, the names an earlier item or test
+/// defined, how many strings of `KILNLANE` and 16 hex digits its whole
+/// memory holds (as `SCAN`), and its lane's init.
+const CELL_SCAN: &str = r#"import ctypes, json, os, re
+found = 0
+with open("/proc/self/maps") as maps:
+    for line in maps.read().splitlines():
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        name = fields[5] if len(fields) > 5 else ""
+        if fields[1][0] != "r" or name not in ("", "[heap]", "[stack]") or hi - lo > 1 << 30:
+            continue
+        found += len(re.findall(rb"KILN" rb"LANE[0-9a-f]{16}", ctypes.string_at(lo, hi - lo)))
+print(json.dumps({"work": sorted(os.listdir("/work")), "tmp": sorted(os.listdir("/tmp")),
+                  "names": sorted(n for n in dir() if n.startswith("lane_")), "found": found,
+                  "init": open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19]}))
+"#;
+
+/// What a cell shows: every kind of output a notebook shows, in order.
+const SHOWS: &str = "import os, sys\nfrom IPython.display import HTML, display\nprint('out')\n\
+                     print('err', file=sys.stderr)\nos.write(1, b'fd\\n')\ndisplay(HTML('<b>x</b>'))\n{'a': [1, 2]}";
+
+fn cell_seen(r: &Value) -> Value {
+    let out = r["outputs"][0]["data"].as_str().unwrap_or_default();
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("a scan's line ({e}): {r}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn items_with_a_cell_share_a_lane_show_what_a_session_would_and_leave_nothing_for_the_next() {
+    // One session per key: the items run one after another, in one lane
+    // while each leaves it usable.
+    let s = start(&["--profile", "minimal", "--max-sessions-per-key", "1", "--pool-size", "1"]);
+    let started = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
+    let assert_true = json!([{"code": "assert True"}]);
+    let leaves = "lane_secret = 'KILNLANE0123456789abcdef'\nimport subprocess\n\
+                  open('/tmp/left', 'w').write('x')\nopen('left.txt', 'w').write('x')\n\
+                  subprocess.Popen(['sh', '-c', 'while :; do echo late >> /tmp/late; sleep 0.01; done'])\n\
+                  def solve(x):\n    return x * 2\nprint(open('/proc/1/stat').read().rsplit(')', 1)[1].split()[19])";
+    let items = json!([
+        {"code": leaves, "tests": [{"code": "assert solve(2) == 4"}, {"code": "lane_seen = 1\nassert solve(3) == 7"},
+                                   {"code": "assert 'lane_seen' not in dir() and open('left.txt').read() == 'x'"}]},
+        {"code": CELL_SCAN},
+        {"code": SHOWS, "tests": assert_true},
+        {"code": "lane_x = 1\nraise ValueError('no')", "tests": [{"code": "assert lane_x == 1"}]},
+        {"code": "lane_y = 2\nwhile True:\n    pass", "timeout": 1, "tests": [{"code": "assert lane_y == 2"}]},
+        {"code": "import os\nos._exit(0)", "tests": assert_true},
+        {"code": &format!("# KILNLANE00000000000000ff\n{CELL_SCAN}")},
+        // The same cell in a session of its own, for its outputs.
+        {"code": SHOWS, "tests": assert_true, "keep_session": true},
+    ]);
+    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
+    assert_eq!(status, 200, "{v}");
+    let r = v["data"]["results"].as_array().unwrap();
+    assert_eq!((r[0]["status"].as_str(), r[0]["passed"].as_u64()), (Some("success"), Some(2)), "{}", r[0]);
+    assert!(!r[0]["tests"][1]["passed"].as_bool().unwrap(), "{}", r[0]);
+    // Nothing of the first item, in files, processes, names or memory.
+    let scan = cell_seen(&r[1]);
+    assert_eq!(json!(r[0]["outputs"][0]["data"].as_str().unwrap().trim()), scan["init"], "one lane: {scan}");
+    assert_eq!((&scan["work"], &scan["tmp"], &scan["names"]), (&json!([]), &json!([]), &json!([])), "{scan}");
+    assert_eq!(scan["found"], json!(0), "nothing of the item before it in the cell's memory: {scan}");
+    // Its outputs are the session's, to the byte.
+    assert_eq!(r[2]["status"], "success", "{}", r[2]);
+    assert_eq!(r[2]["outputs"], r[7]["outputs"], "in a lane and in a session");
+    let kinds: Vec<&str> = r[2]["outputs"].as_array().unwrap().iter().map(|o| o["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["stdout", "stderr", "stdout", "display_data", "execute_result"], "{}", r[2]);
+    assert!(r[7]["session_id"].is_string() && r[2]["session_id"].is_null());
+    // A raise, a time limit: the assertions start from the state left.
+    assert_eq!(r[3]["status"], "error", "{}", r[3]);
+    assert!(r[3]["outputs"].to_string().contains("ValueError: no"), "{}", r[3]);
+    assert_eq!(r[3]["passed"], json!(1), "{}", r[3]);
+    assert_eq!(r[4]["status"], "timeout", "{}", r[4]);
+    assert!(r[4]["outputs"].to_string().contains("TimeoutError"), "{}", r[4]);
+    assert_eq!(r[4]["passed"], json!(1), "{}", r[4]);
+    // A cell that ends its own process: its tests cannot run; the
+    // candidate's doing, not kiln's, and its lane is not used again.
+    assert_eq!(r[5]["status"], "error", "{}", r[5]);
+    assert!(r[5]["tests"][0]["stderr"].as_str().unwrap().contains("ended its process"), "{}", r[5]);
+    // The scan finds what is there: its own secret, in a new lane.
+    let last = cell_seen(&r[6]);
+    assert!(last["found"].as_u64().unwrap() > 0, "{last}");
+    assert_ne!(last["init"], scan["init"], "{last}");
+    assert_eq!((&last["work"], &last["tmp"], &last["names"]), (&json!([]), &json!([]), &json!([])), "{last}");
+    let now = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
+    assert_eq!(now - started, 3.0, "eight items: two lanes and the kept session");
+}

@@ -38,6 +38,8 @@ const FILES: &[(&str, &str)] = &[
     ("workdir.py", include_str!("../python/kiln_kernel/workdir.py")),
     ("guard.py", include_str!("../python/kiln_kernel/guard.py")),
     ("forkserver.py", include_str!("../python/kiln_kernel/forkserver.py")),
+    ("recorder.py", include_str!("../python/kiln_kernel/recorder.py")),
+    ("testrun.py", include_str!("../python/kiln_kernel/testrun.py")),
     ("ipc.py", include_str!("../python/kiln_kernel/ipc.py")),
     ("relay.py", include_str!("../python/kiln_kernel/relay.py")),
     ("bash.py", include_str!("../python/kiln_kernel/bash.py")),

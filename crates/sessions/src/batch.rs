@@ -22,8 +22,8 @@
 //! `infra_error` when that fails too. Nothing kiln causes is an `error`.
 
 use crate::lanes::{LaneKind, Lanes};
-use crate::runner::Tests;
-use crate::scoring::{status_of, Report};
+use crate::runner::{ItemCell, Tests};
+use crate::scoring::{status_of, ItemReport, Report};
 use crate::{Exec, Judged, Manager, SessionError};
 use kiln_protocol::{BatchResult, ExecEvent, ItemStatus, Language, Output, TestKind, TestResult};
 use std::time::{Duration, Instant};
@@ -36,6 +36,9 @@ const ITEM_OUTPUT_BYTES: usize = 1 << 20;
 /// What the test runner's cell may take beyond the test's own limit (the
 /// runner enforces that one; this bounds the runner itself).
 const RUNNER_MARGIN: Duration = Duration::from_secs(10);
+/// Beyond an item's cell's time limit in a lane: the time its interrupt
+/// may take to land (`judge.CELL_GRACE`).
+const ITEM_GRACE: Duration = Duration::from_secs(3);
 /// How long a lane's own cells (forking its image server, emptying its
 /// work directory) may take.
 const LANE_CELL_LIMIT: Duration = Duration::from_secs(30);
@@ -46,6 +49,10 @@ const ROOM_WAIT: Duration = Duration::from_secs(120);
 /// stdout (1 MiB at most) and stderr (64 KiB) in base64, and the rest of
 /// the line (see `kiln_kernel.judge`).
 const REPORT_BYTES: usize = ((1 << 20) + (64 << 10)) / 3 * 4 + 4 + 1024;
+/// The most an assertion's report takes when its item runs in a lane (its
+/// stdout is cut at 64 KiB there: only that much is kept), and the report
+/// of how the item's process ended.
+const ASSERTION_REPORT_BYTES: usize = ((64 << 10) + 1 + (64 << 10)) / 3 * 4 + 4 + 1024;
 
 /// One item, validated.
 #[derive(Debug, Clone)]
@@ -184,7 +191,32 @@ impl Manager {
         // files, which its first runner cell writes, go with its call): it
         // shares one with the batch's other such items (`lanes`), of the
         // kind its imports call for.
-        let lane = (program_only && fresh).then(|| lanes.take(LaneKind::of(job.exec.language, &job.exec.code)));
+        let checks: Vec<(usize, &String)> = job
+            .tests
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| match t {
+                TestKind::Assertion { code } => Some((i, code)),
+                TestKind::Program { .. } => None,
+            })
+            .collect();
+        // A fresh Python item with a cell to run shares a lane too, an image
+        // lane (its cell runs through the lean kernel's shell, in a fork of
+        // the lane's server, its assertions in forks of that), unless it has
+        // a memory limit of its own or its record would not fit in one
+        // runner cell's output.
+        let record_bytes = self.lane_record_bytes(checks.len());
+        let cell_in_lane = fresh
+            && self.kernel_kind() == kiln_kernel::KernelKind::Lean
+            && !program_only
+            && job.exec.language == Language::Python
+            && job.exec.memory_limit.is_none()
+            && record_bytes.is_some();
+        let lane = if program_only && fresh {
+            Some(lanes.take(LaneKind::of(job.exec.language, &job.exec.code)))
+        } else {
+            cell_in_lane.then(|| lanes.take(LaneKind::Image))
+        };
         // A program-only item in a session no one will see runs no cell of
         // its language: its tests run from a Python kernel, forked from the
         // zygote in tens of milliseconds, where a Deno or bash kernel would
@@ -233,10 +265,18 @@ impl Manager {
                 tests_done[*i] = Some(report.score(Some(expected)));
             }
         }
-        // 2. The cell, unless the item is a program only.
+        // 2. The cell, unless the item is a program only; in a lane, with
+        //    its assertions (3.), each from the state the cell left.
         let (status, outputs) = if program_only {
             let worst = tests_done.iter().flatten().map(|t| t.status).find(|s| *s != ItemStatus::Success);
             (worst.unwrap_or(ItemStatus::Success), Vec::new())
+        } else if let (true, Some(record_bytes)) = (lane.is_some(), record_bytes) {
+            let codes: Vec<&String> = checks.iter().map(|(_, code)| *code).collect();
+            let item = run.item_in_lane(&job.exec.code, &codes, job.tests_timeout, record_bytes).await?;
+            for ((i, _), report) in checks.iter().zip(item.reports) {
+                tests_done[*i] = Some(report.score(None));
+            }
+            (item.status, cap_outputs(item.outputs))
         } else {
             match run.cell(job.exec.code.clone(), job.exec.timeout).await {
                 Ok(j) => (status_of(j.outcome), cap_outputs(j.data.outputs)),
@@ -244,16 +284,8 @@ impl Manager {
                 Err(e) => return Err(e.into()),
             }
         };
-        // 3. Assertions, each from the state the cell left.
-        let checks: Vec<(usize, &String)> = job
-            .tests
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| match t {
-                TestKind::Assertion { code } => Some((i, code)),
-                TestKind::Program { .. } => None,
-            })
-            .collect();
+        // 3. Assertions, each from the state the cell left (in a lane, done).
+        let checks = if lane.is_some() { &[][..] } else { &checks[..] };
         for chunk in checks.chunks(per_cell) {
             let codes: Vec<&String> = chunk.iter().map(|(_, code)| *code).collect();
             let reports =
@@ -288,6 +320,25 @@ impl Manager {
             failed: has_tests.then_some(failed),
             tests: has_tests.then_some(tests),
         })
+    }
+}
+
+impl Manager {
+    /// The output an item's cell may show when it runs in a lane: as in a
+    /// session, up to what batch results keep of an item's outputs.
+    fn lane_output_limit(&self) -> usize {
+        self.max_output_bytes().min(ITEM_OUTPUT_BYTES)
+    }
+
+    /// How many bytes of JSON an item's recorded cell may take in its
+    /// lane's runner cell, beside the reports of its `assertions` and of its
+    /// process's end, all in one cell's output; `None` when that leaves too
+    /// little for what the cell may show (such an item gets a session of its
+    /// own, where its cell's outputs and its tests' reports come apart).
+    fn lane_record_bytes(&self, assertions: usize) -> Option<usize> {
+        let reports = (assertions + 1) * ASSERTION_REPORT_BYTES + 4096;
+        let room = self.max_output_bytes().checked_sub(reports)? / 4 * 3;
+        (room >= 2 * self.lane_output_limit()).then_some(room)
     }
 }
 
@@ -412,6 +463,51 @@ impl Run<'_> {
         self.files = files;
         self.clean &= done?.outcome == crate::Outcome::Success;
         Ok(())
+    }
+
+    /// Run an item's cell and then its assertions in its lane
+    /// (`runner::item_cell`): the cell's status and outputs, and one report
+    /// per assertion.
+    async fn item_in_lane(
+        &mut self,
+        code: &str,
+        assertions: &[&String],
+        limit: Duration,
+        record_bytes: usize,
+    ) -> Result<ItemReport, Infra> {
+        let timeout = self.exec.timeout.unwrap_or_else(|| self.manager.exec_timeout());
+        let output_limit = self.manager.lane_output_limit();
+        let item = ItemCell { code, timeout, output_limit, record_bytes, assertions, assertion_timeout: limit };
+        let n = u32::try_from(assertions.len()).unwrap_or(u32::MAX);
+        // The judge kills the item's process past its cell's limit, the
+        // interrupt's grace and its assertions' limits.
+        let cell_limit = timeout + ITEM_GRACE + (limit + Duration::from_secs(1)) * n + RUNNER_MARGIN;
+        match self.cell(crate::runner::item_cell(&item), Some(cell_limit)).await {
+            Ok(j) => {
+                if let Some(why) = crate::runner::lost_its_server(&j) {
+                    let why = format!("the lane's tests' runner ended under the item ({why})");
+                    return Err(Infra { why, retry: true });
+                }
+                // The judge enforces every limit below the cell's: a cell
+                // that hit its own is the runner's failure.
+                if j.outcome == crate::Outcome::TimedOut {
+                    return Err(Infra { why: "the lane's runner did not end in time".into(), retry: true });
+                }
+                let report = ItemReport::read(&j, assertions.len(), output_limit, timeout);
+                self.clean &= j.outcome == crate::Outcome::Success && report.complete;
+                Ok(report)
+            }
+            Err(SessionError::Expired(e)) => {
+                Err(Infra { why: format!("the batch's session {e} ended under the item"), retry: true })
+            }
+            Err(SessionError::Files(e)) => Ok(ItemReport {
+                status: ItemStatus::Error,
+                outputs: vec![Output::Error(e.to_string())],
+                reports: Report::all_failed(assertions.len(), ItemStatus::Error, &e.to_string()),
+                complete: true,
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Remove the item's files from its lane's work directory (the next

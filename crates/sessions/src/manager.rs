@@ -451,6 +451,16 @@ impl Manager {
         self.inner.cfg.max_exec_timeout
     }
 
+    /// The kernel implementation sessions run.
+    pub(crate) fn kernel_kind(&self) -> kiln_kernel::KernelKind {
+        self.inner.cfg.kernel
+    }
+
+    /// The time limit of an execution that sets none.
+    pub fn exec_timeout(&self) -> Duration {
+        self.inner.cfg.exec_timeout.min(self.inner.cfg.max_exec_timeout)
+    }
+
     /// The most items one batch may hold (`--max-batch-items`).
     pub fn max_batch_items(&self) -> usize {
         self.inner.cfg.max_batch_items

@@ -139,6 +139,37 @@ pub(crate) fn cell(
     })
 }
 
+/// What an item's cell in a lane needs (`judge.item`): its code and its
+/// time limit, the output it may show, and its assertions with their
+/// own time limit.
+pub(crate) struct ItemCell<'a> {
+    pub(crate) code: &'a str,
+    pub(crate) timeout: std::time::Duration,
+    pub(crate) output_limit: usize,
+    /// The most the cell's record (JSON) may take.
+    pub(crate) record_bytes: usize,
+    pub(crate) assertions: &'a [&'a String],
+    pub(crate) assertion_timeout: std::time::Duration,
+}
+
+/// The Python cell that runs `item` in a lane: its code as a cell in a fork
+/// of the lane's image server, then its assertions, each a fork of that
+/// (`judge.item`, `kiln_kernel.recorder`).
+pub(crate) fn item_cell(item: &ItemCell<'_>) -> String {
+    let args = serde_json::json!({
+        "code": item.code,
+        "cell_timeout": item.timeout.as_secs_f64(),
+        "output_limit": item.output_limit,
+        "record_bytes": item.record_bytes,
+        "codes": item.assertions,
+        "timeout": item.assertion_timeout.as_secs_f64(),
+        "lane": true,
+    });
+    // base64: nothing in the code can end the cell's string literal.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(args.to_string());
+    format!("__import__('kiln_kernel.judge').judge.item('{b64}')")
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -192,6 +223,26 @@ mod tests {
         let other = judged(vec![kiln_protocol::Output::Error("RuntimeError: [kiln] the tests did not run".into())]);
         assert_eq!(lost_its_server(&other), None);
         assert_eq!(lost_its_server(&judged(vec![kiln_protocol::Output::Stderr(SERVER_ENDED.into())])), None);
+    }
+
+    #[test]
+    fn an_item_s_cell_carries_its_code_limits_and_assertions_to_the_lane() {
+        let codes = [&"assert f() == 'x'".to_string()];
+        let item = ItemCell {
+            code: "def f():\n    return 'x'\n",
+            timeout: std::time::Duration::from_millis(2500),
+            output_limit: 1 << 20,
+            record_bytes: 3 << 20,
+            assertions: &codes,
+            assertion_timeout: std::time::Duration::from_secs(4),
+        };
+        let cell = item_cell(&item);
+        assert!(cell.starts_with("__import__('kiln_kernel.judge').judge.item('"), "{cell}");
+        assert_eq!(
+            args_of(&cell),
+            serde_json::json!({"code": "def f():\n    return 'x'\n", "cell_timeout": 2.5, "output_limit": 1048576,
+                               "record_bytes": 3145728, "codes": ["assert f() == 'x'"], "timeout": 4.0, "lane": true})
+        );
     }
 
     #[test]

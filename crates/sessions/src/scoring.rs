@@ -75,15 +75,7 @@ impl Report {
     /// it printed, and, when it stopped short (its kernel died, it was
     /// stopped), the failure of the test it stopped at.
     pub(crate) fn read(j: Judged, n: usize) -> (Vec<Report>, Option<Report>) {
-        let text: String = j
-            .data
-            .outputs
-            .iter()
-            .filter_map(|o| match o {
-                Output::Stdout(s) => Some(s.as_str()),
-                _ => None,
-            })
-            .collect();
+        let text = stdout_of(&j);
         let ran: Vec<Report> = text
             .lines()
             .filter_map(|l| l.strip_prefix(MARKER))
@@ -94,20 +86,11 @@ impl Report {
         if ran.len() == n {
             return (ran, None);
         }
-        let errors: Vec<&str> = j
-            .data
-            .outputs
-            .iter()
-            .filter_map(|o| match o {
-                Output::Error(e) => Some(e.as_str()),
-                _ => None,
-            })
-            .collect();
         let status = match status_of(j.outcome) {
             ItemStatus::Success => ItemStatus::Error,
             s => s,
         };
-        let why = format!("the test did not report an end: {}", errors.join("\n"));
+        let why = format!("the test did not report an end: {}", errors_of(&j));
         (ran, Some(Report::Failed { status, why }))
     }
 
@@ -168,6 +151,132 @@ impl Report {
             duration_ms: r.ms,
         }
     }
+}
+
+/// The line of the runner's cell that records an item's cell in a lane
+/// (`judge.item`): its iopub messages, JSON in base64.
+const CELL_MARKER: &str = "KILN_CELL ";
+/// The line that says how the process that ran that cell ended (a report
+/// like a test's).
+const ITEM_MARKER: &str = "KILN_ITEM ";
+
+/// An item's cell as the runner recorded it (`kiln_kernel.recorder`).
+#[derive(serde::Deserialize)]
+struct CellRecord {
+    messages: Vec<(String, serde_json::Value)>,
+    timed_out: bool,
+    /// Messages past what the runner's output could carry were left out.
+    #[serde(default)]
+    cut: bool,
+}
+
+/// What the runner's cell said of an item run in a lane: its own cell's
+/// status and outputs, and one report per assertion.
+pub(crate) struct ItemReport {
+    pub(crate) status: ItemStatus,
+    pub(crate) outputs: Vec<Output>,
+    pub(crate) reports: Vec<Report>,
+    /// Whether everything was reported (the lane may serve on).
+    pub(crate) complete: bool,
+}
+
+impl ItemReport {
+    /// Read the runner's cell `j` for an item with `n` assertions, whose
+    /// cell had `timeout` and could show `output_limit` bytes.
+    pub(crate) fn read(j: &Judged, n: usize, output_limit: usize, timeout: std::time::Duration) -> ItemReport {
+        let text = stdout_of(j);
+        let cell = text.lines().find_map(|l| {
+            use base64::Engine as _;
+            let b64 = l.strip_prefix(CELL_MARKER)?;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim_end()).ok()?;
+            serde_json::from_slice::<CellRecord>(&bytes).ok()
+        });
+        let ended = text.lines().find_map(|l| serde_json::from_str::<RunnerLine>(l.strip_prefix(ITEM_MARKER)?).ok());
+        let mut reports: Vec<Report> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(MARKER))
+            .filter_map(|l| serde_json::from_str::<RunnerLine>(l).ok())
+            .map(Report::Ran)
+            .take(n)
+            .collect();
+        let complete = cell.is_some() && reports.len() == n && ended.as_ref().is_some_and(|e| e.completed);
+        // Why what is missing is missing: how the item's process ended.
+        let errors = errors_of(j);
+        let (missing, why) = match &ended {
+            Some(e) if e.timed_out => (
+                ItemStatus::Timeout,
+                "[kiln] the item's code and tests together exceeded their time limits, and its process was killed"
+                    .to_string(),
+            ),
+            Some(e) if e.signal == Some(9) => (
+                ItemStatus::MemoryExceeded,
+                "[kiln] the item's process was killed (SIGKILL), most likely by its memory limit".to_string(),
+            ),
+            Some(e) if !e.completed => (
+                ItemStatus::Error,
+                format!(
+                    "[kiln] the item's code ended its process (exit status {:?}, signal {:?}) before its tests ran{}",
+                    e.exit,
+                    e.signal,
+                    if e.stderr.is_empty() { String::new() } else { format!(": {}", e.stderr.trim_end()) }
+                ),
+            ),
+            _ => (ItemStatus::Error, format!("the tests did not run: {errors}")),
+        };
+        let (status, outputs) = match cell {
+            Some(record) => {
+                let (mut outputs, raised) = kiln_kernel::outputs_of(record.messages, output_limit);
+                if record.cut {
+                    outputs.push(Output::Stderr(
+                        "\n[kiln] output limit reached: the rest of this execution's output was discarded\n".into(),
+                    ));
+                }
+                let status = if record.timed_out {
+                    outputs.push(Output::Error(format!(
+                        "TimeoutError: the execution exceeded its time limit of {}s and was interrupted.",
+                        timeout.as_secs_f64()
+                    )));
+                    ItemStatus::Timeout
+                } else if raised {
+                    ItemStatus::Error
+                } else {
+                    ItemStatus::Success
+                };
+                (status, outputs)
+            }
+            None => (missing, vec![Output::Error(why.clone())]),
+        };
+        if reports.len() < n {
+            reports.extend(Report::all_failed(n - reports.len(), missing, &why));
+        }
+        ItemReport { status, outputs, reports, complete }
+    }
+}
+
+/// The text of a cell's stdout outputs.
+fn stdout_of(j: &Judged) -> String {
+    j.data
+        .outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Stdout(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The text of a cell's error outputs.
+fn errors_of(j: &Judged) -> String {
+    let errors: Vec<&str> = j
+        .data
+        .outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Error(e) => Some(e.as_str()),
+            _ => None,
+        })
+        .collect();
+    errors.join("\n")
 }
 
 /// The item status of an execution's outcome.

@@ -175,7 +175,7 @@ def _one_call(judge) -> int:
     function, _, b64 = line.decode("ascii", "replace").strip().partition(" ")
     failed = None
     try:
-        if function not in ("program", "command"):
+        if function not in ("program", "command", "item"):
             raise RuntimeError(f"[kiln] the tests' fork server has no function {function!r}")
         getattr(judge, function)(b64, serving=True)
     except RuntimeError as e:
@@ -202,17 +202,17 @@ def _serve(work: str | None, kernel: int | None = None) -> None:
     """The server: a child per call, one after another, until the kernel
     closes its end or a child fails (then the kernel's call sees the end of
     the server's output and starts another)."""
-    from . import judge
+    from . import judge, testrun
 
     # Whatever the kernel held that was not close-on-exec (a forked
     # server's: all of the kernel's descriptors, its sockets among them).
     os.closerange(3, 1 << 16)
-    judge._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    testrun._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if kernel is not None and os.getppid() != kernel:
         return  # the kernel died before the death signal was set
     if work:
         os.chdir(work)
-    judge.ONLY_TESTS = True
+    testrun.ONLY_TESTS = True
     server = os.getpid()
     while True:
         pid = os.fork()
@@ -221,7 +221,7 @@ def _serve(work: str | None, kernel: int | None = None) -> None:
             try:
                 # A call's child dies with the server too (the setting is
                 # not inherited), so that none is left holding the pipes.
-                judge._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+                testrun._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() == server:
                     status = _one_call(judge)
             finally:

@@ -57,332 +57,46 @@ import base64
 import builtins
 import json
 import os
-import selectors
 import signal
 import sys
-import time
 import traceback
 import types
 
-from . import forkserver as _forkserver, guard as _guard, ipc as _ipc, workdir as _workdir
+from . import forkserver as _forkserver, guard as _guard, testrun as _testrun, workdir as _workdir
+from .testrun import (
+    _b64,
+    _close,
+    _dumps,
+    _flush,
+    _memfd_create,
+    _print_error,
+    _private,
+    _run,
+    _set_dumpable,
+    _write,
+)
 
-# Bound now, at import (before any candidate code runs in this process).
-_fork = os.fork
-_waitpid = os.waitpid
-_kill = os.kill
-_pipe = os.pipe
-_read = os.read
-_write = os.write
-_close = os.close
-_dup2 = os.dup2
-_listdir = os.listdir
-_getpid = os.getpid
-_memfd_create = os.memfd_create
-_monotonic = time.monotonic
-_dumps = json.dumps
-_b64encode = base64.b64encode
-# The interpreter's own input(): a cell runs with the kernel's in its place.
-_input = builtins.input if isinstance(builtins.input, types.BuiltinFunctionType) else None
-
-# At most this much of a test's stdout is kept (a program printing more
-# fails its test: the comparison needs all of it) and of its stderr.
-STDOUT_CAP = 1 << 20
-STDERR_CAP = 64 << 10
 # What the server looks for in the cell's stdout.
 MARKER = "KILN_JUDGE "
+# A batch item's cell in a lane (:func:`item`): its recorded messages (JSON
+# in base64, on one line), and how the process that ran it ended.
+CELL_MARKER = "KILN_CELL "
+ITEM_MARKER = "KILN_ITEM "
+# An assertion's stdout is not compared: the server keeps 64 KiB of it
+# (scoring.rs), so an item's report of one is no larger.
+ASSERTION_STDOUT_CAP = 64 << 10
+# Beyond an item's cell's own limit: the time its interrupt may take.
+CELL_GRACE = 3.0
 # The session's work directory: the kernel's cwd when it started (set by
 # kernel.main, before any cell runs). Every test starts from what it held
 # when the runner was called; see workdir.py.
 WORK_DIR = None
 # The kernel's fork server (forkserver.py), started at its first use.
 _SERVER = None
-# Set in a child of the fork server, whose only children are its tests: it
-# need not list its descendants before a test to know which are new.
-ONLY_TESTS = False
-
-
-def _libc_prctl():
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except Exception:
-        return None
-
-
-# Resolved once, at import: loading the C library is most of a call's cost
-# (four calls a test).
-_PRCTL = _libc_prctl()
-
-
-def _prctl(option: int, value: int):
-    """prctl's result, or None without the C library."""
-    if _PRCTL is not None:
-        try:
-            return _PRCTL(option, value, 0, 0, 0)
-        except Exception:
-            pass
-    return None
-
-
-def _set_dumpable(value: int) -> int:
-    """PR_SET_DUMPABLE: while 0, processes of the same user cannot open this
-    one's /proc/<pid>/mem, fd/ or environ. Returns what it was
-    (PR_GET_DUMPABLE), to be put back: in kiln's sandbox a kernel is not
-    dumpable to begin with (it changed its credentials)."""
-    was = _prctl(3, 0)
-    _prctl(4, value)
-    return 1 if was is None else was
-
-
-def _set_subreaper(on: bool) -> None:
-    """PR_SET_CHILD_SUBREAPER: while set, a test's orphaned descendants are
-    reparented to this process rather than to init, so they stay findable
-    as its descendants (and nothing else is ever swept)."""
-    _prctl(36, 1 if on else 0)
-
-
-def _descendants() -> dict:
-    """This process's descendants: pid -> state letter (``Z``: a zombie)."""
-    me = _getpid()
-    children = {}
-    states = {}
-    for name in _listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        pid = int(name)
-        children.setdefault(int(fields[1]), []).append(pid)
-        states[pid] = fields[0].decode()
-    out = {}
-    stack = [me]
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in out:
-                out[child] = states.get(child, "?")
-                stack.append(child)
-    return out
-
-
-def _sweep(before) -> None:
-    """Kill (and reap) every descendant that was not there before the test,
-    until none is left: a process cannot fork once it is killed, so a few
-    rounds end even a fork loop. Only descendants: with ``--sandbox none``
-    the kernel shares the host's /proc, and nothing else may be touched."""
-    for _ in range(200):
-        extra = {p: st for p, st in _descendants().items() if p not in before}
-        if not extra:
-            return
-        for p, st in extra.items():
-            if st != "Z":
-                try:
-                    _kill(p, signal.SIGKILL)
-                except OSError:
-                    pass
-            try:
-                _waitpid(p, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        time.sleep(0.001)
-
-
-def _child_io(stdin_fd: int, out_w: int, err_w: int, keep: int) -> None:
-    """In the child: fds 0, 1, 2 become the test's, every other inherited
-    descriptor but ``keep`` is closed, Python's streams are rebuilt on them,
-    and signals are back to their defaults."""
-    _dup2(stdin_fd, 0)
-    _dup2(out_w, 1)
-    _dup2(err_w, 2)
-    for fd in (stdin_fd, out_w, err_w):
-        if fd > 2 and fd != keep:
-            _close(fd)
-    if keep > 2:
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 16)
-    else:
-        os.closerange(3, 1 << 16)
-    try:
-        signal.set_wakeup_fd(-1)
-    except Exception:
-        pass
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2):
-        try:
-            signal.signal(sig, signal.SIG_DFL)
-        except Exception:
-            pass
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.stdin = open(0, closefd=False)
-    sys.stdout = open(1, "w", closefd=False)
-    sys.stderr = open(2, "w", closefd=False, buffering=1)
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
-    builtins.input = _input or _read_line
-    try:
-        os.setsid()
-    except OSError:
-        pass
-    # Should a test exhaust the session's memory, it is the one the OOM
-    # killer picks, not the kernel that runs the next tests.
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
-
-
-def _read_line(prompt=""):
-    """input() as the interpreter has it, should its own be unreachable."""
-    if prompt:
-        sys.stdout.write(str(prompt))
-        sys.stdout.flush()
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError("EOF when reading a line")
-    return line[:-1] if line.endswith("\n") else line
-
-
-def _print_error(e: BaseException) -> None:
-    """The traceback as the program's own: the runner's frame left out."""
-    traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
-
-
-def _flush() -> None:
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.flush()
-        except Exception:
-            pass
-
-
-def _run(body, stdin: bytes, timeout: float, guard=None) -> dict:
-    """Fork; in the child call ``body(done_fd)`` (which must not return);
-    in the parent collect the child's output until it ends or ``timeout``.
-    ``guard``: the filter the child installs (by default, one that keeps it
-    from signalling this process)."""
-    stdin_fd = _memfd_create("kiln-stdin")
-    _write(stdin_fd, stdin)
-    os.lseek(stdin_fd, 0, os.SEEK_SET)
-    out_r, out_w = _pipe()
-    err_r, err_w = _pipe()
-    done_r, done_w = _pipe()
-    before = set() if ONLY_TESTS else set(_descendants())
-    ipc_before = _ipc.objects() if _private() else None
-    parent = guard if guard is not None else _guard.parent()
-    dumpable = _set_dumpable(0)
-    _set_subreaper(True)
-    started = _monotonic()
-    pid = _fork()
-    if pid == 0:
-        try:
-            for fd in (out_r, err_r, done_r):
-                _close(fd)
-            _child_io(stdin_fd, out_w, err_w, done_w)
-            # The test cannot signal this kernel (so it cannot end the runner
-            # before the work directory is put back).
-            _guard.protect(parent)
-            body(done_w)
-        finally:
-            os._exit(70)
-    for fd in (stdin_fd, out_w, err_w, done_w):
-        _close(fd)
-    bufs = {out_r: bytearray(), err_r: bytearray(), done_r: bytearray()}
-    caps = {out_r: STDOUT_CAP + 1, err_r: STDERR_CAP, done_r: 16}
-    sel = selectors.DefaultSelector()
-    for fd in bufs:
-        os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ)
-    pidfd = os.pidfd_open(pid)
-    sel.register(pidfd, selectors.EVENT_READ)
-    deadline = started + timeout
-    timed_out = False
-    status = None
-    # Whether the child was reaped and everything it left was killed: then
-    # no process of the test is left to start another, and no second sweep
-    # is needed.
-    swept = False
-    try:
-        while True:
-            left = deadline - _monotonic()
-            if status is not None and len(sel.get_map()) == 0:
-                break
-            if left <= 0:
-                timed_out = status is None
-                break
-            for key, _ in sel.select(left):
-                fd = key.fd
-                if fd == pidfd:
-                    _, status = _waitpid(pid, 0)
-                    sel.unregister(pidfd)
-                    # The child is gone: whatever still holds its pipes
-                    # (a grandchild) is killed, so they reach their end.
-                    _sweep(before)
-                    swept = True
-                    continue
-                try:
-                    data = _read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    sel.unregister(fd)
-                    continue
-                room = caps[fd] - len(bufs[fd])
-                if room > 0:
-                    bufs[fd] += data[:room]
-    finally:
-        elapsed = _monotonic() - started
-        if status is None:
-            try:
-                _kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            _, status = _waitpid(pid, 0)
-        if not swept:
-            _sweep(before)
-        if ipc_before is not None:
-            _ipc.remove_new(ipc_before)
-        for fd in [*list(bufs), pidfd]:
-            try:
-                _close(fd)
-            except OSError:
-                pass
-        sel.close()
-        _set_subreaper(False)
-        _set_dumpable(dumpable)
-    exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-    term = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    out = bytes(bufs[out_r])
-    # The texts in base64: a report's size is then bounded by the caps
-    # (4/3 of them), whatever bytes the test printed, so the server knows
-    # how many reports fit in one cell's output.
-    return {
-        "exit": exit_code,
-        "signal": None if timed_out else term,
-        "timed_out": timed_out,
-        "completed": bytes(bufs[done_r]) == b"done",
-        "stdout_b64": _b64(out[:STDOUT_CAP]),
-        "stdout_truncated": len(out) > STDOUT_CAP,
-        "stderr_b64": _b64(bytes(bufs[err_r])),
-        "ms": elapsed * 1000.0,
-    }
-
-
-def _b64(data: bytes) -> str:
-    return _b64encode(data).decode("ascii")
 
 
 def _report(result: dict) -> None:
     print(MARKER + _dumps(result), flush=True)
-
-
-def _private() -> bool:
-    """Whether ``/tmp``, ``/dev/shm`` and the IPC objects are the session's
-    own (kiln's sandbox says so in the kernel's environment), so that the
-    runner may put them back; with ``--sandbox none`` they are the host's."""
-    return os.environ.get("KILN_PRIVATE_TMP") == "1"
 
 
 def _writable_dirs() -> list:
@@ -398,11 +112,9 @@ def _writable_dirs() -> list:
     return dirs
 
 
-def _each_from_the_same_work_dir(tests, run_one) -> None:
-    """``run_one`` for each of ``tests``, reporting each; the work directory
-    (and the other writable directories, ``_writable_dirs``) is put back as
-    it was before the first after every one (a test's files never reach the
-    next test, the item's code, a kept session or the next item)."""
+def _snapshots() -> list:
+    """Copies of the writable directories (``_writable_dirs``) as they are
+    now, to put back (:class:`workdir.Snapshot`)."""
     snapshots = []
     try:
         for d in _writable_dirs():
@@ -411,19 +123,32 @@ def _each_from_the_same_work_dir(tests, run_one) -> None:
         for snapshot in snapshots:
             snapshot.close()
         raise RuntimeError(f"[kiln] the tests did not run: {e}") from None
+    return snapshots
+
+
+def _put_back(snapshots, after: str) -> None:
+    """Every directory of ``snapshots`` as it was copied."""
+    for snapshot in snapshots:
+        try:
+            snapshot.restore()
+        except OSError as e:
+            raise RuntimeError(f"[kiln] {snapshot.root} could not be put back after {after}: {e}") from None
+
+
+def _each_from_the_same_work_dir(tests, run_one) -> None:
+    """``run_one`` for each of ``tests``, reporting each; the work directory
+    (and the other writable directories, ``_writable_dirs``) is put back as
+    it was before the first after every one (a test's files never reach the
+    next test, the item's code, a kept session or the next item)."""
+    snapshots = _snapshots()
     try:
         for test in tests:
             result = run_one(test)
-            for snapshot in snapshots:
-                try:
-                    snapshot.restore()
-                except OSError as e:
-                    # Reported with this test; the next would not start clean.
-                    _report(result)
-                    raise RuntimeError(
-                        f"[kiln] {snapshot.root} could not be put back after a test: {e}"
-                    ) from None
-            _report(result)
+            try:
+                _put_back(snapshots, "a test")
+            finally:
+                # Reported also when the next would not start clean.
+                _report(result)
     finally:
         for snapshot in snapshots:
             snapshot.close()
@@ -444,6 +169,11 @@ def image_server() -> None:
     it, keeps a copy of its memory."""
     global _SERVER
     if _SERVER is None:
+        # What an item's cell in the lane runs with (item), imported once
+        # here rather than from disk in each item's fork: a lean server (a
+        # fresh interpreter) never needs it, nor the kernel's wire module.
+        from . import recorder  # noqa: F401
+
         _SERVER = _forkserver.Server(_kernel_work_dir(), fork=True)
 
 
@@ -538,34 +268,131 @@ def program(b64: str, serving: bool = False) -> None:
     )
 
 
+def _shell():
+    """The kernel's IPython shell, or None (outside a kernel)."""
+    try:
+        from IPython import get_ipython
+
+        return get_ipython()
+    except Exception:
+        return None
+
+
+def _assertion(ns: dict, code: str):
+    """The body of a test that runs ``code`` in ``ns`` (see :func:`_run`)."""
+
+    def body(done_fd):
+        try:
+            exec(compile(code, "<test>", "exec"), ns)
+        except BaseException as e:
+            _print_error(e)
+            _flush()
+            os._exit(1)
+        _flush()
+        _write(done_fd, b"done")
+        os._exit(0)
+
+    return body
+
+
 def check(b64: str) -> None:
     """Run each of ``codes`` in the session's namespace, each in its own
     fork of it; report whether each completed, one line each, in order."""
     args = _args(b64)
-    shell = None
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-    except Exception:
-        pass
+    shell = _shell()
     ns = shell.user_ns if shell is not None else {"__name__": "__main__"}
+    _each_from_the_same_work_dir(args["codes"], lambda code: _run(_assertion(ns, code), b"", float(args["timeout"])))
 
-    def body_for(code):
-        def body(done_fd):
-            try:
-                exec(compile(code, "<test>", "exec"), ns)
-            except BaseException as e:
-                _print_error(e)
-                _flush()
-                os._exit(1)
-            _flush()
-            _write(done_fd, b"done")
-            os._exit(0)
 
-        return body
+def item(b64: str, serving: bool = False) -> None:
+    """A batch item in a lane: its ``code`` as a cell, then each of its
+    ``codes`` (assertions) from the state the cell left, all in a fork of
+    the lane's image server, never in the kernel (whose memory holds
+    earlier items). Prints the cell's recorded messages
+    (:data:`CELL_MARKER`, recorder.py), one report per assertion, then how
+    the fork ended (:data:`ITEM_MARKER`, a report like a test's). The
+    writable directories, the IPC objects and the processes the item left
+    are put back after it, as after any test."""
+    args = _args(b64)
+    if not serving:
+        if not (args.get("lane") and _kernel_work_dir()):
+            raise RuntimeError("[kiln] an item's cell runs from a lane's fork server only")
+        _in_fork_server("item", b64)
+        return
+    shell = _shell()
+    if shell is None or getattr(shell, "publisher", None) is None:
+        raise RuntimeError("[kiln] this fork server has no kernel shell to run the item's cell in")
+    # The cell's own limit, its interrupt's grace, and each assertion's
+    # limit with a second for its fork and sweep; the fork is killed past it.
+    limit = float(args["cell_timeout"]) + CELL_GRACE + len(args["codes"]) * (float(args["timeout"]) + 1.0)
+    _flush()
+    report_fd = os.dup(1)
+    snapshots = _snapshots()
+    try:
+        ended = _run(lambda done_fd: _cell_then_assertions(shell, args, report_fd, done_fd), b"", limit,
+                     _guard.parent(ancestors=True), keep=(report_fd,), stdout_cap=ASSERTION_STDOUT_CAP)
+        # After a line the fork may have left unfinished.
+        print("\n" + ITEM_MARKER + _dumps(ended), flush=True)
+        _put_back(snapshots, "the item")
+    finally:
+        for snapshot in snapshots:
+            snapshot.close()
+        _close(report_fd)
 
-    _each_from_the_same_work_dir(args["codes"], lambda code: _run(body_for(code), b"", float(args["timeout"])))
+
+def _cell_then_assertions(shell, args: dict, report_fd: int, done_fd: int) -> None:
+    """In an item's fork (:func:`item`): the cell, its record on
+    ``report_fd``, then the assertions, each a fork of this process, their
+    reports after it. Never returns."""
+    # Where a failure of this runner's own code is told (its stderr, which
+    # the item's report carries), before the cell takes fd 2 over.
+    err_fd = os.dup(2)
+    try:
+        _record_then_assert(shell, args, report_fd)
+    except BaseException:
+        os.write(err_fd, traceback.format_exc().encode("utf-8", "replace"))
+        os._exit(70)
+    _write(done_fd, b"done")
+    os._exit(0)
+
+
+def _record_then_assert(shell, args: dict, report_fd: int) -> None:
+    """:func:`_cell_then_assertions`' work."""
+    # Imported by image_server(), before this process was forked from it.
+    from . import recorder
+    from .wire import json_default
+
+    # The cell may leave processes running, as in a session; a test's sweep
+    # kills only what the test started.
+    _testrun.ONLY_TESTS = False
+    record = recorder.run_cell(shell, args["code"], float(args["cell_timeout"]), int(args["output_limit"]))
+    # The record must fit in the runner cell's output beside the reports:
+    # the messages that do, in order (text JSON writes six bytes a
+    # character, a control character, may not), and whether some did not.
+    room = int(args["record_bytes"]) - 64
+    kept = []
+    for message in record["messages"]:
+        encoded = json.dumps(message, default=json_default, ensure_ascii=False)
+        room -= len(encoded.encode()) + 1
+        if room < 0:
+            break
+        kept.append(encoded)
+    data = f'{{"messages":[{",".join(kept)}],"timed_out":{_dumps(record["timed_out"])},"cut":{_dumps(room < 0)}}}'
+    out = open(report_fd, "w", closefd=False)
+    out.write(CELL_MARKER + _b64(data.encode()) + "\n")
+    out.flush()
+    # The assertions' reports (_report) go to the call's output as well.
+    sys.stdout = out
+    ns = shell.user_ns
+    timeout = float(args["timeout"])
+    try:
+        _each_from_the_same_work_dir(
+            args["codes"],
+            lambda code: _run(_assertion(ns, code), b"", timeout, stdout_cap=ASSERTION_STDOUT_CAP),
+        )
+    except RuntimeError as e:
+        out.write(_forkserver.FAIL.decode() + str(e).replace("\n", " ") + "\n")
+    out.flush()
 
 
 def command(b64: str, serving: bool = False) -> None:
