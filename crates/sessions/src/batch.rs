@@ -3,8 +3,11 @@
 //! failed to do (see `POST /v1/tci/batch`).
 //!
 //! An item runs in its own fresh session (ended when it is done, unless
-//! kept) or in one it names; one that is a program only, with no session to
-//! keep, runs in one of the batch's lanes (`lanes`). Its tests run in forks
+//! kept) or in one it names; one with no session to keep runs in one of
+//! the batch's lanes (`lanes`) when it is a program only, or a Python cell
+//! with no memory limit of its own (there its cell runs in a fork of the
+//! lane's image server, never in the kernel, and its assertions fork from
+//! that). Its tests run in forks
 //! of that session's kernel, or of the kernel's fork server
 //! (`kiln_kernel.judge`), each with its own time limit and the same
 //! starting state, and kiln (here, not the candidate's process) decides

@@ -1,9 +1,12 @@
-//! Lanes: the sessions that a batch's program-only items share.
+//! Lanes: the sessions that a batch's items share.
 //!
 //! An item whose tests are all program runs (`stdin`, `expected_stdout`)
 //! and that keeps no session needs of a session only a place for its tests
 //! to run, and never runs its code in the kernel: each test is a fork that
-//! starts from the same state. Its files are written into the work
+//! starts from the same state. So does a Python item with a cell to run (its
+//! assertion tests, or none): its cell runs in a fork of a child of the
+//! lane's image server, its outputs recorded, and its assertions in forks
+//! of that (`kiln_kernel.judge.item`, `runner::item_cell`). Its files are written into the work
 //! directory with its first cell and removed after it. The judge puts the
 //! work, home, `/tmp` and `/dev/shm` directories back and removes the IPC
 //! objects after every test, and kills whatever the test started

@@ -63,6 +63,8 @@ class Server:
         ``fork`` a fork of this process with everything it has imported
         (only for a kernel that holds no item yet, see above: the server
         keeps a copy of all of its memory for the tests to inherit)."""
+        # A fork of the kernel (with its shell: judge.item needs one).
+        self.forked = fork
         req_r, self._req = _pipe()
         self._resp, resp_w = _pipe()
         try:

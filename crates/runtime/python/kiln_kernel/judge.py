@@ -15,7 +15,7 @@ child. The parent, before forking, makes itself non-dumpable, so a child
 running as the same user can neither read nor write its memory through
 ``/proc`` (``ptrace`` is denied by the sandbox's seccomp policy), and the
 child closes every inherited descriptor but its own three before any test
-code runs, so it cannot reach the kernel's sockets. While a test runs the
+code runs, so it cannot reach the kernel's sockets (testrun.py). While a test runs the
 parent is a child subreaper, so whatever the test starts stays its
 descendant even when orphaned; after the child ends, every descendant that
 appeared since the fork (a grandchild that left its process group
@@ -47,6 +47,11 @@ forks share, is copied before the first test and put back after each
   call. Every call also puts back the
   home directory, ``/tmp`` and ``/dev/shm`` (in kiln's sandbox, where they
   are the session's own) and removes the IPC objects a test made (ipc.py).
+* :func:`item` is a batch item's cell and its assertions in a lane: the call's
+  child of the lane's image server forks the item's process, which runs the
+  code as the kernel's next cell, its iopub messages recorded instead of sent
+  (recorder.py), then each assertion as a fork of itself, as :func:`check`
+  does from a kernel; the child puts back what the item changed after it.
 * :func:`check` runs each of its ``codes`` (an ``assert``) in the kernel's
   namespace as it is after the item's code; one passes when it completes. This parent
   *has* run the candidate's code, which could have changed anything in it:
@@ -317,6 +322,11 @@ def item(b64: str, serving: bool = False) -> None:
     if not serving:
         if not (args.get("lane") and _kernel_work_dir()):
             raise RuntimeError("[kiln] an item's cell runs from a lane's fork server only")
+        if _SERVER is None or not _SERVER.forked:
+            # Its image server failed to start or has ended, and a spawned
+            # one has no kernel shell: kiln's failure (runner.rs reads this
+            # beginning), so the item runs again in another lane.
+            raise RuntimeError("[kiln] the tests' runner ended: this lane has no image server")
         _in_fork_server("item", b64)
         return
     shell = _shell()

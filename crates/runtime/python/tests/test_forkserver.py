@@ -109,6 +109,17 @@ class ForkServerTest(unittest.TestCase):
         self.assertEqual(r["stdout"], "2\n")
         self.assertNotEqual(judge._SERVER.pid, old.pid)
 
+    def test_an_item_s_cell_needs_an_image_server_and_without_one_the_runner_counts_as_ended(self):
+        args = {"code": "x = 1", "codes": [], "cell_timeout": 5, "output_limit": 1000, "record_bytes": 10000,
+                "timeout": 5, "lane": True}
+        with self.assertRaisesRegex(RuntimeError, "the tests' runner ended: this lane has no image server"):
+            run("item", **args)
+        # Nor does a spawned (lean) server do: it has no kernel shell.
+        run("program", code="print(1)", stdins=[""], timeout=10)
+        self.assertFalse(judge._SERVER.forked)
+        with self.assertRaisesRegex(RuntimeError, "the tests' runner ended: this lane has no image server"):
+            run("item", **args)
+
     def test_after_an_item_with_files_its_work_dir_is_emptied_without_following_links(self):
         outside = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, outside, True)
