@@ -25,6 +25,7 @@
 
 mod admission;
 mod api;
+mod attempt;
 mod batch;
 mod boot;
 mod browse;
