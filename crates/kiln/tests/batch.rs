@@ -34,6 +34,25 @@ async fn live_sessions(s: &common::Server) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn tests_whose_limits_add_up_past_the_server_s_longest_execution_still_run() {
+    // Three program tests of 3 s, and two assertions, on a server whose
+    // longest execution is 3 s: their runner cell must not ask for more.
+    let s = start(&["--exec-timeout", "3s", "--max-exec-timeout", "3s"]);
+    let programs: Vec<Value> = ["a", "b", "c"].iter().map(|x| json!({"stdin": x, "expected_stdout": x})).collect();
+    let r = batch(
+        &s,
+        json!([
+            {"code": "print(input())", "tests": programs, "tests_timeout": 3},
+            {"code": "x = 1", "tests": [{"code": "assert x == 1"}, {"code": "assert x == 1"}], "tests_timeout": 3},
+        ]),
+    )
+    .await;
+    for item in &r {
+        assert_eq!((item["status"].as_str(), item["failed"].as_u64()), (Some("success"), Some(0)), "{item}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn every_status_says_what_the_code_did() {
     let s = start(&[]);
     let r = batch(

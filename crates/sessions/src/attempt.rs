@@ -264,8 +264,12 @@ impl Run<'_> {
                 break;
             };
             // Each test's own limit, and a second each for its fork and sweep.
+            // No longer than the server's longest execution, which the
+            // cell could not be given: past it the cell is cut as a time
+            // limit, and the tests it did not report run in another.
             let n = u32::try_from(left).unwrap_or(u32::MAX);
-            let cell_limit = (limit + Duration::from_secs(1)) * n + RUNNER_MARGIN;
+            let tests = (limit + Duration::from_secs(1)).checked_mul(n).unwrap_or(Duration::MAX);
+            let cell_limit = tests.saturating_add(RUNNER_MARGIN).min(self.manager.max_exec_timeout());
             match self.cell(code, Some(cell_limit)).await {
                 // A lane's kernel runs only the judge, and no test can end
                 // its fork server or a call's child (the guard): losing
