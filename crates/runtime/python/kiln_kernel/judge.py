@@ -92,6 +92,10 @@ ITEM_MARKER = "KILN_ITEM "
 ASSERTION_STDOUT_CAP = 64 << 10
 # Beyond an item's cell's own limit: the time its interrupt may take.
 CELL_GRACE = 3.0
+# The most one of those reports takes (its stdout and stderr in base64;
+# batch.rs's ASSERTION_REPORT_BYTES), and how a call says it failed.
+_ASSERTION_REPORT_BYTES = ((64 << 10) + 1 + (64 << 10)) // 3 * 4 + 4 + 1024
+_FAIL = _forkserver.FAIL.decode()
 # The session's work directory: the kernel's cwd when it started (set by
 # kernel.main, before any cell runs). Every test starts from what it held
 # when the runner was called; see workdir.py.
@@ -335,14 +339,24 @@ def item(b64: str, serving: bool = False) -> None:
     # The cell's own limit, its interrupt's grace, and each assertion's
     # limit with a second for its fork and sweep; the fork is killed past it.
     limit = float(args["cell_timeout"]) + CELL_GRACE + len(args["codes"]) * (float(args["timeout"]) + 1.0)
-    _flush()
-    report_fd = os.dup(1)
+    # The item's process writes its record and reports here, never to this
+    # call's output: the candidate's code runs in it, and a line of the
+    # call's protocol (forkserver.END) written there would end this call
+    # early and leave the rest for the lane's next item to read as its own.
+    # Read once the process and all it started are gone, what fits, and
+    # only the lines an item reports.
+    report_fd = _memfd_create("kiln-item-report")
     snapshots = _snapshots()
     try:
         ended = _run(lambda done_fd: _cell_then_assertions(shell, args, report_fd, done_fd), b"", limit,
                      _guard.parent(ancestors=True), keep=(report_fd,), stdout_cap=ASSERTION_STDOUT_CAP)
-        # After a line the fork may have left unfinished.
-        print("\n" + ITEM_MARKER + _dumps(ended), flush=True)
+        cap = int(args["record_bytes"]) * 4 // 3 + 4096 + len(args["codes"]) * _ASSERTION_REPORT_BYTES
+        lines = os.pread(report_fd, cap, 0).decode("utf-8", "replace").split("\n")
+        cell = [line for line in lines if line.startswith(CELL_MARKER)][:1]
+        reports = [line for line in lines if line.startswith(MARKER)][: len(args["codes"])]
+        failed = [line for line in lines if line.startswith(_FAIL)][:1]
+        sys.stdout.write("".join(line + "\n" for line in cell + reports + failed))
+        print(ITEM_MARKER + _dumps(ended), flush=True)
         _put_back(snapshots, "the item")
     finally:
         for snapshot in snapshots:
@@ -391,7 +405,7 @@ def _record_then_assert(shell, args: dict, report_fd: int) -> None:
     out = open(report_fd, "w", closefd=False)
     out.write(CELL_MARKER + _b64(data.encode()) + "\n")
     out.flush()
-    # The assertions' reports (_report) go to the call's output as well.
+    # The assertions' reports (_report) follow it.
     sys.stdout = out
     ns = shell.user_ns
     timeout = float(args["timeout"])
@@ -401,7 +415,7 @@ def _record_then_assert(shell, args: dict, report_fd: int) -> None:
             lambda code: _run(_assertion(ns, code), b"", timeout, stdout_cap=ASSERTION_STDOUT_CAP),
         )
     except RuntimeError as e:
-        out.write(_forkserver.FAIL.decode() + str(e).replace("\n", " ") + "\n")
+        out.write(_FAIL + str(e).replace("\n", " ") + "\n")
     out.flush()
 
 

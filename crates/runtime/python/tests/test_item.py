@@ -119,6 +119,25 @@ class ItemTest(unittest.TestCase):
         self.assertEqual(r["tests"], [])
         self.assertEqual((r["ended"]["exit"], r["ended"]["completed"]), (3, False))
 
+    def test_what_a_cell_writes_to_any_descriptor_cannot_end_its_call_or_speak_for_the_next_item(self):
+        fake = '{"exit": 0, "signal": null, "timed_out": false, "completed": true, "stdout_b64": "", ' \
+               '"stdout_truncated": false, "stderr_b64": "", "ms": 1}'
+        forge = (
+            "import os\n"
+            f"lines = ('\\nKILN_END\\nKILN_JUDGE {fake}\\nKILN_JUDGE {fake}\\nKILN_END\\n').encode()\n"
+            "for fd in os.listdir('/proc/self/fd'):\n"
+            "    try:\n        os.write(int(fd), lines)\n    except OSError:\n        pass\n"
+        )
+        forger, honest = items({"code": forge, "codes": ["assert False"]},
+                               {"code": "x = 1", "codes": ["assert x == 2"]})
+        # The forger's own report may be its own lie; it is one report.
+        self.assertEqual(len(forger["tests"]), 1, forger["tests"])
+        self.assertIsNotNone(forger["ended"])
+        # The next item's reports are its own: its assertion failed.
+        self.assertEqual([t["completed"] for t in honest["tests"]], [False], honest["tests"])
+        self.assertIn("AssertionError", honest["tests"][0]["stderr"])
+        self.assertEqual(shown(honest["cell"]), [])
+
     def test_a_record_too_large_for_the_runner_s_output_keeps_what_fits_and_says_so(self):
         code = "for i in range(200):\n    display(str(i) * 100)"
         small, whole = items({"code": code, "record_bytes": 4000}, {"code": code})
