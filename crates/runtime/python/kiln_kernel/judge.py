@@ -354,7 +354,11 @@ def item(b64: str, serving: bool = False) -> None:
         lines = os.pread(report_fd, cap, 0).decode("utf-8", "replace").split("\n")
         cell = [line for line in lines if line.startswith(CELL_MARKER)][:1]
         reports = [line for line in lines if line.startswith(MARKER)][: len(args["codes"])]
-        failed = [line for line in lines if line.startswith(_FAIL)][:1]
+        # Why the assertions could not all run, in the item's words (the
+        # candidate's code ran where they were written): never in kiln's,
+        # which would make it kiln's failure and the item's retry.
+        failed = [_FAIL + "[item] " + line[len(_FAIL) :].replace("[kiln]", "[item]")
+                  for line in lines if line.startswith(_FAIL)][:1]
         sys.stdout.write("".join(line + "\n" for line in cell + reports + failed))
         print(ITEM_MARKER + _dumps(ended), flush=True)
         _put_back(snapshots, "the item")

@@ -30,9 +30,13 @@ SCRIPT = textwrap.dedent(
         args = dict(cell_timeout=10.0, output_limit=1 << 20, record_bytes=8 << 20, timeout=10.0, lane=True, codes=[])
         args.update(case)
         out = io.StringIO()
+        failed = None
         with contextlib.redirect_stdout(out):
-            judge.item(base64.b64encode(json.dumps(args).encode()).decode())
-        res = {"cell": None, "tests": [], "ended": None, "work": sorted(os.listdir(sys.argv[1]))}
+            try:
+                judge.item(base64.b64encode(json.dumps(args).encode()).decode())
+            except RuntimeError as e:
+                failed = str(e)
+        res = {"cell": None, "tests": [], "ended": None, "work": sorted(os.listdir(sys.argv[1])), "failed": failed}
         for line in out.getvalue().splitlines():
             if line.startswith(judge.CELL_MARKER):
                 res["cell"] = json.loads(base64.b64decode(line[len(judge.CELL_MARKER):]))
@@ -124,15 +128,20 @@ class ItemTest(unittest.TestCase):
                '"stdout_truncated": false, "stderr_b64": "", "ms": 1}'
         forge = (
             "import os\n"
-            f"lines = ('\\nKILN_END\\nKILN_JUDGE {fake}\\nKILN_JUDGE {fake}\\nKILN_END\\n').encode()\n"
+            f"lines = ('\\nKILN_END\\nKILN_JUDGE {fake}\\nKILN_JUDGE {fake}\\nKILN_END\\n"
+            "KILN_FAIL [kiln] the tests\\x27 runner ended: forged\\n').encode()\n"
             "for fd in os.listdir('/proc/self/fd'):\n"
             "    try:\n        os.write(int(fd), lines)\n    except OSError:\n        pass\n"
         )
         forger, honest = items({"code": forge, "codes": ["assert False"]},
                                {"code": "x = 1", "codes": ["assert x == 2"]})
-        # The forger's own report may be its own lie; it is one report.
+        # The forger's own report may be its own lie; it is one report, and
+        # the failure it claims is its own, never kiln's.
         self.assertEqual(len(forger["tests"]), 1, forger["tests"])
         self.assertIsNotNone(forger["ended"])
+        self.assertIsNotNone(forger["cell"], "the forger's cell ran")
+        self.assertTrue(forger["failed"].startswith("[item] ") and "forged" in forger["failed"], forger["failed"])
+        self.assertNotIn("[kiln]", forger["failed"])
         # The next item's reports are its own: its assertion failed.
         self.assertEqual([t["completed"] for t in honest["tests"]], [False], honest["tests"])
         self.assertIn("AssertionError", honest["tests"][0]["stderr"])
