@@ -33,6 +33,21 @@ class _Recording:
         return {"msg_type": msg_type}
 
 
+def _as_a_first_cell(shell) -> None:
+    """The shell's count and input history as a fresh kernel's before its
+    first cell: the lane's kernel ran its own cell before this process was
+    forked (``judge.image_server``), which a session's code would otherwise
+    see in ``In`` and ``_i1`` and in its tracebacks' ``Cell In[2]``."""
+    hm = shell.history_manager
+    for n in range(1, max(shell.execution_count, len(hm.input_hist_parsed)) + 1):
+        shell.user_ns.pop(f"_i{n}", None)
+    hm.input_hist_parsed[:] = [""]
+    hm.input_hist_raw[:] = [""]
+    hm._i00 = hm._i = hm._ii = hm._iii = ""
+    shell.user_ns.update({"_i": "", "_ii": "", "_iii": ""})
+    shell.execution_count = 1
+
+
 def run_cell(shell, code: str, limit: float, output_limit: int) -> dict:
     """Run ``code`` as the kernel's next cell in this process (a fork of
     the kernel, which no other process will publish from): returns
@@ -55,6 +70,7 @@ def run_cell(shell, code: str, limit: float, output_limit: int) -> dict:
     err = OutStream(pub, "stderr", FdCapture(2, "stderr"))
     sys.stdout, sys.stderr = out, err
     pub.streams = (out, err)
+    _as_a_first_cell(shell)
     kernel = getattr(shell, "kernel", None)
     if kernel is not None:
         # input() and getpass() answer as in a batch item's session: the

@@ -9,6 +9,7 @@ lane (its work directory, its image server) and calls the runner.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,8 @@ SCRIPT = textwrap.dedent(
     kernel.zygote_prepare()
     os.chdir(sys.argv[1])
     judge.WORK_DIR = sys.argv[1]
+    # As a lane's kernel: a cell of its own ran before its server forked.
+    kernel._prepared.shell.run_cell("pass", store_history=True)
     judge.image_server()
     results = []
     for case in json.loads(sys.argv[2]):
@@ -106,11 +109,14 @@ class ItemTest(unittest.TestCase):
 
     def test_an_error_a_time_limit_and_input_are_as_in_a_session(self):
         raised, looped, asked = items(
-            {"code": "x = 1\n1 / 0", "codes": ["assert x == 1"]},
+            {"code": "print(len(In), repr(_i), _i1[:5])\nx = 1\n1 / 0", "codes": ["assert x == 1"]},
             {"code": "y = 2\nwhile True:\n    pass", "cell_timeout": 0.5, "codes": ["assert y == 2"]},
             {"code": "input('?')"},
         )
-        self.assertEqual(shown(raised["cell"]), [("error", "ZeroDivisionError")])
+        self.assertEqual(shown(raised["cell"]), [("stdout", "2 '' print\n"), ("error", "ZeroDivisionError")])
+        # As a session's first cell: In[1], whatever the lane's kernel ran before.
+        traceback = re.sub(r"\x1b\[[0-9;]*m", "", "".join(raised["cell"]["messages"][-1][1]["traceback"]))
+        self.assertIn("Cell In[1]", traceback)
         self.assertTrue(raised["tests"][0]["completed"])
         self.assertTrue(looped["cell"]["timed_out"])
         self.assertEqual(shown(looped["cell"]), [("error", "KeyboardInterrupt")])
