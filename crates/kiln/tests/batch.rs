@@ -628,7 +628,10 @@ async fn a_hostile_test_cannot_change_what_the_next_test_or_the_item_sees() {
     let code = format!(
         "{LIST_WORK}os.makedirs('data/deep')\nopen('data/input.txt', 'w').write('original')\n\
          open('data/deep/blob', 'wb').write(b'1' * (4 << 20))\nos.symlink('data/input.txt', 'link')\n\
-         os.chdir('data')\nBEFORE = work()"
+         os.chdir('data')\nBEFORE = work()\n\
+         # A process the item leaves running, which every test must find as the first did.\n\
+         import subprocess\nKEEPER = subprocess.Popen(['sleep', '600'])\n\
+         def alive(p):\n    st = open('/proc/%d/stat' % p.pid).read()\n    return st[st.rindex(')') + 2] not in 'ZTtX'\n"
     );
     let hostile = [
         // A child that outlives the test, holding a file open and writing
@@ -653,7 +656,18 @@ for target in (os.getppid(), -os.getpgid(os.getppid()), -1):
         try:
             os.kill(target, sig)
         except PermissionError:
-            pass",
+            pass
+# Then every process and thread of the sandbox older than the test: the
+# kernel's threads, whenever they started, and what the item left running.
+import glob
+for task in glob.glob('/proc/[0-9]*/task/[0-9]*'):
+    tid = int(task.rsplit('/', 1)[1])
+    if tid < os.getpid():
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            try:
+                os.kill(tid, sig)
+            except (PermissionError, ProcessLookupError):
+                pass",
         // A child that goes on forking children that write, after the test
         // has ended.
         r"import os, time
@@ -674,7 +688,8 @@ time.sleep(0.2)",
         // After each: everything as the item left it, room to write again,
         // the kernel's cwd still the item's.
         tests.push(json!({"code": "import time\ntime.sleep(0.3)\nassert work() == BEFORE, work()\n\
-                                   assert os.getcwd() == '/work/data'\nopen('/work/room', 'wb').write(b'0' * (30 << 20))"}));
+                                   assert os.getcwd() == '/work/data'\nopen('/work/room', 'wb').write(b'0' * (30 << 20))\n\
+                                   assert alive(KEEPER), 'a test signalled what the item left running'"}));
     }
     let r = batch(&s, json!([{"code": code, "tests": tests, "tests_timeout": 10, "keep_session": true}])).await;
     let item = &r[0];
@@ -682,6 +697,6 @@ time.sleep(0.2)",
     let got = passed(item);
     assert!(got.iter().skip(1).step_by(2).all(|&p| p), "a test saw another's leftovers: {item}");
     let kept = item["session_id"].as_str().unwrap().to_string();
-    let after = s.exec("assert work() == BEFORE, work()\nprint('clean')", Some(&kept)).await;
+    let after = s.exec("assert work() == BEFORE, work()\nassert alive(KEEPER)\nprint('clean')", Some(&kept)).await;
     assert_eq!(common::text_of(&after, "stdout"), "clean\n", "{after}");
 }

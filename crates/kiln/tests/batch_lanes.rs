@@ -54,9 +54,15 @@ fn item(language: &str, code: &str) -> Value {
     json!({"language": language, "code": code, "tests": [{"stdin": "", "expected_stdout": ""}], "tests_timeout": 10})
 }
 
-fn seen(r: &Value) -> Value {
-    let out = r["tests"][0]["stdout"].as_str().unwrap_or_default();
+/// The JSON line an observer or a scan printed, in `text` of result `r`.
+fn line_in(text: &Value, r: &Value) -> Value {
+    let out = text.as_str().unwrap_or_default();
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("an observer's line ({e}): {r}"))
+}
+
+/// What an item's program printed in its first test.
+fn seen(r: &Value) -> Value {
+    line_in(&r["tests"][0]["stdout"], r)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -115,14 +121,12 @@ async fn program_only_items_share_a_session_and_none_leaves_anything_for_the_nex
     assert_eq!(left, 0, "the batch's lanes ended with it");
 }
 
-/// A Python program with a package: which preloaded packages it found
-/// imported, how many strings of `KILNLANE` and 16 hex digits its whole
-/// memory holds (the pattern's own text has none), and its lane's init.
-const SCAN: &str = r#"import sys
-preloaded = sorted(m for m in ("numpy", "pandas") if m in sys.modules)
-import ctypes, json, re, numpy
-# Read in place (a sandboxed process cannot open its own /proc/self/mem):
-# every readable private anonymous mapping, where an interpreter's objects live.
+/// Python that counts, as `found`, the strings of `KILNLANE` and 16 hex
+/// digits its process's whole memory holds (the pattern's own text has
+/// none). Read in place (a sandboxed process cannot open its own
+/// /proc/self/mem): every readable private anonymous mapping, where an
+/// interpreter's objects live.
+const FIND_SECRETS: &str = r#"import ctypes, re
 found = 0
 with open("/proc/self/maps") as maps:
     for line in maps.read().splitlines():
@@ -132,9 +136,21 @@ with open("/proc/self/maps") as maps:
         if fields[1][0] != "r" or name not in ("", "[heap]", "[stack]") or hi - lo > 1 << 30:
             continue
         found += len(re.findall(rb"KILN" rb"LANE[0-9a-f]{16}", ctypes.string_at(lo, hi - lo)))
-init_started = open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19]
-print(json.dumps({"preloaded": preloaded, "found": found, "init": init_started}))
 "#;
+
+/// A Python program with a package: which preloaded packages it found
+/// imported, the secrets its memory holds (`FIND_SECRETS`), and its lane's
+/// init.
+fn scan() -> String {
+    format!(
+        r#"import sys
+preloaded = sorted(m for m in ("numpy", "pandas") if m in sys.modules)
+import json, numpy
+{FIND_SECRETS}init_started = open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19]
+print(json.dumps({{"preloaded": preloaded, "found": found, "init": init_started}}))
+"#
+    )
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn programs_with_packages_share_a_lane_whose_tests_have_them_imported_and_nothing_of_an_earlier_item() {
@@ -149,13 +165,13 @@ async fn programs_with_packages_share_a_lane_whose_tests_have_them_imported_and_
     let stdin = "KILNLANEfedcba9876543210";
     let items = json!([
         {"language": "python", "code": secret, "tests": [{"stdin": stdin, "expected_stdout": stdin}]},
-        item("python", SCAN),
+        item("python", &scan()),
         item("python", OBSERVER),
         // Starts an image lane with files: they are there for its tests.
         {"language": "python", "code": "import numpy\nprint(int(numpy.loadtxt('data/in.txt').sum()))",
          "files": [{"name": "data/in.txt", "encoding": "string", "content": "1 2 3\n"}],
          "tests": [{"stdin": "", "expected_stdout": "6"}]},
-        item("python", &format!("# KILNLANE00000000000000ff\n{SCAN}")),
+        item("python", &format!("# KILNLANE00000000000000ff\n{}", scan())),
     ]);
     let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
     assert_eq!(status, 200, "{v}");
@@ -238,30 +254,25 @@ async fn a_lane_whose_tests_runner_dies_under_an_item_runs_it_again_in_another_a
 
 /// What an item's cell finds of its sandbox and of earlier items, as one
 /// line: the work directory and `/tmp`, the names an earlier item or test
-/// defined, how many strings of `KILNLANE` and 16 hex digits its whole
-/// memory holds (as `SCAN`), and its lane's init.
-const CELL_SCAN: &str = r#"import ctypes, json, os, re
-found = 0
-with open("/proc/self/maps") as maps:
-    for line in maps.read().splitlines():
-        fields = line.split()
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        name = fields[5] if len(fields) > 5 else ""
-        if fields[1][0] != "r" or name not in ("", "[heap]", "[stack]") or hi - lo > 1 << 30:
-            continue
-        found += len(re.findall(rb"KILN" rb"LANE[0-9a-f]{16}", ctypes.string_at(lo, hi - lo)))
-print(json.dumps({"work": sorted(os.listdir("/work")), "tmp": sorted(os.listdir("/tmp")),
+/// defined, the secrets its memory holds (`FIND_SECRETS`), and its lane's
+/// init.
+fn cell_scan() -> String {
+    format!(
+        r#"import json, os
+{FIND_SECRETS}print(json.dumps({{"work": sorted(os.listdir("/work")), "tmp": sorted(os.listdir("/tmp")),
                   "names": sorted(n for n in dir() if n.startswith("lane_")), "found": found,
-                  "init": open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19]}))
-"#;
+                  "init": open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19]}}))
+"#
+    )
+}
 
 /// What a cell shows: every kind of output a notebook shows, in order.
 const SHOWS: &str = "import os, sys\nfrom IPython.display import HTML, display\nprint('out')\n\
                      print('err', file=sys.stderr)\nos.write(1, b'fd\\n')\ndisplay(HTML('<b>x</b>'))\n{'a': [1, 2]}";
 
+/// What an item's cell printed first.
 fn cell_seen(r: &Value) -> Value {
-    let out = r["outputs"][0]["data"].as_str().unwrap_or_default();
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("a scan's line ({e}): {r}"))
+    line_in(&r["outputs"][0]["data"], r)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -278,12 +289,12 @@ async fn items_with_a_cell_share_a_lane_show_what_a_session_would_and_leave_noth
     let items = json!([
         {"code": leaves, "tests": [{"code": "assert solve(2) == 4"}, {"code": "lane_seen = 1\nassert solve(3) == 7"},
                                    {"code": "assert 'lane_seen' not in dir() and open('left.txt').read() == 'x'"}]},
-        {"code": CELL_SCAN},
+        {"code": cell_scan()},
         {"code": SHOWS, "tests": assert_true},
         {"code": "lane_x = 1\nraise ValueError('no')", "tests": [{"code": "assert lane_x == 1"}]},
         {"code": "lane_y = 2\nwhile True:\n    pass", "timeout": 1, "tests": [{"code": "assert lane_y == 2"}]},
         {"code": "import os\nos._exit(0)", "tests": assert_true},
-        {"code": &format!("# KILNLANE00000000000000ff\n{CELL_SCAN}")},
+        {"code": &format!("# KILNLANE00000000000000ff\n{}", cell_scan())},
         // The same cell in a session of its own, for its outputs.
         {"code": SHOWS, "tests": assert_true, "keep_session": true},
     ]);

@@ -75,14 +75,7 @@ impl Report {
     /// it printed, and, when it stopped short (its kernel died, it was
     /// stopped), the failure of the test it stopped at.
     pub(crate) fn read(j: Judged, n: usize) -> (Vec<Report>, Option<Report>) {
-        let text = stdout_of(&j);
-        let ran: Vec<Report> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(MARKER))
-            .filter_map(|l| serde_json::from_str::<RunnerLine>(l).ok())
-            .map(Report::Ran)
-            .take(n)
-            .collect();
+        let ran = Report::all_in(&stdout_of(&j), n);
         if ran.len() == n {
             return (ran, None);
         }
@@ -92,6 +85,16 @@ impl Report {
         };
         let why = format!("the test did not report an end: {}", errors_of(&j));
         (ran, Some(Report::Failed { status, why }))
+    }
+
+    /// The first `n` report lines of the runner's output `text`.
+    fn all_in(text: &str, n: usize) -> Vec<Report> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(MARKER))
+            .filter_map(|l| serde_json::from_str::<RunnerLine>(l).ok())
+            .map(Report::Ran)
+            .take(n)
+            .collect()
     }
 
     pub(crate) fn all_failed(n: usize, status: ItemStatus, why: &str) -> Vec<Report> {
@@ -192,13 +195,7 @@ impl ItemReport {
             serde_json::from_slice::<CellRecord>(&bytes).ok()
         });
         let ended = text.lines().find_map(|l| serde_json::from_str::<RunnerLine>(l.strip_prefix(ITEM_MARKER)?).ok());
-        let mut reports: Vec<Report> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(MARKER))
-            .filter_map(|l| serde_json::from_str::<RunnerLine>(l).ok())
-            .map(Report::Ran)
-            .take(n)
-            .collect();
+        let mut reports = Report::all_in(&text, n);
         let complete = cell.is_some() && reports.len() == n && ended.as_ref().is_some_and(|e| e.completed);
         // Why what is missing is missing: how the item's process ended.
         let errors = errors_of(j);

@@ -11,8 +11,14 @@ parent fails with ``EPERM``: ``kill``, ``tkill``, ``tgkill``,
 ``rt_sigqueueinfo`` and ``rt_tgsigqueueinfo`` to the parent's pid, any of its
 threads, its process group or everyone (``-1``), ``pidfd_open`` of them, and
 ``pidfd_send_signal`` altogether (its target is a descriptor, which could be
-a ``/proc/<pid>`` directory, so it cannot be checked by number). Signals to
-the test's own processes work as before. The same filter refuses
+a ``/proc/<pid>`` directory, so it cannot be checked by number). The same
+calls are refused for every pid below the test's own: the pids of a
+namespace are handed out in rising order, so those are processes and
+threads that were there before the test (its ancestors' threads among
+them, also those started after the filter was built, as a Deno kernel
+starts threads when it needs them, and what the item's code left running,
+which the next tests must find as this one did). Signals to the test's own
+processes work as before. The same filter refuses
 ``mq_open``: a POSIX message queue would outlive the test, for the next one
 to find, and cannot be listed to be removed (ipc.py). A runner that is a process of its
 own (``judge.command``, which a Deno or bash session's kernel starts) is
@@ -38,6 +44,7 @@ _ALWAYS = ("pidfd_send_signal", "mq_open")
 
 _LD_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
 _JEQ = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JGE = 0x35  # BPF_JMP | BPF_JGE | BPF_K
 _RET = 0x06  # BPF_RET | BPF_K
 _ALLOW = 0x7FFF0000
 _EPERM = 0x00050000 | 1  # SECCOMP_RET_ERRNO | EPERM
@@ -111,15 +118,27 @@ def parent(ancestors=False):
     # At most what a filter's 8-bit jumps can skip: the processes and their
     # groups first, then as many of their threads as fit.
     extra = (processes + threads)[:MAX_EXTRA]
-    prog = program(os.getpid(), _tids("self"), os.getpgid(0), _MACHINE, tuple(extra))
+    # The lowest pid the test may signal is its own, known only once it is
+    # forked: protect() sets it.
+    prog = program(os.getpid(), _tids("self"), os.getpgid(0), _MACHINE, tuple(extra), below=0)
     if not prog or _LIBC is None:
         return None
     filters = (_Filter * len(prog))(*[_Filter(*f) for f in prog])
-    return _Prog(len(prog), filters), filters
+    return _Prog(len(prog), filters), filters, below_index(prog)
 
 
-def program(pid: int, tids: tuple, pgid: int, machine: str, extra: tuple = ()) -> list:
-    """The filter as (code, jt, jf, k) tuples; empty for an unknown machine."""
+def below_index(prog: list) -> int:
+    """Where ``program`` keeps its ``below`` bound: the fifth instruction
+    from its end (see its layout)."""
+    i = len(prog) - 5
+    assert prog[i][0] == _JGE
+    return i
+
+
+def program(pid: int, tids: tuple, pgid: int, machine: str, extra: tuple = (), below: int = 0) -> list:
+    """The filter as (code, jt, jf, k) tuples; empty for an unknown machine.
+    Besides ``pid``, its threads, its group, ``extra`` and -1, every pid
+    from 1 to ``below`` (excluded) is refused."""
     if machine not in _ARCHES:
         return []
     arch, nrs = _ARCHES[machine]
@@ -128,11 +147,12 @@ def program(pid: int, tids: tuple, pgid: int, machine: str, extra: tuple = ()) -
     )
     checked = [nrs[n] for n in _TARGETED]
     always = [nrs[n] for n in _ALWAYS]
-    # Layout: [arch check] [nr: always denied] [nr: checked] allow | [arg0 checks] allow | deny | allow
+    # Layout: [arch check] [nr: always denied] [nr: checked] allow
+    #   | ld arg0, [arg0 == protected ...], arg0 >= below, arg0 >= 1 | allow | deny | allow
     head = 3 + len(always) + len(checked)  # ld arch, jeq arch, ld nr, jeq denied..., jeq checked...
     allow1 = head
     check = allow1 + 1
-    allow2 = check + 1 + len(protected)
+    allow2 = check + 1 + len(protected) + 2
     deny = allow2 + 1
     allow = deny + 1
     prog = [(_LD_ABS, 0, 0, _ARCH), (_JEQ, 0, allow - 2, arch), (_LD_ABS, 0, 0, _NR)]
@@ -144,6 +164,10 @@ def program(pid: int, tids: tuple, pgid: int, machine: str, extra: tuple = ()) -
     prog.append((_LD_ABS, 0, 0, _ARG0))
     for value in protected:
         prog.append((_JEQ, deny - (len(prog) + 1), 0, value))
+    # Unsigned: a group (-pgid) or -1 is above any pid, and 0 (the test's
+    # own group) below 1.
+    prog.append((_JGE, allow2 - (len(prog) + 1), 0, below & 0xFFFFFFFF))
+    prog.append((_JGE, deny - (len(prog) + 1), 0, 1))
     prog.append((_RET, 0, 0, _ALLOW))
     prog.append((_RET, 0, 0, _EPERM))
     prog.append((_RET, 0, 0, _ALLOW))
@@ -156,7 +180,8 @@ def protect(prepared) -> bool:
     place."""
     if prepared is None:
         return False
-    fprog, _ = prepared
+    fprog, filters, below = prepared
+    filters[below].k = os.getpid()
     # PR_SET_NO_NEW_PRIVS (already set by the sandbox; needed without one).
     _LIBC.prctl(38, 1, 0, 0, 0)
     # PR_SET_SECCOMP, SECCOMP_MODE_FILTER.

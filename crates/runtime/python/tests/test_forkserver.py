@@ -9,7 +9,9 @@ kernel sets it, a lane's program tests go to a fork server it starts.
 import ctypes
 import os
 import shutil
+import subprocess
 import tempfile
+import threading
 import unittest
 
 import test_judge
@@ -274,6 +276,43 @@ class PutBackTest(unittest.TestCase):
         with open(os.path.join(root, "kept")) as f:
             self.assertEqual(f.read(), "before")
         self.assertEqual(os.stat(root).st_mode & 0o7777, 0o1777)
+
+    def test_a_test_cannot_signal_a_thread_its_parent_started_after_the_filter_was_built(self):
+        # As a Deno kernel starts threads when it needs them: one that
+        # appears after the filter was built has a pid of the namespace
+        # below the test's own. So has a process the item's code left
+        # running, which the next tests must find as this one did.
+        prepared = guard.parent()
+        stop = threading.Event()
+        late = threading.Thread(target=stop.wait)
+        late.start()
+        self.addCleanup(late.join)
+        self.addCleanup(stop.set)
+        left = subprocess.Popen(["sleep", "60"])
+        self.addCleanup(left.wait)
+        self.addCleanup(left.kill)
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                guard.protect(prepared)
+                refused = []
+                for target in (late.native_id, left.pid):
+                    try:
+                        os.kill(target, 0)
+                        refused.append(False)
+                    except PermissionError:
+                        refused.append(True)
+                # Its own processes and its own group it still reaches.
+                child = subprocess.Popen(["sleep", "60"])
+                child.kill()
+                child.wait()
+                os.kill(0, 0)
+                code = 0 if refused == [True, True] else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0, "a thread or process older than the test was reachable")
 
     def test_a_test_cannot_open_a_posix_message_queue(self):
         prepared = guard.parent()
