@@ -74,6 +74,7 @@ from .testrun import (
     _dumps,
     _flush,
     _memfd_create,
+    _monotonic,
     _print_error,
     _private,
     _run,
@@ -87,6 +88,10 @@ MARKER = "KILN_JUDGE "
 # in base64, on one line), and how the process that ran it ended.
 CELL_MARKER = "KILN_CELL "
 ITEM_MARKER = "KILN_ITEM "
+# In an item's report file: the item's process runs its last assertion
+# itself from here (:func:`_run_last`), started at the monotonic time this
+# line gives; how the process ended is then that assertion's report.
+_LAST_MARKER = "KILN_LAST "
 # An assertion's stdout is not compared: the server keeps 64 KiB of it
 # (scoring.rs), so an item's report of one is no larger.
 ASSERTION_STDOUT_CAP = 64 << 10
@@ -350,10 +355,18 @@ def item(b64: str, serving: bool = False) -> None:
     try:
         ended = _run(lambda done_fd: _cell_then_assertions(shell, args, report_fd, done_fd), b"", limit,
                      _guard.parent(ancestors=True), keep=(report_fd,), stdout_cap=ASSERTION_STDOUT_CAP)
-        cap = int(args["record_bytes"]) * 4 // 3 + 4096 + len(args["codes"]) * _ASSERTION_REPORT_BYTES
+        now = _monotonic()
+        n = len(args["codes"])
+        cap = int(args["record_bytes"]) * 4 // 3 + 4096 + n * _ASSERTION_REPORT_BYTES
         lines = os.pread(report_fd, cap, 0).decode("utf-8", "replace").split("\n")
         cell = [line for line in lines if line.startswith(CELL_MARKER)][:1]
-        reports = [line for line in lines if line.startswith(MARKER)][: len(args["codes"])]
+        reports = [line for line in lines if line.startswith(MARKER)][:n]
+        last = [line for line in lines if line.startswith(_LAST_MARKER)][:1]
+        if n and last and len(reports) == n - 1:
+            # The process ran the last assertion itself: its end is that
+            # assertion's report, and it got through the cell and the rest.
+            reports.append(MARKER + _dumps(_last_report(ended, last[0], now)))
+            ended = dict(ended, exit=0, signal=None, timed_out=False, completed=True, stdout_b64="", stderr_b64="")
         # Why the assertions could not all run, in the item's words (the
         # candidate's code ran where they were written): never in kiln's,
         # which would make it kiln's failure and the item's retry.
@@ -368,15 +381,34 @@ def item(b64: str, serving: bool = False) -> None:
         _close(report_fd)
 
 
+def _last_report(ended: dict, line: str, now: float) -> dict:
+    """The last assertion's report, from how the item's process that ran
+    it ended (``ended``, read at ``now``) and its :data:`_LAST_MARKER`
+    ``line`` (written by that process: its time is only believed within
+    the process's own run)."""
+    try:
+        started = float(line[len(_LAST_MARKER) :])
+    except ValueError:
+        started = now
+    ms = min(max((now - started) * 1000.0, 0.0), ended["ms"])
+    alarm = ended["signal"] == signal.SIGALRM
+    return dict(ended, ms=ms, timed_out=ended["timed_out"] or alarm, signal=None if alarm else ended["signal"])
+
+
 def _cell_then_assertions(shell, args: dict, report_fd: int, done_fd: int) -> None:
     """In an item's fork (:func:`item`): the cell, its record on
-    ``report_fd``, then the assertions, each a fork of this process, their
-    reports after it. Never returns."""
+    ``report_fd``, then the assertions, each but the last a fork of this
+    process, their reports after it, and the last in this process
+    (:func:`_run_last`). Never returns."""
     # Where a failure of this runner's own code is told (its stderr, which
-    # the item's report carries), before the cell takes fd 2 over.
+    # the item's report carries), and the streams the last assertion gets
+    # back, before the cell takes fds 1 and 2 over.
     err_fd = os.dup(2)
+    own = (os.dup(1), os.dup(2))
     try:
-        _record_then_assert(shell, args, report_fd)
+        last = _record_then_assert(shell, args, report_fd)
+        if last is not None:
+            _run_last(shell.user_ns, last, float(args["timeout"]), report_fd, own, done_fd)
     except BaseException:
         os.write(err_fd, traceback.format_exc().encode("utf-8", "replace"))
         os._exit(70)
@@ -384,8 +416,36 @@ def _cell_then_assertions(shell, args: dict, report_fd: int, done_fd: int) -> No
     os._exit(0)
 
 
-def _record_then_assert(shell, args: dict, report_fd: int) -> None:
-    """:func:`_cell_then_assertions`' work."""
+def _run_last(ns: dict, code: str, timeout: float, report_fd: int, own: tuple, done_fd: int) -> None:
+    """The item's last assertion, run by the item's process itself: one
+    fork fewer per item. Nothing runs after it from this state (it is the
+    last), so it needs no copy of it; it starts, as each forked one does,
+    from the state the cell left and the work directory put back, with an
+    empty stdin, this process's own stdout and stderr (whose reading by the
+    item's call gives its report, :func:`_last_report`) and its time limit
+    (an alarm that ends the process; the call's own limit ends it past
+    that). Never returns."""
+    stdin_fd = _memfd_create("kiln-stdin")
+    for fd, to in ((stdin_fd, 0), (own[0], 1), (own[1], 2)):
+        os.dup2(fd, to)
+    for fd in (stdin_fd, *own):
+        _close(fd)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False, buffering=1)
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    builtins.input = _testrun._input or _testrun._read_line
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    _write(report_fd, f"{_LAST_MARKER}{_monotonic()!r}\n".encode())
+    signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001))
+    _assertion(ns, code)(done_fd)
+
+
+def _record_then_assert(shell, args: dict, report_fd: int):
+    """:func:`_cell_then_assertions`' work, but for the last assertion:
+    which it returns (``None`` when there is none, or the others could not
+    all run)."""
     # Imported by image_server(), before this process was forked from it.
     from . import recorder
     from .wire import json_default
@@ -413,14 +473,19 @@ def _record_then_assert(shell, args: dict, report_fd: int) -> None:
     sys.stdout = out
     ns = shell.user_ns
     timeout = float(args["timeout"])
+    codes = args["codes"]
     try:
-        _each_from_the_same_work_dir(
-            args["codes"],
-            lambda code: _run(_assertion(ns, code), b"", timeout, stdout_cap=ASSERTION_STDOUT_CAP),
-        )
+        if len(codes) > 1:
+            _each_from_the_same_work_dir(
+                codes[:-1],
+                lambda code: _run(_assertion(ns, code), b"", timeout, stdout_cap=ASSERTION_STDOUT_CAP),
+            )
     except RuntimeError as e:
         out.write(_FAIL + str(e).replace("\n", " ") + "\n")
+        out.flush()
+        return None
     out.flush()
+    return codes[-1] if codes else None
 
 
 def command(b64: str, serving: bool = False) -> None:

@@ -13,6 +13,7 @@ server, which turns them into the item's outputs as it turns iopub messages
 
 import builtins
 import getpass
+import os
 import signal
 import sys
 
@@ -66,8 +67,15 @@ def run_cell(shell, code: str, limit: float, output_limit: int) -> dict:
     pub.budget.limit = output_limit
     pub.budget.reset()
     # As the kernel wires its streams (kernel.main): fd-level text too.
-    out = OutStream(pub, "stdout", FdCapture(1, "stdout"))
-    err = OutStream(pub, "stderr", FdCapture(2, "stderr"))
+    captures = (FdCapture(1, "stdout"), FdCapture(2, "stderr"))
+    # A kernel echoes fd-level text to its log; here it goes nowhere: this
+    # process's own stdout and stderr report its last assertion (judge.py).
+    null = os.open(os.devnull, os.O_WRONLY)
+    for capture in captures:
+        os.dup2(null, capture.orig, inheritable=False)
+    os.close(null)
+    out = OutStream(pub, "stdout", captures[0])
+    err = OutStream(pub, "stderr", captures[1])
     sys.stdout, sys.stderr = out, err
     pub.streams = (out, err)
     _as_a_first_cell(shell)

@@ -123,6 +123,36 @@ class ItemTest(unittest.TestCase):
         self.assertTrue(looped["tests"][0]["completed"], "the assertions run on the interrupted state")
         self.assertEqual(shown(asked["cell"]), [("error", "StdinNotImplementedError")])
 
+    def test_the_last_assertion_run_by_the_item_s_process_reports_as_a_forked_one_does(self):
+        # The last assertion runs in the item's process itself (one fork
+        # fewer): each case twice, the first forked, the second the last.
+        cases = [
+            "print('p')\nassert False",
+            "input()",
+            "import os\nos._exit(0)",
+            "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+            "while True:\n    pass",
+            "print(open('made.txt').read(), seen)\nopen('made.txt', 'w').write('changed')\nseen.append(1)",
+        ]
+        results = items(*({"code": "seen = []\nopen('made.txt', 'w').write('x')", "codes": [c, c], "timeout": 0.5}
+                          for c in cases))
+        for case, r in zip(cases, results, strict=True):
+            forked, last = ({k: v for k, v in t.items() if k != "ms"} for t in r["tests"])
+            self.assertEqual(last, forked, case)
+            self.assertLess(r["tests"][1]["ms"], 3000, case)
+            self.assertTrue(r["ended"]["completed"], (case, r["ended"]))
+            self.assertEqual(r["work"], [], case)
+        self.assertEqual([r["tests"][0]["completed"] for r in results], [False, False, False, False, False, True])
+        self.assertTrue(results[4]["tests"][1]["timed_out"])
+        self.assertEqual(results[3]["tests"][1]["signal"], 9)
+        self.assertEqual(results[5]["tests"][1]["stdout"], "x []\n")
+
+    def test_a_last_assertion_that_disarms_its_alarm_is_still_stopped(self):
+        code = "import signal\nsignal.setitimer(signal.ITIMER_REAL, 0)\nwhile True:\n    pass"
+        (r,) = items({"code": "x = 1", "codes": [code], "timeout": 0.2, "cell_timeout": 0.2})
+        self.assertTrue(r["tests"][0]["timed_out"], r["tests"])
+        self.assertFalse(r["tests"][0]["completed"])
+
     def test_a_cell_that_ends_its_process_leaves_no_record_and_says_how_it_ended(self):
         (r,) = items({"code": "import os\nos._exit(3)", "codes": ["assert True"]})
         self.assertIsNone(r["cell"])
