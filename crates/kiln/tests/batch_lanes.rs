@@ -333,3 +333,38 @@ async fn items_with_a_cell_share_a_lane_show_what_a_session_would_and_leave_noth
     let now = s.metric("kiln_sessions_started_total").await.unwrap_or(0.0);
     assert_eq!(now - started, 3.0, "eight items: two lanes and the kept session");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_kills_itself_is_an_error_and_only_the_memory_limit_is_memory_exceeded() {
+    // In lanes, where every test, cell and assertion is a process of its
+    // own: a SIGKILL is the memory limit only when the session's OOM killer
+    // acted in that runner's cell.
+    let s =
+        start(&["--profile", "minimal", "--memory-limit", "256MiB", "--max-sessions-per-key", "1", "--pool-size", "1"]);
+    let kill_self = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)";
+    let too_big = "b = bytearray(400 * 2**20)\nprint(len(b))";
+    let program = |code: &str| json!({"code": code, "tests": [{"stdin": "", "expected_stdout": ""}]});
+    let items = json!([
+        program(kill_self),
+        // The first assertion is a fork of the item's process, the last
+        // runs in it.
+        {"code": "x = 1", "tests": [{"code": kill_self}, {"code": kill_self}]},
+        {"code": kill_self, "tests": [{"code": "assert True"}]},
+        program(too_big),
+        {"code": "x = 1", "tests": [{"code": too_big}, {"code": too_big}]},
+    ]);
+    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": items })).await;
+    assert_eq!(status, 200, "{v}");
+    let r = v["data"]["results"].as_array().unwrap();
+    let own = "not by its memory limit";
+    for (i, test) in [(0, 0), (1, 0), (1, 1)] {
+        let t = &r[i]["tests"][test];
+        assert_eq!(t["status"], "error", "item {i}, test {test}: {}", r[i]);
+        assert!(t["stderr"].as_str().unwrap().contains(own), "item {i}, test {test}: {}", r[i]);
+    }
+    assert_eq!(r[2]["status"], "error", "{}", r[2]);
+    assert!(r[2]["outputs"].to_string().contains(own), "{}", r[2]);
+    for (i, test) in [(3, 0), (4, 0), (4, 1)] {
+        assert_eq!(r[i]["tests"][test]["status"], "memory_exceeded", "item {i}, test {test}: {}", r[i]);
+    }
+}

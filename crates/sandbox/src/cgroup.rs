@@ -288,10 +288,21 @@ impl Cgroup {
     /// Whether the OOM killer acted in this cgroup (the memory limit was
     /// hit and reclaim could not make room).
     pub(crate) fn hit_memory_limit(&self) -> bool {
-        let killed = |text: String| text.lines().any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim() != "0"));
-        self.dirs.iter().any(|d| {
-            ["memory.oom_control", "memory.events"].iter().any(|f| std::fs::read_to_string(d.join(f)).is_ok_and(killed))
-        })
+        self.oom_kills() > 0
+    }
+
+    /// How many processes the OOM killer has killed in this cgroup so far
+    /// (`oom_kill` of v1's `memory.oom_control`, v2's `memory.events`).
+    pub(crate) fn oom_kills(&self) -> u64 {
+        let count = |text: String| {
+            text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse::<u64>().ok())
+        };
+        self.dirs
+            .iter()
+            .flat_map(|d| ["memory.oom_control", "memory.events"].map(|f| d.join(f)))
+            .filter_map(|f| std::fs::read_to_string(f).ok().and_then(count))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Set the CPU weight: how much CPU the sandbox gets against the others

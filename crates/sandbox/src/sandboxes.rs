@@ -489,6 +489,12 @@ impl Sandbox {
         self.cgroup.as_ref().is_some_and(Cgroup::hit_memory_limit)
     }
 
+    /// How many processes the OOM killer has killed in the sandbox so far;
+    /// `None` without a cgroup (nothing to count).
+    pub fn oom_kills(&self) -> Option<u64> {
+        self.cgroup.as_ref().map(Cgroup::oom_kills)
+    }
+
     /// Kill everything and wait until the main process has ended, and its
     /// cgroup is empty and removed.
     pub async fn kill_and_wait(&self) {

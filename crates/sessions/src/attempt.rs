@@ -99,6 +99,7 @@ impl Run<'_> {
                 files: self.files.clone().unwrap_or_default(),
                 timeout,
                 events: None,
+                count_oom_kills: true,
                 ..self.exec.clone()
             };
             let answer = match self.session {

@@ -53,6 +53,8 @@ pub(crate) struct Job {
     pub(crate) memory_limit: Option<u64>,
     /// Whose CPU comes first.
     pub(crate) priority: Priority,
+    /// Count the OOM killer's kills while it runs ([`Judged::oom_kills`]).
+    pub(crate) count_oom_kills: bool,
 }
 
 /// An execution's answer with how it ended (the batch API reports the
@@ -63,6 +65,9 @@ pub struct Judged {
     pub data: ExecuteData,
     /// How it ended.
     pub outcome: Outcome,
+    /// How many processes the OOM killer killed in the session while it
+    /// ran, when that was asked for and could be counted.
+    pub oom_kills: Option<u64>,
 }
 
 /// How an execution ended, as the user's code is concerned.

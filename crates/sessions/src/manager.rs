@@ -81,6 +81,11 @@ pub struct Exec {
     pub memory_limit: Option<u64>,
     /// Whose CPU comes first (a batch item's yields to executes).
     pub priority: crate::Priority,
+    /// Count the OOM killer's kills in the session while it runs
+    /// ([`Judged::oom_kills`]): a batch's runner tells a test killed by the
+    /// memory limit from one that killed itself. Two more reads of the
+    /// cgroup's files, so not for every execute.
+    pub count_oom_kills: bool,
 }
 
 impl Manager {
@@ -240,6 +245,7 @@ impl Manager {
             events: req.events,
             memory_limit: req.memory_limit,
             priority: req.priority,
+            count_oom_kills: req.count_oom_kills,
         };
         jobs.send(job).map_err(|_| self.ended(&id))?;
         answer.await.map_err(|_| self.ended(&id))?

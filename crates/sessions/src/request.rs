@@ -48,6 +48,7 @@ impl Exec {
             events: None,
             memory_limit,
             priority: Priority::Interactive,
+            count_oom_kills: false,
         })
     }
 }

@@ -207,6 +207,7 @@ mod tests {
                 outputs,
             },
             outcome: crate::Outcome::Raised,
+            oom_kills: None,
         };
         let lost = judged(vec![
             kiln_protocol::Output::Stdout("KILN_JUDGE {}\n".into()),

@@ -31,6 +31,9 @@ pub(crate) struct RunnerLine {
     stdout_truncated: bool,
     stderr: String,
     ms: f64,
+    /// The OOM killer's kills in the session during the runner's cell (not
+    /// on the wire: the server counts them, [`Judged::oom_kills`]).
+    oom_kills: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -56,6 +59,7 @@ impl From<WireLine> for RunnerLine {
             stdout_truncated: w.stdout_truncated,
             stderr: text_of(&w.stderr_b64),
             ms: w.ms,
+            oom_kills: None,
         }
     }
 }
@@ -75,7 +79,7 @@ impl Report {
     /// it printed, and, when it stopped short (its kernel died, it was
     /// stopped), the failure of the test it stopped at.
     pub(crate) fn read(j: Judged, n: usize) -> (Vec<Report>, Option<Report>) {
-        let ran = Report::all_in(&stdout_of(&j), n);
+        let ran = Report::all_in(&j, &stdout_of(&j), n);
         if ran.len() == n {
             return (ran, None);
         }
@@ -87,12 +91,12 @@ impl Report {
         (ran, Some(Report::Failed { status, why }))
     }
 
-    /// The first `n` report lines of the runner's output `text`.
-    fn all_in(text: &str, n: usize) -> Vec<Report> {
+    /// The first `n` report lines of the output `text` of runner cell `j`.
+    fn all_in(j: &Judged, text: &str, n: usize) -> Vec<Report> {
         text.lines()
             .filter_map(|l| l.strip_prefix(MARKER))
             .filter_map(|l| serde_json::from_str::<RunnerLine>(l).ok())
-            .map(Report::Ran)
+            .map(|line| Report::Ran(RunnerLine { oom_kills: j.oom_kills, ..line }))
             .take(n)
             .collect()
     }
@@ -118,6 +122,9 @@ impl Report {
         let mut stderr = r.stderr;
         let status = if r.timed_out {
             ItemStatus::Timeout
+        } else if r.signal == Some(9) && r.oom_kills == Some(0) {
+            stderr.push_str(NOT_THE_MEMORY_LIMIT);
+            ItemStatus::Error
         } else if r.signal == Some(9) {
             stderr.push_str("\n[kiln] the test's process was killed (SIGKILL), most likely by its memory limit\n");
             ItemStatus::MemoryExceeded
@@ -155,6 +162,11 @@ impl Report {
         }
     }
 }
+
+/// A test's process that died of SIGKILL while the session's OOM killer
+/// killed nothing: the candidate's own doing (`os.kill(os.getpid(), 9)`).
+const NOT_THE_MEMORY_LIMIT: &str =
+    "\n[kiln] the test's process was killed by signal 9 (SIGKILL), not by its memory limit: the OOM killer did not act\n";
 
 /// The line of the runner's cell that records an item's cell in a lane
 /// (`judge.item`): its iopub messages, JSON in base64.
@@ -195,7 +207,7 @@ impl ItemReport {
             serde_json::from_slice::<CellRecord>(&bytes).ok()
         });
         let ended = text.lines().find_map(|l| serde_json::from_str::<RunnerLine>(l.strip_prefix(ITEM_MARKER)?).ok());
-        let mut reports = Report::all_in(&text, n);
+        let mut reports = Report::all_in(j, &text, n);
         let complete = cell.is_some() && reports.len() == n && ended.as_ref().is_some_and(|e| e.completed);
         // Why what is missing is missing: how the item's process ended.
         let errors = errors_of(j);
@@ -203,6 +215,12 @@ impl ItemReport {
             Some(e) if e.timed_out => (
                 ItemStatus::Timeout,
                 "[kiln] the item's code and tests together exceeded their time limits, and its process was killed"
+                    .to_string(),
+            ),
+            Some(e) if e.signal == Some(9) && j.oom_kills == Some(0) => (
+                ItemStatus::Error,
+                "[kiln] the item's process was killed by signal 9 (SIGKILL), not by its memory limit: the OOM killer \
+                 did not act"
                     .to_string(),
             ),
             Some(e) if e.signal == Some(9) => (
@@ -313,6 +331,7 @@ mod tests {
             stdout_truncated: false,
             stderr: String::new(),
             ms: 1.0,
+            oom_kills: None,
         })
     }
 
@@ -325,6 +344,19 @@ mod tests {
         assert!(!line(Some(0), None, false, "5\n").score(Some(&want)).passed);
         let killed = line(None, Some(9), false, "").score(Some(&want));
         assert_eq!(killed.status, ItemStatus::MemoryExceeded);
+    }
+
+    #[test]
+    fn a_sigkill_is_the_memory_limit_only_when_the_oom_killer_acted_or_could_not_be_counted() {
+        let killed = |oom_kills| match line(None, Some(9), false, "") {
+            Report::Ran(r) => Report::Ran(RunnerLine { oom_kills, ..r }).score(None),
+            failed => failed.score(None),
+        };
+        let own = killed(Some(0));
+        assert_eq!((own.passed, own.status), (false, ItemStatus::Error));
+        assert!(own.stderr.contains("not by its memory limit"), "{}", own.stderr);
+        assert_eq!(killed(Some(1)).status, ItemStatus::MemoryExceeded);
+        assert_eq!(killed(None).status, ItemStatus::MemoryExceeded);
     }
 
     #[test]

@@ -79,7 +79,7 @@ impl Worker {
         cpu_seen: &mut f64,
         weighed: &mut Option<crate::Priority>,
     ) -> After {
-        let Job { code, files, limits, mut reply, events, memory_limit, priority } = job;
+        let Job { code, files, limits, mut reply, events, memory_limit, priority, count_oom_kills } = job;
         if reply.is_closed() {
             return After::Next;
         }
@@ -124,10 +124,11 @@ impl Worker {
                     status: kiln_protocol::ExecuteStatus::Error,
                     outputs: vec![kiln_protocol::Output::Error(message)],
                 };
-                let _ = reply.send(Ok(Judged { data, outcome: Outcome::OutOfMemory }));
+                let _ = reply.send(Ok(Judged { data, outcome: Outcome::OutOfMemory, oom_kills: None }));
                 return After::Next;
             }
         }
+        let oom_before = if count_oom_kills { kernel.sandbox().oom_kills() } else { None };
         let started = std::time::Instant::now();
         let exec = {
             let mut stopping = stop.clone();
@@ -145,6 +146,9 @@ impl Worker {
             return After::End;
         }
         let took = started.elapsed();
+        // Before a restart below replaces the sandbox (a killed kernel's is
+        // still there to read).
+        let oom_kills = oom_before.and_then(|before| Some(kernel.sandbox().oom_kills()?.saturating_sub(before)));
         if own_limit.is_some() && kernel.is_alive() {
             if let Err(e) = kernel.sandbox().set_memory_limit(self.memory_bytes) {
                 tracing::warn!(session = %self.id, error = %e, "could not restore the session's memory limit");
@@ -194,7 +198,7 @@ impl Worker {
             }
         }
         let data = ExecuteData { session_id: self.id.clone(), status: verdict.status, outputs };
-        let _ = reply.send(Ok(Judged { data, outcome: verdict.outcome }));
+        let _ = reply.send(Ok(Judged { data, outcome: verdict.outcome, oom_kills }));
         after
     }
 
