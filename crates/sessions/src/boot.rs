@@ -201,9 +201,10 @@ impl Kernels {
         // The lean kernel sends no output past the cap the server keeps.
         env.push(("KILN_MAX_OUTPUT_BYTES".into(), self.cfg.max_output_bytes.to_string().into()));
         if isolated {
-            // The sandbox's /tmp, /dev/shm and IPC namespace are the
+            // The sandbox's /tmp, /dev/shm, IPC and pid namespaces are the
             // session's own: the batch tests' runner puts them back after
-            // each test (without a sandbox they are the host's).
+            // each test, and no test may signal a pid below its own
+            // (without a sandbox they are the host's).
             env.push(("KILN_PRIVATE_TMP".into(), "1".into()));
         }
         match self.cfg.sandbox.as_ref().map(|_| network) {

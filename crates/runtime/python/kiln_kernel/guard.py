@@ -11,14 +11,17 @@ parent fails with ``EPERM``: ``kill``, ``tkill``, ``tgkill``,
 ``rt_sigqueueinfo`` and ``rt_tgsigqueueinfo`` to the parent's pid, any of its
 threads, its process group or everyone (``-1``), ``pidfd_open`` of them, and
 ``pidfd_send_signal`` altogether (its target is a descriptor, which could be
-a ``/proc/<pid>`` directory, so it cannot be checked by number). The same
-calls are refused for every pid below the test's own: the pids of a
-namespace are handed out in rising order, so those are processes and
-threads that were there before the test (its ancestors' threads among
-them, also those started after the filter was built, as a Deno kernel
-starts threads when it needs them, and what the item's code left running,
-which the next tests must find as this one did). Signals to the test's own
-processes work as before. The same filter refuses
+a ``/proc/<pid>`` directory, so it cannot be checked by number). In kiln's
+sandbox, whose pid namespace is the session's own, the same calls are
+refused for every pid below the test's own: the pids of a namespace are
+handed out in rising order, so those are processes and threads that were
+there before the test (its ancestors' threads among them, also those
+started after the filter was built, as a Deno kernel starts threads when
+it needs them, and what the item's code left running, which the next tests
+must find as this one did). Not on the host's pids (``--sandbox none``),
+whose counter wraps at the host's ``pid_max`` as every process there
+starts: a test's own child could then get a lower pid than the test.
+Signals to the test's own processes work as before. The same filter refuses
 ``mq_open``: a POSIX message queue would outlive the test, for the next one
 to find, and cannot be listed to be removed (ipc.py). A runner that is a process of its
 own (``judge.command``, which a Deno or bash session's kernel starts) is
@@ -119,12 +122,19 @@ def parent(ancestors=False):
     # groups first, then as many of their threads as fit.
     extra = (processes + threads)[:MAX_EXTRA]
     # The lowest pid the test may signal is its own, known only once it is
-    # forked: protect() sets it.
+    # forked: protect() sets it, in a pid namespace of the session's own.
     prog = program(os.getpid(), _tids("self"), os.getpgid(0), _MACHINE, tuple(extra), below=0)
     if not prog or _LIBC is None:
         return None
     filters = (_Filter * len(prog))(*[_Filter(*f) for f in prog])
-    return _Prog(len(prog), filters), filters, below_index(prog)
+    return _Prog(len(prog), filters), filters, below_index(prog) if own_pid_namespace() else None
+
+
+def own_pid_namespace() -> bool:
+    """Whether this runs in kiln's sandbox, whose pid namespace (like its
+    ``/tmp`` and IPC namespace) is the session's own: kiln says so in the
+    kernel's environment."""
+    return os.environ.get("KILN_PRIVATE_TMP") == "1"
 
 
 def below_index(prog: list) -> int:
@@ -181,7 +191,8 @@ def protect(prepared) -> bool:
     if prepared is None:
         return False
     fprog, filters, below = prepared
-    filters[below].k = os.getpid()
+    if below is not None:
+        filters[below].k = os.getpid()
     # PR_SET_NO_NEW_PRIVS (already set by the sandbox; needed without one).
     _LIBC.prctl(38, 1, 0, 0, 0)
     # PR_SET_SECCOMP, SECCOMP_MODE_FILTER.

@@ -282,37 +282,54 @@ class PutBackTest(unittest.TestCase):
         # appears after the filter was built has a pid of the namespace
         # below the test's own. So has a process the item's code left
         # running, which the next tests must find as this one did.
-        prepared = guard.parent()
+        os.environ["KILN_PRIVATE_TMP"] = "1"  # as in kiln's sandbox
+        self.addCleanup(os.environ.pop, "KILN_PRIVATE_TMP", None)
+        for _ in range(3):
+            status = self._signal_what_is_older(guard.parent())
+            if status is not None:
+                break
+        self.assertEqual(status, 0, "a thread or process older than the test was reachable")
+        # On the host's pids (no sandbox) the bound is not set.
+        os.environ.pop("KILN_PRIVATE_TMP")
+        self.assertIsNone(guard.parent()[2])
+
+    def _signal_what_is_older(self, prepared):
+        """A thread and a process started after ``prepared``, then a test
+        forked: its exit status (0: it could signal neither, but its own
+        child and group), or None when the host's pids wrapped in between
+        (this test runs on the host's pid namespace) and it must run again."""
         stop = threading.Event()
         late = threading.Thread(target=stop.wait)
         late.start()
-        self.addCleanup(late.join)
-        self.addCleanup(stop.set)
         left = subprocess.Popen(["sleep", "60"])
-        self.addCleanup(left.wait)
-        self.addCleanup(left.kill)
-        pid = os.fork()
-        if pid == 0:
-            code = 3
-            try:
-                guard.protect(prepared)
-                refused = []
-                for target in (late.native_id, left.pid):
-                    try:
-                        os.kill(target, 0)
-                        refused.append(False)
-                    except PermissionError:
-                        refused.append(True)
-                # Its own processes and its own group it still reaches.
-                child = subprocess.Popen(["sleep", "60"])
-                child.kill()
-                child.wait()
-                os.kill(0, 0)
-                code = 0 if refused == [True, True] else 1
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        self.assertEqual(os.waitstatus_to_exitcode(status), 0, "a thread or process older than the test was reachable")
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 3
+                try:
+                    guard.protect(prepared)
+                    refused = []
+                    for target in (late.native_id, left.pid):
+                        try:
+                            os.kill(target, 0)
+                            refused.append(False)
+                        except PermissionError:
+                            refused.append(True)
+                    # Its own processes and its own group it still reaches.
+                    child = subprocess.Popen(["sleep", "60"])
+                    child.kill()
+                    child.wait()
+                    os.kill(0, 0)
+                    code = 0 if refused == [True, True] else 1
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            return None if pid < max(late.native_id, left.pid) else os.waitstatus_to_exitcode(status)
+        finally:
+            left.kill()
+            left.wait()
+            stop.set()
+            late.join()
 
     def test_a_test_cannot_open_a_posix_message_queue(self):
         prepared = guard.parent()
