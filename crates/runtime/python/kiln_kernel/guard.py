@@ -20,7 +20,9 @@ started after the filter was built, as a Deno kernel starts threads when
 it needs them, and what the item's code left running, which the next tests
 must find as this one did). Not on the host's pids (``--sandbox none``),
 whose counter wraps at the host's ``pid_max`` as every process there
-starts: a test's own child could then get a lower pid than the test.
+starts: a test's own child could then get a lower pid than the test; nor
+for a test forked within :data:`WRAP_MARGIN` pids of its namespace's
+wrap, for the same reason.
 Signals to the test's own processes work as before. The same filter refuses
 ``mq_open``: a POSIX message queue would outlive the test, for the next one
 to find, and cannot be listed to be removed (ipc.py). A runner that is a process of its
@@ -127,7 +129,33 @@ def parent(ancestors=False):
     if not prog or _LIBC is None:
         return None
     filters = (_Filter * len(prog))(*[_Filter(*f) for f in prog])
-    return _Prog(len(prog), filters), filters, below_index(prog) if own_pid_namespace() else None
+    bounded = own_pid_namespace() and not _counter_near_wrap()
+    return _Prog(len(prog), filters), filters, below_index(prog) if bounded else None
+
+
+# A test forked this close to its pid namespace's wrap gets no bound below
+# its pid: a child it starts could get a lower pid than its own.
+WRAP_MARGIN = 8192
+
+
+def near_wrap(last: int, pid_max: int) -> bool:
+    """Whether a namespace that last handed out pid ``last`` is within
+    :data:`WRAP_MARGIN` pids of wrapping at ``pid_max``."""
+    return last > pid_max - WRAP_MARGIN
+
+
+def _counter_near_wrap() -> bool:
+    """:func:`near_wrap` for this process's pid namespace (its own
+    ``pid_max`` from Linux 6.14; the host's before). False when it cannot
+    be read."""
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "rb") as f:
+            last = int(f.read())
+        with open("/proc/sys/kernel/pid_max", "rb") as f:
+            top = int(f.read())
+    except (OSError, ValueError):
+        return False
+    return near_wrap(last, top)
 
 
 def own_pid_namespace() -> bool:

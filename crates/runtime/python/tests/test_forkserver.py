@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import threading
 import unittest
+from unittest import mock
 
 import test_judge
 from kiln_kernel import guard, ipc, judge, workdir
@@ -284,14 +285,22 @@ class PutBackTest(unittest.TestCase):
         # running, which the next tests must find as this one did.
         os.environ["KILN_PRIVATE_TMP"] = "1"  # as in kiln's sandbox
         self.addCleanup(os.environ.pop, "KILN_PRIVATE_TMP", None)
+        # This runs on the host's pids, which may be near their wrap
+        # (near_wrap is checked below); a wrap in between runs it again.
+        near = mock.patch.object(guard, "_counter_near_wrap", lambda: False)
+        near.start()
+        self.addCleanup(near.stop)
         for _ in range(3):
             status = self._signal_what_is_older(guard.parent())
             if status is not None:
                 break
         self.assertEqual(status, 0, "a thread or process older than the test was reachable")
-        # On the host's pids (no sandbox) the bound is not set.
+        # On the host's pids (no sandbox) the bound is not set, nor near a
+        # wrap of the namespace's pids.
         os.environ.pop("KILN_PRIVATE_TMP")
         self.assertIsNone(guard.parent()[2])
+        self.assertEqual([guard.near_wrap(last, 32768) for last in (300, 24000, 30000)], [False, False, True])
+        self.assertFalse(guard.near_wrap(5, 4194304))
 
     def _signal_what_is_older(self, prepared):
         """A thread and a process started after ``prepared``, then a test
