@@ -288,12 +288,13 @@ impl Cgroup {
     /// Whether the OOM killer acted in this cgroup (the memory limit was
     /// hit and reclaim could not make room).
     pub(crate) fn hit_memory_limit(&self) -> bool {
-        self.oom_kills() > 0
+        self.oom_kills().is_some_and(|n| n > 0)
     }
 
     /// How many processes the OOM killer has killed in this cgroup so far
-    /// (`oom_kill` of v1's `memory.oom_control`, v2's `memory.events`).
-    pub(crate) fn oom_kills(&self) -> u64 {
+    /// (`oom_kill` of v1's `memory.oom_control`, v2's `memory.events`);
+    /// `None` when neither can be read (the cgroup was removed).
+    pub(crate) fn oom_kills(&self) -> Option<u64> {
         let count = |text: String| {
             text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse::<u64>().ok())
         };
@@ -302,7 +303,6 @@ impl Cgroup {
             .flat_map(|d| ["memory.oom_control", "memory.events"].map(|f| d.join(f)))
             .filter_map(|f| std::fs::read_to_string(f).ok().and_then(count))
             .max()
-            .unwrap_or(0)
     }
 
     /// Set the CPU weight: how much CPU the sandbox gets against the others
@@ -525,6 +525,25 @@ mod tests {
         let bare = Cgroup { dirs: vec![dir.path().to_path_buf()], unified: true };
         bare.set_cpu_weight(CpuWeight::IDLE).unwrap();
         assert!(!dir.path().join("cpu.weight").exists());
+    }
+
+    #[test]
+    fn oom_kills_are_read_from_either_hierarchy_s_file_and_unknown_once_the_cgroup_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pids, memory, v2) = (dir.path().join("pids"), dir.path().join("memory"), dir.path().join("v2"));
+        for d in [&pids, &memory, &v2] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(memory.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n").unwrap();
+        std::fs::write(v2.join("memory.events"), "low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\noom_group_kill 7\n")
+            .unwrap();
+        let legacy = Cgroup { dirs: vec![pids.clone(), memory.clone()], unified: false };
+        let unified = Cgroup { dirs: vec![v2.clone()], unified: true };
+        assert_eq!((legacy.oom_kills(), unified.oom_kills()), (Some(3), Some(2)));
+        assert!(legacy.hit_memory_limit());
+        std::fs::remove_dir_all(&memory).unwrap();
+        assert_eq!(legacy.oom_kills(), None, "no memory hierarchy left to read");
+        assert!(!legacy.hit_memory_limit());
     }
 
     const HYBRID: &str = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/6f00\n2:cpuacct:/\n1:cpu:/\n0::/\n";

@@ -490,9 +490,9 @@ impl Sandbox {
     }
 
     /// How many processes the OOM killer has killed in the sandbox so far;
-    /// `None` without a cgroup (nothing to count).
+    /// `None` without a cgroup, or once it is gone (nothing to count).
     pub fn oom_kills(&self) -> Option<u64> {
-        self.cgroup.as_ref().map(Cgroup::oom_kills)
+        self.cgroup.as_ref().and_then(Cgroup::oom_kills)
     }
 
     /// Kill everything and wait until the main process has ended, and its
