@@ -139,7 +139,9 @@ class ItemTest(unittest.TestCase):
         for case, r in zip(cases, results, strict=True):
             forked, last = ({k: v for k, v in t.items() if k != "ms"} for t in r["tests"])
             self.assertEqual(last, forked, case)
-            self.assertLess(r["tests"][1]["ms"], 3000, case)
+            # Its own time, not its process's whole run (the cell, the
+            # first assertion).
+            self.assertLess(r["tests"][1]["ms"], r["ended"]["ms"], case)
             self.assertTrue(r["ended"]["completed"], (case, r["ended"]))
             self.assertEqual(r["work"], [], case)
         self.assertEqual([r["tests"][0]["completed"] for r in results], [False, False, False, False, False, True])
