@@ -401,14 +401,14 @@ def _cell_then_assertions(shell, args: dict, report_fd: int, done_fd: int) -> No
     process, their reports after it, and the last in this process
     (:func:`_run_last`). Never returns."""
     # Where a failure of this runner's own code is told (its stderr, which
-    # the item's report carries), and the streams the last assertion gets
+    # the item's report carries), and the stdout the last assertion gets
     # back, before the cell takes fds 1 and 2 over.
     err_fd = os.dup(2)
-    own = (os.dup(1), os.dup(2))
+    out_fd = os.dup(1)
     try:
         last = _record_then_assert(shell, args, report_fd)
         if last is not None:
-            _run_last(shell.user_ns, last, float(args["timeout"]), report_fd, own, done_fd)
+            _run_last(shell.user_ns, last, float(args["timeout"]), report_fd, (out_fd, err_fd), done_fd)
     except BaseException:
         os.write(err_fd, traceback.format_exc().encode("utf-8", "replace"))
         os._exit(70)
@@ -420,23 +420,15 @@ def _run_last(ns: dict, code: str, timeout: float, report_fd: int, own: tuple, d
     """The item's last assertion, run by the item's process itself: one
     fork fewer per item. Nothing runs after it from this state (it is the
     last), so it needs no copy of it; it starts, as each forked one does,
-    from the state the cell left and the work directory put back, with an
-    empty stdin, this process's own stdout and stderr (whose reading by the
-    item's call gives its report, :func:`_last_report`) and its time limit
-    (an alarm that ends the process; the call's own limit ends it past
-    that). Never returns."""
-    stdin_fd = _memfd_create("kiln-stdin")
-    for fd, to in ((stdin_fd, 0), (own[0], 1), (own[1], 2)):
-        os.dup2(fd, to)
-    for fd in (stdin_fd, *own):
-        _close(fd)
-    sys.stdin = open(0, closefd=False)
-    sys.stdout = open(1, "w", closefd=False)
-    sys.stderr = open(2, "w", closefd=False, buffering=1)
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
-    builtins.input = _testrun._input or _testrun._read_line
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    from the state the cell left and the work directory put back, with the
+    descriptors, streams and signals a forked one gets (``testrun._child_io``:
+    an empty stdin, and as stdout and stderr this process's own, ``own``,
+    whose reading by the item's call gives its report, :func:`_last_report`;
+    nothing the cell left open) and its time limit (an alarm that ends the
+    process; the call's own limit ends it past that). Never returns."""
+    out_fd, err_fd = own
+    # err_fd stays open for a failure of this code (_cell_then_assertions).
+    _testrun._child_io(_memfd_create("kiln-stdin"), out_fd, err_fd, (report_fd, done_fd, err_fd))
     _write(report_fd, f"{_LAST_MARKER}{_monotonic()!r}\n".encode())
     signal.setitimer(signal.ITIMER_REAL, max(timeout, 0.001))
     _assertion(ns, code)(done_fd)

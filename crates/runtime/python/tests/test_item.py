@@ -133,9 +133,11 @@ class ItemTest(unittest.TestCase):
             "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
             "while True:\n    pass",
             "print(open('made.txt').read(), seen)\nopen('made.txt', 'w').write('changed')\nseen.append(1)",
+            # A file the cell left open: a test's descriptors are its own.
+            "import os\nos.fstat(KEPT.fileno())",
         ]
-        results = items(*({"code": "seen = []\nopen('made.txt', 'w').write('x')", "codes": [c, c], "timeout": 0.5}
-                          for c in cases))
+        cell = "seen = []\nopen('made.txt', 'w').write('x')\nKEPT = open('made.txt')"
+        results = items(*({"code": cell, "codes": [c, c], "timeout": 0.5} for c in cases))
         for case, r in zip(cases, results, strict=True):
             forked, last = ({k: v for k, v in t.items() if k != "ms"} for t in r["tests"])
             self.assertEqual(last, forked, case)
@@ -144,7 +146,8 @@ class ItemTest(unittest.TestCase):
             self.assertLess(r["tests"][1]["ms"], r["ended"]["ms"], case)
             self.assertTrue(r["ended"]["completed"], (case, r["ended"]))
             self.assertEqual(r["work"], [], case)
-        self.assertEqual([r["tests"][0]["completed"] for r in results], [False, False, False, False, False, True])
+        self.assertEqual([r["tests"][0]["completed"] for r in results],
+                         [False, False, False, False, False, True, False])
         self.assertTrue(results[4]["tests"][1]["timed_out"])
         self.assertEqual(results[3]["tests"][1]["signal"], 9)
         self.assertEqual(results[5]["tests"][1]["stdout"], "x []\n")
