@@ -123,7 +123,7 @@ impl Report {
         let status = if r.timed_out {
             ItemStatus::Timeout
         } else if r.signal == Some(9) && r.oom_kills == Some(0) {
-            stderr.push_str(NOT_THE_MEMORY_LIMIT);
+            stderr.push_str(&format!("\n[kiln] the test's process {NOT_THE_MEMORY_LIMIT}\n"));
             ItemStatus::Error
         } else if r.signal == Some(9) {
             stderr.push_str("\n[kiln] the test's process was killed (SIGKILL), most likely by its memory limit\n");
@@ -163,10 +163,11 @@ impl Report {
     }
 }
 
-/// A test's process that died of SIGKILL while the session's OOM killer
-/// killed nothing: the candidate's own doing (`os.kill(os.getpid(), 9)`).
+/// Of a test's or an item's process that died of SIGKILL while the
+/// session's OOM killer killed nothing: the candidate's own doing
+/// (`os.kill(os.getpid(), 9)`).
 const NOT_THE_MEMORY_LIMIT: &str =
-    "\n[kiln] the test's process was killed by signal 9 (SIGKILL), not by its memory limit: the OOM killer did not act\n";
+    "was killed by signal 9 (SIGKILL), not by its memory limit: the OOM killer did not act";
 
 /// The line of the runner's cell that records an item's cell in a lane
 /// (`judge.item`): its iopub messages, JSON in base64.
@@ -217,12 +218,9 @@ impl ItemReport {
                 "[kiln] the item's code and tests together exceeded their time limits, and its process was killed"
                     .to_string(),
             ),
-            Some(e) if e.signal == Some(9) && j.oom_kills == Some(0) => (
-                ItemStatus::Error,
-                "[kiln] the item's process was killed by signal 9 (SIGKILL), not by its memory limit: the OOM killer \
-                 did not act"
-                    .to_string(),
-            ),
+            Some(e) if e.signal == Some(9) && j.oom_kills == Some(0) => {
+                (ItemStatus::Error, format!("[kiln] the item's process {NOT_THE_MEMORY_LIMIT}"))
+            }
             Some(e) if e.signal == Some(9) => (
                 ItemStatus::MemoryExceeded,
                 "[kiln] the item's process was killed (SIGKILL), most likely by its memory limit".to_string(),
