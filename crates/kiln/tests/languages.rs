@@ -211,7 +211,7 @@ async fn a_session_keeps_its_language_and_unknown_languages_are_refused() {
     assert_eq!(pools().await[2], Some(0), "bash's pool grew without demand");
     for other in ["python", "typescript", "bash"] {
         let (status, v) = post(&s, other, "1", Some(&id), None).await;
-        assert_eq!((status, v["errors"][0]["code"].as_str()), (400, Some("language_mismatch")), "{other}: {v}");
+        assert_eq!((status, v["errors"][0]["code"].as_str()), (409, Some("language_mismatch")), "{other}: {v}");
         let msg = v["errors"][0]["message"].as_str().unwrap();
         assert!(msg.contains("runs javascript") && msg.contains(other), "{msg}");
     }
@@ -545,7 +545,7 @@ async fn program_tests_score_javascript_typescript_and_bash_items() {
     let python = s.exec("x = 1", None).await["session_id"].as_str().unwrap().to_string();
     let item = json!({"language": "javascript", "code": "1", "session_id": python, "tests": [tests[0]]});
     let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": [{"code": "1"}, item] })).await;
-    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("items[1].language")), "{v}");
+    assert_eq!((status, v["error"]["param"].as_str()), (409, Some("items[1].language")), "{v}");
     assert_eq!(v["error"]["code"], "language_mismatch", "{v}");
 
     // An assertion needs Python's namespace: refused before anything runs.

@@ -76,6 +76,8 @@ pub enum ErrorCode {
     RateLimited,
     /// `language` differs from the language the session was started with
     /// (a session keeps its kernel): start a new session for the other one.
+    /// A 409, not a 400: the request is well formed, and is refused for the
+    /// state of the session it names, as a file conflict is.
     LanguageMismatch,
 }
 
@@ -83,15 +85,12 @@ impl ErrorCode {
     /// The HTTP status this code is served with.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidRequest
-            | ErrorCode::UnsupportedLanguage
-            | ErrorCode::InvalidFile
-            | ErrorCode::LanguageMismatch => 400,
+            ErrorCode::InvalidRequest | ErrorCode::UnsupportedLanguage | ErrorCode::InvalidFile => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::FileNotFound | ErrorCode::KeyNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
-            ErrorCode::FileConflict | ErrorCode::KeyInUse => 409,
+            ErrorCode::FileConflict | ErrorCode::KeyInUse | ErrorCode::LanguageMismatch => 409,
             ErrorCode::SessionExpired | ErrorCode::SessionLost => 410,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::TooManySessions | ErrorCode::RateLimited => 429,

@@ -49,13 +49,13 @@ const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(10);
                 (Envelope<BatchData> = "application/json"),
                 (String = "application/x-ndjson"),
             )),
-        (status = 400, description = "A bad item (`param` names it, e.g. `items[3].tests[1]`), or one whose \
-            language is not its named session's (`language_mismatch`, e.g. `items[3].language`); nothing ran",
+        (status = 400, description = "A bad item (`param` names it, e.g. `items[3].tests[1]`); nothing ran",
             body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "An item names a session this key does not have", body = ErrorEnvelope),
         (status = 409, description = "Two of an item's files have the same name (`param` names the second, \
-            e.g. `items[2].files[3]`); nothing ran", body = ErrorEnvelope),
+            e.g. `items[2].files[3]`), or an item's language is not its named session's (`language_mismatch`, \
+            e.g. `items[3].language`); nothing ran", body = ErrorEnvelope),
         (status = 410, description = "An item names a session that has ended", body = ErrorEnvelope),
         (status = 413, description = "Body over the limit", body = ErrorEnvelope),
         (status = 503, description = "Not ready or shutting down", body = ErrorEnvelope),

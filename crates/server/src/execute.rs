@@ -50,11 +50,13 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
                 (Envelope<ExecuteData> = "application/json"),
                 (String = "text/event-stream"),
             )),
-        (status = 400, description = "Bad JSON, fields, language (`unsupported_language`; `language_mismatch`: \
-            the session runs another language), files, timeout or memory_limit", body = ErrorEnvelope),
+        (status = 400, description = "Bad JSON, fields, language (`unsupported_language`), files, timeout or \
+            memory_limit", body = ErrorEnvelope),
         (status = 401, description = "Missing or unknown API key", body = ErrorEnvelope),
         (status = 404, description = "No such session for this key", body = ErrorEnvelope),
-        (status = 409, description = "A file name collides with another entry or with what is in the working directory; nothing was written", body = ErrorEnvelope),
+        (status = 409, description = "A file name collides with another entry or with what is in the working \
+            directory (`file_conflict`), or the session runs another language (`language_mismatch`); nothing was \
+            written or run", body = ErrorEnvelope),
         (status = 410, description = "The session has ended: start a new one", body = ErrorEnvelope),
         (status = 413, description = "Body over the limit", body = ErrorEnvelope),
         (status = 429, description = "This key is at its session limit (`too_many_sessions`), or has as many executions running and waiting as it may (`rate_limited`, with `Retry-After`)", body = ErrorEnvelope),
