@@ -382,6 +382,42 @@ async fn a_bad_item_refuses_the_whole_batch_before_anything_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_key_whose_own_sessions_leave_no_room_for_a_batch_is_refused_before_anything_runs() {
+    let s = start(&["--max-sessions-per-key", "2", "--pool-size", "1"]);
+    let first = s.exec("x = 1", None).await["session_id"].as_str().unwrap().to_string();
+    let refused = |v: &Value, live: usize, needed: usize| {
+        assert_eq!(v["error"]["code"], "too_many_sessions", "{v}");
+        assert_eq!(v["error"]["param"], "items", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("has {live} live sessions of the 2")), "{v}");
+        assert!(message.contains(&format!("needs {needed} more")), "{v}");
+    };
+
+    // Two kept items need two places; the key has one left.
+    let kept = json!({"code": "open('ran.txt', 'w').write('1')", "keep_session": true});
+    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": [kept, kept] })).await;
+    assert_eq!(status, 429, "{v}");
+    refused(&v, 1, 2);
+    assert_eq!(live_sessions(&s).await, 1, "nothing ran");
+
+    // Items that end their sessions need one place at a time: they run.
+    let results = batch(&s, json!([{"code": "print(1)"}, {"code": "print(2)"}, {"code": "print(3)"}])).await;
+    assert!(results.iter().all(|r| r["status"] == "success"), "{results:?}");
+    assert_eq!(live_sessions(&s).await, 1);
+
+    // With both places taken by the caller's own sessions, a fresh item
+    // is refused at once rather than waiting for room as kiln's failure;
+    // an item in a session the caller holds still runs.
+    s.exec("y = 2", None).await;
+    let (status, v) = s.post("/v1/tci/batch", Some(KEY), json!({ "items": [{"code": "print(1)"}] })).await;
+    assert_eq!(status, 429, "{v}");
+    refused(&v, 2, 1);
+    let results = batch(&s, json!([{"code": "print(x)", "session_id": first}])).await;
+    assert_eq!(results[0]["status"], "success", "{results:?}");
+    assert_eq!(live_sessions(&s).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_execute_over_its_memory_limit_is_stopped_and_its_session_survives() {
     let s = start(&[]);
     let (status, v) = s

@@ -58,6 +58,9 @@ const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(10);
             e.g. `items[3].language`); nothing ran", body = ErrorEnvelope),
         (status = 410, description = "An item names a session that has ended", body = ErrorEnvelope),
         (status = 413, description = "Body over the limit", body = ErrorEnvelope),
+        (status = 429, description = "This key's live sessions leave no room for the sessions the batch must \
+            hold at once (`too_many_sessions`): one per fresh item kept with `keep_session`, one for its other \
+            fresh items; nothing ran", body = ErrorEnvelope),
         (status = 503, description = "Not ready or shutting down", body = ErrorEnvelope),
     ),
     security(("bearer" = []))
@@ -192,7 +195,41 @@ async fn validate(manager: &Manager, caller: &Caller, req: BatchRequest) -> Resu
         }
         jobs.push(job);
     }
+    check_room(manager, caller, &jobs).await?;
     Ok(jobs)
+}
+
+/// Whether the caller's key has room for the sessions `jobs` must hold at
+/// once: one for each fresh item it keeps, and one for its other fresh
+/// items, which end theirs as they go. A key whose own sessions fill its
+/// limit hears so now, as an execute would (429 `too_many_sessions`),
+/// rather than after each item has waited for room that only the caller
+/// can make.
+async fn check_room(manager: &Manager, caller: &Caller, jobs: &[BatchJob]) -> Result<(), ApiError> {
+    let fresh = || jobs.iter().filter(|j| j.exec.session_id.is_none());
+    let kept = fresh().filter(|j| j.keep_session).count();
+    let needed = kept + usize::from(fresh().any(|j| !j.keep_session));
+    if needed == 0 {
+        return Ok(());
+    }
+    let room = manager.session_room(&caller.key_id, caller.max_sessions).await.map_err(|e| e.to_api())?;
+    if room.live + needed <= room.most {
+        return Ok(());
+    }
+    let (live, most) = (room.live, room.most);
+    let why = match kept {
+        0 => "one for its items".to_string(),
+        k if k == needed => format!("{k} for its items with `keep_session`"),
+        k => format!("{k} for its items with `keep_session` and one for the others"),
+    };
+    Err(ApiError::new(
+        ErrorCode::TooManySessions,
+        format!(
+            "this API key has {live} live sessions of the {most} it may hold, and this batch needs {needed} more at \
+             once ({why}); end sessions you no longer need (DELETE /v1/tci/sessions/{{id}}) or keep fewer; nothing ran"
+        ),
+    )
+    .with_param("items"))
 }
 
 /// One item as the session layer's job; errors name the field within the

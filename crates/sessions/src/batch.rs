@@ -61,7 +61,26 @@ pub struct BatchJob {
     pub keep_session: bool,
 }
 
+/// A key's sessions, against its limit, when a batch is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRoom {
+    /// Its live sessions, on every node sharing the store.
+    pub live: usize,
+    /// The most it may hold.
+    pub most: usize,
+}
+
 impl Manager {
+    /// How many sessions `key_id` holds and may hold (`key_limit`: the
+    /// key's own limit, if any). A batch checks this before it runs: its
+    /// fresh items need places, and when the caller's own sessions already
+    /// hold them all, each item would wait for room in vain and end as
+    /// kiln's failure, which it is not.
+    pub async fn session_room(&self, key_id: &str, key_limit: Option<u64>) -> Result<SessionRoom, SessionError> {
+        let live = self.store().live_sessions(key_id, chrono::Utc::now()).await?.len();
+        Ok(SessionRoom { live, most: crate::create::key_max(self.max_sessions_per_key(), key_limit) })
+    }
+
     /// Run `items` for `key_id`, at most `concurrency` at a time, sending
     /// each result to `results` as it finishes. Returns early when
     /// `results` closes (the client went away): the items still running are

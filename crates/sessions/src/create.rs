@@ -43,6 +43,12 @@ pub(crate) struct Parts<'a> {
     pub fenced: &'a Arc<AtomicBool>,
 }
 
+/// The most live sessions a key may hold: the server's per-key limit, or
+/// the key's own (`kiln keys`) when lower.
+pub(crate) fn key_max(server_per_key: usize, key_limit: Option<u64>) -> usize {
+    key_limit.map_or(server_per_key, |l| usize::try_from(l).unwrap_or(usize::MAX).min(server_per_key))
+}
+
 impl Parts<'_> {
     /// Start a session for `key_id`: a place under the limits, a kernel (a
     /// pooled one when the policy is the pool's), a record in the store, a
@@ -59,7 +65,7 @@ impl Parts<'_> {
         if let Some(why) = self.refusing.read().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(SessionError::NotTaking(why));
         }
-        let key_max = key_limit.map_or(cfg.max_sessions_per_key, |l| (l as usize).min(cfg.max_sessions_per_key));
+        let key_max = key_max(cfg.max_sessions_per_key, key_limit);
         let place = self.registry.reserve(key_id, cfg.max_sessions, key_max).map_err(|full| {
             self.metrics.limit(match full {
                 crate::registry::Full::Server(_) => "sessions",

@@ -46,7 +46,7 @@ mod stdlib;
 mod worker;
 
 pub use admission::Limits as AdmissionLimits;
-pub use batch::BatchJob;
+pub use batch::{BatchJob, SessionRoom};
 pub use browse::BrowseError;
 pub use files::{write_files, FileWriteError};
 pub use job::{Judged, Outcome, Priority};
