@@ -35,10 +35,10 @@ file descriptors 1 and 2, which the kernel captures (see
 
 from __future__ import annotations
 
+import _signal
 import ctypes
 import logging
 import os
-import signal
 import threading
 
 from .publisher import TICK, Publisher
@@ -46,6 +46,10 @@ from .publisher import TICK, Publisher
 __all__ = ["Flusher"]
 
 log = logging.getLogger("kiln_kernel")
+
+# Every signal this system has (a set of numbers), which the flusher's
+# thread starts with blocked.
+_ALL_SIGNALS = _signal.valid_signals()
 
 _CLOCK_MONOTONIC = 1
 _TFD_CLOEXEC = os.O_CLOEXEC
@@ -137,7 +141,9 @@ class Flusher:
         # Started with every signal blocked, so that it never takes one
         # meant for the main thread (a signal caught here would not
         # interrupt the main thread's blocking call).
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        # `_signal`'s plain numbers, not `signal`'s wrappers: those make an
+        # enum member of each of the ~65 signals, going and coming back.
+        old = _signal.pthread_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
         try:
             thread.start()
         except RuntimeError:
@@ -146,7 +152,7 @@ class Flusher:
             self.timer = None
             return
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
         self.thread = thread
         self.publisher.flusher = self
 

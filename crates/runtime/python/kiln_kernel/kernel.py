@@ -471,6 +471,7 @@ def zygote_prepare():
     recorded about its surroundings (working directory) is refreshed there.
     """
     global _prepared
+    log.setLevel(logging.WARNING)  # what main() sets unless debugging
     kernel = Kernel({})
     register_compat_modules()
     kernel.init_shell()
@@ -521,7 +522,13 @@ def main(connection_file: str) -> None:
     handler = logging.StreamHandler(log_stream)
     handler.setFormatter(logging.Formatter("[%(levelname)1.1s %(asctime)s kiln_kernel] %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO if os.environ.get("KILN_KERNEL_DEBUG") else logging.WARNING)
+    level = logging.INFO if os.environ.get("KILN_KERNEL_DEBUG") else logging.WARNING
+    # Only when it changes (zygote_prepare set the usual one): setting a
+    # level clears the cache of every logger in the process, hundreds once
+    # the runtime's packages are imported, and in a forked kernel that
+    # copies every page they sit on.
+    if log.level != level:
+        log.setLevel(level)
     log.propagate = False
 
     sys.stdout = OutStream(publisher, "stdout", cap_out)
