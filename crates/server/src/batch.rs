@@ -59,8 +59,8 @@ const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(10);
         (status = 410, description = "An item names a session that has ended", body = ErrorEnvelope),
         (status = 413, description = "Body over the limit", body = ErrorEnvelope),
         (status = 429, description = "This key's live sessions leave no room for the sessions the batch must \
-            hold at once (`too_many_sessions`): one per fresh item kept with `keep_session`, one for its other \
-            fresh items; nothing ran", body = ErrorEnvelope),
+            hold at once (`too_many_sessions`): one per fresh item kept with `keep_session` (held to the end), \
+            and one more for its other fresh items; nothing ran", body = ErrorEnvelope),
         (status = 503, description = "Not ready or shutting down", body = ErrorEnvelope),
     ),
     security(("bearer" = []))
@@ -74,6 +74,7 @@ pub(crate) async fn batch(
     let manager = state.manager;
     let jobs = validate(&manager, &caller, req).await?;
     let concurrency = concurrency(&manager, &caller);
+    check_room(&manager, &caller, &jobs, concurrency).await?;
     if accepts_ndjson(&headers) {
         return Ok(stream(manager, caller.key_id, jobs, concurrency));
     }
@@ -195,20 +196,33 @@ async fn validate(manager: &Manager, caller: &Caller, req: BatchRequest) -> Resu
         }
         jobs.push(job);
     }
-    check_room(manager, caller, &jobs).await?;
     Ok(jobs)
 }
 
 /// Whether the caller's key has room for the sessions `jobs` must hold at
-/// once: one for each fresh item it keeps, and one for its other fresh
-/// items, which end theirs as they go. A key whose own sessions fill its
-/// limit hears so now, as an execute would (429 `too_many_sessions`),
-/// rather than after each item has waited for room that only the caller
-/// can make.
-async fn check_room(manager: &Manager, caller: &Caller, jobs: &[BatchJob]) -> Result<(), ApiError> {
-    let fresh = || jobs.iter().filter(|j| j.exec.session_id.is_none());
-    let kept = fresh().filter(|j| j.keep_session).count();
-    let needed = kept + usize::from(fresh().any(|j| !j.keep_session));
+/// once, `concurrency` items running at a time (the last check before
+/// anything runs). A fresh item with `keep_session` holds its place from
+/// its start to the end; the other fresh items end theirs as they go. One
+/// at a time, each of those needs one place more than the kept items
+/// before it; several at a time, a kept item may take the place an
+/// earlier item is still waiting for, so they need one more than all the
+/// kept items. A key whose own sessions leave less than that hears so now,
+/// as an execute would (429 `too_many_sessions`), rather than after each
+/// item has waited for room that only the caller can make.
+async fn check_room(manager: &Manager, caller: &Caller, jobs: &[BatchJob], concurrency: usize) -> Result<(), ApiError> {
+    let (mut kept, mut needed, mut others) = (0, 0, false);
+    for job in jobs.iter().filter(|j| j.exec.session_id.is_none()) {
+        if job.keep_session {
+            kept += 1;
+            needed = needed.max(kept);
+        } else {
+            others = true;
+            needed = needed.max(kept + 1);
+        }
+    }
+    if concurrency > 1 {
+        needed = kept + usize::from(others);
+    }
     if needed == 0 {
         return Ok(());
     }
@@ -217,10 +231,12 @@ async fn check_room(manager: &Manager, caller: &Caller, jobs: &[BatchJob]) -> Re
         return Ok(());
     }
     let (live, most) = (room.live, room.most);
-    let why = match kept {
-        0 => "one for its items".to_string(),
-        k if k == needed => format!("{k} for its items with `keep_session`"),
-        k => format!("{k} for its items with `keep_session` and one for the others"),
+    let why = if kept == 0 {
+        "one for its items, which end their sessions as they go".to_string()
+    } else if kept == needed {
+        format!("one for each of its {kept} items with `keep_session`, held to the end")
+    } else {
+        "one for each item with `keep_session`, held to the end, and one for its other items".to_string()
     };
     Err(ApiError::new(
         ErrorCode::TooManySessions,
