@@ -129,7 +129,7 @@ def parent(ancestors=False):
     if not prog or _LIBC is None:
         return None
     filters = (_Filter * len(prog))(*[_Filter(*f) for f in prog])
-    bounded = own_pid_namespace() and not _counter_near_wrap()
+    bounded = own_namespaces() and not _counter_near_wrap()
     return _Prog(len(prog), filters), filters, below_index(prog) if bounded else None
 
 
@@ -158,10 +158,11 @@ def _counter_near_wrap() -> bool:
     return near_wrap(last, top)
 
 
-def own_pid_namespace() -> bool:
-    """Whether this runs in kiln's sandbox, whose pid namespace (like its
-    ``/tmp`` and IPC namespace) is the session's own: kiln says so in the
-    kernel's environment."""
+def own_namespaces() -> bool:
+    """Whether this runs in kiln's sandbox, whose pid namespace, ``/tmp``,
+    ``/dev/shm`` and IPC namespace are the session's own (kiln says so in
+    the kernel's environment); with ``--sandbox none`` they are the
+    host's."""
     return os.environ.get("KILN_PRIVATE_TMP") == "1"
 
 

@@ -327,8 +327,6 @@ def _b64(data: bytes) -> str:
     return _b64encode(data).decode("ascii")
 
 
-def _private() -> bool:
-    """Whether ``/tmp``, ``/dev/shm`` and the IPC objects are the session's
-    own (kiln's sandbox says so in the kernel's environment), so that the
-    runner may put them back; with ``--sandbox none`` they are the host's."""
-    return os.environ.get("KILN_PRIVATE_TMP") == "1"
+# Whether ``/tmp``, ``/dev/shm`` and the IPC objects are the session's own,
+# so that the runner may put them back.
+_private = _guard.own_namespaces
