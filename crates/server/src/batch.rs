@@ -98,11 +98,10 @@ pub(crate) async fn batch(
 /// sessions.
 fn concurrency(manager: &Manager, caller: &Caller) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let key = caller.max_sessions.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
     let executions = caller
         .max_executions_per_key
         .map_or(manager.executions_per_key(), |l| usize::try_from(l).unwrap_or(usize::MAX));
-    (cores * 2).min(key).min(executions).min(manager.max_sessions_per_key()).min(manager.max_sessions()).max(1)
+    (cores * 2).min(manager.key_max(caller.max_sessions)).min(executions).min(manager.max_sessions()).max(1)
 }
 
 fn accepts_ndjson(headers: &HeaderMap) -> bool {

@@ -78,7 +78,13 @@ impl Manager {
     /// kiln's failure, which it is not.
     pub async fn session_room(&self, key_id: &str, key_limit: Option<u64>) -> Result<SessionRoom, SessionError> {
         let live = self.store().live_sessions(key_id, chrono::Utc::now()).await?.len();
-        Ok(SessionRoom { live, most: crate::create::key_max(self.max_sessions_per_key(), key_limit) })
+        Ok(SessionRoom { live, most: self.key_max(key_limit) })
+    }
+
+    /// The most live sessions a key with its own limit `key_limit` (if
+    /// any) may hold here.
+    pub fn key_max(&self, key_limit: Option<u64>) -> usize {
+        crate::create::key_max(self.max_sessions_per_key(), key_limit)
     }
 
     /// Run `items` for `key_id`, at most `concurrency` at a time, sending

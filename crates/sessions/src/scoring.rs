@@ -126,7 +126,7 @@ impl Report {
             stderr.push_str(&format!("\n[kiln] the test's process {NOT_THE_MEMORY_LIMIT}\n"));
             ItemStatus::Error
         } else if r.signal == Some(9) {
-            stderr.push_str("\n[kiln] the test's process was killed (SIGKILL), most likely by its memory limit\n");
+            stderr.push_str(&format!("\n[kiln] the test's process {THE_MEMORY_LIMIT}\n"));
             ItemStatus::MemoryExceeded
         } else if let Some(sig) = r.signal {
             stderr.push_str(&format!("\n[kiln] the test's process was killed by signal {sig}\n"));
@@ -162,6 +162,10 @@ impl Report {
         }
     }
 }
+
+/// Of a test's or an item's process that died of SIGKILL while the
+/// session's OOM killer acted, or when that could not be counted.
+const THE_MEMORY_LIMIT: &str = "was killed (SIGKILL), most likely by its memory limit";
 
 /// Of a test's or an item's process that died of SIGKILL while the
 /// session's OOM killer killed nothing: the candidate's own doing
@@ -221,10 +225,9 @@ impl ItemReport {
             Some(e) if e.signal == Some(9) && j.oom_kills == Some(0) => {
                 (ItemStatus::Error, format!("[kiln] the item's process {NOT_THE_MEMORY_LIMIT}"))
             }
-            Some(e) if e.signal == Some(9) => (
-                ItemStatus::MemoryExceeded,
-                "[kiln] the item's process was killed (SIGKILL), most likely by its memory limit".to_string(),
-            ),
+            Some(e) if e.signal == Some(9) => {
+                (ItemStatus::MemoryExceeded, format!("[kiln] the item's process {THE_MEMORY_LIMIT}"))
+            }
             Some(e) if !e.completed => (
                 ItemStatus::Error,
                 format!(
