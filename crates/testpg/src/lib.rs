@@ -258,12 +258,21 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-/// The template cluster for this PostgreSQL version, made once per machine
-/// (atomically: made aside, then renamed into place).
+/// The template cluster for this PostgreSQL version, made once per machine.
+///
+/// Test processes and the threads within them ask at the same moment on a
+/// machine that has none yet, so the first to take the cache's lock makes
+/// it while the others wait, then find it made. It is copied aside and
+/// renamed into place, so a test killed mid-copy leaves no half a template.
 fn template(bin: &Path) -> PathBuf {
     let cache = std::env::var_os("KILN_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/kiln-test")
     });
+    template_in(&cache, bin)
+}
+
+/// [`template`], in the test cache `cache`.
+fn template_in(cache: &Path, bin: &Path) -> PathBuf {
     let version = bin.parent().and_then(Path::file_name).and_then(|v| v.to_str()).unwrap_or("pg").to_string();
     let dir = cache.join("postgres");
     let template = dir.join(format!("{version}-template"));
@@ -271,6 +280,20 @@ fn template(bin: &Path) -> PathBuf {
         return template;
     }
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("testpg: cannot create {}: {e}", dir.display()));
+    let lock_path = dir.join(format!("{version}-template.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap_or_else(|e| panic!("testpg: cannot open {}: {e}", lock_path.display()));
+    // Held until this function returns; an `flock` is per open file, so it
+    // also keeps this process's other threads out.
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("testpg: cannot lock {}: {e}", lock_path.display()));
+    if template.join("PG_VERSION").is_file() {
+        return template;
+    }
     // initdb runs in the temporary directory: the `postgres` user may not
     // reach the cache (under root's home); root copies the result.
     let scratch = tempfile::Builder::new()
@@ -286,16 +309,18 @@ fn template(bin: &Path) -> PathBuf {
         .env("LC_ALL", "C");
     as_postgres(&mut cmd);
     run(&mut cmd, "initdb");
-    let staged = dir.join(format!("{version}-staged-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staged);
-    run(Command::new("cp").arg("-a").arg(&data).arg(&staged), "copy the new cluster");
-    // Another test process may have won the race: its template is as good.
-    if std::fs::rename(&staged, &template).is_err() {
-        let _ = std::fs::remove_dir_all(&staged);
-    }
-    if !template.join("PG_VERSION").is_file() {
-        panic!("testpg: cannot move the new cluster to {}", template.display());
-    }
+    // A half copy a killed test left behind is dropped with the directory.
+    let staged = tempfile::Builder::new()
+        .prefix(&format!("{version}-staged-"))
+        .tempdir_in(&dir)
+        .unwrap_or_else(|e| panic!("testpg: cannot make a directory in {}: {e}", dir.display()));
+    let copy = staged.path().join("data");
+    run(Command::new("cp").arg("-a").arg(&data).arg(&copy), "copy the new cluster");
+    // A template without PG_VERSION is one that an unlocked maker of old
+    // left half made: no one else writes it while the lock is held.
+    let _ = std::fs::remove_dir_all(&template);
+    std::fs::rename(&copy, &template)
+        .unwrap_or_else(|e| panic!("testpg: cannot move the new cluster to {}: {e}", template.display()));
     template
 }
 
@@ -379,6 +404,7 @@ fn write(path: &Path, text: &str) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::expect_used)]
     use super::*;
 
     #[test]
@@ -397,6 +423,27 @@ mod tests {
         drop(pg);
         assert!(!dir.exists(), "the directory is removed");
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the server is gone");
+    }
+
+    #[test]
+    fn threads_asking_at_once_on_a_new_machine_all_get_one_whole_template() {
+        let cache = tempfile::tempdir().expect("cache");
+        let bin = bin_dir();
+        let made: Vec<PathBuf> = std::thread::scope(|scope| {
+            let asks: Vec<_> = (0..4).map(|_| scope.spawn(|| template_in(cache.path(), &bin))).collect();
+            asks.into_iter().map(|a| a.join().expect("no thread panics")).collect()
+        });
+        assert!(made.iter().all(|t| *t == made[0]), "{made:?}");
+        for file in ["PG_VERSION", "global/pg_control", "base/1/PG_VERSION"] {
+            assert!(made[0].join(file).is_file(), "{file} in the template");
+        }
+        let mut left: Vec<String> = std::fs::read_dir(cache.path().join("postgres"))
+            .expect("the cache")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let version = bin.parent().and_then(Path::file_name).and_then(|v| v.to_str()).expect("version");
+        assert_eq!(left, [format!("{version}-template"), format!("{version}-template.lock")], "nothing staged is left");
     }
 
     #[test]
