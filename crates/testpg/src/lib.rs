@@ -271,9 +271,15 @@ fn template(bin: &Path) -> PathBuf {
     template_in(&cache, bin)
 }
 
+/// The PostgreSQL version a server directory is for (the name of the
+/// directory above `bin`, as Debian lays them out), which names its template.
+fn version(bin: &Path) -> String {
+    bin.parent().and_then(Path::file_name).and_then(|v| v.to_str()).unwrap_or("pg").to_string()
+}
+
 /// [`template`], in the test cache `cache`.
 fn template_in(cache: &Path, bin: &Path) -> PathBuf {
-    let version = bin.parent().and_then(Path::file_name).and_then(|v| v.to_str()).unwrap_or("pg").to_string();
+    let version = version(bin);
     let dir = cache.join("postgres");
     let template = dir.join(format!("{version}-template"));
     if template.join("PG_VERSION").is_file() {
@@ -309,7 +315,9 @@ fn template_in(cache: &Path, bin: &Path) -> PathBuf {
         .env("LC_ALL", "C");
     as_postgres(&mut cmd);
     run(&mut cmd, "initdb");
-    // A half copy a killed test left behind is dropped with the directory.
+    // Copied beside the template so the rename cannot cross filesystems. A
+    // test killed mid-copy leaves this directory (a name no one reads), never
+    // a half-made template.
     let staged = tempfile::Builder::new()
         .prefix(&format!("{version}-staged-"))
         .tempdir_in(&dir)
@@ -442,7 +450,7 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        let version = bin.parent().and_then(Path::file_name).and_then(|v| v.to_str()).expect("version");
+        let version = version(&bin);
         assert_eq!(left, [format!("{version}-template"), format!("{version}-template.lock")], "nothing staged is left");
     }
 
