@@ -454,7 +454,7 @@ pub const X32_SYSCALL_BIT: i64 = 0x4000_0000;
 pub struct PolicyError(#[from] seccompiler::BackendError);
 
 /// How many programs the allowlist is split into (see [`filters`]).
-const PIECES: usize = 4;
+pub const PIECES: usize = 4;
 
 /// The filters to install, in order.
 pub fn filters() -> Result<Vec<BpfProgram>, PolicyError> {
@@ -473,7 +473,7 @@ pub fn filters() -> Result<Vec<BpfProgram>, PolicyError> {
 /// `1 / pieces` of the list per number. Together the pieces decide
 /// exactly what the single list did: the kernel keeps the most
 /// restrictive result of all filters.
-fn filters_in(pieces: usize) -> Result<Vec<BpfProgram>, PolicyError> {
+pub fn filters_in(pieces: usize) -> Result<Vec<BpfProgram>, PolicyError> {
     let arch = seccompiler::TargetArch::x86_64;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (nr, _why) in ALLOWED {
