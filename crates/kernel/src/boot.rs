@@ -43,6 +43,15 @@ impl KernelKind {
         argv
     }
 
+    /// Whether the kernel runs its own warm-up cell before it answers its
+    /// first request (kiln's lean kernel does, `kernel.py`), so that
+    /// [`KernelSpec::warm_up`] need not send one: the request, its
+    /// statuses and its reply cost a fresh session ~1.4 ms of CPU
+    /// (BENCHMARKS.md, "Latest (2026-12-04)").
+    pub fn warms_itself(self) -> bool {
+        self == KernelKind::Lean
+    }
+
     /// `python` arguments that start this kernel on `connection_file`.
     fn args(self, connection_file: PathBuf) -> Vec<OsString> {
         match self {
@@ -101,8 +110,10 @@ pub struct KernelSpec {
     /// goes.
     pub argv: Vec<OsString>,
     /// A silent cell run before the kernel is handed out (in the kernel's
-    /// language), so the first real cell does not pay first-use costs.
-    pub warm_up: String,
+    /// language), so the first real cell does not pay first-use costs;
+    /// `None` for a kernel that runs its own before it answers
+    /// ([`KernelKind::warms_itself`]).
+    pub warm_up: Option<String>,
     /// How a cell's outputs are known to be complete.
     pub completion: Completion,
     /// The kernel's complete environment.
@@ -392,7 +403,9 @@ async fn connect(
     //    subscription (ZeroMQ's slow-joiner problem).
     match handshake(&mut kernel, deadline).await {
         Ok(()) => {
-            warm_up(&mut kernel, &spec.warm_up, deadline).await;
+            if let Some(code) = &spec.warm_up {
+                warm_up(&mut kernel, code, deadline).await;
+            }
             Ok(kernel)
         }
         Err(e) => {

@@ -103,7 +103,8 @@ impl Runtime {
     }
 
     /// A silent cell the kernel runs before a session takes it, so that its
-    /// first real cell does not pay for first-use costs.
+    /// first real cell does not pay for first-use costs (sent by kiln to a
+    /// kernel that does not run its own, `KernelKind::warms_itself`).
     pub fn warm_up_code(language: Language) -> &'static str {
         match language {
             Language::Python => "print(end='')\n",

@@ -237,7 +237,8 @@ impl Kernels {
         };
         let spec = KernelSpec {
             argv,
-            warm_up: kiln_runtime::Runtime::warm_up_code(language).to_string(),
+            warm_up: (language != Language::Python || !self.cfg.kernel.warms_itself())
+                .then(|| kiln_runtime::Runtime::warm_up_code(language).to_string()),
             completion,
             env,
             boot_timeout: self.cfg.boot_timeout,

@@ -209,6 +209,18 @@ class Kernel(RequestHandlers):
         shell.user_ns_hidden.update(shell.user_ns)
         shell._sys_modules_keys = set(sys.modules.keys())
 
+    def warm_up(self):
+        """Run one silent cell before the first request: a forked kernel's
+        first cell copies the pages it writes and fills IPython's caches
+        (several milliseconds), which this keeps off a session's first
+        request. kiln sends other kernels this cell as a request; this one
+        runs it itself, which costs no messages (``KernelKind::warms_itself``
+        in ``crates/kernel``). No execution count, no history, no output."""
+        try:
+            self.shell.run_cell("print(end='')", store_history=False, silent=True)
+        except Exception:
+            log.warning("the warm-up cell failed", exc_info=True)
+
     # -- messaging helpers ------------------------------------------------
     def get_parent(self, channel=None):
         """The request being handled (ipykernel's name, used by libraries)."""
@@ -544,6 +556,7 @@ def main(connection_file: str) -> None:
             register_compat_modules()
             kernel.init_shell()
             adopt_ipykernel_input(Kernel)
+        kernel.warm_up()
         publisher.flush_streams()
         # anything written during init must not be attached to the first cell
         kernel.run()

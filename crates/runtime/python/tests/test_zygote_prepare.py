@@ -40,6 +40,12 @@ SCRIPT = textwrap.dedent(
         kernel._prepared.adopt_connection({"key": "k"})
         profile = shell.profile_dir.location
         startup = shell.profile_dir.startup_dir
+        kernel._prepared.warm_up()
+        warmed = {
+            "execution_count": shell.execution_count,
+            "inputs": list(shell.user_ns["In"]),
+            "history": list(shell.history_manager.get_range(raw=True)),
+        }
         result = shell.run_cell("x = 1", store_history=True)
         new = sorted(set(sys.modules) - before)
         os.write(w, json.dumps({
@@ -48,6 +54,7 @@ SCRIPT = textwrap.dedent(
             "readme": os.path.isfile(os.path.join(startup, "README")),
             "dirs": sorted(os.listdir(profile)),
             "built_before_the_fork": id(shell.profile_dir) == unplaced,
+            "warmed": warmed, "count": shell.execution_count,
         }).encode())
         os._exit(0)
     os.close(w)
@@ -86,6 +93,12 @@ class ZygotePrepareTest(unittest.TestCase):
         self.assertEqual(child["dirs"], ["log", "pid", "security", "startup"])
         # The object built in the zygote, only placed in the child.
         self.assertTrue(child["built_before_the_fork"])
+
+    def test_the_kernels_own_warm_up_cell_leaves_no_trace(self):
+        child = self.report["child"]
+        self.assertEqual(child["warmed"], {"execution_count": 1, "inputs": [""], "history": []})
+        # The first real cell is the session's cell 1.
+        self.assertEqual(child["count"], 2)
 
     def test_the_prepared_shell_has_run_no_cell(self):
         state = self.report["state"]
