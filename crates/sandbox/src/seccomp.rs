@@ -507,7 +507,8 @@ pub fn filters_in(pieces: usize) -> Result<Vec<BpfProgram>, PolicyError> {
     let mut programs = Vec::with_capacity(starts.len() + 1);
     for (i, start) in starts.iter().enumerate() {
         let end = starts.get(i + 1).copied();
-        let piece = rules.extract_if(.., |nr, _| end.is_none_or(|end| *nr < end)).collect();
+        let rest = end.map(|end| rules.split_off(&end)).unwrap_or_default();
+        let piece = std::mem::replace(&mut rules, rest);
         let filter = SeccompFilter::new(piece, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)?;
         let own: BpfProgram = filter.try_into()?;
         let range = ((i > 0).then_some(*start as u32), end.map(|end| end as u32));
