@@ -21,8 +21,9 @@
 //! Every number lies in one piece's range, and that piece checks the
 //! architecture before it judges the number, as the `clone3` filter does: a
 //! syscall made through the 32-bit ABI (`int 0x80`) kills the process,
-//! because its numbers mean other syscalls. Numbers with the x32 bit ([`X32_SYSCALL_BIT`]) match no entry of
-//! the allowlist, so they get `EPERM` like any other unlisted syscall.
+//! because its numbers mean other syscalls. Numbers with the x32 bit
+//! ([`X32_SYSCALL_BIT`]) match no entry of the allowlist, so they get
+//! `EPERM` like any other unlisted syscall.
 //!
 //! [`filters`] is pure: it builds the BPF programs without installing them,
 //! so the policy is unit-tested here (by running the programs on sample
