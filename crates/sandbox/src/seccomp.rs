@@ -503,8 +503,8 @@ pub fn filters_in(pieces: usize) -> Result<Vec<BpfProgram>, PolicyError> {
 
     // Each piece starts at a listed number; the last takes everything above
     // its start, the x32 numbers included, and refuses what is not listed.
-    let numbers: Vec<i64> = rules.keys().copied().collect();
-    let starts: Vec<i64> = numbers.chunks(numbers.len().div_ceil(pieces.max(1))).map(|c| c[0]).collect();
+    let per_piece = rules.len().div_ceil(pieces.max(1));
+    let starts: Vec<i64> = rules.keys().copied().step_by(per_piece).collect();
     let mut programs = Vec::with_capacity(starts.len() + 1);
     for (i, start) in starts.iter().enumerate() {
         let end = starts.get(i + 1).copied();
